@@ -1,0 +1,173 @@
+"""Configuration dataclasses and the one place that turns a dataclass into command-line flags.
+
+Every concern has one dataclass with defaults; a script builds its parser with `add_dataclass_args`
+and reads the values back with `dataclass_from_args`, so a flag `--lora-alpha` is the field
+`lora_alpha` and nothing else. `save_config` writes the resolved values beside every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lorapar.io import atomic_write_text
+
+
+@dataclass
+class ModelArgs:
+    """The shape of a LLaMA-2 model, in Meta's vocabulary (params.json uses the same field names)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None means n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # Meta rounds the SwiGLU hidden size up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # 70B uses 1.3
+    hidden_dim: Optional[int] = None  # explicit SwiGLU size (llama2.c stores it); overrides the rule
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False  # llama2.c's small models share the embedding with the output head
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelArgs: dim={self.dim} is not a multiple of n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelArgs: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelArgs: head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's rule: 2/3 of 4*dim, times the optional multiplier, rounded up to multiple_of."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelArgs":
+        if name not in MODEL_PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; expected one of {sorted(MODEL_PRESETS)}")
+        return cls(**{**MODEL_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, params: dict, source: str = "<dict>") -> "ModelArgs":
+        """Build from Meta's params.json (unknown keys are an error so a typo is never ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown model parameter(s) {unknown}; expected keys among {sorted(names)}")
+        return cls(**params)
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
+    "llama2-70b": dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.3, multiple_of=4096
+    ),
+    # About 100M parameters (102M) with LLaMA-2's vocabulary and head size: the benchmarks' CPU stand-in for 7B.
+    "llama-100m": dict(dim=640, n_layers=12, n_heads=10, vocab_size=32000, max_seq_len=2048),
+}
+
+
+# ----------------------------------------------------------------------------- dataclass <-> argparse
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of `cls`; help text comes from `field(metadata={"help": ...})`.
+
+    Defaults are left as None in argparse so that `dataclass_from_args` can tell a flag the user
+    gave from one they did not (a preset fills the rest).
+    """
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp = hints[f.name]
+        origin = typing.get_origin(tp)
+        if origin is typing.Union:  # Optional[X]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            origin = typing.get_origin(tp)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
+        kwargs: dict[str, Any] = dict(dest=f.name, default=None, help=help_text)
+        if tp is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif origin in (list, tuple):
+            item = typing.get_args(tp)[0]
+            kwargs.update(type=lambda s, item=item: [item(v) for v in s.split(",") if v], metavar="A,B,...")
+        elif "choices" in f.metadata:
+            kwargs.update(type=tp, choices=f.metadata["choices"])
+        else:
+            kwargs.update(type=tp)
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+    """Fields the user set on the command line override `base` (a preset) or the defaults."""
+    obj = base if base is not None else cls()
+    changes = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init and getattr(args, f.name, None) is not None
+    }
+    for name, value in changes.items():
+        if isinstance(getattr(obj, name), tuple) and isinstance(value, list):
+            changes[name] = tuple(value)
+    return dataclasses.replace(obj, **changes)
+
+
+def config_to_dict(*configs: Any) -> dict[str, Any]:
+    return {type(c).__name__: dataclasses.asdict(c) for c in configs}
+
+
+def save_config(path: str, *configs: Any, extra: Optional[dict] = None) -> None:
+    """Write the resolved configuration as JSON beside an output (atomically)."""
+    payload = config_to_dict(*configs)
+    if extra:
+        payload.update(extra)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+__all__ = [
+    "ModelArgs",
+    "MODEL_PRESETS",
+    "add_dataclass_args",
+    "dataclass_from_args",
+    "config_to_dict",
+    "save_config",
+    "field",
+]
