@@ -72,6 +72,11 @@ class KVCache(nn.Module):
         self.v[layer, : v.shape[0], :, start:end] = v
         return self.k[layer, : k.shape[0], :, :end], self.v[layer, : v.shape[0], :, :end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (in that order), so finished sequences stop costing compute."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):

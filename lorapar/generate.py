@@ -1,0 +1,134 @@
+"""Batched sampling with a KV cache: prefill the left-padded prompts once, then decode one token per step.
+
+Prompts of different lengths are left-padded to a common length so that every row's next token sits
+in the same cache slot; the model's `pad` argument masks the padding keys and shifts each row's rotary
+positions, so a padded row computes exactly what it would compute alone. A row that emits a stop id
+is removed from the batch (and from the cache), so finished rows cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lorapar.model import KVCache, Transformer
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per row, the stop token included when one was hit
+    logprobs: list[list[float]]  # log-prob of each new token under the distribution it was drawn from
+    finished: list[bool]  # True: hit a stop id; False: ran out of max_new_tokens
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, pad: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+    """Run the prompts (B, T) through the model filling cache slots [0, T); logits of the last slot (B, V)."""
+    hidden = model(tokens, start_pos=0, pad=pad, cache=cache, return_hidden=True)
+    return model.output(hidden[:, -1]).float()  # the vocabulary projection only where it is needed
+
+
+def decode_step(
+    model: Transformer, token: torch.Tensor, pos: int, pad: Optional[torch.Tensor], cache: KVCache
+) -> torch.Tensor:
+    """Feed one token per row (B,) at cache slot `pos`; logits for the next one (B, V)."""
+    return model(token[:, None], start_pos=pos, pad=pad, cache=cache)[:, -1]
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token (B,) and its log-prob (B,) under logits / temperature (before top-k/top-p truncation)."""
+    if temperature <= 0.0:
+        token = logits.argmax(-1)
+        return token, F.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+    logprobs = F.log_softmax(logits / temperature, -1)
+    kept = logprobs
+    if top_k > 0 and top_k < kept.shape[-1]:
+        kth = kept.topk(top_k, dim=-1).values[:, -1:]
+        kept = kept.masked_fill(kept < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = kept.sort(-1, descending=True)
+        probs = sorted_lp.exp()
+        # Drop a token when the tokens ranked above it already reach top_p (the first one always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p * probs.sum(-1, keepdim=True)
+        kept = kept.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    token = torch.multinomial(kept.softmax(-1), 1, generator=generator)[:, 0]
+    return token, logprobs.gather(-1, token[:, None])[:, 0]
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: Optional[int] = None,
+    stop_ids: Optional[Sequence[int]] = None,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+) -> Generation:
+    """Sample up to `max_new_tokens` after each prompt (greedy when temperature == 0).
+
+    seed: draws come from a torch.Generator seeded with it, so the same call gives the same tokens;
+    None uses torch's global generator. A row stops at `eos_id` or any of `stop_ids`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    if not 0.0 < top_p <= 1.0 or top_k < 0 or max_new_tokens < 0:
+        raise ValueError(f"generate: need 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 0 (got {top_p}, {top_k}, {max_new_tokens})")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(
+            f"generate: longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_seq_len ({model.args.max_seq_len})"
+        )
+    device = model.tok_embeddings.weight.device
+    stops = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+    B = len(prompts)
+    tokens = torch.full((B, longest), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+    pad_counts = torch.tensor([longest - len(p) for p in prompts], device=device)
+    pad = pad_counts if bool(pad_counts.any()) else None  # unpadded batches take the mask-free fast path
+
+    out_tokens: list[list[int]] = [[] for _ in range(B)]
+    out_logprobs: list[list[float]] = [[] for _ in range(B)]
+    finished = [False] * B
+    if max_new_tokens == 0:
+        return Generation(out_tokens, out_logprobs, finished)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            cache = model.new_cache(B, longest + max_new_tokens)
+            logits = prefill(model, tokens.to(device), pad, cache)
+            active = list(range(B))  # original row of each batch row still decoding
+            for step in range(max_new_tokens):
+                token, logprob = sample(logits, temperature, top_k, top_p, generator)
+                keep = []
+                for i, (row, t, lp) in enumerate(zip(active, token.tolist(), logprob.tolist())):
+                    out_tokens[row].append(t)
+                    out_logprobs[row].append(lp)
+                    if t in stops:
+                        finished[row] = True
+                    else:
+                        keep.append(i)
+                if not keep or step == max_new_tokens - 1:
+                    break
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=device)
+                    cache.keep_rows(index)
+                    token = token[index]
+                    pad = pad[index] if pad is not None else None
+                    active = [active[i] for i in keep]
+                logits = decode_step(model, token, longest + step, pad, cache)
+    finally:
+        model.train(was_training)
+    return Generation(out_tokens, out_logprobs, finished)
