@@ -1,0 +1,209 @@
+"""Importance screening of the DM-LoRA expert components: AdaLoRA's sensitivity EMAs and rank budget.
+
+Each expert module of rank r_e holds components i = (row i of A_e, gate E_i, column i of B_e). After
+every optimizer step the per-element sensitivity of every expert parameter w is smoothed (AdaLoRA,
+Zhang et al. 2023, eq. 8-10; the update order is the reference code's):
+
+    I      = |w * dL/dw|
+    I_bar <- beta1 * I_bar + (1 - beta1) * I
+    U_bar <- beta2 * U_bar + (1 - beta2) * |I - I_bar|      (I_bar already updated)
+    s      = I_bar * U_bar
+
+and a component's score is s(E_i) + mean_j s(A_e[i, j]) + mean_j s(B_e[j, i]). Every delta_T steps the
+components of all modules are ranked together and the lowest are pruned until the global count meets
+the budget of `budget_at`. Pruning is monotone: a pruned component never returns. Its gate is 0 and
+masked, so its sensitivity (|E_i * grad|, and the gradients of its A_e row and B_e column, which are
+proportional to E_i) is exactly 0 and its score only decays; AdaLoRA's masking would in principle let
+it outrank a live component again, but the budget only shrinks, and a monotone rule keeps the
+optimizer's packed state shrinking and the pruned elements bit-identical for the rest of training.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
+
+import torch
+
+
+def budget_at(step: int, total_steps: int, initial: int, target: int, t_init: int, t_final: int, power: float = 2.0) -> int:
+    """The global number of live expert components after optimizer step `step` (1-based).
+
+        step <= t_init                    initial                        (warm-up: nothing pruned)
+        t_init < step < T - t_final       target + (initial - target) * (1 - (step - t_init) / (T - t_final - t_init))^power
+        step >= T - t_final               target                         (final phase: masks fixed)
+
+    power 2 is the DM-LoRA paper's quadratic schedule; AdaLoRA uses 3. The value is rounded down
+    (AdaLoRA's `int`), so the budget reaches `target` exactly at step T - t_final.
+    """
+    check_schedule(total_steps, initial, target, t_init, t_final)
+    if step <= t_init:
+        return initial
+    prune_end = total_steps - t_final
+    if step >= prune_end:
+        return target
+    remaining = 1.0 - (step - t_init) / (prune_end - t_init)
+    return int(target + (initial - target) * remaining**power)
+
+
+def check_schedule(total_steps: int, initial: int, target: int, t_init: int, t_final: int) -> None:
+    if not 0 <= t_init or not 0 <= t_final or t_init + t_final >= total_steps:
+        raise ValueError(
+            f"budget schedule: need 0 <= t_init ({t_init}), 0 <= t_final ({t_final}) and "
+            f"t_init + t_final < total steps ({total_steps}); lower --dual-t-init / --dual-t-final"
+        )
+    if not 0 <= target <= initial:
+        raise ValueError(f"budget schedule: target budget {target} must lie in [0, initial budget {initial}]")
+
+
+class SensitivityEMA:
+    """The smoothed sensitivity I_bar and uncertainty U_bar of each named tensor (see module docstring)."""
+
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.85):
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"sensitivity EMA betas must lie in [0, 1); got beta1={beta1}, beta2={beta2}")
+        self.beta1, self.beta2 = beta1, beta2
+        self.sensitivity: dict[str, torch.Tensor] = {}
+        self.uncertainty: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def update(self, name: str, weight: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+        if grad is None:
+            raise RuntimeError(
+                f"importance screening: {name} has no gradient; call the screener after backward and the "
+                "optimizer step but before zero_grad"
+            )
+        current = (weight.float() * grad.float()).abs()
+        if name not in self.sensitivity:
+            self.sensitivity[name] = torch.zeros_like(current)
+            self.uncertainty[name] = torch.zeros_like(current)
+        smoothed = self.sensitivity[name].mul_(self.beta1).add_(current, alpha=1.0 - self.beta1)
+        self.uncertainty[name].mul_(self.beta2).add_((current - smoothed).abs_(), alpha=1.0 - self.beta2)
+
+    def score(self, name: str) -> torch.Tensor:
+        return self.sensitivity[name] * self.uncertainty[name]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"sensitivity.{k}": v for k, v in self.sensitivity.items()},
+            **{f"uncertainty.{k}": v for k, v in self.uncertainty.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            kind, _, name = key.partition(".")
+            if kind not in ("sensitivity", "uncertainty") or not name:
+                raise KeyError(f"screener state: unexpected key {key!r}; expected 'sensitivity.<name>' or 'uncertainty.<name>'")
+            getattr(self, kind)[name] = value.clone()
+
+
+def component_scores(score_A: torch.Tensor, score_B: torch.Tensor, score_E: torch.Tensor) -> torch.Tensor:
+    """Score of each component (r,) from element scores of A_e (r, in), B_e (out, r) and E (r,)."""
+    return score_E + score_A.mean(dim=1) + score_B.mean(dim=0)
+
+
+def select_survivors(scores: list[torch.Tensor], alive: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
+    """Keep the `budget` best live components across all modules; return the new live masks.
+
+    Components already pruned stay pruned (monotone). Ties are broken by position, deterministically,
+    so every data-parallel rank (which sees the same reduced gradients) prunes the same components.
+    """
+    flat_scores = torch.cat([s.float().flatten() for s in scores])
+    flat_alive = torch.cat([a.flatten() for a in alive])
+    n_alive = int(flat_alive.sum())
+    if n_alive <= budget:
+        return [a.clone() for a in alive]
+    ranked = torch.where(flat_alive, flat_scores, torch.full_like(flat_scores, -float("inf")))
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    survivors = torch.zeros_like(flat_alive)
+    survivors[order[:budget]] = True
+    return list(torch.split(survivors, [a.numel() for a in alive]))
+
+
+class ExpertModule(Protocol):
+    """What the screener needs of a DualLoRALinear."""
+
+    expert_A: torch.nn.Parameter  # (r_e, in)
+    expert_B: torch.nn.Parameter  # (out, r_e)
+    expert_E: torch.nn.Parameter  # (r_e,)
+    expert_alive: torch.Tensor  # (r_e,) bool
+
+    def prune_experts(self, alive: torch.Tensor) -> None: ...
+
+
+class ExpertScreener:
+    """Call `step(global_step)` after every optimizer step (before zero_grad).
+
+    Updates the EMAs until the final phase begins, re-screens every `delta_t` steps during the pruning
+    phase and once more at step T - t_final (so the budget meets its target exactly there), then
+    leaves the masks fixed. `on_prune(names)` is called after masks changed so the optimizer can drop
+    the state of the newly frozen elements.
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, ExpertModule],
+        total_steps: int,
+        target_rank: float,
+        t_init: int,
+        t_final: int,
+        delta_t: int,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        power: float = 2.0,
+        on_prune: Optional[Callable[[list[str]], None]] = None,
+    ):
+        if not modules:
+            raise ValueError("importance screening: the model has no dual-LoRA modules")
+        if delta_t < 1:
+            raise ValueError(f"importance screening: delta_t must be >= 1, got {delta_t}")
+        self.modules = modules
+        self.total_steps, self.t_init, self.t_final, self.delta_t, self.power = total_steps, t_init, t_final, delta_t, power
+        self.initial_budget = sum(m.expert_E.numel() for m in modules.values())
+        self.target_budget = int(round(target_rank * len(modules)))
+        check_schedule(total_steps, self.initial_budget, self.target_budget, t_init, t_final)
+        self.ema = SensitivityEMA(beta1, beta2)
+        self.on_prune = on_prune
+
+    def budget(self, step: int) -> int:
+        return budget_at(step, self.total_steps, self.initial_budget, self.target_budget, self.t_init, self.t_final, self.power)
+
+    def live_components(self) -> int:
+        return sum(int(m.expert_alive.sum()) for m in self.modules.values())
+
+    def step(self, global_step: int) -> Optional[int]:
+        """Returns the budget applied when this step screened, else None."""
+        prune_end = self.total_steps - self.t_final
+        if global_step > prune_end:
+            return None
+        for name, module in self.modules.items():
+            for part in ("A", "B", "E"):
+                param = getattr(module, f"expert_{part}")
+                self.ema.update(f"{name}.{part}", param, param.grad)
+        if global_step <= self.t_init or (global_step % self.delta_t and global_step != prune_end):
+            return None
+        budget = self.budget(global_step)
+        self.screen(budget)
+        return budget
+
+    @torch.no_grad()
+    def screen(self, budget: int) -> list[str]:
+        names = list(self.modules)
+        scores = [
+            component_scores(self.ema.score(f"{n}.A"), self.ema.score(f"{n}.B"), self.ema.score(f"{n}.E")) for n in names
+        ]
+        alive = [self.modules[n].expert_alive for n in names]
+        survivors = select_survivors(scores, alive, budget)
+        changed = [n for n, old, new in zip(names, alive, survivors) if not torch.equal(old, new)]
+        for name, new in zip(names, survivors):
+            if name in changed:
+                self.modules[name].prune_experts(new)
+        if changed and self.on_prune is not None:
+            self.on_prune(changed)
+        return changed
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ema.load_state_dict(state)
+
