@@ -1,0 +1,159 @@
+"""Readers on the real files, malformed-line errors, templates, label masking, padding, the sampler."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from decimal import Decimal
+
+import pytest
+import torch
+
+from lorapar.data import (
+    DataError,
+    LengthGroupedSampler,
+    SFTDataset,
+    collate,
+    encode_example,
+    extract_gsm8k_number,
+    format_prompt,
+    format_response,
+    load_examples,
+    read_jsonl,
+)
+from lorapar.tokenizer import Tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tokenizer(asset):
+    return Tokenizer(asset("models/llama2-tokenizer.model"))
+
+
+@pytest.mark.parametrize("split,count,first", [("train", 7473, "72"), ("test", 1319, "18")])
+def test_real_gsm8k_loads_and_every_answer_parses(asset, split, count, first):
+    examples = load_examples(asset(f"gsm8k/{split}.jsonl"), "gsm8k")
+    assert len(examples) == count and examples.skipped == 0
+    for ex in examples:
+        written = ex.answer.rsplit("#### ", 1)[1].strip().replace(",", "")
+        assert Decimal(ex.final) == Decimal(written) and "," not in ex.final  # Decimal() rejects non-numbers
+    assert examples[0].final == first and examples[0].system is None
+
+
+def test_real_mmlu_and_humaneval_load(asset):
+    mmlu = load_examples(asset("mmlu/mmlu_sample_1000.jsonl"), "mmlu")
+    assert len(mmlu) == 1000 and {ex.final for ex in mmlu} == set("ABCD")
+    assert all(ex.question.endswith("Answer:") for ex in mmlu)
+    humaneval = load_examples(asset("humaneval/HumanEval.jsonl.gz"), "humaneval")
+    assert len(humaneval) == 164 and humaneval[0].source["task_id"] == "HumanEval/0"
+    assert format_prompt(humaneval[0]).startswith("from typing import List")
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("#### 1,450,000", "1450000"), ("so $10.00\n#### $10.00", "10"), ("#### -3.50", "-3.5"),
+     ("x = 4 then 7.", "7"), ("#### 0.25", "0.25"), ("nothing here", None)],
+)
+def test_extract_gsm8k_number(text, expected):
+    assert extract_gsm8k_number(text) == expected
+
+
+def test_instruction_alpaca_dolly_and_gzip(tmp_path):
+    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Name a colour.", "context": "", "response": "Red"}]
+    path = tmp_path / "inst.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    a, d = load_examples(path, "instruction")
+    assert (a.question, a.answer, d.question, d.answer) == ("Add.\n\n2 and 3", "5", "Name a colour.", "Red")
+
+
+def test_malformed_lines_name_the_file_and_line(tmp_path):
+    good = {"question": "q", "answer": "a\n#### 3"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, good, "{not json", {"question": "q"}, good])
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
+        read_jsonl(path)
+    rows, skipped = read_jsonl(path, skip_bad=True)
+    assert (len(rows), skipped) == (4, 1)
+    with pytest.raises(DataError, match=r"bad\.jsonl:3"):
+        load_examples(path, "gsm8k")
+    path = write_jsonl(tmp_path / "bad2.jsonl", [good, {"question": "q"}, {"question": "q", "answer": "no number"}])
+    with pytest.raises(DataError, match=r"bad2\.jsonl:2: .*'answer'"):
+        load_examples(path, "gsm8k")
+    examples = load_examples(path, "gsm8k", skip_bad=True)
+    assert len(examples) == 1 and examples.skipped == 2
+    path = write_jsonl(tmp_path / "mmlu.jsonl", [{"question": "Q?\nA. x\nB. y\nAnswer:", "answer": "C"}])
+    with pytest.raises(DataError, match=r"mmlu\.jsonl:1: .*letters AB"):
+        load_examples(path, "mmlu")
+
+
+def test_labelled_rows_carry_system(tmp_path):
+    row = {"question": "q", "answer": "a\n#### 3", "format": "gsm8k", "system": 2}
+    path = write_jsonl(tmp_path / "lab.jsonl", [row, {**row, "system": 3}])
+    with pytest.raises(DataError, match=r"lab\.jsonl:2: field 'system' must be 1 or 2"):
+        load_examples(path, "labelled")
+    assert load_examples(path, "labelled", skip_bad=True)[0].system == 2
+
+
+def test_reasoning_template_for_gsm8k(tmp_path):
+    row = {"question": "Two plus three?", "answer": "She has 2+3 = <<2+3=5>>5 apples.\n#### 5"}
+    (example,) = load_examples(write_jsonl(tmp_path / "g.jsonl", [row]), "gsm8k")
+    assert format_response(example, "reasoning") == (
+        "<reasoning>\nShe has 2+3 = 5 apples.\n</reasoning>\n<answer>\n5\n</answer>\n"
+    )
+    assert format_prompt(example, "reasoning").startswith("[INST] <<SYS>>\nRespond in the following format")
+    assert format_prompt(example, "chat") == "[INST] Two plus three? [/INST]"
+    assert format_response(example, "plain") == row["answer"]
+
+
+def test_label_masking_token_by_token(tokenizer):
+    prompt, response = "Question: 2+3?\nAnswer:", "5 apples"
+    ids, labels, truncated = encode_example(tokenizer, prompt, response, max_len=64)
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
+    assert not truncated and ids == prompt_ids + response_ids and ids[0] == tokenizer.bos_id
+    for position, (token, label) in enumerate(zip(ids, labels)):
+        assert label == (-100 if position < len(prompt_ids) else token)
+    assert labels[-1] == tokenizer.eos_id
+    assert tokenizer.decode(ids[len(prompt_ids):-1]) == response
+    cut_ids, cut_labels, cut = encode_example(tokenizer, prompt, response, max_len=len(ids) - 2)
+    assert cut and cut_ids == ids[:-2] and cut_labels == labels[:-2]
+
+
+def test_dataset_overflow_and_collate(tokenizer):
+    from lorapar.data import Example
+
+    short = Example("1+1?", "2", "2", None, {}, "gsm8k")
+    long = Example("1+1?", "two " * 40, None, None, {}, "gsm8k")
+    dropped = SFTDataset([short, long], tokenizer, "plain", max_len=24)
+    assert (len(dropped), dropped.dropped, dropped.truncated) == (1, 1, 0)
+    kept = SFTDataset([short, long], tokenizer, "plain", max_len=24, overflow="truncate")
+    assert (len(kept), kept.dropped, kept.truncated, kept.lengths[1]) == (2, 0, 1, 24)
+    batch = collate([kept[0], kept[1]], pad_id=tokenizer.pad_id)
+    n = len(kept[0]["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 24)
+    assert batch["input_ids"][0, :n].tolist() == kept[0]["input_ids"]
+    assert (batch["input_ids"][0, n:] == tokenizer.pad_id).all() and (batch["labels"][0, n:] == -100).all()
+    assert batch["labels"].dtype == torch.long
+
+
+def test_length_grouped_sampler_is_distributed_and_deterministic():
+    lengths = [(i * 37) % 101 for i in range(103)]
+    batch, replicas = 4, 2
+    samplers = [LengthGroupedSampler(lengths, batch, replicas, rank, seed=1, mega_batches=4) for rank in range(2)]
+    per_rank = [list(s) for s in samplers]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(samplers[0]) == 52
+    assert set(per_rank[0]) | set(per_rank[1]) == set(range(103))  # one index repeated to even out the ranks
+    assert per_rank[0] == list(samplers[0])  # deterministic
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != per_rank[0]
+    # Batches are length-grouped: far less spread inside a batch than in random batches of the same size.
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b)
+              for b in (per_rank[0][k:k + batch] for k in range(0, 48, batch))]
+    assert sum(spread) / len(spread) < 25
+    with pytest.raises(ValueError, match="rank 2"):
+        LengthGroupedSampler(lengths, batch, 2, 2)
