@@ -1,0 +1,412 @@
+"""Hand-written LoRA for the Meta-named LLaMA in lorapar.model.
+
+    y = x W0^T + s * dropout(x) A^T B^T,   A (r, in), B (out, r),   s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+W0 stays frozen at `<module>.weight`, so the model's state-dict keys for base weights never change.
+Element masks (`mask_A`, `mask_B`, bool buffers, None = every element trains) say which elements of
+A and B may train; the kernel multiplies their gradients by the mask and `lorapar.masks.MaskedAdamW`
+keeps optimizer state for active elements only, so a frozen element never moves.
+
+Inits (LoraArgs.init):
+  lora      A ~ Kaiming-uniform(a=sqrt(5)) as peft does, B = 0: the model is unchanged at start.
+  gaussian  A, B ~ N(0, init_std^2): LoRA-PAR scores importance on this (with B = 0 every A-score is 0).
+  pissa     top-r SVD W0 ~ U S V^T: A = sqrt(S) V^T / sqrt(s), B = U sqrt(S) / sqrt(s), so s B A is the
+            principal part; the base keeps the residual W0 - s B A and the output is unchanged.
+  olora     Q, R = qr(W0): A = R[:r] / sqrt(s), B = Q[:, :r] / sqrt(s), residual kept in the base.
+For pissa/olora the initial A0, B0 are kept (non-persistent buffers) so that an adapter can be loaded
+onto the original base: the residual is rebuilt as W0 - s B0 A0 by the same code, bit for bit.
+
+Names: modules are keyed by Meta names ("layers.0.attention.wq"); on disk, parameters use peft keys
+("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import masked_lora_linear
+
+# One canonical spelling (Meta's leaf name) per target, reachable from every accepted spelling.
+SHORT_TO_META = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
+META_TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+META_TO_SHORT = {m: s for s, m in SHORT_TO_META.items()}
+HF_TO_META = {h: m for m, h in META_TO_HF.items()}
+_BLOCK_OF = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+_HF_BLOCK = {"attention": "self_attn", "feed_forward": "mlp"}
+_META_BLOCK = {h: m for m, h in _HF_BLOCK.items()}
+INITS = ("lora", "gaussian", "pissa", "olora")
+
+_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])$")
+_PEFT_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+
+
+@dataclass
+class LoraArgs:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=64.0, metadata={"help": "lora_alpha; the update is scaled by alpha/r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path's input"})
+    targets: tuple[str, ...] = field(
+        default=("q", "k", "v", "gate", "up", "down"),
+        metadata={"help": "projections to adapt: q,k,v,o,gate,up,down (or wq..w3, or q_proj..down_proj)"},
+    )
+    init: str = field(default="lora", metadata={"help": "lora | gaussian | pissa | olora", "choices": INITS})
+    init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (LoRA-PAR: 0.01)"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) instead of alpha/r"})
+    pissa_niter: int = field(default=0, metadata={"help": "pissa: 0 = exact SVD, N > 0 = randomized SVD with N iterations"})
+    seed: int = field(default=0, metadata={"help": "seed of the random inits (lora, gaussian, randomized pissa)"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t for t in self.targets.split(",") if t)
+        self.targets = tuple(self.targets)
+        if self.r < 1:
+            raise ValueError(f"LoraArgs.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraArgs.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise ValueError(f"LoraArgs.init must be one of {INITS}, got {self.init!r}")
+        resolve_targets(self.targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def resolve_targets(targets: Sequence[str]) -> list[str]:
+    """Meta leaf names ("wq", "w1", ...) for targets in any accepted spelling, in canonical order."""
+    if not targets:
+        raise ValueError("LoRA targets are empty; expected some of q,k,v,o,gate,up,down")
+    resolved = set()
+    for t in targets:
+        meta = SHORT_TO_META.get(t) or HF_TO_META.get(t) or (t if t in META_TO_HF else None)
+        if meta is None:
+            valid = ", ".join(f"{s}/{m}/{META_TO_HF[m]}" for s, m in SHORT_TO_META.items())
+            raise ValueError(f"unknown LoRA target {t!r}; valid targets (short/Meta/HF spelling): {valid}")
+        resolved.add(meta)
+    return [m for m in META_TO_HF if m in resolved]
+
+
+def peft_key(module_name: str, which: str) -> str:
+    """"layers.0.attention.wq", "A" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    match = _MODULE_RE.search(module_name)
+    if match is None or which not in ("A", "B"):
+        raise ValueError(f"peft_key: expected a 'layers.N.attention|feed_forward.wX' module and 'A'|'B', got {module_name!r}, {which!r}")
+    layer, block, leaf = match.groups()
+    return f"base_model.model.model.layers.{layer}.{_HF_BLOCK[block]}.{META_TO_HF[leaf]}.lora_{which}.weight"
+
+
+def module_name_of(key: str) -> tuple[str, str]:
+    """Inverse of peft_key: a peft key -> (Meta module name, "A"|"B")."""
+    match = _PEFT_RE.match(key)
+    if match is None or match.group(2) not in _META_BLOCK or match.group(3) not in HF_TO_META:
+        raise ValueError(f"{key!r} is not a peft LoRA key like 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'")
+    layer, block, proj, which = match.groups()
+    return f"layers.{layer}.{_META_BLOCK[block]}.{HF_TO_META[proj]}", which
+
+
+class LoRALinear(nn.Module):
+    """y = x W0^T + s * dropout(x) A^T B^T with a frozen W0 and element masks on A and B.
+
+    The adapter (A, B) is kept in at least fp32 whatever the base dtype, as peft does: its updates
+    are small next to its values, and bf16 would round them away.
+    """
+
+    def __init__(self, weight: torch.Tensor, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        out_features, in_features = weight.shape
+        if r > min(out_features, in_features):
+            raise ValueError(f"LoRA rank r={r} exceeds min(out, in) = {min(out_features, in_features)} of a {tuple(weight.shape)} weight")
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=weight.device, dtype=dtype))
+        self.r, self.alpha, self.use_rslora, self.dropout = r, alpha, use_rslora, dropout
+        self.scale = alpha / (math.sqrt(r) if use_rslora else r)
+        self.init = "lora"
+        # Masks, and for pissa/olora the initial factors, are saved by their own files, not the model's.
+        self.register_buffer("mask_A", None, persistent=False)
+        self.register_buffer("mask_B", None, persistent=False)
+        self.register_buffer("init_A", None, persistent=False)
+        self.register_buffer("init_B", None, persistent=False)
+        self.register_buffer("weight_before_merge", None, persistent=False)
+        self.adapter_enabled = True
+
+    @property
+    def merged(self) -> bool:
+        return self.weight_before_merge is not None
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return f"in={in_features}, out={out_features}, r={self.r}, scale={self.scale:g}, init={self.init}, merged={self.merged}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight) if self.adapter_enabled else self._original_base(x, self.weight_before_merge)
+        if not self.adapter_enabled:
+            return self.base_forward(x)
+        A, B = self.lora_A, self.lora_B
+        if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            A, B = A.to(x.dtype), B.to(x.dtype)  # e.g. a bf16 base on the CPU; the grads flow back to fp32
+        return masked_lora_linear(
+            x, self.weight, A, B, self.scale, self.mask_A, self.mask_B, dropout_p=self.dropout, training=self.training
+        )
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original model's projection, x W0^T, with the adapter switched off."""
+        return self._original_base(x, self.weight)
+
+    def _original_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # pissa/olora moved s B0 A0 out of W0: add it back so "no adapter" means the original base.
+        y = F.linear(x, weight)
+        if self.init_A is not None:
+            y = y + self.scale * F.linear(F.linear(x, self.init_A.to(x.dtype)), self.init_B.to(x.dtype))
+        return y
+
+    # ------------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def reset_lora(self, init: str, generator: torch.Generator, init_std: float = 0.01, pissa_niter: int = 0) -> None:
+        """Initialise A and B; pissa/olora also move the principal part out of the frozen base."""
+        if self.init in ("pissa", "olora"):
+            raise RuntimeError(f"this module was initialised with {self.init}; its base is a residual and cannot be re-initialised")
+        A = torch.empty(self.lora_A.shape)
+        if init == "lora":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            B = torch.zeros(self.lora_B.shape)
+        elif init == "gaussian":
+            A.normal_(0.0, init_std, generator=generator)
+            B = torch.empty(self.lora_B.shape).normal_(0.0, init_std, generator=generator)
+        elif init in ("pissa", "olora"):
+            A, B = principal_factors(self.weight, self.r, self.scale, init, pissa_niter, generator)
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}; expected one of {INITS}")
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        if init in ("pissa", "olora"):
+            self.set_residual_base(A.to(self.lora_A.device), B.to(self.lora_B.device))
+        self.init = init
+
+    @torch.no_grad()
+    def set_residual_base(self, init_A: torch.Tensor, init_B: torch.Tensor) -> None:
+        """W0 <- W0 - s B0 A0 in fp32 (the one formula used at init and when loading an adapter)."""
+        device = self.weight.device
+        init_A, init_B = init_A.to(device=device, dtype=torch.float32), init_B.to(device=device, dtype=torch.float32)
+        residual = self.weight.float() - self.scale * (init_B @ init_A)
+        self.weight.copy_(residual.to(self.weight.dtype))
+        self.init_A, self.init_B = init_A.clone(), init_B.clone()
+
+    # ------------------------------------------------------------------ merging
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W0 + s B A in fp32; W0 is kept so that unmerge restores it bit for bit."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: already merged")
+        delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
+        self.weight_before_merge = self.weight.detach().clone()
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: not merged")
+        self.weight.copy_(self.weight_before_merge)
+        self.weight_before_merge = None
+
+    def set_masks(self, mask_A: Optional[torch.Tensor], mask_B: Optional[torch.Tensor]) -> None:
+        self.mask_A = None if mask_A is None else mask_A.to(self.lora_A.device)
+        self.mask_B = None if mask_B is None else mask_B.to(self.lora_B.device)
+
+
+def principal_factors(
+    weight: torch.Tensor, r: int, scale: float, init: str, niter: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in fp32 with s B A = the rank-r principal part of W (pissa: SVD; olora: QR)."""
+    W = weight.detach().float()
+    if init == "pissa":
+        if niter > 0:
+            # svd_lowrank draws its test matrix from the global RNG; seed it locally for determinism.
+            devices = [W.device] if W.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+                U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+            Vh = V.T
+        else:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root_S = S[:r].sqrt()
+        A = root_S[:, None] * Vh[:r]
+        B = U[:, :r] * root_S[None, :]
+    elif init == "olora":
+        Q, R = torch.linalg.qr(W)
+        A, B = R[:r], Q[:, :r]
+    else:
+        raise ValueError(f"principal_factors: init must be pissa or olora, got {init!r}")
+    root_scale = math.sqrt(scale)
+    return (A / root_scale).contiguous().cpu(), (B / root_scale).contiguous().cpu()
+
+
+# ---------------------------------------------------------------------- model-level functions
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """{Meta module name: LoRALinear}, e.g. "layers.0.attention.wq", in model order."""
+    return {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, args: Optional[LoraArgs] = None, **kwargs) -> dict[str, LoRALinear]:
+    """Replace the targeted projections with LoRALinear, freeze every base parameter, initialise A and B.
+
+    Call as apply_lora(model, LoraArgs(...)) or apply_lora(model, targets=..., r=..., alpha=..., init=...).
+    Deterministic given args.seed (one generator walks the modules in model order).
+    """
+    if args is None:
+        args = LoraArgs(**kwargs)
+    elif kwargs:
+        raise TypeError("apply_lora: pass either a LoraArgs or keyword arguments, not both")
+    modules = _replace_linears(model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    for module in modules.values():
+        module.reset_lora(args.init, generator, args.init_std, args.pissa_niter)
+    return modules
+
+
+def _replace_linears(model: nn.Module, args: LoraArgs) -> dict[str, LoRALinear]:
+    """Swap in LoRALinear modules with A = B = 0 (no init) and freeze the base."""
+    root = _unwrap(model)
+    if lora_modules(root):
+        raise RuntimeError("apply_lora: the model already has LoRA modules")
+    wanted = set(resolve_targets(args.targets))
+    found: dict[str, LoRALinear] = {}
+    for name, module in list(root.named_modules()):
+        match = _MODULE_RE.search(name)
+        if match is None or match.group(3) not in wanted:
+            continue
+        if not isinstance(module, nn.Linear) or module.bias is not None:
+            raise TypeError(f"apply_lora: {name} is {type(module).__name__} (bias={getattr(module, 'bias', None) is not None}); expected nn.Linear without bias")
+        parent_name, leaf = name.rsplit(".", 1)
+        lora = LoRALinear(module.weight, args.r, args.alpha, args.dropout, args.use_rslora)
+        setattr(root.get_submodule(parent_name), leaf, lora)
+        found[name] = lora
+    if not found:
+        raise ValueError(f"apply_lora: no module matches targets {args.targets} (expected layers.N.attention.wq ... names)")
+    for p in root.parameters():
+        p.requires_grad_(False)
+    for m in found.values():
+        m.lora_A.requires_grad_(True)
+        m.lora_B.requires_grad_(True)
+    return found
+
+
+def named_lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """[(peft key, Parameter)] with A before B for each module, in model order."""
+    out = []
+    for name, m in lora_modules(model).items():
+        out += [(peft_key(name, "A"), m.lora_A), (peft_key(name, "B"), m.lora_B)]
+    return out
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: p.detach() for key, p in named_lora_parameters(model)}
+
+
+def _require_lora(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    modules = lora_modules(model)
+    if not modules:
+        raise RuntimeError(f"{what}: the model has no LoRA modules (call apply_lora first)")
+    return modules
+
+
+def set_masks(model: nn.Module, masks: Optional[dict[str, torch.Tensor]]) -> None:
+    """Install one bool mask per LoRA parameter (keys as peft_key); None clears every mask.
+
+    The key set must equal the model's LoRA parameters exactly: a missing or extra key is an error,
+    so a mask file built for another target set or rank can never be applied silently.
+    """
+    modules = _require_lora(model, "set_masks")
+    if masks is None:
+        for m in modules.values():
+            m.set_masks(None, None)
+        return
+    params = dict(named_lora_parameters(model))
+    missing, extra = sorted(set(params) - set(masks)), sorted(set(masks) - set(params))
+    if missing or extra:
+        raise KeyError(f"set_masks: mask keys do not match the LoRA parameters; missing {missing[:4]}{'...' if len(missing) > 4 else ''} ({len(missing)}), unexpected {extra[:4]}{'...' if len(extra) > 4 else ''} ({len(extra)})")
+    for key, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"set_masks: mask {key} must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+        if mask.shape != params[key].shape:
+            raise ValueError(f"set_masks: mask {key} has shape {tuple(mask.shape)}, the parameter has {tuple(params[key].shape)}")
+    for name, m in modules.items():
+        m.set_masks(masks[peft_key(name, "A")], masks[peft_key(name, "B")])
+
+
+def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{peft key: bool mask}; a parameter without a mask reports all-true."""
+    out = {}
+    for name, m in _require_lora(model, "get_masks").items():
+        for which, p, mask in (("A", m.lora_A, m.mask_A), ("B", m.lora_B, m.mask_B)):
+            out[peft_key(name, which)] = torch.ones_like(p, dtype=torch.bool) if mask is None else mask
+    return out
+
+
+def merge(model: nn.Module) -> None:
+    for m in _require_lora(model, "merge").values():
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in _require_lora(model, "unmerge").values():
+        m.unmerge()
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the original base model (GRPO's reference policy); restores the adapters on exit.
+
+    For pissa/olora the stored base is the residual W0 - s B0 A0; the disabled forward adds s B0 A0
+    back, so "disabled" is the original model for every init (peft returns the residual instead).
+    """
+    modules = list(_require_lora(model, "disable_adapter").values())
+    previous = [m.adapter_enabled for m in modules]
+    for m in modules:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, state in zip(modules, previous):
+            m.adapter_enabled = state
+
+
+def export_merged(model: nn.Module, path: str, format: str = "hf") -> None:
+    """Write the merged model (W0 + s B A, in the base dtype) as a plain checkpoint; the model is unchanged after."""
+    from lorapar.checkpoint import save_model
+
+    merge(model)
+    try:
+        save_model(_unwrap(model), path, format=format)
+    finally:
+        unmerge(model)
+
+
+__all__ = [
+    "LoraArgs", "LoRALinear", "apply_lora", "lora_modules", "peft_key", "module_name_of", "resolve_targets",
+    "adapter_state_dict", "named_lora_parameters", "set_masks", "get_masks", "merge", "unmerge",
+    "disable_adapter", "export_merged", "principal_factors", "INITS",
+]
