@@ -1,0 +1,269 @@
+"""What train_sft.py and train_rl.py share: optimisation flags, the learning-rate schedule, the run
+directory (refuse to clobber, atomic checkpoints, exact resume) and the metrics log.
+
+A checkpoint is a directory `OUT/checkpoints/step-NNNNNN/` holding the adapter (peft layout, usable
+on its own), the masks, `trainer_state.pt` (adapter tensors, optimizer, schedule position, data
+position, resolved config) and one `rng-rank{r}.pt` per rank. It is written under a temporary name and
+renamed into place, then `OUT/checkpoints/latest` is atomically pointed at it, so a crash at any moment
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from lorapar import dist
+from lorapar.config import field
+from lorapar.io import atomic_torch_save, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINTS)  # what marks a directory as holding a run
+# Fields that may differ between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "halt_at"})
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation and bookkeeping flags shared by both training scripts."""
+
+    out: str = field(default="", metadata={"help": "run directory (adapter, checkpoints, metrics.jsonl, config.json)"})
+    seed: int = 0
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"]})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of the steps spent warming up linearly"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final lr as a share of --lr (cosine / linear)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm (0 = off)"})
+    epochs: int = 1
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = as many as --epochs give)"})
+    batch_size: int = field(default=4, metadata={"help": "micro-batch per rank"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (ignored with --global-batch)"})
+    global_batch: int = field(
+        default=0, metadata={"help": "examples per optimizer step over all ranks; sets grad_accum (0 = off)"}
+    )
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=1, metadata={"help": "how many recent checkpoints to keep"})
+    eval_every: int = field(default=0, metadata={"help": "held-out evaluation every N steps (0 = only at the end)"})
+    log_every: int = 1
+    halt_at: int = field(
+        default=0, metadata={"help": "stop after this step with a checkpoint, as if preempted (0 = run to the end)"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+
+
+def resolve_grad_accum(args: TrainArgs, world_size: int) -> int:
+    """Micro-batches per optimizer step so that batch_size * grad_accum * world_size == global_batch."""
+    if not args.global_batch:
+        return args.grad_accum
+    per_pass = args.batch_size * world_size
+    if args.global_batch % per_pass:
+        raise ValueError(
+            f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
+            f"{world_size} rank(s) = {per_pass}"
+        )
+    return args.global_batch // per_pass
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+
+def lr_at(step: int, total_steps: int, args: TrainArgs) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
+
+    Linear warm-up over ceil(warmup_ratio * total) steps from lr/warmup to lr, then cosine (or linear)
+    decay to min_lr_ratio * lr at the last step, or constant.
+    """
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.schedule == "constant":
+        return args.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1.0 - progress
+    return args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * shape)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; the CPU runs in fp32 (bf16 matmuls there are slower and less exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- random state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def prepare_run_dir(args: TrainArgs, info: dist.DistInfo) -> Optional[str]:
+    """Check --out against --resume / --overwrite; return the checkpoint to resume from (or None).
+
+    Rank 0 decides (and deletes on --overwrite); the other ranks receive its answer.
+    """
+    if not args.out:
+        raise ValueError("--out is required: the run directory for the adapter, checkpoints and metrics")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one")
+    outcome: Any = None
+    if info.is_main:
+        try:
+            outcome = _decide_run_dir(args)
+        except Exception as error:  # every rank must raise, not only rank 0
+            outcome = error
+    outcome = dist.broadcast_object(outcome, info)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _decide_run_dir(args: TrainArgs) -> Optional[str]:
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if args.resume:
+        checkpoint = latest_checkpoint(args.out)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: {args.out} holds no checkpoint ({args.out}/{CHECKPOINTS}/latest missing)")
+        return checkpoint
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{args.out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    if existing:  # --overwrite: remove what a run writes, never unrelated files in the directory
+        for name in os.listdir(args.out):
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    os.makedirs(args.out, exist_ok=True)
+    return None
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    pointer = os.path.join(out, CHECKPOINTS, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as handle:
+        path = os.path.join(out, CHECKPOINTS, handle.read().strip())
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{pointer} names {path}, which does not exist")
+    return path
+
+
+def check_resumable(saved_config: dict, config: dict, checkpoint: str) -> None:
+    """A resumed run must use the configuration it was started with (except RESUMABLE_CHANGES)."""
+    changed = []
+    for section, fields in config.items():
+        for key, value in fields.items() if isinstance(fields, dict) else []:
+            if key in RESUMABLE_CHANGES:
+                continue
+            before = saved_config.get(section, {}).get(key)
+            if json.loads(json.dumps(before, default=str)) != json.loads(json.dumps(value, default=str)):
+                changed.append(f"{section}.{key}: {before!r} -> {value!r}")
+    if changed:
+        raise ValueError(f"--resume from {checkpoint}: the configuration changed ({'; '.join(changed)})")
+
+
+def save_checkpoint(
+    out: str,
+    step: int,
+    info: dist.DistInfo,
+    state: dict[str, Any],
+    write_files,
+    keep: int = 1,
+) -> str:
+    """Write checkpoint `step`: rank 0 saves `state` and calls `write_files(directory)` (adapter, masks),
+    every rank saves its RNG state; then the directory is renamed into place and `latest` updated."""
+    root = os.path.join(out, CHECKPOINTS)
+    name = f"step-{step:06d}"
+    tmp = os.path.join(root, f".{name}.tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier(info)
+    atomic_torch_save(os.path.join(tmp, f"rng-rank{info.rank}.pt"), rng_state())
+    if info.is_main:
+        atomic_torch_save(os.path.join(tmp, "trainer_state.pt"), {**state, "world_size": info.world_size})
+        write_files(tmp)
+    dist.barrier(info)
+    final = os.path.join(root, name)
+    if info.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, "latest"), name + "\n")
+        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(root, old))
+    dist.barrier(info)
+    return final
+
+
+def load_checkpoint(path: str, info: dist.DistInfo) -> dict[str, Any]:
+    """The trainer state of checkpoint `path`, with this rank's RNG state restored."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    if state["world_size"] != info.world_size:
+        raise ValueError(
+            f"{path} was written by {state['world_size']} rank(s) but this run has {info.world_size}; "
+            "resume with the same number of processes"
+        )
+    set_rng_state(torch.load(os.path.join(path, f"rng-rank{info.rank}.pt"), weights_only=False))
+    return state
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Append-only JSON lines (rank 0 only). On resume, lines past the checkpoint's step are dropped:
+    they were logged by the interrupted run after its last checkpoint and will be logged again."""
+
+    def __init__(self, path: str, enabled: bool, resume_step: Optional[int] = None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")

@@ -1,0 +1,165 @@
+"""GRPO's pure functions against hand computations, the reward set, and a toy task a tiny model learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lorapar import dist, grpo, rewards
+from lorapar.data import Example
+
+# A hand-made batch: 2 completions of 3 / 2 tokens (the last entry of row 1 is padding).
+LOGP = [[-1.0, -0.5, -2.0], [-0.2, -1.5, -9.0]]
+OLD = [[-1.3, -0.5, -1.0], [-0.1, -1.0, -9.0]]
+REF = [[-1.1, -0.7, -1.5], [-0.4, -1.2, -9.0]]
+MASK = [[1, 1, 1], [1, 1, 0]]
+ADV = [1.0, -0.5]
+EPS, EPS_HIGH, BETA, MAX_LEN = 0.2, 0.28, 0.1, 4
+
+
+def hand_token_losses(eps_high: float, beta: float) -> list[list[float]]:
+    """-min(r A, clip(r) A) + beta (exp(ref - logp) - (ref - logp) - 1), one float at a time."""
+    out = []
+    for i in range(2):
+        row = []
+        for t in range(3):
+            if not MASK[i][t]:
+                continue
+            r = math.exp(LOGP[i][t] - OLD[i][t])
+            clipped = min(max(r, 1 - EPS), 1 + eps_high)
+            loss = -min(r * ADV[i], clipped * ADV[i])
+            d = REF[i][t] - LOGP[i][t]
+            row.append(loss + beta * (math.exp(d) - d - 1))
+        out.append(row)
+    return out
+
+
+def tensors():
+    return (torch.tensor(LOGP, dtype=torch.float64), torch.tensor(OLD, dtype=torch.float64),
+            torch.tensor(REF, dtype=torch.float64), torch.tensor(MASK, dtype=torch.bool),
+            torch.tensor(ADV, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("beta", [0.0, BETA])
+@pytest.mark.parametrize("eps_high", [None, EPS_HIGH])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_loss_matches_hand_computation(loss_type, eps_high, beta):
+    rows = hand_token_losses(EPS if eps_high is None else eps_high, beta)
+    expected = {
+        "grpo": sum(sum(r) / len(r) for r in rows) / 2,
+        "dr_grpo": sum(map(sum, rows)) / (2 * MAX_LEN),
+        "dapo": sum(map(sum, rows)) / sum(map(len, rows)),
+    }[loss_type]
+    logp, old, ref, mask, adv = tensors()
+    loss, stats = grpo.grpo_loss(
+        logp, old, adv, mask, epsilon=EPS, epsilon_high=eps_high, beta=beta, ref_logp=ref,
+        loss_type=loss_type, max_completion_len=MAX_LEN,
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert stats["tokens"].item() == 5
+    if beta:
+        kl = sum(math.exp(REF[i][t] - LOGP[i][t]) - (REF[i][t] - LOGP[i][t]) - 1
+                 for i in range(2) for t in range(3) if MASK[i][t])
+        assert stats["kl_sum"].item() == pytest.approx(kl, rel=1e-12)
+
+
+def test_clip_fraction_counts_tokens_whose_gradient_is_clipped():
+    logp, old, ref, mask, adv = tensors()
+    # ratios: row 0 exp(0.3)=1.35 (A>0: clipped), 1, exp(-1)=0.37 (A>0: not clipped);
+    # row 1 exp(-0.1)=0.90 (A<0, inside), exp(-0.5)=0.61 (A<0: clipped).
+    _, stats = grpo.grpo_loss(logp, old, adv, mask, epsilon=EPS)
+    assert stats["clipped"].item() == 2
+
+
+def test_split_into_micro_batches_gives_the_same_gradient():
+    logp, old, ref, mask, adv = tensors()
+    for loss_type in grpo.LOSS_TYPES:
+        whole = logp.clone().requires_grad_()
+        grpo.grpo_loss(whole, old, adv, mask, epsilon=EPS, beta=BETA, ref_logp=ref, loss_type=loss_type,
+                       max_completion_len=MAX_LEN)[0].backward()
+        parts = logp.clone().requires_grad_()
+        for rows in (slice(0, 1), slice(1, 2)):
+            grpo.grpo_loss(parts[rows], old[rows], adv[rows], mask[rows], epsilon=EPS, beta=BETA, ref_logp=ref[rows],
+                           loss_type=loss_type, max_completion_len=MAX_LEN, num_sequences=2,
+                           num_tokens=5.0)[0].backward()
+        torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_group_advantages_with_and_without_std_scaling():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    scaled = grpo.group_advantages(r, 3)
+    torch.testing.assert_close(scaled, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (1.0 + 1e-4))
+    torch.testing.assert_close(grpo.group_advantages(r, 3, scale=False), torch.tensor([-1.0, 0, 1, 0, 0, 0]))
+    with pytest.raises(ValueError, match="groups of 4"):
+        grpo.group_advantages(r, 4)
+
+
+def test_k3_is_zero_at_equality_and_positive_elsewhere():
+    logp = torch.tensor([-1.0, -1.0, -1.0])
+    kl = grpo.k3_kl(logp, torch.tensor([-1.0, -0.5, -3.0]))
+    assert kl[0] == 0 and (kl[1:] > 0).all()
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+GOOD = "<reasoning>\nStep one.\nStep two.\n</reasoning>\n<answer>\n1,000\n</answer>\n"
+
+
+def example(final="1000"):
+    return Example(question="q", answer=f"... #### {final}", final=final, system=2, source={})
+
+
+def test_builtin_rewards_on_a_well_formed_completion():
+    weighted = {name: w * fn(GOOD, example()) for name, fn, w in rewards.parse_spec(rewards.DEFAULT_SPEC)}
+    assert weighted == {"correct": 2.0, "integer": 0.0, "strict_format": 0.5, "soft_format": 0.5, "xml_count": 0.5}
+    assert rewards.integer(GOOD.replace("1,000", "1000"), example()) == 1.0
+    assert rewards.correct(GOOD, example("999")) == 0.0
+
+
+def test_rewards_on_a_badly_formed_completion():
+    text = "The answer is 1000. <answer>1000</answer> trailing"
+    assert rewards.correct(text, example()) == 1.0
+    assert rewards.strict_format(text, example()) == 0.0
+    assert rewards.soft_format(text, example()) == 0.0
+    assert rewards.xml_count(text, example()) == 0.0
+
+
+def test_reward_spec_errors_and_user_functions():
+    [(name, fn, weight)] = rewards.parse_spec("math:isfinite=0.25")
+    assert fn is math.isfinite and weight == 0.25
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        rewards.parse_spec("nope=1")
+    with pytest.raises(ValueError, match="cannot import"):
+        rewards.parse_spec("no_such_module_xyz:f=1")
+    with pytest.raises(ValueError, match="not a number"):
+        rewards.parse_spec("correct=two")
+
+
+# ----------------------------------------------------------------------------- a task a tiny model learns
+
+
+def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
+    """Reward = share of completion tokens equal to TARGET; mean reward must rise within 30 CPU steps."""
+    from lorapar.lora import LoraArgs, apply_lora
+    from lorapar.masks import MaskedAdamW
+
+    TARGET = 7
+    torch.manual_seed(0)
+    apply_lora(tiny_model, LoraArgs(r=4, alpha=8.0, targets=("q", "v", "gate", "up", "down")))
+    optimizer = MaskedAdamW.for_model(tiny_model, lr=3e-2, weight_decay=0.0)
+    args = grpo.GRPOArgs(num_generations=8, max_completion_len=6, beta=0.0, micro_batch=32)
+    prompts = [[1, 5, 9], [1, 11], [1, 3, 4, 20]]
+
+    def score(_, completions):
+        return torch.tensor([[sum(t == TARGET for t in c) / len(c)] for c in completions])
+
+    history = []
+    for step in range(30):
+        rollouts = grpo.make_rollouts(tiny_model, prompts, score, torch.ones(1), args, seed=step, eos_id=None, pad_id=0)
+        history.append(rollouts.total_reward.mean().item())
+        grpo.grpo_update(tiny_model, optimizer, rollouts, args, dist.DistInfo(), lrs=[3e-2])
+    start, end = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert start < 0.1 and end > 0.5, history
