@@ -5,7 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorapar.budget import SensitivityEMA, budget_at, component_scores, select_survivors
+from lorapar.budget import ExpertScreener, SensitivityEMA, budget_at, component_scores, select_survivors
+from lorapar.dual import (
+    DualArgs,
+    adapter_key,
+    apply_dual,
+    dual_modules,
+    get_dual_masks,
+    load_dual_adapter,
+    orthogonality_loss,
+    save_dual_adapter,
+)
+from lorapar.lora import disable_adapter, merge, unmerge
+
+SMALL = dict(dual_rank=12, dual_shared_rank=4, dual_alpha=12.0, dual_target_rank=5.0)  # r_e = 8, s = 1
+
+
+def tokens(vocab: int = 128, batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
+    return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- budget and screening math
@@ -59,3 +76,110 @@ def test_component_scores_and_global_selection_are_monotone():
     assert [k.tolist() for k in kept] == [[False, True, True], [False, False]]
     same = select_survivors(scores, alive, budget=10)
     assert [k.tolist() for k in same] == [a.tolist() for a in alive]
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+def test_output_unchanged_at_init_and_shared_module_is_principal(tiny_model):
+    x = tokens()
+    before = tiny_model(x)
+    w0 = tiny_model.layers[0].attention.wq.weight.detach().clone()
+    modules = apply_dual(tiny_model, DualArgs(**SMALL))
+    assert len(modules) == 2 * 6 and all(m.expert_E.abs().sum() == 0 for m in modules.values())
+    torch.testing.assert_close(tiny_model(x), before, atol=2e-5, rtol=1e-5)
+    wq = modules["layers.0.attention.wq"]
+    U, S, Vh = torch.linalg.svd(w0)
+    torch.testing.assert_close(wq.scale * wq.lora_B @ wq.lora_A, U[:, :4] * S[:4] @ Vh[:4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wq.weight + wq.scale * wq.lora_B @ wq.lora_A, w0, atol=1e-5, rtol=1e-5)
+    assert 0.015 < wq.expert_A.std() < 0.025 and 0.015 < wq.expert_B.std() < 0.025
+    with disable_adapter(tiny_model):
+        torch.testing.assert_close(tiny_model(x), before, atol=2e-5, rtol=1e-5)
+
+
+def test_every_part_gets_gradient_after_the_first_step(tiny_model):
+    modules = apply_dual(tiny_model, DualArgs(**SMALL))
+    wq = modules["layers.0.attention.wq"]
+    tiny_model(tokens()).logsumexp(-1).mean().backward()
+    assert wq.expert_E.grad.abs().min() > 0  # E = 0 but its gradient is b_i^T g a_i x
+    assert wq.expert_A.grad.abs().sum() == 0 and wq.expert_B.grad.abs().sum() == 0  # both scaled by E = 0
+    with torch.no_grad():
+        wq.expert_E -= 0.1 * wq.expert_E.grad  # one SGD step moves the gates ...
+    tiny_model.zero_grad()
+    tiny_model(tokens()).logsumexp(-1).mean().backward()
+    assert wq.expert_A.grad.abs().min() > 0 and wq.expert_B.grad.abs().min() > 0  # ... and A_e, B_e follow
+
+
+def _train_a_little(model, steps: int = 3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05)
+    for step in range(steps):
+        model(tokens(seed=step)).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model):
+    modules = apply_dual(tiny_model, DualArgs(**SMALL))
+    _train_a_little(tiny_model)
+    assert all(m.expert_E.abs().sum() > 0 for m in modules.values())
+    x = tokens(seed=7)
+    residual = modules["layers.1.feed_forward.w2"].weight.detach().clone()
+    with torch.no_grad():
+        unmerged = tiny_model(x)
+        merge(tiny_model)
+        torch.testing.assert_close(tiny_model(x), unmerged, atol=2e-5, rtol=1e-5)
+        unmerge(tiny_model)
+    assert torch.equal(modules["layers.1.feed_forward.w2"].weight, residual)
+
+
+def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_path):
+    from lorapar.model import Transformer
+
+    args = DualArgs(**SMALL)
+    modules = apply_dual(tiny_model, args, seed=3)
+    _train_a_little(tiny_model)
+    wq = modules["layers.0.attention.wq"]
+    wq.prune_experts(torch.tensor([True, False] * 4))
+    save_dual_adapter(tiny_model, str(tmp_path), args)
+
+    fresh = Transformer(tiny_args)
+    fresh.init_weights(seed=0)
+    assert load_dual_adapter(fresh, str(tmp_path)) == args
+    x = tokens(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), tiny_model(x), atol=0, rtol=0)
+    loaded_masks, masks = get_dual_masks(fresh), get_dual_masks(tiny_model)
+    assert loaded_masks.keys() == masks.keys() and all(torch.equal(loaded_masks[k], masks[k]) for k in masks)
+    assert adapter_key("layers.0.attention.wq", "expert_E") in masks
+    assert (
+        adapter_key("layers.0.attention.wq", "lora_A") == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    )
+
+
+# ----------------------------------------------------------------------------- orthogonality regulariser
+
+
+def test_orthogonality_loss_is_zero_for_orthonormal_factors(tiny_model):
+    modules = apply_dual(tiny_model, DualArgs(**SMALL))
+    assert orthogonality_loss(tiny_model) > 0
+    with torch.no_grad():
+        for m in modules.values():
+            r = m.expert_E.shape[0]
+            m.expert_A.copy_(torch.linalg.qr(torch.randn(m.expert_A.shape[1], r)).Q.T)
+            m.expert_B.copy_(torch.linalg.qr(torch.randn(m.expert_B.shape[0], r)).Q)
+    assert orthogonality_loss(tiny_model) < 1e-5
+
+
+def test_orthogonality_loss_gradient_matches_the_hand_derived_formula(tiny_model):
+    modules = apply_dual(tiny_model, DualArgs(**SMALL))
+    tiny_model.double()
+    loss = orthogonality_loss(tiny_model)
+    loss.backward()
+    n = len(modules)
+    for m in modules.values():
+        A, B = m.expert_A.detach(), m.expert_B.detach()
+        M = A @ A.T - torch.eye(A.shape[0], dtype=A.dtype)
+        N = B.T @ B - torch.eye(B.shape[1], dtype=B.dtype)
+        torch.testing.assert_close(m.expert_A.grad, 2 * M @ A / torch.linalg.norm(M) / n)
+        torch.testing.assert_close(m.expert_B.grad, 2 * B @ N / torch.linalg.norm(N) / n)
