@@ -80,11 +80,6 @@ class DualArgs:
             )
 
 
-# parameter -> the buffer holding its element mask
-MASK_OF = {"lora_A": "mask_A", "lora_B": "mask_B", "expert_A": "mask_expert_A", "expert_B": "mask_expert_B",
-           "expert_E": "mask_expert_E"}
-
-
 class DualLoRALinear(LoRALinear):
     """A PiSSA LoRALinear (the shared module: `lora_A`, `lora_B`, residual base `weight`, `init_A`,
     `init_B`, shared masks) plus the expert module `expert_A` (r_e, in), `expert_B` (out, r_e),
@@ -94,7 +89,9 @@ class DualLoRALinear(LoRALinear):
     working: `merge` folds in the expert too, and the disabled forward is the original W0.
     """
 
-    EXPERT_PARTS = ("expert_A", "expert_B", "expert_E")
+    # parameter -> the buffer holding its element mask (read by masks.param_masks / MaskedAdamW.for_model)
+    MASK_OF = {"lora_A": "mask_A", "lora_B": "mask_B", "expert_A": "mask_expert_A", "expert_B": "mask_expert_B",
+               "expert_E": "mask_expert_E"}
 
     def __init__(self, weight: torch.Tensor, shared_rank: int, expert_rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(weight, shared_rank, alpha, dropout)
@@ -104,8 +101,8 @@ class DualLoRALinear(LoRALinear):
         self.expert_A = nn.Parameter(torch.zeros(expert_rank, in_features, device=device))
         self.expert_B = nn.Parameter(torch.zeros(out_features, expert_rank, device=device))
         self.expert_E = nn.Parameter(torch.zeros(expert_rank, device=device))
-        for part in self.EXPERT_PARTS:
-            self.register_buffer(f"mask_{part}", None, persistent=False)  # saved in the masks file
+        for part in ("expert_A", "expert_B", "expert_E"):
+            self.register_buffer(self.MASK_OF[part], None, persistent=False)  # saved in the masks file
 
     @torch.no_grad()
     def reset_dual(self, generator: torch.Generator, init_std: float, svd_niter: int = 0) -> None:
@@ -134,14 +131,14 @@ class DualLoRALinear(LoRALinear):
     def _kernel_masks(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Masks of the concatenated A and B. A pruned gate E_i needs none of its own here: column i
         of B_e diag(E) is masked, which gives E_i and B_e[:, i] exactly-zero gradients."""
-        if all(getattr(self, MASK_OF[n]) is None for n in ("lora_A", "lora_B", "expert_A", "expert_B")):
+        if all(getattr(self, self.MASK_OF[n]) is None for n in ("lora_A", "lora_B", "expert_A", "expert_B")):
             return None, None
         mask_A = torch.cat((self._mask_or_ones("lora_A"), self._mask_or_ones("expert_A")))
         mask_B = torch.cat((self._mask_or_ones("lora_B"), self._mask_or_ones("expert_B")), dim=1)
         return mask_A, mask_B
 
     def _mask_or_ones(self, name: str) -> torch.Tensor:
-        mask = getattr(self, MASK_OF[name])
+        mask = getattr(self, self.MASK_OF[name])
         return mask if mask is not None else torch.ones_like(getattr(self, name), dtype=torch.bool)
 
     @torch.no_grad()
@@ -264,7 +261,7 @@ def set_dual_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     for name, m in modules.items():
         for p in PARAMS:
             mask = masks[adapter_key(name, p)]
-            setattr(m, MASK_OF[p], None if bool(mask.all()) else mask.to(getattr(m, p).device).clone())
+            setattr(m, m.MASK_OF[p], None if bool(mask.all()) else mask.to(getattr(m, p).device).clone())
 
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:

@@ -183,3 +183,81 @@ def test_orthogonality_loss_gradient_matches_the_hand_derived_formula(tiny_model
         N = B.T @ B - torch.eye(B.shape[1], dtype=B.dtype)
         torch.testing.assert_close(m.expert_A.grad, 2 * M @ A / torch.linalg.norm(M) / n)
         torch.testing.assert_close(m.expert_B.grad, 2 * B @ N / torch.linalg.norm(N) / n)
+
+
+# ----------------------------------------------------------------------------- training with screening
+
+
+def _dual_run(model, steps: int, t_init: int, t_final: int, delta_t: int, weight_decay: float = 0.1, lr: float = 1e-2):
+    """Train on a fixed tiny next-token task; yields (step, loss) after each screened optimizer step."""
+    from lorapar.dual_training import DualTraining
+    from lorapar.masks import MaskedAdamW
+
+    args = DualArgs(**{**SMALL, "dual_t_init": t_init, "dual_t_final": t_final, "dual_delta_t": delta_t})
+    dual = DualTraining(model, args, seed=0)
+    optimizer = MaskedAdamW.for_model(model, lr=lr, weight_decay=weight_decay)
+    dual.start(optimizer, total_steps=steps)
+    data = tokens(batch=4, length=12, seed=11)
+    model.train()
+    for step in range(1, steps + 1):
+        logits = model(data[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
+        (loss + dual.regulariser()).backward()
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step()
+        record = dual.after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        yield step, loss.item(), record, dual
+
+
+def test_pruned_components_stay_bit_identical_and_budget_meets_target(tiny_model):
+    steps, t_init, t_final = 14, 2, 4
+    frozen = {}  # (module, component) -> (A row, B column) when pruned
+    live_by_step = {}
+    for step, _, record, dual in _dual_run(tiny_model, steps, t_init, t_final, delta_t=3):
+        live_by_step[step] = record["live_experts"]
+        for name, m in dual.modules.items():
+            for i in (~m.expert_alive).nonzero().flatten().tolist():
+                assert m.expert_E[i] == 0
+                if (name, i) in frozen:
+                    A_row, B_col = frozen[name, i]
+                    assert torch.equal(m.expert_A[i], A_row) and torch.equal(m.expert_B[:, i], B_col)
+                else:
+                    frozen[name, i] = (m.expert_A[i].clone(), m.expert_B[:, i].clone())
+    initial, target, prune_end = 12 * 8, 12 * 5, steps - t_final  # 12 modules, r_e 8 -> average 5
+    expected = initial
+    for s in range(1, steps + 1):
+        if t_init < s <= prune_end and (s % 3 == 0 or s == prune_end):  # the screening steps
+            expected = budget_at(s, steps, initial, target, t_init, t_final)
+        assert live_by_step[s] == expected, (s, live_by_step)
+    assert live_by_step[3] > target and live_by_step[prune_end] == target
+    assert len(frozen) == initial - target
+
+
+def test_short_training_run_lowers_the_loss(tiny_model):
+    losses = [loss for _, loss, _, _ in _dual_run(tiny_model, steps=25, t_init=5, t_final=5, delta_t=2, lr=2e-2)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path):
+    from lorapar.masks import MaskedAdamW
+    from lorapar.model import Transformer
+    from lorapar.dual_training import DualTraining
+
+    run = _dual_run(tiny_model, steps=14, t_init=2, t_final=4, delta_t=3)
+    for step, _, _, dual in run:
+        if step == 6:
+            break
+    dual.save(str(tmp_path))
+    fresh = Transformer(tiny_args)
+    fresh.init_weights(seed=0)
+    resumed = DualTraining(fresh, dual.args, seed=0)
+    optimizer = MaskedAdamW.for_model(fresh, lr=1e-2, weight_decay=0.1)
+    resumed.start(optimizer, total_steps=14)
+    resumed.resume(str(tmp_path), optimizer)
+    assert resumed.screener.live_components() == dual.screener.live_components() < 12 * 8
+    for key, value in dual.screener.state_dict().items():
+        assert torch.equal(resumed.screener.state_dict()[key], value)
+    x = tokens(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), tiny_model.eval()(x), atol=0, rtol=0)

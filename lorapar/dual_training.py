@@ -1,0 +1,79 @@
+"""What a training loop does for DM-LoRA (train_sft.py --adapter dual), in one object:
+
+    dual = DualTraining(model, dual_args, seed)           # apply the adapter (PiSSA shared + expert)
+    optimizer = MaskedAdamW.for_model(model, ...)          # reads every mask the modules hold
+    dual.start(optimizer, total_steps, world_size)
+    per optimizer step:
+        loss.backward() for each micro-batch;  dual.regulariser().backward()   (once per step)
+        all-reduce, clip, optimizer.step();    dual.after_step(step)           (before zero_grad)
+    checkpoint: dual.save(directory);  resume: dual.resume(directory) before the optimizer state loads
+
+The regulariser is lambda * orthogonality_loss / world_size on each rank, because the trainer sums
+gradients over ranks. Screening reads the all-reduced gradients, so every rank prunes the same
+components; after a pruning the optimizer drops the packed state of the newly frozen elements.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from lorapar.budget import ExpertScreener
+from lorapar.dual import DualArgs, apply_dual, load_dual_adapter, orthogonality_loss, save_dual_adapter
+from lorapar.io import atomic_save_safetensors
+
+SCREENER_FILE = "dual_screener.safetensors"
+
+
+class DualTraining:
+    def __init__(self, model: nn.Module, args: DualArgs, seed: int = 0):
+        self.model, self.args = model, args
+        self.modules = apply_dual(model, args, seed=seed)
+        self.screener: Optional[ExpertScreener] = None
+        self.world_size = 1
+
+    def start(self, optimizer, total_steps: int, world_size: int = 1) -> None:
+        """Create the screener for a run of `total_steps` optimizer steps; `optimizer` is a MaskedAdamW."""
+        a = self.args
+        self.world_size = world_size
+        self.screener = ExpertScreener(
+            self.modules, total_steps, a.dual_target_rank, a.dual_t_init, a.dual_t_final, a.dual_delta_t,
+            a.dual_beta1, a.dual_beta2, a.dual_budget_power, on_prune=lambda _names: optimizer.sync_masks(self.model),
+        )
+
+    def regulariser(self) -> torch.Tensor:
+        """This rank's share of lambda * orthogonality loss (backward it once per optimizer step)."""
+        return self.args.dual_orth_lambda * orthogonality_loss(self.model) / self.world_size
+
+    def after_step(self, step: int) -> dict:
+        """Screen after optimizer step `step` (1-based); returns metrics for the log."""
+        if self.screener is None:
+            raise RuntimeError("DualTraining.after_step: call start(optimizer, total_steps) first")
+        budget = self.screener.step(step)
+        record = {"live_experts": self.screener.live_components()}
+        if budget is not None:
+            record["expert_budget"] = budget
+        return record
+
+    def save(self, directory: str) -> None:
+        """The adapter (with its masks) and, during training, the screener's EMAs for an exact resume."""
+        save_dual_adapter(self.model, directory, self.args)
+        if self.screener is not None:
+            atomic_save_safetensors(os.path.join(directory, SCREENER_FILE), self.screener.state_dict())
+
+    def resume(self, directory: str, optimizer) -> None:
+        """Restore adapter tensors, masks and EMAs from a checkpoint written by `save`, and lay the
+        optimizer out by those masks (call before loading its state)."""
+        if load_dual_adapter(self.model, directory) != self.args:
+            raise ValueError(f"{directory}: the dual-LoRA configuration differs from this run's")
+        optimizer.sync_masks(self.model)
+        if self.screener is None:
+            raise RuntimeError("DualTraining.resume: call start(optimizer, total_steps) first")
+        path = os.path.join(directory, SCREENER_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: missing; a dual-LoRA checkpoint holds the screener's EMAs")
+        self.screener.load_state_dict(load_file(path))
