@@ -1,0 +1,193 @@
+"""Pretrain a tiny LLaMA on the synthetic corpus, and build every asset of the embedded default.
+
+`build_default_assets(out_dir, scale)` writes the task (train/test jsonl), its corpus, a SentencePiece
+tokenizer and a pretrained base checkpoint (Hugging Face layout, read back by `checkpoint.load_model`).
+It is resumable: each file is written atomically, so one that exists is complete, and a run that
+stopped midway redoes only what is missing. `assets.json` records the scale, seed and configs; asking
+for a different one in the same directory is an error rather than a silent mix of two builds.
+
+Pretraining is plain next-token cross-entropy with AdamW on random windows of the concatenated
+documents (each `<s> doc </s>`), a linear warm-up and a cosine decay: nanoGPT's recipe, scaled down
+to a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lorapar.config import ModelArgs, field, save_config
+from lorapar.io import atomic_write_json
+from lorapar.model import Transformer
+from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task
+
+
+@dataclass
+class PretrainArgs:
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    hidden_dim: int = 352  # about 8/3 * dim, as LLaMA's SwiGLU rule gives
+    vocab_size: int = field(default=1024, metadata={"help": "SentencePiece pieces trained on the corpus"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per training window"})
+    batch_size: int = 32
+    steps: int = field(default=700, metadata={"help": "optimizer steps (deterministic, unlike a time budget)"})
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                         hidden_dim=self.hidden_dim, vocab_size=self.vocab_size, max_seq_len=512)
+
+
+# "full": ~2-3 minutes of pretraining on 2 CPU cores; "smoke": a few seconds, for CI's end-to-end run.
+SCALES: dict[str, tuple[SyntheticArgs, PretrainArgs]] = {
+    "full": (SyntheticArgs(), PretrainArgs()),
+    "smoke": (
+        SyntheticArgs(n_planets=16, n_train=200, n_test=40, fact_repeats=6, n_stories=800, n_table_docs=200),
+        PretrainArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=512, batch_size=16,
+                     steps=120, warmup_steps=10),
+    ),
+}
+
+
+def token_stream(docs: list[str], tokenizer) -> torch.Tensor:
+    """All documents as one 1-D tensor: <s> doc </s> <s> doc </s> ..."""
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer.encode(doc, bos=True, eos=True)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lr_at(step: int, args: PretrainArgs) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pretrain(stream: torch.Tensor, args: PretrainArgs, progress: bool = True) -> tuple[Transformer, list[float]]:
+    """Train a fresh model on random windows of `stream`; returns it (eval mode) and the loss per step."""
+    if stream.numel() <= args.seq_len + 1:
+        raise ValueError(f"pretraining stream has {stream.numel()} tokens, fewer than seq_len+1={args.seq_len + 1}")
+    model = Transformer(args.model_args())
+    model.init_weights(args.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # no decay on norm gains
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    offsets = torch.arange(args.seq_len + 1)
+    losses = []
+    bar = tqdm(range(args.steps), desc="pretrain", disable=not progress)
+    for step in bar:
+        starts = torch.randint(0, stream.numel() - args.seq_len - 1, (args.batch_size,), generator=gen)
+        window = stream[starts[:, None] + offsets]
+        logits = model(window[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval(), losses
+
+
+# ----------------------------------------------------------------------------- the default assets
+
+
+def _spec(scale: str, seed: int) -> dict:
+    task, train = SCALES[scale]
+    return {"scale": scale, "seed": seed, "SyntheticArgs": dataclasses.asdict(dataclasses.replace(task, seed=seed)),
+            "PretrainArgs": dataclasses.asdict(dataclasses.replace(train, seed=seed))}
+
+
+def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progress: bool = True) -> dict:
+    """Write (or reuse) the embedded default's task, corpus, tokenizer and base checkpoint under out_dir.
+
+    Returns {"train", "test", "corpus", "tokenizer", "base"} paths plus "seconds" spent per part
+    (0 for a part that already existed).
+    """
+    from lorapar.checkpoint import load_model, save_model
+    from lorapar.tokenizer import Tokenizer
+
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
+    os.makedirs(out_dir, exist_ok=True)
+    spec, spec_path = _spec(scale, seed), os.path.join(out_dir, "assets.json")
+    if os.path.exists(spec_path):
+        with open(spec_path, encoding="utf-8") as handle:
+            found = json.load(handle)
+        if found != spec:
+            raise ValueError(f"{spec_path}: built for scale={found.get('scale')!r} seed={found.get('seed')!r} "
+                             f"with other settings; use another directory for scale={scale!r} seed={seed}")
+    else:
+        atomic_write_json(spec_path, spec)
+    task_args, train_args = (dataclasses.replace(a, seed=seed) for a in SCALES[scale])
+    paths = {name: os.path.join(out_dir, file) for name, file in
+             [("train", "train.jsonl"), ("test", "test.jsonl"), ("corpus", "corpus.txt"),
+              ("tokenizer", "tokenizer.model"), ("base", "base")]}
+    seconds = {"data": 0.0, "tokenizer": 0.0, "pretrain": 0.0}
+
+    start = time.perf_counter()
+    if not all(os.path.exists(paths[k]) for k in ("train", "test", "corpus")):
+        write_task(out_dir, task_args)
+        seconds["data"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if not os.path.exists(paths["tokenizer"]):
+        # The training split's text joins the corpus so that question words get whole pieces; the
+        # tokenizer learns spellings only, nothing of the answers a model is asked for.
+        with open(paths["train"], encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle]
+        texts = read_corpus(paths["corpus"]) + [r["question"] + "\n" + r["answer"] for r in rows]
+        train_tokenizer(texts, paths["tokenizer"], vocab_size=train_args.vocab_size)
+        seconds["tokenizer"] = time.perf_counter() - start
+    tokenizer = Tokenizer(paths["tokenizer"])
+
+    start = time.perf_counter()
+    if not os.path.exists(os.path.join(paths["base"], "pretrain.json")):  # written last, after the weights
+        stream = token_stream(read_corpus(paths["corpus"]), tokenizer)
+        model, losses = pretrain(stream, train_args, progress=progress)
+        save_model(model, paths["base"], format="hf")
+        save_config(os.path.join(paths["base"], "pretrain.json"), train_args,
+                    extra={"tokens": stream.numel(), "loss_first": losses[0], "loss_last": losses[-1],
+                           "seconds": time.perf_counter() - start})
+        seconds["pretrain"] = time.perf_counter() - start
+    else:
+        load_model(paths["base"])  # an unreadable checkpoint fails here, naming its path
+    return {**paths, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the embedded default: task, corpus, tokenizer, base model.")
+    parser.add_argument("--out", required=True, help="directory for the assets (reused when already built)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = build_default_assets(args.out, args.scale, args.seed)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

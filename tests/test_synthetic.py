@@ -1,0 +1,118 @@
+"""The embedded default task: determinism, parseable answers, disjoint splits, steps per system,
+a working tokenizer, a pretraining run that learns, and resumable asset building."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from lorapar.data import load_examples
+from lorapar.pretrain import SCALES, PretrainArgs, build_default_assets, pretrain, token_stream
+from lorapar.synthetic import SyntheticArgs, count_steps, make_corpus, make_splits, read_corpus, train_tokenizer, write_task
+from lorapar.tokenizer import Tokenizer
+
+SMALL = SyntheticArgs(n_planets=16, n_train=200, n_test=40, fact_repeats=2, n_stories=200, n_table_docs=50)
+
+
+def test_generator_is_deterministic_given_a_seed():
+    assert make_splits(SMALL) == make_splits(SMALL)
+    assert make_splits(SMALL) != make_splits(dataclasses.replace(SMALL, seed=1))
+    train, test = make_splits(SMALL)
+    questions = {r["question"] for r in train + test}
+    assert make_corpus(SMALL, questions) == make_corpus(SMALL, questions)
+
+
+def test_splits_are_disjoint_balanced_and_every_answer_parses(tmp_path):
+    paths = write_task(str(tmp_path), SMALL)
+    train, test = load_examples(paths["train"], "gsm8k"), load_examples(paths["test"], "gsm8k")
+    assert (len(train), len(test)) == (200, 40)
+    assert not {e.question for e in train} & {e.question for e in test}
+    assert len({e.question for e in train}) == len(train)
+    for examples in (train, test):
+        assert sum(e.system == 1 for e in examples) == len(examples) // 2
+        for e in examples:
+            assert e.final is not None and e.final.isdigit(), e.answer
+            assert e.answer.endswith(f"#### {e.final}")
+
+
+def test_system2_items_take_more_steps_and_check_their_arithmetic():
+    train, _ = make_splits(SMALL)
+    for row in train:
+        steps = count_steps(row["answer"])
+        assert (steps == 1) if row["system"] == 1 else (steps >= 2), row
+        for a, op, b, c in _equations(row["answer"]):
+            assert {"+": a + b, "-": a - b, "*": a * b}[op] == c, row
+    kinds = {r["kind"] for r in train}
+    assert kinds == {"fact", "operation", "steps"}
+
+
+def _equations(text):
+    import re
+
+    return [(int(a), op, int(b), int(c)) for a, op, b, c in re.findall(r"(\d+)([-+*])(\d+)=(\d+)", text)]
+
+
+def test_corpus_states_the_facts_but_never_the_task_format():
+    train, test = make_splits(SMALL)
+    corpus = make_corpus(SMALL, {r["question"] for r in train + test})
+    text = "\n".join(corpus)
+    assert "####" not in text and "?" not in text and "Question" not in text
+    facts = [r for r in test if r["kind"] == "fact"]
+    assert facts
+    for row in facts:  # held-out facts are learnable: the corpus states them, in the answer's words too
+        assert row["answer"].split("\n")[0] in text
+    premises = {r["question"].rsplit(". ", 1)[0] + "." for r in train + test if r["system"] == 2}
+    assert not any(doc.split("\n")[0] in premises for doc in corpus)
+
+
+def test_tokenizer_training_is_deterministic_and_round_trips(tmp_path):
+    docs = make_corpus(SMALL, set())
+    first, second = tmp_path / "a.model", tmp_path / "b.model"
+    train_tokenizer(docs, str(first), vocab_size=384)
+    train_tokenizer(docs, str(second), vocab_size=384)
+    tok, again = Tokenizer(first), Tokenizer(second)  # the files differ only in the temporary paths they record
+    pieces = lambda t: [(t.sp.id_to_piece(i), t.sp.get_score(i)) for i in range(t.vocab_size)]  # noqa: E731
+    assert pieces(tok) == pieces(again)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.sp.unk_id()) == (384, 1, 2, 0)
+    text = "Ana has 12 shells.\nTogether they have 7+12=19 shells.\n#### 19 \u00e9"  # é: never seen, byte fallback
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.sp.unk_id() not in ids
+    assert [tok.sp.id_to_piece(i) for i in tok.encode("1234")] == ["1", "2", "3", "4"]  # split digits
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # its work directory is gone
+
+
+def test_a_short_pretraining_run_lowers_the_loss(tmp_path):
+    docs = make_corpus(SMALL, set())
+    train_tokenizer(docs, str(tmp_path / "t.model"), vocab_size=384)
+    stream = token_stream(docs, Tokenizer(tmp_path / "t.model"))
+    args = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=384, seq_len=32,
+                        batch_size=8, steps=40, warmup_steps=5)
+    model, losses = pretrain(stream, args, progress=False)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # from ln(384) = 5.95 to about 4.2
+    again, _ = pretrain(stream, args, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_build_default_assets_is_resumable(tmp_path, monkeypatch):
+    task, train = SCALES["smoke"]
+    tiny = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=train.vocab_size,
+                        seq_len=32, batch_size=4, steps=3, warmup_steps=1)
+    monkeypatch.setitem(SCALES, "smoke", (task, tiny))
+    out = tmp_path / "assets"
+    first = build_default_assets(str(out), "smoke", progress=False)
+    from lorapar.checkpoint import load_model
+
+    model = load_model(first["base"])
+    assert model.args.vocab_size == Tokenizer(first["tokenizer"]).vocab_size
+    assert len(load_examples(first["test"], "gsm8k")) == task.n_test
+    stamp = os.path.getmtime(first["tokenizer"])
+    os.remove(first["test"])  # an interrupted build: only the missing part is redone
+    second = build_default_assets(str(out), "smoke", progress=False)
+    assert second["seconds"]["pretrain"] == 0 and second["seconds"]["tokenizer"] == 0
+    assert os.path.getmtime(first["tokenizer"]) == stamp and os.path.exists(first["test"])
+    with pytest.raises(ValueError, match="assets.json"):
+        build_default_assets(str(out), "smoke", seed=1, progress=False)
