@@ -12,7 +12,9 @@ Inits (LoraArgs.init):
   gaussian  A, B ~ N(0, init_std^2): LoRA-PAR scores importance on this (with B = 0 every A-score is 0).
   pissa     top-r SVD W0 ~ U S V^T: A = sqrt(S) V^T / sqrt(s), B = U sqrt(S) / sqrt(s), so s B A is the
             principal part; the base keeps the residual W0 - s B A and the output is unchanged.
-  olora     Q, R = qr(W0): A = R[:r] / sqrt(s), B = Q[:, :r] / sqrt(s), residual kept in the base.
+  olora     Q, R = qr(W0): A = R[:r], B = Q[:, :r], the base keeps W0 - s B A. Not scaled by 1/sqrt(s):
+            this is OLoRA's reference implementation (peft's, by OLoRA's author), so peft rebuilds the
+            same residual from init_lora_weights="olora" and adapters move between the two.
 For pissa/olora the initial A0, B0 are kept (non-persistent buffers) so that an adapter can be loaded
 onto the original base: the residual is rebuilt as W0 - s B0 A0 by the same code, bit for bit.
 
@@ -84,8 +86,10 @@ class LoraArgs:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def resolve_targets(targets: Sequence[str]) -> list[str]:
-    """Meta leaf names ("wq", "w1", ...) for targets in any accepted spelling, in canonical order."""
+def resolve_targets(targets: Union[str, Sequence[str]]) -> list[str]:
+    """Meta leaf names ("wq", "w1", ...) for targets in any accepted spelling ("q,gate" too), in canonical order."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t]
     if not targets:
         raise ValueError("LoRA targets are empty; expected some of q,k,v,o,gate,up,down")
     resolved = set()
@@ -233,7 +237,7 @@ class LoRALinear(nn.Module):
 def principal_factors(
     weight: torch.Tensor, r: int, scale: float, init: str, niter: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) in fp32 with s B A = the rank-r principal part of W (pissa: SVD; olora: QR)."""
+    """(A, B) in fp32: pissa, s B A = the rank-r SVD part of W; olora, B A = Q_r R_r of W = QR."""
     W = weight.detach().float()
     if init == "pissa":
         if niter > 0:
@@ -248,13 +252,12 @@ def principal_factors(
         root_S = S[:r].sqrt()
         A = root_S[:, None] * Vh[:r]
         B = U[:, :r] * root_S[None, :]
-    elif init == "olora":
+        root_scale = math.sqrt(scale)
+        return (A / root_scale).contiguous().cpu(), (B / root_scale).contiguous().cpu()
+    if init == "olora":
         Q, R = torch.linalg.qr(W)
-        A, B = R[:r], Q[:, :r]
-    else:
-        raise ValueError(f"principal_factors: init must be pissa or olora, got {init!r}")
-    root_scale = math.sqrt(scale)
-    return (A / root_scale).contiguous().cpu(), (B / root_scale).contiguous().cpu()
+        return R[:r].contiguous().cpu(), Q[:, :r].contiguous().cpu()
+    raise ValueError(f"principal_factors: init must be pissa or olora, got {init!r}")
 
 
 # ---------------------------------------------------------------------- model-level functions
@@ -485,6 +488,25 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.S
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model expects {tuple(shape)}")
 
 
+def _peft_layout(tensors: dict[str, torch.Tensor], model: nn.Module, to_hf: bool, source: str = "") -> dict[str, torch.Tensor]:
+    """Hugging Face permutes the rows of q_proj / k_proj for its rotary layout (lorapar.checkpoint);
+    the rows of their lora_B follow, so that peft on the HF model computes the same function."""
+    from lorapar.checkpoint import hf_to_meta_state_dict, meta_to_hf_name, meta_to_hf_state_dict
+
+    out = {}
+    for key, t in tensors.items():
+        try:
+            module, which = module_name_of(key)
+        except ValueError as error:
+            raise KeyError(f"{source}: {error}") from None
+        if which == "B" and module.endswith(("wq", "wk")):
+            name = module + ".weight"
+            moved = meta_to_hf_state_dict({name: t}, model.args) if to_hf else hf_to_meta_state_dict({meta_to_hf_name(name): t}, model.args)
+            t = next(iter(moved.values()))
+        out[key] = t.contiguous()
+    return out
+
+
 def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs) -> None:
     """Write adapter_model.safetensors (peft keys), adapter_config.json and, for pissa/olora, adapter_init.safetensors.
 
@@ -494,7 +516,7 @@ def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs) -> None:
     modules = _require_lora(model, "save_adapter")
     _check_matches(modules, args, "save_adapter")
     metadata = {"format": "pt", "lorapar_args": json.dumps(dataclasses.asdict(args))}
-    weights = {k: v.float().cpu() for k, v in adapter_state_dict(model).items()}
+    weights = _peft_layout({k: v.float().cpu() for k, v in adapter_state_dict(model).items()}, _unwrap(model), to_hf=True)
     atomic_save_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), weights, metadata=metadata)
     if args.init in ("pissa", "olora"):
         init = {}
@@ -502,6 +524,7 @@ def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs) -> None:
             if m.init != args.init:
                 raise ValueError(f"save_adapter: {name} was initialised with {m.init}, the args say {args.init}")
             init[peft_key(name, "A")], init[peft_key(name, "B")] = m.init_A.cpu(), m.init_B.cpu()
+        init = _peft_layout(init, _unwrap(model), to_hf=True)
         atomic_save_safetensors(os.path.join(out_dir, ADAPTER_INIT), init, metadata={"format": "pt"})
     atomic_write_json(os.path.join(out_dir, ADAPTER_CONFIG), peft_config(args))
 
@@ -533,6 +556,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
         raise ValueError(f"{config_path}: invalid JSON ({error})") from error
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     tensors, metadata = _read_safetensors(weights_path)
+    tensors = _peft_layout(tensors, _unwrap(model), to_hf=False, source=weights_path)
     args = _args_from_peft_config(config, config_path)
     if "lorapar_args" in metadata:
         args = LoraArgs(**json.loads(metadata["lorapar_args"]))
@@ -551,7 +575,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
     _check_tensors(tensors, {k: p.shape for k, p in params.items()}, weights_path)
     if args.init in ("pissa", "olora"):
         init_path = os.path.join(adapter_dir, ADAPTER_INIT)
-        init, _ = _read_safetensors(init_path)
+        init = _peft_layout(_read_safetensors(init_path)[0], _unwrap(model), to_hf=False, source=init_path)
         _check_tensors(init, {k: p.shape for k, p in params.items()}, init_path)
     for name, m in modules.items():
         if args.init in ("pissa", "olora"):
