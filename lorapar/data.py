@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from lorapar.loss import IGNORE_INDEX
+from lorapar.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,6 @@ def reasoning_response(reasoning: str, answer: str) -> str:
 
 
 def format_prompt(example: Example, template: str = "plain") -> str:
-    from lorapar.tokenizer import Tokenizer  # the chat template has one home
-
     if template == "plain":
         if example.format in ("mmlu", "humaneval"):
             return example.question  # already a prompt that ends where the answer starts

@@ -30,8 +30,10 @@ from typing import Optional
 
 import torch
 
+from lorapar.checkpoint import load_model
 from lorapar.config import add_dataclass_args, dataclass_from_args
 from lorapar.generate import generate
+from lorapar.lora import load_adapter, merge
 from lorapar.tokenizer import Tokenizer
 
 log = logging.getLogger("lorapar.serve")
@@ -154,6 +156,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def send_error_json(self, error: RequestError, headers: Optional[dict] = None) -> None:
+        self.close_connection = True  # the refused request's body may be unread: never reuse the connection
         self.send_json(error.status, {"error": {"message": error.message, "type": error.kind, "code": error.status}}, headers)
 
     def route(self, method: str) -> None:
@@ -162,7 +165,6 @@ class Handler(BaseHTTPRequestHandler):
             if path not in ROUTES:
                 raise RequestError(404, f"unknown path {path}; available: {sorted(ROUTES)}", "not_found_error")
             if ROUTES[path] != method:
-                self.close_connection = True  # any body of the refused request is left unread
                 return self.send_error_json(RequestError(405, f"{path} accepts {ROUTES[path]} only", "method_not_allowed"),
                                             {"Allow": ROUTES[path]})
             if path == "/health":
@@ -179,10 +181,8 @@ class Handler(BaseHTTPRequestHandler):
     def read_json(self):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            self.close_connection = True
             raise RequestError(411 if length is None else 400, "a Content-Length header is required")
         if int(length) > self.server.max_body_bytes:  # type: ignore[attr-defined]
-            self.close_connection = True
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}")  # type: ignore[attr-defined]
         raw = self.rfile.read(int(length))
         try:
@@ -210,12 +210,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def load_chat_model(args: ServeArgs) -> ChatModel:
-    from lorapar.checkpoint import load_model
-
     model = load_model(args.ckpt, device=args.device, dtype=torch.float32)
     if args.adapter:
-        from lorapar.lora import load_adapter, merge
-
         load_adapter(model, args.adapter)
         merge(model)
     ckpt_dir = os.path.dirname(args.ckpt) if os.path.isfile(args.ckpt) else args.ckpt

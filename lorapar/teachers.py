@@ -31,7 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from lorapar.data import Example, gsm8k_reasoning
+import torch
+
+from lorapar.checkpoint import load_model
+from lorapar.data import Example, collate, gsm8k_reasoning
+from lorapar.loss import IGNORE_INDEX, target_logprobs
+from lorapar.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +127,7 @@ class TeacherArgs:
     timeout: float = field(default=60.0, metadata={"help": "http: seconds per request"})
     retries: int = field(default=4, metadata={"help": "http: retries after a 5xx, 429, timeout or connection error"})
     backoff: float = field(default=1.0, metadata={"help": "http: first retry delay in seconds, doubled each retry"})
-    concurrency: int = field(default=4, metadata={"help": "http: requests in flight per teacher"})
+    concurrency: int = field(default=4, metadata={"help": "http: requests in flight per teacher (at most --batch-size)"})
     max_tokens: int = field(default=16, metadata={"help": "http: completion token limit per reply"})
     api_key_env: str = field(
         default="LORAPAR_API_KEY,OPENAI_API_KEY",
@@ -222,11 +227,6 @@ class LocalTeacher:
     """
 
     def __init__(self, ckpt: str, tokenizer: Optional[str], args: TeacherArgs):
-        import torch
-
-        from lorapar.checkpoint import load_model
-        from lorapar.tokenizer import Tokenizer
-
         tokenizer = tokenizer or os.path.join(ckpt, "tokenizer.model")
         self.tokenizer = Tokenizer(tokenizer)
         self.model = load_model(ckpt, device=args.device, dtype=torch.float32).eval()
@@ -236,11 +236,6 @@ class LocalTeacher:
         self.continuations = {label: self.tokenizer.encode(text, eos=False) for label, text in LABEL_TEXT.items()}
 
     def classify(self, examples: Sequence[Example]) -> list[Vote]:
-        import torch
-
-        from lorapar.data import collate
-        from lorapar.loss import IGNORE_INDEX, target_logprobs
-
         votes: list[Optional[Vote]] = [None] * len(examples)
         rows, owners = [], []
         limit = self.model.args.max_seq_len
