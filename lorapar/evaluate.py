@@ -1,0 +1,279 @@
+"""Evaluate a checkpoint (optionally with a LoRA adapter) on GSM8K, MMLU or HumanEval.
+
+    python -m lorapar.evaluate --ckpt BASE --tokenizer TOK.model [--adapter DIR] \\
+        --task gsm8k|mmlu|humaneval --data FILE --out results.json
+
+GSM8K (and the synthetic task, which uses the same rows): greedy decoding; the prediction is the
+number after the first `####` or inside the first `<answer>...</answer>`; an output with neither is
+"malformed" and counts as wrong (no fallback to the last number, which would credit rambling).
+Numbers are compared after normalisation (commas, `$`, trailing `.0`). With a `system` field the
+accuracy is also split by system.
+MMLU: the option letter with the highest log-probability right after the prompt; no generation.
+HumanEval: n samples per problem (greedy when n = 1), cut at a new top-level statement, each run
+against the problem's tests in a limited subprocess (see humaneval_exec.py); pass@k by the unbiased
+estimator.
+
+The output JSON holds the metrics, the resolved config and one record per item; it is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from lorapar.config import add_dataclass_args, dataclass_from_args, field
+from lorapar.data import LETTERS, TEMPLATES, Example, extract_gsm8k_number, format_prompt, load_examples
+from lorapar.generate import generate
+from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
+from lorapar.io import atomic_write_json
+
+TASKS = ("gsm8k", "mmlu", "humaneval")
+
+
+@dataclass
+class EvalArgs:
+    ckpt: str = field(default="", metadata={"help": "base checkpoint: Meta dir, HF dir or llama2.c .bin"})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece .model file"})
+    adapter: str = field(default="", metadata={"help": "LoRA adapter directory (save_adapter / peft); empty: none"})
+    task: str = field(default="gsm8k", metadata={"choices": TASKS, "help": "benchmark"})
+    data: str = field(default="", metadata={"help": "jsonl(.gz) file in the task's format"})
+    out: str = field(default="", metadata={"help": "results JSON to write"})
+    limit: int = field(default=0, metadata={"help": "evaluate the first N items only; 0 = all"})
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    template: str = field(default="plain", metadata={"choices": TEMPLATES, "help": "prompt template (data.py)"})
+    n_samples: int = field(default=1, metadata={"help": "HumanEval samples per problem"})
+    k: tuple[int, ...] = field(default=(1,), metadata={"help": "HumanEval pass@k values"})
+    temperature: float = field(default=0.0, metadata={"help": "HumanEval sampling temperature; 0 = greedy"})
+    top_p: float = 0.95
+    timeout: float = field(default=5.0, metadata={"help": "seconds per HumanEval program"})
+    memory_mb: int = field(default=1024, metadata={"help": "address-space limit per HumanEval program"})
+    workers: int = field(default=2, metadata={"help": "HumanEval programs run at once"})
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def decode_continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """Text of the new tokens as they read after the prompt (decoding them alone would drop the space
+    SentencePiece folds into a leading word-start piece, and with it HumanEval's indentation)."""
+    eos = tokenizer.eos_id
+    new_ids = [t for t in new_ids if t != eos]
+    prompt_text = tokenizer.decode(list(prompt_ids))
+    full = tokenizer.decode(list(prompt_ids) + new_ids)
+    return full[len(prompt_text):] if full.startswith(prompt_text) else tokenizer.decode(new_ids)
+
+
+def complete(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16, temperature: float = 0.0,
+    top_p: float = 1.0, seed: Optional[int] = None, progress: bool = True, desc: str = "generate",
+) -> list[tuple[str, bool]]:
+    """(continuation text, finished) per prompt; batches are built from similar lengths, order is kept."""
+    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[tuple[str, bool]] = [("", False)] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for number, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+        out = generate(
+            model, [encoded[i] for i in batch], max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=None if seed is None else seed + number, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        )
+        for i, tokens, done in zip(batch, out.tokens, out.finished):
+            results[i] = (decode_continuation(tokenizer, encoded[i], tokens), done)
+    return results
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+
+def final_answer(text: str) -> Optional[str]:
+    """The normalised number after the first `####` or inside the first `<answer>` tag; None if neither."""
+    if "####" in text:
+        after = text.split("####", 1)[1]
+        return extract_gsm8k_number("####" + after.split("\n", 1)[0]) if after.strip() else None
+    tagged = re.search(r"<answer>(.*?)(?:</answer>|$)", text, flags=re.S)
+    return extract_gsm8k_number(tagged.group(1)) if tagged else None
+
+
+def score_gsm8k(examples: Sequence[Example], completions: Sequence[str]) -> dict:
+    """Accuracy over examples given the model's completions; also split by `system` when present."""
+    records = []
+    for index, (example, text) in enumerate(zip(examples, completions)):
+        predicted = final_answer(text)
+        records.append(dict(index=index, question=example.question, reference=example.final, prediction=predicted,
+                            correct=predicted is not None and predicted == example.final,
+                            malformed=predicted is None, system=example.system, completion=text))
+    metrics = _accuracy(records)
+    metrics["malformed"] = sum(r["malformed"] for r in records)
+    systems = sorted({r["system"] for r in records if r["system"] is not None})
+    if systems:
+        metrics["by_system"] = {str(s): _accuracy([r for r in records if r["system"] == s]) for s in systems}
+    return {"metrics": metrics, "records": records}
+
+
+def _accuracy(records: list[dict]) -> dict:
+    correct = sum(r["correct"] for r in records)
+    return {"accuracy": correct / len(records) if records else 0.0, "correct": correct, "n": len(records)}
+
+
+def evaluate_gsm8k(
+    model, tokenizer, examples: Sequence[Example], template: str = "plain", batch_size: int = 16,
+    max_new_tokens: int = 256, progress: bool = True,
+) -> dict:
+    """Greedy answers to GSM8K-style examples -> {"metrics": {accuracy, ..., by_system}, "records": [...]}."""
+    prompts = [format_prompt(e, template) for e in examples]
+    outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, desc="gsm8k")
+    result = score_gsm8k(examples, [text for text, _ in outputs])
+    for record, (_, finished) in zip(result["records"], outputs):
+        record["finished"] = finished
+    return result
+
+
+# ----------------------------------------------------------------------------- MMLU
+
+
+def option_letters(example: Example) -> str:
+    """The letters offered by an MMLU question: its lines "A. ...", "B. ..." (four when none are found)."""
+    found = re.findall(r"(?m)^([A-J])\. ", example.question)
+    return "".join(found) if found else LETTERS[:4]
+
+
+@torch.inference_mode()
+def evaluate_mmlu(model, tokenizer, examples: Sequence[Example], template: str = "plain", batch_size: int = 16,
+                  progress: bool = True) -> dict:
+    """Pick the letter whose token has the highest log-probability right after the prompt.
+
+    Letters are encoded on their own, the way data.encode_example encodes a response, and each must be a
+    single token; then one forward pass per question scores every option at once.
+    """
+    options = [option_letters(e) for e in examples]
+    letter_ids = {}
+    for letter in sorted(set("".join(options))):
+        ids = tokenizer.encode(letter)
+        if len(ids) != 1:
+            raise ValueError(f"MMLU scoring needs each letter to be one token; {letter!r} encodes to {ids}")
+        letter_ids[letter] = ids[0]
+    was_training = model.training
+    model.eval()
+    prompts = [tokenizer.encode(format_prompt(e, template), bos=True) for e in examples]
+    records = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="mmlu", disable=not progress):
+        batch = prompts[start : start + batch_size]
+        lengths = torch.tensor([len(p) for p in batch])
+        tokens = torch.full((len(batch), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)
+        for row, ids in enumerate(batch):
+            tokens[row, : len(ids)] = torch.tensor(ids)  # right padding: causal attention never sees it
+        device = next(model.parameters()).device
+        hidden = model(tokens.to(device), return_hidden=True)
+        last = hidden[torch.arange(len(batch), device=device), (lengths - 1).to(device)]
+        logprobs = torch.log_softmax(model.output(last).float(), dim=-1).cpu()
+        for row, example in enumerate(examples[start : start + batch_size]):
+            scores = {letter: logprobs[row, letter_ids[letter]].item() for letter in options[start + row]}
+            predicted = max(scores, key=scores.get)
+            records.append(dict(index=start + row, reference=example.final, prediction=predicted,
+                                correct=predicted == example.final, scores=scores, system=example.system))
+    model.train(was_training)
+    return {"metrics": _accuracy(records), "records": records}
+
+
+# ----------------------------------------------------------------------------- HumanEval
+
+
+def evaluate_humaneval(
+    model, tokenizer, examples: Sequence[Example], template: str = "plain", n_samples: int = 1,
+    ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 256,
+    batch_size: int = 16, timeout: float = 5.0, memory_mb: int = 1024, workers: int = 2, seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """pass@k over problems from n_samples completions each, every completion run against its tests."""
+    if n_samples > 1 and temperature <= 0.0:
+        raise ValueError(f"n_samples={n_samples} greedy samples would all be identical; set temperature > 0")
+    bad_k = [k for k in ks if not 1 <= k <= n_samples]
+    if bad_k:
+        raise ValueError(f"pass@k needs 1 <= k <= n_samples={n_samples}; got k={bad_k}")
+    prompts = [format_prompt(e, template) for e in examples for _ in range(n_samples)]
+    outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed,
+                       progress=progress, desc="humaneval")
+    completions = [truncate_completion(text) for text, _ in outputs]
+    programs = []
+    for i, example in enumerate(examples):
+        src = example.source
+        for j in range(n_samples):
+            programs.append(program_text(src["prompt"], completions[i * n_samples + j], src["test"], src["entry_point"]))
+    results = run_many(programs, workers=workers, timeout=timeout, memory_mb=memory_mb, progress=progress)
+    records = []
+    for i, example in enumerate(examples):
+        mine = results[i * n_samples : (i + 1) * n_samples]
+        passed = sum(r.passed for r in mine)
+        records.append(dict(
+            index=i, task_id=example.source.get("task_id"), n=n_samples, passed=passed,
+            pass_at_k={str(k): pass_at_k(n_samples, passed, k) for k in ks},
+            samples=[dict(completion=c, status=r.status, stderr=r.stderr[-500:])
+                     for c, r in zip(completions[i * n_samples : (i + 1) * n_samples], mine)],
+        ))
+    counts = [r["passed"] for r in records]
+    metrics = {f"pass@{k}": mean_pass_at_k(counts, n_samples, k) for k in ks}
+    metrics.update(n=len(records), n_samples=n_samples)
+    return {"metrics": metrics, "records": records}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def load_for_eval(ckpt: str, adapter: str = ""):
+    """The base model with the adapter applied (and merged: generation then costs what the base costs)."""
+    from lorapar.checkpoint import load_model
+
+    model = load_model(ckpt)
+    if adapter:
+        from lorapar.lora import load_adapter, merge
+
+        load_adapter(model, adapter)
+        merge(model)
+    return model.eval()
+
+
+def run(args: EvalArgs, progress: bool = True) -> dict:
+    from lorapar.tokenizer import Tokenizer
+
+    for name in ("ckpt", "tokenizer", "data", "out"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name} is required")
+    examples = load_examples(args.data, args.task)
+    if args.limit > 0:
+        examples = examples[: args.limit]
+    model, tokenizer = load_for_eval(args.ckpt, args.adapter), Tokenizer(args.tokenizer)
+    common = dict(template=args.template, batch_size=args.batch_size, progress=progress)
+    if args.task == "gsm8k":
+        result = evaluate_gsm8k(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, **common)
+    elif args.task == "mmlu":
+        result = evaluate_mmlu(model, tokenizer, examples, **common)
+    else:
+        result = evaluate_humaneval(
+            model, tokenizer, examples, n_samples=args.n_samples, ks=args.k, temperature=args.temperature,
+            top_p=args.top_p, max_new_tokens=args.max_new_tokens, timeout=args.timeout, memory_mb=args.memory_mb,
+            workers=args.workers, seed=args.seed, **common,
+        )
+    output = {"task": args.task, "metrics": result["metrics"], "config": dataclasses.asdict(args),
+              "records": result["records"]}
+    atomic_write_json(args.out, output)
+    return output
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a lorapar checkpoint on GSM8K, MMLU or HumanEval.")
+    add_dataclass_args(parser, EvalArgs)
+    args = dataclass_from_args(EvalArgs, parser.parse_args(argv))
+    output = run(args)
+    print({"task": output["task"], **output["metrics"]})
+
+
+if __name__ == "__main__":
+    main()
