@@ -1,0 +1,178 @@
+"""Element-wise importance of every LoRA parameter for one system's data (LoRA-PAR, section 3.2).
+
+With per-example gradients g_i = d loss_i / d phi of the mean answer-token NLL of example i, the
+importance of an element phi is the drop of the loss when phi is removed (set to zero), to second
+order with the diagonal empirical Fisher in place of the Hessian:
+
+    I(phi) = | mean_i(g_i * phi) - 0.5 * mean_i(g_i^2) * phi^2 |      (order "second", the paper)
+    I(phi) = | mean_i(g_i * phi) |                                     (order "first")
+
+Only the running sums sum_i g_i and sum_i g_i^2 (and the example count) are kept, so memory is two
+copies of the adapter whatever the number of examples. Under torchrun each rank takes every
+world_size-th example and the sums are all-reduced before the scores are formed.
+
+The adapter must be non-degenerate: with the usual LoRA init (B = 0) every gradient of A is zero,
+so the scoring adapter draws both A and B from N(0, init_std^2) (the authors use 0.01).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from lorapar.data import TEMPLATES, Example, encode_example, format_prompt, format_response
+from lorapar.dist import DistInfo, all_reduce_sum
+from lorapar.lora import INITS, LoraArgs, named_lora_parameters
+from lorapar.loss import IGNORE_INDEX, answer_nll
+
+ORDERS = ("second", "first")
+
+
+@dataclass
+class ImportanceArgs:
+    samples: int = field(default=100, metadata={"help": "examples scored per system (the paper: 100); fewer if fewer exist"})
+    order: str = field(default="second", metadata={"help": "second: |E[g phi] - E[g^2] phi^2 / 2| (paper); first: |E[g phi]|", "choices": ORDERS})
+    template: str = field(default="plain", metadata={"help": "prompt/response template", "choices": TEMPLATES})
+    max_len: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut from the right"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank of the scored adapter (must match training)"})
+    lora_alpha: float = field(default=64.0, metadata={"help": "lora_alpha of the scored adapter"})
+    targets: tuple[str, ...] = field(default=("q", "k", "v", "gate", "up", "down"), metadata={"help": "adapted projections"})
+    init: str = field(default="gaussian", metadata={"help": "scoring init; gaussian draws A and B (B = 0 gives A zero scores)", "choices": INITS})
+    init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (the authors: 0.01)"})
+    seed: int = field(default=0, metadata={"help": "seed of the example sampling and of the adapter init"})
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+    def lora_args(self) -> LoraArgs:
+        return LoraArgs(r=self.rank, alpha=self.lora_alpha, targets=self.targets, init=self.init,
+                        init_std=self.init_std, seed=self.seed)  # fmt: skip
+
+
+@dataclass
+class EncodedSet:
+    """One system's scoring examples as (input_ids, labels) rows, with what happened on the way."""
+
+    rows: list[tuple[list[int], list[int]]]
+    available: int  # examples of this system in the data
+    truncated: int  # cut to max_len (still scored on the answer tokens that remain)
+    no_answer_tokens: int  # cut so far that no answer token remains: cannot be scored, left out
+
+
+def select_examples(examples: Sequence[Example], system: int, samples: int, seed: int) -> tuple[list[Example], int]:
+    """A seeded sample (in file order) of up to `samples` examples labelled `system`, and how many exist."""
+    pool = [e for e in examples if e.system == system]
+    chosen = sorted(random.Random(seed * 1000 + system).sample(range(len(pool)), min(samples, len(pool))))
+    return [pool[i] for i in chosen], len(pool)
+
+
+def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceArgs, available: int) -> EncodedSet:
+    rows, truncated, empty = [], 0, 0
+    for example in examples:
+        prompt, response = format_prompt(example, args.template), format_response(example, args.template)
+        input_ids, labels, was_cut = encode_example(tokenizer, prompt, response, args.max_len)
+        truncated += was_cut
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # position 0 is never a target
+            empty += 1
+            continue
+        rows.append((input_ids, labels))
+    return EncodedSet(rows, available, truncated, empty)
+
+
+@dataclass
+class GradientMoments:
+    """sum_i g_i and sum_i g_i^2 per LoRA element (flat, in `keys` order), over `count` examples."""
+
+    keys: list[str]
+    shapes: list[torch.Size]
+    sum_grad: torch.Tensor
+    sum_grad_sq: torch.Tensor
+    count: int
+    tokens: int  # answer tokens seen
+
+    def all_reduce(self, info: DistInfo) -> None:
+        """Sum over ranks: every rank ends with the moments of all examples."""
+        if not info.enabled:
+            return
+        totals = torch.tensor([self.count, self.tokens], dtype=torch.float64, device=self.sum_grad.device)
+        all_reduce_sum(self.sum_grad, info)
+        all_reduce_sum(self.sum_grad_sq, info)
+        all_reduce_sum(totals, info)
+        self.count, self.tokens = int(totals[0]), int(totals[1])
+
+
+def example_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean NLL over the answer tokens of one example (1-D input_ids / labels), and their count."""
+    total, count = answer_nll(model, input_ids[None], labels[None])
+    return total / count, count
+
+
+def accumulate_moments(
+    model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], *, progress: Optional[str] = None
+) -> GradientMoments:
+    """Per-example gradients of `example_loss`, one example at a time, summed into running moments."""
+    named = named_lora_parameters(model)
+    if not named:
+        raise RuntimeError("accumulate_moments: the model has no LoRA modules (apply the scoring adapter first)")
+    keys, params = [k for k, _ in named], [p for _, p in named]
+    device = params[0].device
+    sizes = [p.numel() for p in params]
+    sum_grad = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+    sum_grad_sq = torch.zeros_like(sum_grad)
+    grad_views = [v.view(p.shape) for v, p in zip(sum_grad.split(sizes), params)]
+    grad_sq_views = [v.view(p.shape) for v, p in zip(sum_grad_sq.split(sizes), params)]
+    tokens = 0
+    was_training = model.training
+    model.eval()  # no dropout: the scores describe the model as it is
+    try:
+        for input_ids, labels in tqdm(rows, desc=progress, disable=progress is None, unit="ex"):
+            loss, count = example_loss(
+                model, torch.tensor(input_ids, device=device), torch.tensor(labels, device=device)
+            )
+            grads = [g.float() for g in torch.autograd.grad(loss, params)]
+            torch._foreach_add_(grad_views, grads)
+            torch._foreach_addcmul_(grad_sq_views, grads, grads)
+            tokens += count
+    finally:
+        model.train(was_training)
+    return GradientMoments(keys, [p.shape for p in params], sum_grad, sum_grad_sq, len(rows), tokens)
+
+
+def importance_from_moments(model: nn.Module, moments: GradientMoments, order: str = "second") -> dict[str, torch.Tensor]:
+    """{peft key: I(phi)} from the moments and the adapter's current values (see the module docstring)."""
+    if moments.count == 0:
+        raise ValueError("no examples were scored; importance is undefined")
+    named = named_lora_parameters(model)
+    if [k for k, _ in named] != moments.keys:
+        raise ValueError("importance_from_moments: the model's LoRA parameters differ from those the moments were taken on")
+    phi = torch.cat([p.detach().float().reshape(-1) for _, p in named])
+    mean_grad_phi = moments.sum_grad / moments.count * phi
+    if order == "second":
+        scores = (mean_grad_phi - 0.5 * (moments.sum_grad_sq / moments.count) * phi.square()).abs_()
+    elif order == "first":
+        scores = mean_grad_phi.abs_()
+    else:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    sizes = [s.numel() for s in moments.shapes]
+    return {k: v.view(s) for k, s, v in zip(moments.keys, moments.shapes, scores.cpu().split(sizes))}
+
+
+def score_rows(
+    model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], order: str = "second",
+    info: DistInfo = DistInfo(), progress: Optional[str] = None,
+) -> tuple[dict[str, torch.Tensor], GradientMoments]:  # fmt: skip
+    """Importance over `rows`; under torchrun each rank takes every world_size-th row."""
+    moments = accumulate_moments(model, rows[info.rank :: info.world_size], progress=progress if info.is_main else None)
+    moments.all_reduce(info)
+    return importance_from_moments(model, moments, order), moments
