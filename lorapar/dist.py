@@ -53,8 +53,8 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and torch_dist.is_initialized():
+def shutdown() -> None:
+    if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
 

@@ -10,6 +10,7 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from lorapar import dist
-from lorapar.config import field
+from lorapar.config import add_dataclass_args, field
 from lorapar.io import atomic_torch_save, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
@@ -63,6 +64,16 @@ class TrainArgs:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+
+
+def add_lora_flags(parser: argparse.ArgumentParser) -> None:
+    """LoraArgs' flags, with --rank / --lora-alpha for r / alpha (clearer beside the optimizer's flags);
+    the LoRA seed is --seed."""
+    from lorapar.lora import LoraArgs
+
+    add_dataclass_args(parser, LoraArgs, skip=("r", "alpha", "seed"))
+    parser.add_argument("--rank", dest="r", type=int, default=None, help="LoRA rank r (default: 8)")
+    parser.add_argument("--lora-alpha", dest="alpha", type=float, default=None, help="lora_alpha; the update is scaled by alpha/r (default: 64)")
 
 
 def resolve_grad_accum(args: TrainArgs, world_size: int) -> int:
@@ -248,6 +259,33 @@ def load_checkpoint(path: str, info: dist.DistInfo) -> dict[str, Any]:
     return state
 
 
+def training_state(step: int, model: torch.nn.Module, optimizer, total_steps: int, steps_per_epoch: int, config: dict) -> dict:
+    """Everything rank 0 saves to continue exactly at `step` (RNG states are saved per rank)."""
+    from lorapar.lora import named_lora_parameters
+
+    return {
+        "step": step,
+        "adapter": {key: p.detach().cpu().clone() for key, p in named_lora_parameters(model)},
+        "optimizer": optimizer.state_dict(),
+        "schedule": {"step": step, "total_steps": total_steps},
+        "data": {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch},
+        "config": config,
+    }
+
+
+def restore_training_state(path: str, model: torch.nn.Module, optimizer, config: dict, info: dist.DistInfo) -> int:
+    """Load checkpoint `path` into the model's adapter, the optimizer and this rank's RNG; returns its step."""
+    from lorapar.lora import named_lora_parameters
+
+    state = load_checkpoint(path, info)
+    check_resumable(state["config"], config, path)
+    with torch.no_grad():
+        for key, p in named_lora_parameters(model):
+            p.copy_(state["adapter"][key])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -267,3 +305,47 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- inputs both scripts read
+
+
+def select_system(examples: list, system: Optional[int], path: str) -> list:
+    """The examples labelled `system` (all when None); none left is an error naming the file."""
+    if system is None:
+        return list(examples)
+    kept = [e for e in examples if e.system == system]
+    if not kept:
+        unlabelled = sum(e.system is None for e in examples)
+        raise ValueError(
+            f"{path}: no example of system {system} among {len(examples)} ({unlabelled} carry no system label; "
+            "label them with classify.py or drop --system)"
+        )
+    return kept
+
+
+def install_masks(model: torch.nn.Module, path: str, stage: Optional[int]) -> None:
+    """Load the element masks of `stage` from `path` onto the model's adapter, naming the file on mismatch."""
+    from lorapar.lora import set_masks
+    from lorapar.masks import load_masks
+
+    masks = load_masks(path, stage=None if stage is None else f"stage{stage}")
+    staged = sorted(k for k, v in masks.items() if isinstance(v, dict))
+    if staged:
+        raise ValueError(f"{path} holds masks for several stages ({', '.join(staged)}); pick one with --stage N")
+    try:
+        set_masks(model, masks)
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: the masks do not match the adapter ({error})") from None
+
+
+def load_base_model(ckpt: str, base_dtype: str, device: torch.device, vocab_size: int):
+    """The frozen base in fp32 on the CPU, bf16 on CUDA ("auto"); its vocabulary must cover the tokenizer's."""
+    from lorapar.checkpoint import load_model
+
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[base_dtype]
+    model = load_model(ckpt, device=device, dtype=dtype)
+    if vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} pieces but {ckpt} only {model.args.vocab_size} embeddings")
+    return model

@@ -1,0 +1,257 @@
+"""Masked LoRA supervised fine-tuning: LoRA-PAR's stage 1 (System-1 data, stage-1 element mask).
+
+    python train_sft.py --ckpt BASE --tokenizer tokenizer.model --data train.jsonl --out runs/sft \
+        [--system 1] [--masks masks.safetensors --stage 1] [--preset lorapar-sft]
+    torchrun --nproc_per_node=8 train_sft.py ...              (gloo on CPU, NCCL on CUDA)
+
+Reads top to bottom: configuration -> distributed init -> data -> model and adapter -> optimizer ->
+training loop -> save. The loss of an optimizer step is the sum of answer-token negative
+log-likelihoods over all its micro-batches and ranks divided by their total answer-token count (counted
+and all-reduced before the forward passes), so the update does not depend on how the step is split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from lorapar import dist
+from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
+from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
+from lorapar.io import atomic_write_json
+from lorapar.lora import LoraArgs, apply_lora, get_masks, named_lora_parameters, save_adapter
+from lorapar.loss import IGNORE_INDEX, answer_nll
+from lorapar.masks import MaskedAdamW, save_masks
+from lorapar.tokenizer import Tokenizer
+from lorapar.trainer import (
+    MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir, resolve_grad_accum,
+    restore_training_state, save_checkpoint, seed_everything, select_system, set_lr, training_state,
+)
+
+
+@dataclass
+class SFTArgs:
+    ckpt: str = field(default="", metadata={"help": "base model (Meta dir, HF dir or llama2.c .bin)"})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
+    data: str = field(default="", metadata={"help": "training data (.jsonl / .jsonl.gz)"})
+    format: str = field(default="gsm8k", metadata={"choices": ["gsm8k", "mmlu", "humaneval", "instruction", "labelled"]})
+    template: str = field(default="reasoning", metadata={"choices": ["plain", "chat", "reasoning"]})
+    system: Optional[int] = field(default=None, metadata={"help": "keep only examples of this system (1 or 2)"})
+    masks: str = field(default="", metadata={"help": "element masks (safetensors); none = every element trains"})
+    stage: Optional[int] = field(default=None, metadata={"help": "which stage's mask in a two-stage mask file"})
+    adapter: str = field(default="lora", metadata={"choices": ["lora"], "help": "adapter type"})
+    max_len: int = 512
+    overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
+    max_examples: int = field(default=0, metadata={"help": "use the first N examples (0 = all)"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
+    eval_data: str = field(default="", metadata={"help": "held-out file for the eval loss (same format)"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "or hold out this share of --data (0 = none)"})
+    base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on CPU"})
+    gradient_checkpointing: bool = False
+
+
+PRESETS = {
+    # LoRA-PAR's SFT: lr 2e-4, cosine, warm-up 0.03, effective batch 32, max length 512, one epoch.
+    "lorapar-sft": {
+        "TrainArgs": dict(lr=2e-4, schedule="cosine", warmup_ratio=0.03, global_batch=32, batch_size=4, epochs=1),
+        "SFTArgs": dict(max_len=512),
+    },
+}
+
+
+def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, LoraArgs]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="paper hyper-parameters")
+    add_dataclass_args(parser, SFTArgs)
+    add_dataclass_args(parser, TrainArgs)
+    add_lora_flags(parser)
+    ns = parser.parse_args(argv)
+    preset = PRESETS.get(ns.preset, {})
+    sft = dataclass_from_args(SFTArgs, ns, SFTArgs(**preset.get("SFTArgs", {})))
+    train = dataclass_from_args(TrainArgs, ns, TrainArgs(**preset.get("TrainArgs", {})))
+    lora = dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
+    for name in ("ckpt", "tokenizer", "data"):
+        if not getattr(sft, name):
+            parser.error(f"--{name} is required")
+    return sft, train, lora
+
+
+def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: LoraArgs) -> Callable[[str], None]:
+    """Put the adapter on `model` (frozen base, masks installed); returns save(directory).
+
+    One place per adapter type (--adapter), so another adapter plugs in here.
+    """
+    apply_lora(model, lora_args)
+    if cfg.masks:
+        install_masks(model, cfg.masks, cfg.stage)
+
+    def save(directory: str) -> None:
+        save_adapter(model, directory, lora_args)
+        if cfg.masks:
+            save_masks(os.path.join(directory, "masks.safetensors"), get_masks(model))
+
+    return save
+
+
+def load_sft_data(cfg: SFTArgs, tokenizer: Tokenizer, seed: int) -> tuple[SFTDataset, Optional[SFTDataset]]:
+    examples = load_examples(cfg.data, cfg.format, skip_bad=cfg.skip_bad)
+    read = len(examples)
+    examples = select_system(examples, cfg.system, cfg.data)
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    held_out = []
+    if cfg.eval_fraction:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = max(1, round(cfg.eval_fraction * len(examples)))
+        held_out = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in sorted(order[n_eval:])]
+    if cfg.eval_data:
+        held_out = load_examples(cfg.eval_data, cfg.format, skip_bad=cfg.skip_bad)
+    train_set = SFTDataset(examples, tokenizer, cfg.template, cfg.max_len, cfg.overflow)
+    if len(train_set) == 0:
+        raise ValueError(
+            f"{cfg.data}: no training example left ({read} read, {len(examples)} after filtering, "
+            f"{train_set.dropped} longer than --max-len {cfg.max_len})"
+        )
+    eval_set = SFTDataset(held_out, tokenizer, cfg.template, cfg.max_len, cfg.overflow) if held_out else None
+    return train_set, eval_set
+
+
+def count_answer_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dist.DistInfo) -> float:
+    """Mean answer-token NLL of `dataset` (each rank takes every world_size-th example)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    indices = list(range(info.rank, len(dataset), info.world_size))
+    for start in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[start : start + batch_size]], pad_id)
+        with autocast(info.device):
+            nll, n = answer_nll(model, batch["input_ids"].to(info.device), batch["labels"].to(info.device))
+        totals += torch.tensor([nll.item(), n], dtype=torch.float64)
+    model.train(was_training)
+    nll, n = dist.all_reduce_sum(totals, info).tolist()
+    return nll / max(n, 1.0)
+
+
+def main(argv=None) -> dict:
+    cfg, train, lora_args = parse_config(argv)
+    info = dist.init_distributed(train.device)
+    grad_accum = resolve_grad_accum(train, info.world_size)
+    config = config_to_dict(cfg, train, lora_args)
+    resume_from = prepare_run_dir(train, info)
+    seed_everything(train.seed)
+
+    # ---- data: every rank reads the whole file; the sampler deals each global batch over the ranks
+    tokenizer = Tokenizer(cfg.tokenizer)
+    train_set, eval_set = load_sft_data(cfg, tokenizer, train.seed)
+    per_rank_step = train.batch_size * grad_accum
+    sampler = LengthGroupedSampler(train_set.lengths, per_rank_step, info.world_size, info.rank, seed=train.seed)
+    steps_per_epoch = len(sampler) // per_rank_step
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data}: {len(train_set)} examples do not fill one optimizer step of "
+            f"{per_rank_step * info.world_size} (batch size x grad accum x ranks)"
+        )
+    total_steps = train.max_steps or train.epochs * steps_per_epoch
+
+    # ---- model and adapter
+    model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    save_adapter_files = build_adapter(model, cfg, lora_args)
+    params = [p for _, p in named_lora_parameters(model)]
+    dist.broadcast_params(params, info)
+    optimizer = MaskedAdamW.for_model(
+        model, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
+    )
+
+    # ---- resume: adapter, optimizer, schedule and data position, RNG of this rank
+    start_step = 0
+    if resume_from is not None:
+        start_step = restore_training_state(resume_from, model, optimizer, config, info)
+    elif info.is_main:
+        save_config(os.path.join(train.out, "config.json"), cfg, train, lora_args,
+                    extra={"world_size": info.world_size, "grad_accum": grad_accum, "total_steps": total_steps})
+    metrics = MetricsLog(os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None)
+    if info.is_main and start_step == 0:
+        dropped = len(train_set) - steps_per_epoch * per_rank_step * info.world_size
+        metrics.log({"step": 0, "examples": len(train_set), "dropped_over_max_len": train_set.dropped,
+                     "truncated": train_set.truncated, "unused_per_epoch": max(0, dropped),
+                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
+
+    def checkpoint(step: int) -> None:
+        def write_files(directory: str) -> None:
+            save_adapter_files(directory)
+            atomic_write_json(os.path.join(directory, "config.json"), config)
+
+        state = training_state(step, model, optimizer, total_steps, steps_per_epoch, config)
+        save_checkpoint(train.out, step, info, state, write_files, keep=train.keep_checkpoints)
+
+    # ---- training loop
+    model.train()
+    epoch_order: tuple[int, list[int]] = (-1, [])
+    last_step = min(total_steps, train.halt_at) if train.halt_at else total_steps
+    bar = tqdm(total=total_steps, initial=start_step, disable=not info.is_main, desc="sft", dynamic_ncols=True)
+    loss_value = float("nan")
+    for step in range(start_step, last_step):
+        started = time.perf_counter()
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch_order[0] != epoch:
+            sampler.set_epoch(epoch)
+            epoch_order = (epoch, list(sampler))
+        mine = epoch_order[1][position * per_rank_step : (position + 1) * per_rank_step]
+        micro_batches = [collate([train_set[i] for i in mine[k : k + train.batch_size]], tokenizer.pad_id)
+                         for k in range(0, len(mine), train.batch_size)]
+        local_tokens = sum(count_answer_tokens(b["labels"]) for b in micro_batches)
+        step_tokens = dist.all_reduce_sum(torch.tensor(float(local_tokens), dtype=torch.float64), info).item()
+        lr = lr_at(step, total_steps, train)
+        set_lr(optimizer, lr)
+        nll_sum = 0.0
+        for batch in micro_batches:
+            with autocast(info.device):
+                nll, _ = answer_nll(model, batch["input_ids"].to(info.device), batch["labels"].to(info.device))
+            (nll / step_tokens).backward()
+            nll_sum += nll.item()
+        dist.all_reduce_grads(params, info)
+        grad_norm = optimizer.clip_grad_norm_(train.max_grad_norm) if train.max_grad_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = dist.all_reduce_sum(torch.tensor(nll_sum, dtype=torch.float64), info).item() / step_tokens
+        done = step + 1
+        record = {"step": done, "epoch": epoch, "lr": lr, "loss": loss_value, "answer_tokens": int(step_tokens),
+                  "seconds": time.perf_counter() - started}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if eval_set is not None and (done == total_steps or (train.eval_every and done % train.eval_every == 0)):
+            record["eval_loss"] = evaluate(model, eval_set, train.batch_size, tokenizer.pad_id, info)
+        if done % train.log_every == 0 or "eval_loss" in record or done == last_step:
+            metrics.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if done == last_step or (train.save_every and done % train.save_every == 0):
+            checkpoint(done)
+    bar.close()
+
+    # ---- save the final adapter beside the run's config (rank 0)
+    finished = last_step == total_steps
+    if finished and info.is_main:
+        save_adapter_files(train.out)
+    dist.barrier(info)
+    return {"out": train.out, "steps": last_step, "finished": finished, "loss": loss_value}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        dist.shutdown()
