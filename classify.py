@@ -56,6 +56,10 @@ class ClassifyArgs:
     skip_bad: bool = field(default=False, metadata={"help": "skip and count malformed input lines instead of failing"})
     allow_even: bool = field(default=False, metadata={"help": "allow an even number of teachers (ties possible)"})
 
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            raise ValueError(f"--limit must be >= 0, got {self.limit}")
+
 
 def row_id(example: Example) -> str:
     """Input line number + a hash of the row's content: stable across runs, changes when the input does."""
@@ -144,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    args, targs = dataclass_from_args(ClassifyArgs, ns), dataclass_from_args(TeacherArgs, ns)
+    try:
+        args, targs = dataclass_from_args(ClassifyArgs, ns), dataclass_from_args(TeacherArgs, ns)
+    except ValueError as error:
+        parser.error(str(error))
     specs: list[str] = ns.teacher
     if not args.data or not args.out:
         parser.error("--data and --out are required")
@@ -163,19 +170,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     log.info("%s: %d rows, %d already labelled, %d to label, %d malformed lines skipped",
              args.data, len(examples), len(done), len(pending), skipped)
 
-    if pending:
-        teachers = [make_teacher(spec, targs) for spec in specs]
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as handle, tqdm(total=len(pending), desc="classify") as bar:
-            for start in range(0, len(pending), targs.batch_size):
-                batch = pending[start : start + targs.batch_size]
-                answers = [teacher.classify([ex for ex, _ in batch]) for teacher in teachers]
-                for j, (ex, rid) in enumerate(batch):
-                    row = output_row(ex, rid, specs, [a[j] for a in answers], args.default_system, args.data)
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())  # a crash loses at most the rows still in flight
-                bar.update(len(batch))
+    teachers = [make_teacher(spec, targs) for spec in specs] if pending else []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a", encoding="utf-8") as handle, tqdm(total=len(pending), desc="classify") as bar:
+        for start in range(0, len(pending), targs.batch_size):
+            batch = pending[start : start + targs.batch_size]
+            answers = [teacher.classify([ex for ex, _ in batch]) for teacher in teachers]
+            for j, (ex, rid) in enumerate(batch):
+                row = output_row(ex, rid, specs, [a[j] for a in answers], args.default_system, args.data)
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())  # a crash loses at most the rows still in flight
+            bar.update(len(batch))
 
     summary = summarise(args.out, specs)
     summary.update(skipped_input_lines=skipped, config={"teachers": specs, **config_to_dict(args, targs)})

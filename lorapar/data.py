@@ -93,7 +93,8 @@ def _numbered_rows(path: str, skip_bad: bool) -> tuple[list[tuple[int, dict]], i
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             except (json.JSONDecodeError, DataError) as err:
-                reason = err if isinstance(err, DataError) else f"{path}:{number}: invalid JSON ({err.msg})"
+                reason = err if isinstance(err, DataError) else (
+                    f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON object per line")
                 if not skip_bad:
                     raise DataError(f"{reason} (pass skip_bad / --skip-bad to skip such lines)") from None
                 log.warning("skipping %s", reason)

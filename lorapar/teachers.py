@@ -134,6 +134,13 @@ class TeacherArgs:
         metadata={"help": "http: environment variables tried in order for the API key (Bearer); none set: no key"},
     )
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "concurrency", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TeacherArgs.{name} must be >= 1, got {getattr(self, name)}")
+        if self.retries < 0 or self.backoff < 0 or self.timeout <= 0:
+            raise ValueError(f"TeacherArgs: need retries >= 0, backoff >= 0, timeout > 0 (got {self.retries}, {self.backoff}, {self.timeout})")
+
 
 class TeacherError(RuntimeError):
     """A teacher could not answer at all (server down after retries, bad spec): the run stops, resumable."""
