@@ -127,6 +127,8 @@ class LoRALinear(nn.Module):
     are small next to its values, and bf16 would round them away.
     """
 
+    MASK_OF = {"lora_A": "mask_A", "lora_B": "mask_B"}  # parameter -> its mask buffer (read by MaskedAdamW)
+
     def __init__(self, weight: torch.Tensor, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         out_features, in_features = weight.shape
