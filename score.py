@@ -1,0 +1,185 @@
+"""LoRA-PAR's coordinator: importance of every LoRA element per system, then the stage masks.
+
+    python score.py --ckpt BASE --tokenizer tokenizer.model --data labelled.jsonl --out runs/score \
+        [--theta 0.9 --alpha 1 --beta 1 --rank 8 --lora-alpha 64 --targets q,k,v,gate,up,down \
+         --samples 100 --random-baseline]
+    torchrun --nproc_per_node=N score.py ...        (each rank scores a share; the sums are all-reduced)
+
+Writes into --out (each file atomically; report.json last, so its presence means the run finished):
+  config.json             the resolved configuration
+  importance.safetensors  raw scores, "system1.<peft_key>" and "system2.<peft_key>"
+  masks.safetensors       stage masks "stage1.<peft_key>" / "stage2.<peft_key>" (lorapar.masks.load_masks)
+  random_masks.safetensors  with --random-baseline: random masks with the same per-tensor counts
+  report.json             region counts and fractions in total, per layer, per module, per A/B; overlap;
+                          active share per stage; what was scored per system
+  importance.png          S1 vs S2 importance on log axes by region (when matplotlib is installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lorapar import dist
+from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
+from lorapar.data import FORMATS, load_examples
+from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
+from lorapar.io import atomic_path, atomic_save_safetensors, atomic_write_json
+from lorapar.lora import apply_lora
+from lorapar.masks import save_masks
+from lorapar.partition import Partition, PartitionArgs, partition, partition_report, random_stage_masks
+from lorapar.tokenizer import Tokenizer
+from lorapar.trainer import load_base_model
+
+OUTPUTS = ("config.json", "importance.safetensors", "masks.safetensors", "random_masks.safetensors",
+           "report.json", "importance.png")  # fmt: skip
+PLOT_POINTS = 20_000
+
+
+@dataclass
+class ScoreArgs:
+    ckpt: str = field(default="", metadata={"help": "base model (Meta dir, HF dir or llama2.c .bin)"})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
+    data: str = field(default="", metadata={"help": "examples labelled with 'system' 1 or 2 (classify.py output)"})
+    format: str = field(default="labelled", metadata={"help": "data format", "choices": FORMATS})
+    out: str = field(default="", metadata={"help": "output directory"})
+    random_baseline: bool = field(default=False, metadata={"help": "also write random_masks.safetensors (same per-tensor counts)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+
+
+def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in (ScoreArgs, ImportanceArgs, PartitionArgs):
+        add_dataclass_args(parser, cls)
+    ns = parser.parse_args(argv)
+    try:
+        configs = tuple(dataclass_from_args(cls, ns) for cls in (ScoreArgs, ImportanceArgs, PartitionArgs))
+    except ValueError as error:
+        parser.error(str(error))
+    for name in ("ckpt", "tokenizer", "data", "out"):
+        if not getattr(configs[0], name):
+            parser.error(f"--{name} is required")
+    return configs
+
+
+def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
+    """Refuse to replace earlier results without --overwrite (rank 0 decides, every rank raises)."""
+    outcome = None
+    if info.is_main:
+        existing = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out, name))]
+        if existing and not cfg.overwrite:
+            outcome = FileExistsError(f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+        else:
+            for name in existing:  # only what a scoring run writes, never unrelated files
+                os.unlink(os.path.join(cfg.out, name))
+            os.makedirs(cfg.out, exist_ok=True)
+    outcome = dist.broadcast_object(outcome, info)
+    if outcome is not None:
+        raise outcome
+
+
+def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo):
+    """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2."""
+    for system in (1, 2):
+        if not any(e.system == system for e in examples):
+            unlabelled = sum(e.system is None for e in examples)
+            raise ValueError(f"{data}: no System-{system} rows among {len(examples)} ({unlabelled} without a 'system' label); "
+                             "scoring needs examples of both systems")  # fmt: skip
+    scores, stats = {}, {}
+    for system in (1, 2):
+        chosen, available = select_examples(examples, system, args.samples, args.seed)
+        encoded = encode_for_scoring(chosen, tokenizer, args, available)
+        if not encoded.rows:
+            raise ValueError(f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len {args.max_len}")
+        scores[system], moments = score_rows(model, encoded.rows, args.order, info, progress=f"system {system}")
+        stats[f"system{system}"] = dict(available=available, selected=len(chosen), scored=moments.count,
+                                        answer_tokens=moments.tokens, truncated=encoded.truncated,
+                                        no_answer_tokens=encoded.no_answer_tokens)  # fmt: skip
+        if len(chosen) < args.samples:
+            print(f"system {system}: only {available} examples in {data}; scored {moments.count} (asked for {args.samples})")
+    return scores, stats
+
+
+def plot_importance(path: str, p: Partition, scores1: dict, scores2: dict, seed: int) -> Optional[str]:
+    """The paper's scatter of S1 vs S2 importance per element, coloured by region; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    x1, x2 = p.layout.flatten(scores1, "system 1"), p.layout.flatten(scores2, "system 2")
+    picked = torch.randint(x1.numel(), (min(PLOT_POINTS, x1.numel()),), generator=torch.Generator().manual_seed(seed))
+    floor = float(torch.cat([x1[x1 > 0], x2[x2 > 0]]).min())  # zeros drawn at the smallest positive score
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for region, colour in (("neither", "0.75"), ("system1_only", "tab:blue"), ("system2_only", "tab:red"), ("shared", "tab:purple")):
+        chosen = picked[p.region(region)[picked]]
+        ax.scatter(x1[chosen].clamp_min(floor), x2[chosen].clamp_min(floor), s=2, c=colour, label=region.replace("_", " "))
+    ax.set(xscale="log", yscale="log", xlabel="System-1 importance", ylabel="System-2 importance",
+           title=f"LoRA element importance ({picked.numel():,} of {x1.numel():,} elements)")  # fmt: skip
+    ax.legend(markerscale=4)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArgs, scores: dict, stats: dict) -> dict:
+    out = lambda name: os.path.join(cfg.out, name)  # noqa: E731
+    save_config(out("config.json"), cfg, importance, part)
+    atomic_save_safetensors(
+        out("importance.safetensors"),
+        {f"system{s}.{key}": value for s in (1, 2) for key, value in scores[s].items()},
+        metadata={"order": importance.order, **{f"{k}_scored": str(v["scored"]) for k, v in stats.items()}},
+    )
+    p = partition(scores[1], scores[2], part)
+    stage_masks = p.stage_masks()
+    save_masks(out("masks.safetensors"), stage_masks)
+    files = ["config.json", "importance.safetensors", "masks.safetensors"]
+    if cfg.random_baseline:
+        save_masks(out("random_masks.safetensors"), random_stage_masks(stage_masks, importance.seed))
+        files.append("random_masks.safetensors")
+    plot = plot_importance(out("importance.png"), p, scores[1], scores[2], importance.seed)
+    if plot is None:
+        print("importance.png not drawn: matplotlib is not installed")
+    else:
+        files.append(plot)
+    report = {"partition": partition_report(p), "scoring": stats, "files": files + ["report.json"],
+              "plot": plot or "not drawn: matplotlib is not installed"}  # fmt: skip
+    atomic_write_json(out("report.json"), report)
+    return report
+
+
+def run_scoring(cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), part: PartitionArgs = PartitionArgs()) -> dict:
+    """Score, partition and write everything into cfg.out; returns {"out", "report"} (report on rank 0)."""
+    info = dist.init_distributed(cfg.device)
+    prepare_out_dir(cfg, info)
+    examples = load_examples(cfg.data, cfg.format)
+    tokenizer = Tokenizer(cfg.tokenizer)
+    model = load_base_model(cfg.ckpt, "auto", info.device, tokenizer.vocab_size)
+    apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
+    scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info)
+    report = write_outputs(cfg, importance, part, scores, stats) if info.is_main else None
+    dist.barrier(info)
+    return {"out": cfg.out, "report": report}
+
+
+def main(argv=None) -> dict:
+    result = run_scoring(*parse_config(argv))
+    if result["report"] is not None:
+        active = result["report"]["partition"]["active_fraction"]
+        print(f"wrote {result['out']}: stage 1 trains {active['stage1']:.1%}, stage 2 trains {active['stage2']:.1%} of the adapter")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        dist.shutdown()
