@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
+if not torch.cuda.is_available():  # Triton decides at kernel decoration (first import) whether to interpret.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from kernels.function import triton_kernels  # noqa: E402
 from lorapar.budget import ExpertScreener, SensitivityEMA, budget_at, component_scores, select_survivors
-from lorapar.dual import (
+from lorapar.dual import (  # noqa: E402
     DualArgs,
     adapter_key,
     apply_dual,
@@ -16,7 +23,7 @@ from lorapar.dual import (
     orthogonality_loss,
     save_dual_adapter,
 )
-from lorapar.lora import disable_adapter, merge, unmerge
+from lorapar.lora import disable_adapter, merge, unmerge  # noqa: E402
 
 SMALL = dict(dual_rank=12, dual_shared_rank=4, dual_alpha=12.0, dual_target_rank=5.0)  # r_e = 8, s = 1
 
@@ -108,6 +115,30 @@ def test_every_part_gets_gradient_after_the_first_step(tiny_model):
     tiny_model.zero_grad()
     tiny_model(tokens()).logsumexp(-1).mean().backward()
     assert wq.expert_A.grad.abs().min() > 0 and wq.expert_B.grad.abs().min() > 0  # ... and A_e, B_e follow
+
+
+@pytest.mark.skipif(triton_kernels() is None, reason="triton is not importable")
+def test_triton_path_matches_reference_with_pruned_components(monkeypatch):
+    from lorapar.dual import DualLoRALinear
+
+    torch.manual_seed(0)
+    module = DualLoRALinear(torch.randn(24, 40) / 40**0.5, shared_rank=4, expert_rank=8, alpha=12.0)
+    module.reset_dual(torch.Generator().manual_seed(0), init_std=0.02)
+    with torch.no_grad():
+        module.expert_E.normal_()
+    module.prune_experts(torch.tensor([True, False] * 4))
+    x = torch.randn(3, 7, 40)
+    results = []
+    for force in ("0", "1"):
+        monkeypatch.setenv("LORAPAR_FORCE_TRITON", force)
+        module.zero_grad()
+        y = module(x)
+        y.square().sum().backward()
+        results.append((y.detach(), *(getattr(module, p).grad.clone() for p in ("lora_A", "lora_B", "expert_A", "expert_B", "expert_E"))))
+    for ref, tri in zip(*results):
+        torch.testing.assert_close(tri, ref, atol=1e-4, rtol=1e-4)
+    grads = results[1]
+    assert grads[3][1::2].abs().sum() == 0 and grads[4][:, 1::2].abs().sum() == 0 and grads[5][1::2].abs().sum() == 0
 
 
 def _train_a_little(model, steps: int = 3):
@@ -235,8 +266,8 @@ def test_pruned_components_stay_bit_identical_and_budget_meets_target(tiny_model
 
 
 def test_short_training_run_lowers_the_loss(tiny_model):
-    losses = [loss for _, loss, _, _ in _dual_run(tiny_model, steps=25, t_init=5, t_final=5, delta_t=2, lr=2e-2)]
-    assert losses[-1] < 0.8 * losses[0], losses
+    losses = [loss for _, loss, _, _ in _dual_run(tiny_model, steps=12, t_init=3, t_final=3, delta_t=2, lr=3e-2)]
+    assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
 
 
 def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path):
