@@ -77,24 +77,24 @@ class Examples(list):
 # ----------------------------------------------------------------------------- reading
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 def _numbered_rows(path: str, skip_bad: bool) -> tuple[list[tuple[int, dict]], int]:
     """[(line number, row)] of a JSON-lines file and the count of skipped lines; blank lines are not records."""
     rows, skipped = [], 0
-    with _open_text(path) as handle:
-        for number, text in enumerate(handle, 1):
-            if not text.strip():
+    with _open_bytes(path) as handle:  # decoded line by line, so bad UTF-8 is reported with its line
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(raw.decode("utf-8"))
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            except (json.JSONDecodeError, DataError) as err:
+            except ValueError as err:  # DataError, JSONDecodeError and UnicodeDecodeError all are
                 reason = err if isinstance(err, DataError) else (
-                    f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON object per line")
+                    f"{path}:{number}: invalid JSON ({err}); expected one UTF-8 JSON object per line")
                 if not skip_bad:
                     raise DataError(f"{reason} (pass skip_bad / --skip-bad to skip such lines)") from None
                 log.warning("skipping %s", reason)

@@ -4,9 +4,10 @@
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health. Errors are JSON
 {"error": {"message", "type", "code"}} with the matching status: 400 (bad JSON, missing or malformed
-fields, a prompt longer than the context), 404 (unknown path), 405 (wrong method), 411 (no Content-Length),
-413 (body too large), 500 (generation failed). Messages become LLaMA-2 chat turns (system text inside the first [INST] block,
-earlier turns as "<s>[INST] user [/INST] assistant </s>"); the request's `model` is not checked.
+fields, a prompt longer than the context), 404 (unknown path), 405 (wrong method), 411 (no
+Content-Length), 413 (body too large), 500 (generation failed). Messages become LLaMA-2 chat turns
+(system text inside the first [INST] block, earlier turns as "<s>[INST] user [/INST] assistant </s>");
+the request's `model` is not checked.
 Sampling fields: max_tokens (capped to the room left in the model's context; finish_reason "length"
 then), temperature (OpenAI's default 1.0; 0 is greedy), top_p, seed, stop (strings cut from the text).
 

@@ -81,6 +81,9 @@ def test_malformed_lines_name_the_file_and_line(tmp_path):
     assert (len(rows), skipped) == (4, 1)
     with pytest.raises(DataError, match=r"bad\.jsonl:3"):
         load_examples(path, "gsm8k")
+    path.write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON \('utf-8' codec"):
+        read_jsonl(path)
     path = write_jsonl(tmp_path / "bad2.jsonl", [good, {"question": "q"}, {"question": "q", "answer": "no number"}])
     with pytest.raises(DataError, match=r"bad2\.jsonl:2: .*'answer'"):
         load_examples(path, "gsm8k")
