@@ -144,11 +144,27 @@ def test_every_canonical_solution_passes_and_wrong_ones_fail(humaneval):
     assert not any(r.passed for r in run_many(wrong, workers=2, progress=False))
 
 
-def test_an_infinite_loop_is_killed_at_its_timeout():
+def test_an_infinite_loop_is_killed_at_its_timeout_with_its_children():
     start = time.perf_counter()
-    result = run_program("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
-                         "while True:\n    pass\n", timeout=1.0)
+    result = run_program(
+        "import subprocess, sys\nchild = subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+        "print(child.pid, file=sys.stderr, flush=True)\nwhile True:\n    pass\n", timeout=1.0)
     assert result.status == "timeout" and time.perf_counter() - start < 5.0
+    child = int(result.stderr.split()[0])
+    for _ in range(50):  # the orphan is killed with the group, then reaped by init
+        if not _running(child):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} started by the timed-out program is still running")
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return "zombie" not in handle.read()
+    except FileNotFoundError:
+        return False
 
 
 def test_the_sandbox_runs_in_an_empty_directory_with_limits():
