@@ -76,7 +76,8 @@ class ChatModel:
         if not isinstance(messages, list) or not messages:
             raise RequestError(400, "'messages' must be a non-empty list of {role, content}")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                    and isinstance(m.get("content"), str)):
                 raise RequestError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
         turns = [m for m in messages if m["role"] != "system"]
@@ -173,7 +174,8 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/health":
                 return self.send_json(200, {"status": "ok", "model": self.app.name})
             if path == "/v1/models":
-                return self.send_json(200, {"object": "list", "data": [{"id": self.app.name, "object": "model", "owned_by": "lorapar"}]})
+                model = {"id": self.app.name, "object": "model", "owned_by": "lorapar"}
+                return self.send_json(200, {"object": "list", "data": [model]})
             self.send_json(200, self.app.complete(self.read_json()))
         except RequestError as error:
             self.send_error_json(error)
@@ -185,8 +187,9 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError(411 if length is None else 400, "a Content-Length header is required")
-        if int(length) > self.server.max_body_bytes:  # type: ignore[attr-defined]
-            raise RequestError(413, f"request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}")  # type: ignore[attr-defined]
+        limit = self.server.max_body_bytes  # type: ignore[attr-defined]
+        if int(length) > limit:
+            raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit}")
         raw = self.rfile.read(int(length))
         try:
             return json.loads(raw)
@@ -220,7 +223,9 @@ def load_chat_model(args: ServeArgs) -> ChatModel:
     ckpt_dir = os.path.dirname(args.ckpt) if os.path.isfile(args.ckpt) else args.ckpt
     tokenizer = Tokenizer(args.tokenizer or os.path.join(ckpt_dir, "tokenizer.model"))
     if tokenizer.vocab_size > model.args.vocab_size:
-        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces, but {args.ckpt} has vocab_size {model.args.vocab_size}")
+        raise ValueError(
+            f"{tokenizer.path}: {tokenizer.vocab_size} pieces, but {args.ckpt} has vocab_size {model.args.vocab_size}"
+        )
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
     return ChatModel(model.eval(), tokenizer, name, args.max_new_tokens)
 

@@ -139,7 +139,8 @@ class TeacherArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherArgs.{name} must be >= 1, got {getattr(self, name)}")
         if self.retries < 0 or self.backoff < 0 or self.timeout <= 0:
-            raise ValueError(f"TeacherArgs: need retries >= 0, backoff >= 0, timeout > 0 (got {self.retries}, {self.backoff}, {self.timeout})")
+            raise ValueError(f"TeacherArgs: need retries >= 0, backoff >= 0, timeout > 0 "
+                             f"(got {self.retries}, {self.backoff}, {self.timeout})")
 
 
 class TeacherError(RuntimeError):

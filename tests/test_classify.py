@@ -120,7 +120,8 @@ def test_even_teacher_count_needs_allow_even(tmp_path, capsys):
 
 def test_resume_after_truncated_last_line_matches_uninterrupted(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(12))
-    teachers = ["--teacher", "rule:gsm8k-steps", "--teacher", "rule:length,threshold=12", "--teacher", "rule:gsm8k-steps,threshold=4"]
+    teachers = ["--teacher", "rule:gsm8k-steps", "--teacher", "rule:length,threshold=12",
+                "--teacher", "rule:gsm8k-steps,threshold=4"]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     classify.main(["--data", str(data), "--out", str(full), "--batch-size", "5", *teachers])
     expected = full.read_bytes()
@@ -128,7 +129,8 @@ def test_resume_after_truncated_last_line_matches_uninterrupted(tmp_path):
     part.write_bytes(b"".join(lines[:7]) + lines[7][: len(lines[7]) // 2])  # a crash in the middle of row 8
     classify.main(["--data", str(data), "--out", str(part), "--batch-size", "5", *teachers])
     assert part.read_bytes() == expected
-    assert (tmp_path / "part.summary.json").read_text() == (tmp_path / "full.summary.json").read_text().replace("full.jsonl", "part.jsonl")
+    full_summary = (tmp_path / "full.summary.json").read_text()
+    assert (tmp_path / "part.summary.json").read_text() == full_summary.replace("full.jsonl", "part.jsonl")
     classify.main(["--data", str(data), "--out", str(part), "--batch-size", "5", *teachers])  # nothing left to do
     assert part.read_bytes() == expected
 
