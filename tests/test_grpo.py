@@ -142,24 +142,24 @@ def test_reward_spec_errors_and_user_functions():
 
 
 def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
-    """Reward = share of completion tokens equal to TARGET; mean reward must rise within 30 CPU steps."""
+    """Reward = share of completion tokens equal to TARGET; the mean reward must rise within 20 CPU steps."""
     from lorapar.lora import LoraArgs, apply_lora
     from lorapar.masks import MaskedAdamW
 
     TARGET = 7
-    torch.manual_seed(0)
+    with torch.no_grad():  # peaked logits: with N(0, 0.02) the output layer caps any token near 3% probability
+        tiny_model.output.weight.mul_(20)
     apply_lora(tiny_model, LoraArgs(r=4, alpha=8.0, targets=("q", "v", "gate", "up", "down")))
     optimizer = MaskedAdamW.for_model(tiny_model, lr=3e-2, weight_decay=0.0)
-    args = grpo.GRPOArgs(num_generations=8, max_completion_len=6, beta=0.0, micro_batch=32)
-    prompts = [[1, 5, 9], [1, 11], [1, 3, 4, 20]]
+    args = grpo.GRPOArgs(num_generations=8, max_completion_len=4, beta=0.0, micro_batch=16)
+    prompts = [[1, 5, 9], [1, 11]]
 
     def score(_, completions):
         return torch.tensor([[sum(t == TARGET for t in c) / len(c)] for c in completions])
 
     history = []
-    for step in range(30):
+    for step in range(20):
         rollouts = grpo.make_rollouts(tiny_model, prompts, score, torch.ones(1), args, seed=step, eos_id=None, pad_id=0)
         history.append(rollouts.total_reward.mean().item())
         grpo.grpo_update(tiny_model, optimizer, rollouts, args, dist.DistInfo(), lrs=[3e-2])
-    start, end = sum(history[:5]) / 5, sum(history[-5:]) / 5
-    assert start < 0.1 and end > 0.5, history
+    assert history[0] < 0.1 and sum(history[-5:]) / 5 > 0.6, history
