@@ -10,7 +10,7 @@ An input `system` field (a known label) is kept as `reference_system`, and the s
 vote's accuracy against it. OUT minus its extension + ".summary.json" gets the summary (label split,
 per-teacher split and abstentions, Fleiss' kappa, the configuration), written atomically.
 
-Resumable: rows are appended, flushed and fsynced one by one in input order; a re-run with the same
+Resumable: rows are appended in input order, flushed and fsynced after every batch; a re-run with the same
 OUT skips rows already labelled (matched by row_id), repairs a partial last line left by a crash, and
 produces the same file an uninterrupted run would have.
 """
@@ -179,8 +179,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for j, (ex, rid) in enumerate(batch):
                 row = output_row(ex, rid, specs, [a[j] for a in answers], args.default_system, args.data)
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())  # a crash loses at most the rows still in flight
+            # A batch's rows are all known at once, so one fsync per batch loses no more work in a crash
+            # than one per row would, and it is what makes the rule teachers fast on a full dataset.
+            handle.flush()
+            os.fsync(handle.fileno())
             bar.update(len(batch))
 
     summary = summarise(args.out, specs)
