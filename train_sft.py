@@ -13,10 +13,11 @@ and all-reduced before the forward passes), so the update does not depend on how
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -24,8 +25,10 @@ from tqdm import tqdm
 from lorapar import dist
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
+from lorapar.dual import DualArgs
+from lorapar.dual_training import DualTraining
 from lorapar.io import atomic_write_json
-from lorapar.lora import LoraArgs, apply_lora, get_masks, named_lora_parameters, save_adapter
+from lorapar.lora import LoraArgs, apply_lora, get_masks, save_adapter
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW, save_masks
 from lorapar.tokenizer import Tokenizer
@@ -45,7 +48,7 @@ class SFTArgs:
     system: Optional[int] = field(default=None, metadata={"help": "keep only examples of this system (1 or 2)"})
     masks: str = field(default="", metadata={"help": "element masks (safetensors); none = every element trains"})
     stage: Optional[int] = field(default=None, metadata={"help": "which stage's mask in a two-stage mask file"})
-    adapter: str = field(default="lora", metadata={"choices": ["lora"], "help": "adapter type"})
+    adapter: str = field(default="lora", metadata={"choices": ["lora", "dual"], "help": "adapter type (dual: DM-LoRA, flags --dual-*)"})
     max_len: int = 512
     overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
     max_examples: int = field(default=0, metadata={"help": "use the first N examples (0 = all)"})
@@ -65,28 +68,44 @@ PRESETS = {
 }
 
 
-def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, LoraArgs]:
+def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArgs]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="paper hyper-parameters")
     add_dataclass_args(parser, SFTArgs)
     add_dataclass_args(parser, TrainArgs)
     add_lora_flags(parser)
+    add_dataclass_args(parser, DualArgs, skip=("dual_seed",))
     ns = parser.parse_args(argv)
     preset = PRESETS.get(ns.preset, {})
     sft = dataclass_from_args(SFTArgs, ns, SFTArgs(**preset.get("SFTArgs", {})))
     train = dataclass_from_args(TrainArgs, ns, TrainArgs(**preset.get("TrainArgs", {})))
-    lora = dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
+    unused = DualArgs if sft.adapter == "lora" else LoraArgs
+    stray = [f.name for f in dataclasses.fields(unused)
+             if f.name not in ("seed", "dual_seed") and getattr(ns, f.name, None) is not None]  # seeds: --seed
+    if stray:
+        parser.error(f"--adapter {sft.adapter} does not use {unused.__name__} flag(s) {stray}")
+    if sft.adapter == "dual":
+        lora = dataclass_from_args(DualArgs, ns, DualArgs(dual_seed=train.seed))
+    else:
+        lora = dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
     for name in ("ckpt", "tokenizer", "data"):
         if not getattr(sft, name):
             parser.error(f"--{name} is required")
     return sft, train, lora
 
 
-def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: LoraArgs) -> Callable[[str], None]:
-    """Put the adapter on `model` (frozen base, masks installed); returns save(directory).
+def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs]
+                  ) -> tuple[Callable[[str], None], Optional[DualTraining]]:
+    """Put the adapter on `model` (frozen base, masks installed); returns save(directory) and, for
+    --adapter dual, DM-LoRA's training hooks (regulariser, screening, resume).
 
     One place per adapter type (--adapter), so another adapter plugs in here.
     """
+    if cfg.adapter == "dual":
+        if cfg.masks:
+            raise ValueError("--masks holds LoRA-PAR element masks; --adapter dual prunes its own expert components")
+        dual = DualTraining(model, lora_args)
+        return dual.save, dual
     apply_lora(model, lora_args)
     if cfg.masks:
         install_masks(model, cfg.masks, cfg.stage)
@@ -96,7 +115,7 @@ def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: LoraArgs) -> 
         if cfg.masks:
             save_masks(os.path.join(directory, "masks.safetensors"), get_masks(model))
 
-    return save
+    return save, None
 
 
 def load_sft_data(cfg: SFTArgs, tokenizer: Tokenizer, seed: int) -> tuple[SFTDataset, Optional[SFTDataset]]:
@@ -168,16 +187,20 @@ def main(argv=None) -> dict:
     # ---- model and adapter
     model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    save_adapter_files = build_adapter(model, cfg, lora_args)
-    params = [p for _, p in named_lora_parameters(model)]
+    save_adapter_files, dual = build_adapter(model, cfg, lora_args)
+    params = [p for p in model.parameters() if p.requires_grad]
     dist.broadcast_params(params, info)
     optimizer = MaskedAdamW.for_model(
         model, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
     )
 
     # ---- resume: adapter, optimizer, schedule and data position, RNG of this rank
+    if dual is not None:
+        dual.start(optimizer, total_steps, info.world_size)
     start_step = 0
     if resume_from is not None:
+        if dual is not None:  # adapter, pruned masks and EMAs, before the optimizer state laid out by them
+            dual.resume(resume_from, optimizer)
         start_step = restore_training_state(resume_from, model, optimizer, config, info)
     elif info.is_main:
         save_config(os.path.join(train.out, "config.json"), cfg, train, lora_args,
@@ -222,14 +245,17 @@ def main(argv=None) -> dict:
                 nll, _ = answer_nll(model, batch["input_ids"].to(info.device), batch["labels"].to(info.device))
             (nll / step_tokens).backward()
             nll_sum += nll.item()
+        if dual is not None:
+            dual.regulariser().backward()
         dist.all_reduce_grads(params, info)
         grad_norm = optimizer.clip_grad_norm_(train.max_grad_norm) if train.max_grad_norm > 0 else None
         optimizer.step()
+        dual_record = dual.after_step(step + 1) if dual is not None else {}  # reads this step's gradients
         optimizer.zero_grad(set_to_none=True)
         loss_value = dist.all_reduce_sum(torch.tensor(nll_sum, dtype=torch.float64), info).item() / step_tokens
         done = step + 1
         record = {"step": done, "epoch": epoch, "lr": lr, "loss": loss_value, "answer_tokens": int(step_tokens),
-                  "seconds": time.perf_counter() - started}
+                  "seconds": time.perf_counter() - started, **dual_record}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if eval_set is not None and (done == total_steps or (train.eval_every and done % train.eval_every == 0)):

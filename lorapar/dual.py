@@ -60,6 +60,7 @@ class DualArgs:
     dual_beta2: float = field(default=0.85, metadata={"help": "EMA of the uncertainty |I - I_bar|"})
     dual_budget_power: float = field(default=2.0, metadata={"help": "budget schedule exponent (2 paper, 3 AdaLoRA)"})
     dual_orth_lambda: float = field(default=0.1, metadata={"help": "weight of the orthogonality regulariser"})
+    dual_seed: int = field(default=0, metadata={"help": "seed of the expert init (and of a randomised SVD)"})
 
     @property
     def expert_rank(self) -> int:
@@ -203,7 +204,7 @@ def _require_dual(model: nn.Module, what: str) -> dict[str, DualLoRALinear]:
     return modules
 
 
-def apply_dual(model: nn.Module, args: DualArgs, seed: int = 0, initialise: bool = True) -> dict[str, DualLoRALinear]:
+def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dict[str, DualLoRALinear]:
     """Replace the targeted projections with DualLoRALinear, freeze everything else and (unless
     `initialise` is False, as when loading) run the PiSSA / expert init, one generator in model order."""
     root = _unwrap(model)
@@ -226,7 +227,7 @@ def apply_dual(model: nn.Module, args: DualArgs, seed: int = 0, initialise: bool
         raise ValueError(f"apply_dual: no module matches targets {args.dual_targets}")
     for p in root.parameters():
         p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(args.dual_seed)
     for m in found.values():
         for param in PARAMS:
             getattr(m, param).requires_grad_(True)

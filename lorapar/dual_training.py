@@ -1,6 +1,6 @@
 """What a training loop does for DM-LoRA (train_sft.py --adapter dual), in one object:
 
-    dual = DualTraining(model, dual_args, seed)           # apply the adapter (PiSSA shared + expert)
+    dual = DualTraining(model, dual_args)                 # apply the adapter (PiSSA shared + expert)
     optimizer = MaskedAdamW.for_model(model, ...)          # reads every mask the modules hold
     dual.start(optimizer, total_steps, world_size)
     per optimizer step:
@@ -30,11 +30,12 @@ SCREENER_FILE = "dual_screener.safetensors"
 
 
 class DualTraining:
-    def __init__(self, model: nn.Module, args: DualArgs, seed: int = 0):
+    def __init__(self, model: nn.Module, args: DualArgs):
         self.model, self.args = model, args
-        self.modules = apply_dual(model, args, seed=seed)
+        self.modules = apply_dual(model, args)
         self.screener: Optional[ExpertScreener] = None
         self.world_size = 1
+        self.last_orthogonality = float("nan")
 
     def start(self, optimizer, total_steps: int, world_size: int = 1) -> None:
         """Create the screener for a run of `total_steps` optimizer steps; `optimizer` is a MaskedAdamW."""
@@ -47,14 +48,16 @@ class DualTraining:
 
     def regulariser(self) -> torch.Tensor:
         """This rank's share of lambda * orthogonality loss (backward it once per optimizer step)."""
-        return self.args.dual_orth_lambda * orthogonality_loss(self.model) / self.world_size
+        loss = orthogonality_loss(self.model)
+        self.last_orthogonality = loss.item()
+        return self.args.dual_orth_lambda * loss / self.world_size
 
     def after_step(self, step: int) -> dict:
         """Screen after optimizer step `step` (1-based); returns metrics for the log."""
         if self.screener is None:
             raise RuntimeError("DualTraining.after_step: call start(optimizer, total_steps) first")
         budget = self.screener.step(step)
-        record = {"live_experts": self.screener.live_components()}
+        record = {"orthogonality_loss": self.last_orthogonality, "live_experts": self.screener.live_components()}
         if budget is not None:
             record["expert_budget"] = budget
         return record

@@ -167,8 +167,8 @@ def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model):
 def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_path):
     from lorapar.model import Transformer
 
-    args = DualArgs(**SMALL)
-    modules = apply_dual(tiny_model, args, seed=3)
+    args = DualArgs(**SMALL, dual_seed=3)
+    modules = apply_dual(tiny_model, args)
     _train_a_little(tiny_model)
     wq = modules["layers.0.attention.wq"]
     wq.prune_experts(torch.tensor([True, False] * 4))
@@ -225,7 +225,7 @@ def _dual_run(model, steps: int, t_init: int, t_final: int, delta_t: int, weight
     from lorapar.masks import MaskedAdamW
 
     args = DualArgs(**{**SMALL, "dual_t_init": t_init, "dual_t_final": t_final, "dual_delta_t": delta_t})
-    dual = DualTraining(model, args, seed=0)
+    dual = DualTraining(model, args)
     optimizer = MaskedAdamW.for_model(model, lr=lr, weight_decay=weight_decay)
     dual.start(optimizer, total_steps=steps)
     data = tokens(batch=4, length=12, seed=11)
@@ -282,7 +282,7 @@ def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_pat
     dual.save(str(tmp_path))
     fresh = Transformer(tiny_args)
     fresh.init_weights(seed=0)
-    resumed = DualTraining(fresh, dual.args, seed=0)
+    resumed = DualTraining(fresh, dual.args)
     optimizer = MaskedAdamW.for_model(fresh, lr=1e-2, weight_decay=0.1)
     resumed.start(optimizer, total_steps=14)
     resumed.resume(str(tmp_path), optimizer)
@@ -292,3 +292,41 @@ def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_pat
     x = tokens(seed=3)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), tiny_model.eval()(x), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- train_sft.py --adapter dual
+
+from test_sft import setup  # noqa: E402,F401  (the tiny base model + arithmetic data fixture)
+
+
+def _sft(setup, asset, out, *extra):
+    import json
+    from pathlib import Path
+
+    import train_sft
+
+    _, base, data = setup
+    argv = ["--ckpt", base, "--tokenizer", str(asset("models/llama2-tokenizer.model")), "--data", data,
+            "--out", str(out), "--template", "plain", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2",
+            "--warmup-ratio", "0", "--weight-decay", "0.1", "--max-steps", "8", "--save-every", "2",
+            "--adapter", "dual", "--dual-rank", "12", "--dual-shared-rank", "4", "--dual-alpha", "12",
+            "--dual-target-rank", "5", "--dual-t-init", "1", "--dual-t-final", "3", "--dual-delta-t", "2", *extra]
+    train_sft.main(argv)
+    return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_train_sft_dual_prunes_to_budget_and_resumes_bit_identically(setup, asset, tmp_path):
+    from safetensors.torch import load_file
+
+    straight = _sft(setup, asset, tmp_path / "straight")
+    assert straight[-1]["loss"] < straight[0]["loss"]
+    n_modules = 2 * 6
+    assert [m["live_experts"] for m in straight] == [n_modules * 8] + [
+        budget_at(s, 8, n_modules * 8, n_modules * 5, 1, 3) for s in (2, 2, 4, 5, 5, 5)
+    ] + [n_modules * 5]
+    _sft(setup, asset, tmp_path / "resumed", "--halt-at", "3")
+    resumed = _sft(setup, asset, tmp_path / "resumed", "--resume")
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+    for name in ("adapter_model.safetensors", "masks.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
