@@ -1,0 +1,247 @@
+"""Masked GRPO: LoRA-PAR's stage 2 (System-2 data, stage-2 element mask), starting from the SFT adapter.
+
+    python train_rl.py --ckpt BASE --tokenizer tokenizer.model --adapter runs/sft --data train.jsonl \
+        --out runs/grpo [--system 2] [--masks masks.safetensors --stage 2] [--preset lorapar-grpo]
+    torchrun --nproc_per_node=8 train_rl.py ...
+
+Each step takes P prompts (split over the ranks), samples G completions of each with the KV-cache
+generator, scores them with the reward functions (--rewards "name=weight,..."; lorapar/rewards.py),
+turns the rewards into group-normalised advantages and runs mu optimizer passes of the clipped GRPO
+objective with a k3 KL penalty against the reference policy (lorapar/grpo.py). Sampling seeds derive
+from (seed, step, rank), so a resumed run draws exactly the completions the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from lorapar import dist
+from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
+from lorapar.data import format_prompt, load_examples
+from lorapar.grpo import GRPOArgs, grpo_update, make_rollouts
+from lorapar.io import atomic_write_json
+from lorapar.lora import LoraArgs, apply_lora, disable_adapter, get_masks, load_adapter, named_lora_parameters, save_adapter
+from lorapar.masks import MaskedAdamW, save_masks
+from lorapar.rewards import DEFAULT_SPEC, parse_spec
+from lorapar.tokenizer import Tokenizer
+from lorapar.trainer import (
+    MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir, restore_training_state,
+    save_checkpoint, seed_everything, select_system, training_state,
+)
+
+
+@dataclass
+class RLArgs:
+    ckpt: str = field(default="", metadata={"help": "base model (Meta dir, HF dir or llama2.c .bin)"})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
+    adapter: str = field(default="", metadata={"help": "SFT adapter directory to start from (none = a fresh LoRA)"})
+    data: str = field(default="", metadata={"help": "prompts with reference answers (.jsonl / .jsonl.gz)"})
+    format: str = field(default="gsm8k", metadata={"choices": ["gsm8k", "mmlu", "humaneval", "instruction", "labelled"]})
+    template: str = field(default="reasoning", metadata={"choices": ["plain", "chat", "reasoning"]})
+    system: Optional[int] = field(default=None, metadata={"help": "keep only examples of this system (1 or 2)"})
+    masks: str = field(default="", metadata={"help": "element masks (safetensors); none = every element trains"})
+    stage: Optional[int] = field(default=None, metadata={"help": "which stage's mask in a two-stage mask file"})
+    rewards: str = field(default=DEFAULT_SPEC, metadata={"help": "reward functions and weights: name=w,...; module:function for your own"})
+    max_examples: int = field(default=0, metadata={"help": "use the first N examples (0 = all)"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
+    base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on CPU"})
+    gradient_checkpointing: bool = False
+
+
+PRESETS = {
+    # LoRA-PAR's GRPO: lr 5e-6, betas (0.9, 0.99), weight decay 0.1, warm-up 0.1, G 8, 128 / 256 tokens, clip 0.1.
+    "lorapar-grpo": {
+        "TrainArgs": dict(lr=5e-6, betas=(0.9, 0.99), weight_decay=0.1, warmup_ratio=0.1, max_grad_norm=0.1,
+                          schedule="cosine", epochs=1),
+        "GRPOArgs": dict(num_generations=8, max_prompt_len=128, max_completion_len=256),
+    },
+}
+
+
+def parse_config(argv=None) -> tuple[RLArgs, GRPOArgs, TrainArgs, Optional[LoraArgs]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="paper hyper-parameters")
+    add_dataclass_args(parser, RLArgs)
+    add_dataclass_args(parser, GRPOArgs)
+    add_dataclass_args(parser, TrainArgs, skip=("batch_size", "grad_accum", "global_batch", "eval_every"))
+    add_lora_flags(parser)
+    ns = parser.parse_args(argv)
+    preset = PRESETS.get(ns.preset, {})
+    rl = dataclass_from_args(RLArgs, ns, RLArgs(**preset.get("RLArgs", {})))
+    grpo = dataclass_from_args(GRPOArgs, ns, GRPOArgs(**preset.get("GRPOArgs", {})))
+    train = dataclass_from_args(TrainArgs, ns, TrainArgs(**preset.get("TrainArgs", {})))
+    for name in ("ckpt", "tokenizer", "data"):
+        if not getattr(rl, name):
+            parser.error(f"--{name} is required")
+    lora_flags = [f"--{f}" for f in ("r", "alpha", "dropout", "targets", "init", "init_std", "use_rslora", "pissa_niter")
+                  if getattr(ns, f, None) is not None]
+    if rl.adapter and lora_flags:
+        parser.error(f"{', '.join(lora_flags)}: the LoRA configuration comes from --adapter {rl.adapter}")
+    lora = None if rl.adapter else dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
+    return rl, grpo, train, lora
+
+
+@contextlib.contextmanager
+def swapped_adapter(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily give the adapter other values (the frozen SFT adapter as reference policy)."""
+    current = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, current):
+                p.copy_(v)
+
+
+def main(argv=None) -> dict:
+    cfg, grpo, train, lora_args = parse_config(argv)
+    info = dist.init_distributed(train.device)
+    if grpo.prompts_per_step % info.world_size:
+        raise ValueError(f"--prompts-per-step {grpo.prompts_per_step} is not a multiple of {info.world_size} ranks")
+    resume_from = prepare_run_dir(train, info)
+    seed_everything(train.seed)
+    reward_fns = parse_spec(cfg.rewards)
+    weights = torch.tensor([w for _, _, w in reward_fns])
+
+    # ---- data: prompts (longer than --max-prompt-len are left out and counted)
+    tokenizer = Tokenizer(cfg.tokenizer)
+    examples = select_system(load_examples(cfg.data, cfg.format, skip_bad=cfg.skip_bad), cfg.system, cfg.data)
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    encoded = [(e, tokenizer.encode(format_prompt(e, cfg.template), bos=True)) for e in examples]
+    kept = [(e, ids) for e, ids in encoded if len(ids) <= grpo.max_prompt_len]
+    too_long = len(encoded) - len(kept)
+    if len(kept) < grpo.prompts_per_step:
+        raise ValueError(
+            f"{cfg.data}: {len(kept)} usable prompts ({too_long} longer than --max-prompt-len {grpo.max_prompt_len}) "
+            f"do not fill one step of --prompts-per-step {grpo.prompts_per_step}"
+        )
+    steps_per_epoch = len(kept) // grpo.prompts_per_step
+    total_steps = train.max_steps or train.epochs * steps_per_epoch
+
+    # ---- model, adapter (the SFT one, or fresh), masks, reference policy, optimizer
+    model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.adapter:
+        lora_args = load_adapter(model, cfg.adapter)
+    else:
+        apply_lora(model, lora_args)
+    if cfg.masks:
+        install_masks(model, cfg.masks, cfg.stage)
+    params = [p for _, p in named_lora_parameters(model)]
+    dist.broadcast_params(params, info)
+    initial_adapter = [p.detach().clone() for p in params]
+    reference = {"base": lambda: disable_adapter(model), "sft": lambda: swapped_adapter(params, initial_adapter)}[grpo.reference]
+    optimizer = MaskedAdamW.for_model(
+        model, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
+    )
+    config = config_to_dict(cfg, grpo, train, lora_args)
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = restore_training_state(resume_from, model, optimizer, config, info)
+    elif info.is_main:
+        save_config(os.path.join(train.out, "config.json"), cfg, grpo, train, lora_args,
+                    extra={"world_size": info.world_size, "total_steps": total_steps})
+    metrics = MetricsLog(os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None)
+    if start_step == 0:
+        metrics.log({"step": 0, "prompts": len(kept), "prompts_over_max_len": too_long,
+                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
+
+    def save_files(directory: str) -> None:
+        save_adapter(model, directory, lora_args)
+        if cfg.masks:
+            save_masks(os.path.join(directory, "masks.safetensors"), get_masks(model))
+
+    def checkpoint(step: int) -> None:
+        def write_files(directory: str) -> None:
+            save_files(directory)
+            atomic_write_json(os.path.join(directory, "config.json"), config)
+
+        state = training_state(step, model, optimizer, total_steps, steps_per_epoch, config)
+        save_checkpoint(train.out, step, info, state, write_files, keep=train.keep_checkpoints)
+
+    def score(prompt_index: list[int], completions: list[list[int]], batch: list) -> torch.Tensor:
+        rows = []
+        for i, tokens in zip(prompt_index, completions):
+            text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
+            rows.append([float(fn(text, batch[i])) for _, fn, _ in reward_fns])
+        return torch.tensor(rows)
+
+    # ---- training loop
+    last_step = min(total_steps, train.halt_at) if train.halt_at else total_steps
+    bar = tqdm(total=total_steps, initial=start_step, disable=not info.is_main, desc="grpo", dynamic_ncols=True)
+    order: tuple[int, list[int]] = (-1, [])
+    for step in range(start_step, last_step):
+        epoch, position = divmod(step, steps_per_epoch)
+        if order[0] != epoch:
+            shuffled = list(range(len(kept)))
+            random.Random(train.seed + epoch).shuffle(shuffled)
+            order = (epoch, shuffled)
+        step_prompts = order[1][position * grpo.prompts_per_step : (position + 1) * grpo.prompts_per_step]
+        mine = [kept[i] for i in dist.shard(step_prompts, info)]
+        batch_examples = [e for e, _ in mine]
+        rollouts = make_rollouts(
+            model, [ids for _, ids in mine], lambda idx, comps: score(idx, comps, batch_examples), weights, grpo,
+            seed=(train.seed * 1_000_003 + step) * 1009 + info.rank, eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id, reference=reference if grpo.beta else None,
+        )
+        started = time.perf_counter()
+        lrs = [lr_at(step * grpo.mu + k, total_steps * grpo.mu, train) for k in range(grpo.mu)]
+        stats = grpo_update(model, optimizer, rollouts, grpo, info, lrs=lrs, max_grad_norm=train.max_grad_norm,
+                            autocast=lambda: autocast(info.device))
+        train_seconds = time.perf_counter() - started
+        done = step + 1
+        record = {"step": done, "epoch": epoch, "lr": lrs[-1], **stats, **rollout_stats(rollouts, reward_fns, grpo, info),
+                  "generation_seconds": rollouts.generation_seconds, "training_seconds": train_seconds}
+        if done % train.log_every == 0 or done == last_step:
+            metrics.log(record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}")
+        if done == last_step or (train.save_every and done % train.save_every == 0):
+            checkpoint(done)
+    bar.close()
+
+    finished = last_step == total_steps
+    if finished and info.is_main:
+        save_files(train.out)
+    dist.barrier(info)
+    return {"out": train.out, "steps": last_step, "finished": finished}
+
+
+def rollout_stats(rollouts, reward_fns, grpo: GRPOArgs, info: dist.DistInfo) -> dict[str, float]:
+    """Reward mean / std per function and in total, share of groups with zero reward std, completion lengths."""
+    gathered = dist.all_gather_objects(
+        (rollouts.rewards, rollouts.total_reward, rollouts.completion_lengths), info
+    )
+    rewards = torch.cat([g[0] for g in gathered])
+    total = torch.cat([g[1] for g in gathered])
+    lengths = torch.tensor([n for g in gathered for n in g[2]], dtype=torch.float32)
+    out = {"reward_mean": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0}
+    for column, (name, _, _) in enumerate(reward_fns):
+        out[f"reward/{name}_mean"] = rewards[:, column].mean().item()
+        out[f"reward/{name}_std"] = rewards[:, column].std().item() if rewards.shape[0] > 1 else 0.0
+    group_std = total.view(-1, grpo.num_generations).std(1)
+    out["zero_std_groups"] = (group_std == 0).float().mean().item()
+    out["completion_length_mean"] = lengths.mean().item()
+    out["completion_length_max"] = lengths.max().item()
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        dist.shutdown()
