@@ -193,6 +193,9 @@ def make_splits(args: SyntheticArgs) -> tuple[list[dict], list[dict]]:
     rng.shuffle(operations)
     # System 1: test takes facts and operations in equal numbers; train gets what remains.
     s1_test_n, s1_train_n = args.n_test // 2, args.n_train // 2
+    if len(facts) < s1_test_n // 2:
+        raise ValueError(f"SyntheticArgs: n_test={args.n_test} needs {s1_test_n // 2} fact questions, the world "
+                         f"has {len(facts)} (raise n_planets)")
     s1_test = facts[: s1_test_n // 2] + operations[: s1_test_n - s1_test_n // 2]
     rest = facts[s1_test_n // 2 :] + operations[s1_test_n - s1_test_n // 2 :]
     rng.shuffle(rest)
