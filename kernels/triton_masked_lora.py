@@ -40,20 +40,23 @@ from torch import Tensor
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
-# (tile sizes..., num_warps, num_stages) candidates for the autotuner on a GPU.
-_MATMUL_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-                 (128, 256, 32, 8, 3), (64, 64, 32, 2, 5)]
+# (tile sizes..., num_warps, num_stages) candidates for the autotuner on a GPU. GROUP_N trades the
+# rank-r product recomputed per column block (R_PAD / (BLOCK_N * GROUP_N) of the base MMA work)
+# against parallelism (GROUP_N times fewer programs).
+_MATMUL_TILES = [(128, 128, 32, 1, 8, 3), (128, 128, 32, 2, 8, 3), (128, 128, 32, 4, 8, 3),
+                 (128, 256, 32, 1, 8, 3), (128, 256, 32, 2, 8, 3), (64, 128, 32, 2, 4, 4),
+                 (128, 64, 32, 4, 4, 4), (64, 64, 64, 4, 4, 3)]
 _REDUCTION_TILES = [(64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3), (32, 64, 2, 4), (128, 64, 8, 3)]
 
 
 def _configs(names: tuple[str, ...], tiles: list[tuple[int, ...]]) -> list[triton.Config]:
     """Autotuner candidates; one 16-wide tile under the interpreter (fast, and every edge is hit)."""
-    if INTERPRET:
-        return [triton.Config(dict.fromkeys(names, 16), num_warps=1, num_stages=1)]
+    if INTERPRET:  # GROUP_N 2: the grouped column loop and a fully out-of-range block are exercised
+        return [triton.Config({name: 2 if name == "GROUP_N" else 16 for name in names}, num_warps=1, num_stages=1)]
     return [triton.Config(dict(zip(names, tile)), num_warps=tile[-2], num_stages=tile[-1]) for tile in tiles]
 
 
-_MATMUL_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _MATMUL_TILES)
+_MATMUL_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_N"), _MATMUL_TILES)
 
 
 @triton.jit
@@ -76,35 +79,38 @@ def _dropout(x, rows, cols, n_cols, p, seed, DTYPE: tl.constexpr):
 def _forward_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, N, IN, OUT, R, scale, p, seed,
                     R_PAD: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                     COMPUTE_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    """GROUP_N column blocks per program; x_d A^T is formed in the first one's K loop and reused."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, R_PAD)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * IN + ks[None, :],
-                    mask=(rows[:, None] < N) & (ks[None, :] < IN), other=0.0)
-        w_t = tl.load(w_ptr + cols[None, :] * IN + ks[:, None],  # W^T tile (BLOCK_K, BLOCK_N)
-                      mask=(cols[None, :] < OUT) & (ks[:, None] < IN), other=0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * IN + ks[:, None],  # A^T tile (BLOCK_K, R_PAD)
-                      mask=(ranks[None, :] < R) & (ks[:, None] < IN), other=0.0)
-        x = _widen(x, COMPUTE_F32)
-        acc = tl.dot(x, _widen(w_t, COMPUTE_F32), acc, input_precision=PRECISION)
-        if DROPOUT:
-            x = _widen(_dropout(x, rows, ks, IN, p, seed, DTYPE), COMPUTE_F32)
-        xa = tl.dot(x, _widen(a_t, COMPUTE_F32), xa, input_precision=PRECISION)
-    b_t = tl.load(b_ptr + cols[None, :] * R + ranks[:, None],  # B^T tile (R_PAD, BLOCK_N)
-                  mask=(cols[None, :] < OUT) & (ranks[:, None] < R), other=0.0)
-    xa_low = xa.to(DTYPE)  # rounded like the stored xa, so forward and backward see the same xa
-    lora = tl.dot(_widen(xa_low, COMPUTE_F32), _widen(b_t, COMPUTE_F32), input_precision=PRECISION)
-    acc += scale * lora
-    tl.store(y_ptr + rows[:, None] * OUT + cols[None, :], acc.to(DTYPE),
-             mask=(rows[:, None] < N) & (cols[None, :] < OUT))
+    for group in tl.static_range(GROUP_N):
+        cols = (tl.program_id(1) * GROUP_N + group) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * IN + ks[None, :],
+                        mask=(rows[:, None] < N) & (ks[None, :] < IN), other=0.0)
+            w_t = tl.load(w_ptr + cols[None, :] * IN + ks[:, None],  # W^T tile (BLOCK_K, BLOCK_N)
+                          mask=(cols[None, :] < OUT) & (ks[:, None] < IN), other=0.0)
+            x = _widen(x, COMPUTE_F32)
+            acc = tl.dot(x, _widen(w_t, COMPUTE_F32), acc, input_precision=PRECISION)
+            if group == 0:  # compile-time: the same x tile feeds the rank-r product
+                a_t = tl.load(a_ptr + ranks[None, :] * IN + ks[:, None],  # A^T tile (BLOCK_K, R_PAD)
+                              mask=(ranks[None, :] < R) & (ks[:, None] < IN), other=0.0)
+                if DROPOUT:
+                    x = _widen(_dropout(x, rows, ks, IN, p, seed, DTYPE), COMPUTE_F32)
+                xa = tl.dot(x, _widen(a_t, COMPUTE_F32), xa, input_precision=PRECISION)
+        b_t = tl.load(b_ptr + cols[None, :] * R + ranks[:, None],  # B^T tile (R_PAD, BLOCK_N)
+                      mask=(cols[None, :] < OUT) & (ranks[:, None] < R), other=0.0)
+        xa_low = xa.to(DTYPE)  # rounded like the stored xa, so forward and backward see the same xa
+        lora = tl.dot(_widen(xa_low, COMPUTE_F32), _widen(b_t, COMPUTE_F32), input_precision=PRECISION)
+        acc += scale * lora
+        tl.store(y_ptr + rows[:, None] * OUT + cols[None, :], acc.to(DTYPE),
+                 mask=(rows[:, None] < N) & (cols[None, :] < OUT))
     if tl.program_id(1) == 0:
-        tl.store(xa_ptr + rows[:, None] * R + ranks[None, :], xa_low,
+        tl.store(xa_ptr + rows[:, None] * R + ranks[None, :], xa.to(DTYPE),
                  mask=(rows[:, None] < N) & (ranks[None, :] < R))
 
 
@@ -113,37 +119,40 @@ def _forward_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, N, IN, OUT, R, sc
 def _dx_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, dyb_ptr, N, IN, OUT, R, scale, p, seed,
                R_PAD: tl.constexpr, DROPOUT: tl.constexpr, STORE_DYB: tl.constexpr,
                PRECISION: tl.constexpr, COMPUTE_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    """GROUP_N column blocks (of in_features) per program; dY B is formed in the first one's K loop."""
     DTYPE: tl.constexpr = dy_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # over in_features
     ranks = tl.arange(0, R_PAD)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, OUT, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        dy = tl.load(dy_ptr + rows[:, None] * OUT + ks[None, :],
-                     mask=(rows[:, None] < N) & (ks[None, :] < OUT), other=0.0)
-        w = tl.load(w_ptr + ks[:, None] * IN + cols[None, :],
-                    mask=(ks[:, None] < OUT) & (cols[None, :] < IN), other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * R + ranks[None, :],
-                    mask=(ks[:, None] < OUT) & (ranks[None, :] < R), other=0.0)
-        dy = _widen(dy, COMPUTE_F32)
-        acc = tl.dot(dy, _widen(w, COMPUTE_F32), acc, input_precision=PRECISION)
-        dyb = tl.dot(dy, _widen(b, COMPUTE_F32), dyb, input_precision=PRECISION)
-    a = tl.load(a_ptr + ranks[:, None] * IN + cols[None, :],
-                mask=(ranks[:, None] < R) & (cols[None, :] < IN), other=0.0)
-    dyb_low = dyb.to(DTYPE)
-    lora = tl.dot(_widen(dyb_low, COMPUTE_F32), _widen(a, COMPUTE_F32), input_precision=PRECISION)
-    if DROPOUT:
-        keep = tl.rand(seed, rows[:, None] * IN + cols[None, :]) >= p
-        lora = tl.where(keep, lora / (1.0 - p), 0.0)
-    acc += scale * lora
-    tl.store(dx_ptr + rows[:, None] * IN + cols[None, :], acc.to(DTYPE),
-             mask=(rows[:, None] < N) & (cols[None, :] < IN))
+    for group in tl.static_range(GROUP_N):
+        cols = (tl.program_id(1) * GROUP_N + group) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, OUT, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            dy = tl.load(dy_ptr + rows[:, None] * OUT + ks[None, :],
+                         mask=(rows[:, None] < N) & (ks[None, :] < OUT), other=0.0)
+            w = tl.load(w_ptr + ks[:, None] * IN + cols[None, :],
+                        mask=(ks[:, None] < OUT) & (cols[None, :] < IN), other=0.0)
+            dy = _widen(dy, COMPUTE_F32)
+            acc = tl.dot(dy, _widen(w, COMPUTE_F32), acc, input_precision=PRECISION)
+            if group == 0:  # compile-time: the same dY tile feeds dY B
+                b = tl.load(b_ptr + ks[:, None] * R + ranks[None, :],
+                            mask=(ks[:, None] < OUT) & (ranks[None, :] < R), other=0.0)
+                dyb = tl.dot(dy, _widen(b, COMPUTE_F32), dyb, input_precision=PRECISION)
+        a = tl.load(a_ptr + ranks[:, None] * IN + cols[None, :],
+                    mask=(ranks[:, None] < R) & (cols[None, :] < IN), other=0.0)
+        dyb_low = dyb.to(DTYPE)
+        lora = tl.dot(_widen(dyb_low, COMPUTE_F32), _widen(a, COMPUTE_F32), input_precision=PRECISION)
+        if DROPOUT:
+            keep = tl.rand(seed, rows[:, None] * IN + cols[None, :]) >= p
+            lora = tl.where(keep, lora / (1.0 - p), 0.0)
+        acc += scale * lora
+        tl.store(dx_ptr + rows[:, None] * IN + cols[None, :], acc.to(DTYPE),
+                 mask=(rows[:, None] < N) & (cols[None, :] < IN))
     if STORE_DYB:
         if tl.program_id(1) == 0:
-            tl.store(dyb_ptr + rows[:, None] * R + ranks[None, :], dyb_low,
+            tl.store(dyb_ptr + rows[:, None] * R + ranks[None, :], dyb.to(DTYPE),
                      mask=(rows[:, None] < N) & (ranks[None, :] < R))
 
 
@@ -237,7 +246,7 @@ def forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: fl
     xa = torch.empty(n, rank, dtype=x.dtype, device=x.device)
     if n == 0:
         return y, xa
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"] * meta["GROUP_N"]))  # noqa: E731
     _forward_kernel[grid](x, weight, lora_A, lora_B, y, xa, n, n_in, n_out, rank, scale, p, seed,
                           R_PAD=_rank_pad(rank), DROPOUT=p > 0, **_common(x))
     return y, xa
@@ -257,7 +266,8 @@ def backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, 
     if need_x:
         dx = torch.empty_like(x)
         if n > 0:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n_in, meta["BLOCK_N"]))  # noqa: E731
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),  # noqa: E731
+                                  triton.cdiv(n_in, meta["BLOCK_N"] * meta["GROUP_N"]))
             _dx_kernel[grid](dy, weight, lora_A, lora_B, dx, dyb, n, n_in, n_out, rank, scale, p, seed,
                              R_PAD=r_pad, DROPOUT=p > 0, STORE_DYB=need_A, **common)
     elif need_A:
