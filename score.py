@@ -115,7 +115,7 @@ def plot_importance(path: str, p: Partition, scores1: dict, scores2: dict, seed:
     except ImportError:
         return None
     x1, x2 = p.layout.flatten(scores1, "system 1"), p.layout.flatten(scores2, "system 2")
-    picked = torch.randint(x1.numel(), (min(PLOT_POINTS, x1.numel()),), generator=torch.Generator().manual_seed(seed))
+    picked = torch.randperm(x1.numel(), generator=torch.Generator().manual_seed(seed))[:PLOT_POINTS]
     floor = float(torch.cat([x1[x1 > 0], x2[x2 > 0]]).min())  # zeros drawn at the smallest positive score
     fig, ax = plt.subplots(figsize=(6, 6))
     for region, colour in (("neither", "0.75"), ("system1_only", "tab:blue"), ("system2_only", "tab:red"), ("shared", "tab:purple")):
