@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 from kernels import masked_lora_linear
 from lorapar.config import field
+from lorapar.checkpoint import hf_to_meta_state_dict, meta_to_hf_name, meta_to_hf_state_dict
 from lorapar.io import atomic_save_safetensors, atomic_write_json
 from lorapar.lora import LoRALinear, _unwrap, lora_modules, peft_key, resolve_targets
 
@@ -284,12 +285,29 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
 # ---------------------------------------------------------------------- adapters on disk
 
 
+B_TENSORS = ("lora_B", "expert_B", "init_B")  # (out, r): their rows follow the base weight's output rows
+
+
+def _output_rows(module_name: str, tensor: torch.Tensor, model: nn.Module, to_hf: bool) -> torch.Tensor:
+    """Hugging Face permutes the output rows of q_proj / k_proj (lorapar.checkpoint); on disk the
+    B-type tensors of those modules are in HF order, as in lorapar.lora's adapter files."""
+    if not module_name.endswith(("wq", "wk")):
+        return tensor
+    name = module_name + ".weight"
+    args = _unwrap(model).args
+    moved = meta_to_hf_state_dict({name: tensor}, args) if to_hf else hf_to_meta_state_dict({meta_to_hf_name(name): tensor}, args)
+    return next(iter(moved.values())).contiguous()
+
+
 def dual_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor plus each module's initial shared factors (init_A, init_B), which rebuild
-    the residual base W0 - s B0 A0 from the original W0 when the adapter is loaded."""
-    out = {key: p.detach() for key, p in named_dual_parameters(model)}
+    """The adapter file's tensors: every trainable tensor plus each module's initial shared factors
+    (init_A, init_B), which rebuild the residual base W0 - s B0 A0 from the original W0 on loading.
+    Output rows of q/k B-type tensors in HF order (see _output_rows)."""
+    out = {}
     for name, m in _require_dual(model, "dual_state_dict").items():
-        out[adapter_key(name, "init_A")], out[adapter_key(name, "init_B")] = m.init_A, m.init_B
+        for p in (*PARAMS, "init_A", "init_B"):
+            tensor = getattr(m, p).detach().float().cpu()
+            out[adapter_key(name, p)] = _output_rows(name, tensor, model, to_hf=True) if p in B_TENSORS else tensor
     return out
 
 
@@ -333,12 +351,20 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
     modules = dual_modules(model) or apply_dual(model, args, initialise=False)
     path = os.path.join(adapter_dir, ADAPTER_FILE)
     tensors = load_file(path)
-    expected = {adapter_key(n, p) for n in modules for p in (*PARAMS, "init_A", "init_B")}
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    shapes = {  # init_A / init_B have the shared factors' shapes
+        adapter_key(n, p): getattr(m, {"init_A": "lora_A", "init_B": "lora_B"}.get(p, p)).shape
+        for n, m in modules.items() for p in (*PARAMS, "init_A", "init_B")
+    }
+    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     if missing or extra:
         raise KeyError(f"{path}: keys do not match the model's dual-LoRA modules; missing {missing[:3]} ({len(missing)}), "
                        f"unexpected {extra[:3]} ({len(extra)})")
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(shape)})" for k, shape in shapes.items() if tensors[k].shape != shape]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} tensor(s) of the wrong shape, e.g. {wrong[:2]}")
     for name, m in modules.items():
+        for p in B_TENSORS:
+            tensors[adapter_key(name, p)] = _output_rows(name, tensors[adapter_key(name, p)], model, to_hf=False)
         init_A, init_B = tensors[adapter_key(name, "init_A")], tensors[adapter_key(name, "init_B")]
         if m.init_A is None:
             m.set_residual_base(init_A, init_B)
@@ -346,11 +372,7 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
         elif not (torch.equal(m.init_A.cpu(), init_A) and torch.equal(m.init_B.cpu(), init_B)):
             raise ValueError(f"{path}: {name} was initialised from other principal factors; load onto the original base model")
         for p in PARAMS:
-            key = adapter_key(name, p)
-            target = getattr(m, p)
-            if tensors[key].shape != target.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(target.shape)}")
-            target.copy_(tensors[key])
+            getattr(m, p).copy_(tensors[adapter_key(name, p)])
     masks_path = os.path.join(adapter_dir, MASKS_FILE)
     if not os.path.exists(masks_path):
         raise FileNotFoundError(f"{masks_path}: a dual-LoRA adapter needs its masks file (the pruned components)")

@@ -165,6 +165,9 @@ def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model):
 
 
 def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_path):
+    from safetensors.torch import load_file
+
+    from lorapar.checkpoint import meta_to_hf_state_dict
     from lorapar.model import Transformer
 
     args = DualArgs(**SMALL, dual_seed=3)
@@ -183,6 +186,10 @@ def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_pat
     loaded_masks, masks = get_dual_masks(fresh), get_dual_masks(tiny_model)
     assert loaded_masks.keys() == masks.keys() and all(torch.equal(loaded_masks[k], masks[k]) for k in masks)
     assert adapter_key("layers.0.attention.wq", "expert_E") in masks
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    hf_rows = meta_to_hf_state_dict({"layers.0.attention.wq.weight": wq.expert_B.detach()}, tiny_args)
+    assert torch.equal(saved[adapter_key("layers.0.attention.wq", "expert_B")], next(iter(hf_rows.values())))
+    assert not torch.equal(saved[adapter_key("layers.0.attention.wq", "expert_B")], wq.expert_B.detach())
     assert (
         adapter_key("layers.0.attention.wq", "lora_A") == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     )
@@ -330,3 +337,32 @@ def test_train_sft_dual_prunes_to_budget_and_resumes_bit_identically(setup, asse
     for name in ("adapter_model.safetensors", "masks.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_loading_a_bad_adapter_names_the_file_and_the_problem(tiny_model, tiny_args, tmp_path):
+    import json
+    import shutil
+
+    from lorapar.model import Transformer
+
+    args = DualArgs(**SMALL)
+    apply_dual(tiny_model, args)
+    save_dual_adapter(tiny_model, str(tmp_path / "good"), args)
+
+    def fresh(**overrides):
+        model = Transformer(type(tiny_args)(**{**tiny_args.__dict__, **overrides}))
+        model.init_weights(seed=0)
+        return model
+
+    with pytest.raises(ValueError, match=r"good/adapter_model.safetensors: \d+ tensor\(s\) of the wrong shape"):
+        load_dual_adapter(fresh(dim=32, hidden_dim=48, n_heads=4, n_kv_heads=2), str(tmp_path / "good"))
+    shutil.copytree(tmp_path / "good", tmp_path / "no_masks")
+    (tmp_path / "no_masks" / "masks.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no_masks/masks.safetensors"):
+        load_dual_adapter(fresh(), str(tmp_path / "no_masks"))
+    shutil.copytree(tmp_path / "good", tmp_path / "plain")
+    (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(ValueError, match="plain/adapter_config.json: not a dual-LoRA adapter"):
+        load_dual_adapter(fresh(), str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="t_init"):
+        ExpertScreener(dual_modules(tiny_model), total_steps=10, target_rank=5, t_init=6, t_final=4, delta_t=1)
