@@ -1,8 +1,8 @@
 """Importance screening of the DM-LoRA expert components: AdaLoRA's sensitivity EMAs and rank budget.
 
 Each expert module of rank r_e holds components i = (row i of A_e, gate E_i, column i of B_e). After
-every optimizer step the per-element sensitivity of every expert parameter w is smoothed (AdaLoRA,
-Zhang et al. 2023, eq. 8-10; the update order is the reference code's):
+every optimizer step the per-element sensitivity of every expert parameter w is smoothed as in AdaLoRA
+(Zhang et al., ICLR 2023; the update order is its reference code's):
 
     I      = |w * dL/dw|
     I_bar <- beta1 * I_bar + (1 - beta1) * I

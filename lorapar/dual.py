@@ -160,13 +160,14 @@ class DualLoRALinear(LoRALinear):
 
     @torch.no_grad()
     def prune_experts(self, alive: torch.Tensor) -> None:
-        """Zero and freeze the gates, A_e rows and B_e columns of the components not `alive` (r_e,)."""
+        """Zero and freeze the gates, A_e rows and B_e columns of the components not `alive` (r_e,).
+        Pruned components stay pruned: `alive` is intersected with the live set."""
         if alive.shape != self.expert_E.shape or alive.dtype != torch.bool:
             raise ValueError(f"prune_experts: expected a bool mask of shape {tuple(self.expert_E.shape)}, got "
                              f"{alive.dtype} {tuple(alive.shape)}")
         if self.merged:
             raise RuntimeError("prune_experts: unmerge the adapter first")
-        alive = alive.to(self.expert_E.device)
+        alive = alive.to(self.expert_E.device) & self.expert_alive
         self.expert_E.masked_fill_(~alive, 0.0)
         self.mask_expert_E = alive.clone()
         self.mask_expert_A = self._mask_or_ones("expert_A") & alive[:, None]
@@ -276,7 +277,7 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
     modules = list(_require_dual(model, "orthogonality_loss").values())
     total = 0.0
     for m in modules:
-        A, B = m.expert_A.float(), m.expert_B.float()
+        A, B = m.expert_A, m.expert_B
         eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         total = total + torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
     return total / len(modules)
