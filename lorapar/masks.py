@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -154,9 +155,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             if mask is None:
                 _adamw(p, p.grad, state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p), state["step"], group)
             else:
-                values = p[mask]  # the packed copy; frozen elements of p are never written below
-                _adamw(values, p.grad[mask], state["exp_avg"], state["exp_avg_sq"], state["step"], group)
-                p.masked_scatter_(mask, values)
+                index = _active_index(mask)
+                values = p.view(-1).index_select(0, index)  # the packed copy; frozen elements are never written
+                _adamw(values, p.grad.reshape(-1).index_select(0, index), state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+                p.view(-1).index_copy_(0, index, values)
         return loss
 
     @torch.no_grad()
@@ -170,7 +172,10 @@ class MaskedAdamW(torch.optim.Optimizer):
         grads = [(p.grad, mask) for _, p, mask, _ in self._entries() if p.grad is not None]
         if not grads:
             return torch.tensor(0.0)
-        norms = [torch.linalg.vector_norm(g if mask is None else g[mask], dtype=torch.float32) for g, mask in grads]
+        norms = [
+            torch.linalg.vector_norm(g if mask is None else g.reshape(-1).index_select(0, _active_index(mask)), dtype=torch.float32)
+            for g, mask in grads
+        ]
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g, _ in grads:
@@ -244,9 +249,25 @@ def _adamw(x: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: 
     x.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def _active_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the active elements, in the packed state's order.
+
+    Recomputed at every step rather than cached: an int64 (or even int32) index per active element
+    would cost as much memory as the state it saves. One index plus index_select / index_copy_ is
+    several times faster than boolean indexing and masked_scatter_; on the CPU numpy's flatnonzero
+    is ~20x faster than torch.nonzero (torch 2.13), which would otherwise dominate the step.
+    """
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flat.numpy()))
+    return flat.nonzero().squeeze(1)
+
+
 def _check_mask(mask: Optional[torch.Tensor], p: torch.Tensor, name: str) -> None:
     if mask is None:
         return
+    if not p.is_contiguous():
+        raise ValueError(f"MaskedAdamW: {name} must be contiguous to be masked (its elements are updated through a flat view)")
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
         raise ValueError(f"MaskedAdamW: the mask of {name} must be a bool tensor of shape {tuple(p.shape)}, "
                          f"got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
