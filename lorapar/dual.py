@@ -319,7 +319,8 @@ def save_dual_adapter(model: nn.Module, out_dir: str, args: DualArgs) -> None:
     if any(m.merged for m in modules.values()):
         raise RuntimeError("save_dual_adapter: unmerge the adapter first")
     config = {
-        "adapter": "dual_lora",  # not peft_type: peft has no DM-LoRA and must not load it as plain LoRA
+        "adapter": "dual_lora",
+        "peft_type": "DUAL_LORA",  # not "LORA": peft and lora.load_adapter must refuse it, not load half of it
         "target_modules": sorted({peft_key(n, "A").split(".")[-3] for n in modules}),
         "r": args.dual_rank,
         "lora_alpha": args.dual_alpha,
@@ -329,6 +330,13 @@ def save_dual_adapter(model: nn.Module, out_dir: str, args: DualArgs) -> None:
     atomic_save_safetensors(os.path.join(out_dir, ADAPTER_FILE), dual_state_dict(model), metadata={"format": "pt"})
     atomic_save_safetensors(os.path.join(out_dir, MASKS_FILE), get_dual_masks(model))
     atomic_write_json(os.path.join(out_dir, CONFIG_FILE), config)
+
+
+def is_dual_adapter(adapter_dir: str) -> bool:
+    """Whether `adapter_dir` holds a dual-LoRA adapter (load_dual_adapter) rather than a LoRA one (lora.load_adapter)."""
+    path = os.path.join(adapter_dir, CONFIG_FILE)
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("adapter") == "dual_lora"
 
 
 def read_dual_config(adapter_dir: str) -> DualArgs:

@@ -19,11 +19,13 @@ from lorapar.dual import (  # noqa: E402
     apply_dual,
     dual_modules,
     get_dual_masks,
+    is_dual_adapter,
     load_dual_adapter,
     orthogonality_loss,
     save_dual_adapter,
 )
 from lorapar.lora import disable_adapter, merge, unmerge  # noqa: E402
+from lorapar.lora import load_adapter as lora_load_adapter  # noqa: E402
 
 SMALL = dict(dual_rank=12, dual_shared_rank=4, dual_alpha=12.0, dual_target_rank=5.0)  # r_e = 8, s = 1
 
@@ -356,6 +358,9 @@ def test_loading_a_bad_adapter_names_the_file_and_the_problem(tiny_model, tiny_a
 
     with pytest.raises(ValueError, match=r"good/adapter_model.safetensors: \d+ tensor\(s\) of the wrong shape"):
         load_dual_adapter(fresh(dim=32, hidden_dim=48, n_heads=4, n_kv_heads=2), str(tmp_path / "good"))
+    assert is_dual_adapter(str(tmp_path / "good"))
+    with pytest.raises((KeyError, ValueError), match="DUAL_LORA|lora_expert"):  # never half-loaded as plain LoRA
+        lora_load_adapter(fresh(), str(tmp_path / "good"))
     shutil.copytree(tmp_path / "good", tmp_path / "no_masks")
     (tmp_path / "no_masks" / "masks.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no_masks/masks.safetensors"):
