@@ -96,7 +96,7 @@ def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, i
         encoded = encode_for_scoring(chosen, tokenizer, args, available)
         if not encoded.rows:
             raise ValueError(f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len {args.max_len}")
-        scores[system], moments = score_rows(model, encoded.rows, args.order, info, progress=f"system {system}")
+        scores[system], moments = score_rows(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)
         stats[f"system{system}"] = dict(available=available, selected=len(chosen), scored=moments.count,
                                         answer_tokens=moments.tokens, truncated=encoded.truncated,
                                         no_answer_tokens=encoded.no_answer_tokens)  # fmt: skip

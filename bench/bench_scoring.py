@@ -2,9 +2,10 @@
 
 Random weights and tokens (throughput does not depend on them): each example has --tokens tokens, the
 last half of them answer tokens. Reports examples/s and answer tokens/s of one system's scoring, with
-the paper's adapter (r 8, q,k,v,gate,up,down, gaussian init).
+the paper's adapter (r 8, q,k,v,gate,up,down, gaussian init), one example per backward pass against
+batched per-example gradients.
 
-    python bench/bench_scoring.py [--examples 6 --tokens 256 --threads N]
+    python bench/bench_scoring.py [--examples 8 --tokens 256 --batch-size 4 --threads N]
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from lorapar.model import Transformer  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=6)
+    parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4, help="the batched path's batch size (compared with 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -44,15 +46,21 @@ def main() -> None:
         ids = torch.randint(3, model_args.vocab_size, (args.tokens,), generator=g).tolist()
         rows.append((ids, [IGNORE_INDEX] * (args.tokens // 2) + ids[args.tokens // 2 :]))
 
-    accumulate_moments(model, rows[:1])  # warm-up (allocator, lazy inits)
-    start = time.perf_counter()
-    moments = accumulate_moments(model, rows[1:])
-    seconds = time.perf_counter() - start
-    importance_from_moments(model, moments)
     print(f"llama-100m ({model.num_params() / 1e6:.0f}M parameters, adapter {n_adapter / 1e6:.2f}M elements), "
           f"{args.threads} threads, {args.examples} examples x {args.tokens} tokens")  # fmt: skip
-    print(f"  {args.examples / seconds:.2f} examples/s   {moments.tokens / seconds:.0f} answer tokens/s   "
-          f"{seconds / args.examples * 1000:.0f} ms per example (forward + backward + moment update)")  # fmt: skip
+    accumulate_moments(model, rows[:1])  # warm-up (allocator, lazy inits)
+    rates, results = {}, {}
+    for batch_size in (1, args.batch_size):
+        start = time.perf_counter()
+        results[batch_size] = moments = accumulate_moments(model, rows[1:], batch_size=batch_size)
+        seconds = time.perf_counter() - start
+        importance_from_moments(model, moments)
+        rates[batch_size] = args.examples / seconds
+        print(f"  batch {batch_size}: {rates[batch_size]:.2f} examples/s   {moments.tokens / seconds:.0f} answer tokens/s   "
+              f"{seconds / args.examples * 1000:.0f} ms per example (forward + backward + moment update)")  # fmt: skip
+    loop, batched = results[1].sum_grad_sq, results[args.batch_size].sum_grad_sq
+    print(f"  batched / loop speed: {rates[args.batch_size] / rates[1]:.2f}x   "
+          f"max relative difference of sum g^2: {float((batched - loop).abs().max() / loop.abs().max()):.1e}")
 
 
 if __name__ == "__main__":

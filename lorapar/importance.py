@@ -8,7 +8,9 @@ order with the diagonal empirical Fisher in place of the Hessian:
     I(phi) = | mean_i(g_i * phi) |                                     (order "first")
 
 Only the running sums sum_i g_i and sum_i g_i^2 (and the example count) are kept, so memory is two
-copies of the adapter whatever the number of examples. Under torchrun each rank takes every
+copies of the adapter whatever the number of examples. Per-example gradients come either from one
+backward pass per example (batch_size 1, the reference) or from one per batch, formed from each LoRA
+module's input and output gradient (`_accumulate_batch`); the two agree to float rounding. Under torchrun each rank takes every
 world_size-th example and the sums are all-reduced before the scores are formed.
 
 The adapter must be non-degenerate: with the usual LoRA init (B = 0) every gradient of A is zero,
@@ -27,8 +29,8 @@ from tqdm import tqdm
 
 from lorapar.data import TEMPLATES, Example, encode_example, format_prompt, format_response
 from lorapar.dist import DistInfo, all_reduce_sum
-from lorapar.lora import INITS, LoraArgs, named_lora_parameters
-from lorapar.loss import IGNORE_INDEX, answer_nll
+from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters, peft_key
+from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
 
 ORDERS = ("second", "first")
 
@@ -45,6 +47,7 @@ class ImportanceArgs:
     init: str = field(default="gaussian", metadata={"help": "scoring init; gaussian draws A and B (B = 0 gives A zero scores)", "choices": INITS})
     init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (the authors: 0.01)"})
     seed: int = field(default=0, metadata={"help": "seed of the example sampling and of the adapter init"})
+    batch_size: int = field(default=4, metadata={"help": "examples per forward/backward (1 = the one-at-a-time reference); per-example gradients either way"})
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -52,6 +55,8 @@ class ImportanceArgs:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
 
@@ -118,10 +123,67 @@ def example_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     return total / count, count
 
 
+def _accumulate_batch(model: nn.Module, batch, params, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Per-example gradients of a right-padded batch, added into sums[peft_key] = (sum g, sum g^2).
+
+    The backward pass runs once on the sum of the per-example mean losses; a hook on each LoRA
+    module's output receives dy (b, T, out) and, since example b's loss reaches only row b, forms
+    its gradients of y = x W0^T + s (x A^T) B^T from its input x (b, T, in):
+
+        dB_b = s * sum_t dy_bt^T (x_bt A^T)        dA_b = s * sum_t (dy_bt B)^T x_bt
+
+    Right padding changes nothing: padded positions come after every real token (causal attention)
+    and carry no loss, so their dy is exactly zero.
+    """
+    device = params[0].device
+
+    def hook(name: str, module: LoRALinear):
+        def on_forward(_module, inputs, output):
+            x = inputs[0].detach()
+
+            def on_output_grad(dy: torch.Tensor) -> None:
+                A, B = module.lora_A.detach().to(dy.dtype), module.lora_B.detach().to(dy.dtype)
+                per_example = {
+                    "A": module.scale * torch.einsum("btr,bti->bri", dy @ B, x),
+                    "B": module.scale * torch.einsum("bto,btr->bor", dy, x @ A.T),
+                }
+                for which, g in per_example.items():
+                    total, total_sq = sums[peft_key(name, which)]
+                    g = g.float()
+                    total.add_(g.sum(0))
+                    total_sq.add_(g.square().sum(0))
+
+            output.register_hook(on_output_grad)
+
+        return on_forward
+
+    modules = lora_modules(model)
+    if any(m.mask_A is not None or m.mask_B is not None for m in modules.values()):
+        raise ValueError("batched scoring needs an adapter without element masks (score a fresh adapter)")
+    handles = [m.register_forward_hook(hook(name, m)) for name, m in modules.items()]
+    try:
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
+        labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device)
+        logp, mask = target_logprobs(model, input_ids, labels)
+        counts = mask.sum(1)
+        loss = (-logp.sum(1) / counts).sum()
+        torch.autograd.grad(loss, params)  # runs the hooks; the summed gradient itself is not needed
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(counts.sum())
+
+
 def accumulate_moments(
-    model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], *, progress: Optional[str] = None
+    model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 1, progress: Optional[str] = None
 ) -> GradientMoments:
-    """Per-example gradients of `example_loss`, one example at a time, summed into running moments."""
+    """Per-example gradients of `example_loss`, summed into running moments.
+
+    batch_size 1: torch.autograd.grad one example at a time (the reference). batch_size > 1: one
+    forward/backward per batch with the per-example gradients formed in `_accumulate_batch`; the two
+    agree up to float rounding (tested).
+    """
     named = named_lora_parameters(model)
     if not named:
         raise RuntimeError("accumulate_moments: the model has no LoRA modules (apply the scoring adapter first)")
@@ -136,14 +198,22 @@ def accumulate_moments(
     was_training = model.training
     model.eval()  # no dropout: the scores describe the model as it is
     try:
-        for input_ids, labels in tqdm(rows, desc=progress, disable=progress is None, unit="ex"):
-            loss, count = example_loss(
-                model, torch.tensor(input_ids, device=device), torch.tensor(labels, device=device)
-            )
-            grads = [g.float() for g in torch.autograd.grad(loss, params)]
-            torch._foreach_add_(grad_views, grads)
-            torch._foreach_addcmul_(grad_sq_views, grads, grads)
-            tokens += count
+        with tqdm(total=len(rows), desc=progress, disable=progress is None, unit="ex") as bar:
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                if batch_size == 1:
+                    (input_ids, labels), = batch
+                    loss, count = example_loss(
+                        model, torch.tensor(input_ids, device=device), torch.tensor(labels, device=device)
+                    )
+                    grads = [g.float() for g in torch.autograd.grad(loss, params)]
+                    torch._foreach_add_(grad_views, grads)
+                    torch._foreach_addcmul_(grad_sq_views, grads, grads)
+                    tokens += count
+                else:
+                    sums = {k: pair for k, pair in zip(keys, zip(grad_views, grad_sq_views))}
+                    tokens += _accumulate_batch(model, batch, params, sums)
+                bar.update(len(batch))
     finally:
         model.train(was_training)
     return GradientMoments(keys, [p.shape for p in params], sum_grad, sum_grad_sq, len(rows), tokens)
@@ -170,9 +240,10 @@ def importance_from_moments(model: nn.Module, moments: GradientMoments, order: s
 
 def score_rows(
     model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], order: str = "second",
-    info: DistInfo = DistInfo(), progress: Optional[str] = None,
+    info: DistInfo = DistInfo(), progress: Optional[str] = None, batch_size: int = 1,
 ) -> tuple[dict[str, torch.Tensor], GradientMoments]:  # fmt: skip
     """Importance over `rows`; under torchrun each rank takes every world_size-th row."""
-    moments = accumulate_moments(model, rows[info.rank :: info.world_size], progress=progress if info.is_main else None)
+    share = rows[info.rank :: info.world_size]
+    moments = accumulate_moments(model, share, batch_size=batch_size, progress=progress if info.is_main else None)
     moments.all_reduce(info)
     return importance_from_moments(model, moments, order), moments

@@ -70,6 +70,18 @@ def test_scores_equal_hand_computation(tiny_model):
     assert not torch.equal(second[next(iter(second))], first[next(iter(first))])
 
 
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_batched_per_example_gradients_equal_the_loop(tiny_model, batch_size):
+    model = scoring_model(tiny_model)
+    rows = random_rows(5)  # lengths 6..10: batches are right-padded
+    loop = accumulate_moments(model, rows)
+    batched = accumulate_moments(model, rows, batch_size=batch_size)
+    assert (batched.count, batched.tokens) == (loop.count, loop.tokens)
+    for mine, reference in ((batched.sum_grad, loop.sum_grad), (batched.sum_grad_sq, loop.sum_grad_sq)):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))
+    assert loop.sum_grad_sq.min() >= 0 and loop.sum_grad_sq.max() > 0
+
+
 def test_zero_B_init_gives_zero_A_scores(tiny_model):
     """Why the scoring adapter is gaussian: with peft's init (B = 0) no gradient reaches A."""
     model = scoring_model(tiny_model, init="lora")
@@ -117,6 +129,8 @@ def test_bad_importance_args():
         ImportanceArgs(samples=0)
     with pytest.raises(ValueError, match="order must be one of"):
         ImportanceArgs(order="third")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ImportanceArgs(batch_size=0)
 
 
 # ----------------------------------------------------------------------------- two processes, gloo
