@@ -100,7 +100,7 @@ def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, i
         stats[f"system{system}"] = dict(available=available, selected=len(chosen), scored=moments.count,
                                         answer_tokens=moments.tokens, truncated=encoded.truncated,
                                         no_answer_tokens=encoded.no_answer_tokens)  # fmt: skip
-        if len(chosen) < args.samples:
+        if len(chosen) < args.samples and info.is_main:
             print(f"system {system}: only {available} examples in {data}; scored {moments.count} (asked for {args.samples})")
     return scores, stats
 

@@ -39,7 +39,7 @@ ORDERS = ("second", "first")
 class ImportanceArgs:
     samples: int = field(default=100, metadata={"help": "examples scored per system (the paper: 100); fewer if fewer exist"})
     order: str = field(default="second", metadata={"help": "second: |E[g phi] - E[g^2] phi^2 / 2| (paper); first: |E[g phi]|", "choices": ORDERS})
-    template: str = field(default="plain", metadata={"help": "prompt/response template", "choices": TEMPLATES})
+    template: str = field(default="reasoning", metadata={"help": "prompt/response template (as train_sft.py: score the responses that are trained)", "choices": TEMPLATES})
     max_len: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut from the right"})
     rank: int = field(default=8, metadata={"help": "LoRA rank of the scored adapter (must match training)"})
     lora_alpha: float = field(default=64.0, metadata={"help": "lora_alpha of the scored adapter"})
