@@ -152,7 +152,10 @@ def _train_a_little(model, steps: int = 3):
         opt.zero_grad()
 
 
-def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model):
+def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model, tmp_path):
+    from lorapar.checkpoint import load_model
+    from lorapar.lora import export_merged
+
     modules = apply_dual(tiny_model, DualArgs(**SMALL))
     _train_a_little(tiny_model)
     assert all(m.expert_E.abs().sum() > 0 for m in modules.values())
@@ -164,6 +167,9 @@ def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model):
         torch.testing.assert_close(tiny_model(x), unmerged, atol=2e-5, rtol=1e-5)
         unmerge(tiny_model)
     assert torch.equal(modules["layers.1.feed_forward.w2"].weight, residual)
+    export_merged(tiny_model, str(tmp_path / "merged"))  # a plain checkpoint anyone can load
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "merged"))(x), unmerged, atol=2e-5, rtol=1e-5)
 
 
 def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_path):
