@@ -119,7 +119,7 @@ def test_encoding_counts_truncated_and_unscorable_examples():
     encoded = encode_for_scoring(examples, CharTokenizer(), args, available=2)
     # "Question: hi\nAnswer:" is 20 chars + BOS: the first example's answer is cut away entirely too
     assert (len(encoded.rows), encoded.truncated, encoded.no_answer_tokens) == (0, 2, 2)
-    encoded = encode_for_scoring(examples, CharTokenizer(), ImportanceArgs(max_len=30), available=2)
+    encoded = encode_for_scoring(examples, CharTokenizer(), ImportanceArgs(max_len=30, template="plain"), available=2)
     assert (len(encoded.rows), encoded.truncated, encoded.no_answer_tokens) == (1, 1, 1)
     assert all(len(ids) <= 30 for ids, _ in encoded.rows)
 
