@@ -4,8 +4,10 @@
 
 W0 stays frozen at `<module>.weight`, so the model's state-dict keys for base weights never change.
 Element masks (`mask_A`, `mask_B`, bool buffers, None = every element trains) say which elements of
-A and B may train; the kernel multiplies their gradients by the mask and `lorapar.masks.MaskedAdamW`
-keeps optimizer state for active elements only, so a frozen element never moves.
+A and B may train; the kernel zeroes their masked-out gradients and `lorapar.masks.MaskedAdamW`
+updates and keeps state for active elements only, so a frozen element never moves. Change masks
+with set_masks (then `optimizer.sync_masks(model)`), never in place: the optimizer's packed state
+is laid out by them.
 
 Inits (LoraArgs.init):
   lora      A ~ Kaiming-uniform(a=sqrt(5)) as peft does, B = 0: the model is unchanged at start.
@@ -18,8 +20,11 @@ Inits (LoraArgs.init):
 For pissa/olora the initial A0, B0 are kept (non-persistent buffers) so that an adapter can be loaded
 onto the original base: the residual is rebuilt as W0 - s B0 A0 by the same code, bit for bit.
 
-Names: modules are keyed by Meta names ("layers.0.attention.wq"); on disk, parameters use peft keys
-("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").
+Names: modules are keyed by Meta names ("layers.0.attention.wq"); parameters and masks by peft keys
+("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"). Layout: in memory, in mask and
+importance files everything is in the model's (Meta) layout; adapter files are in Hugging Face's,
+i.e. the rows of q_proj / k_proj lora_B are permuted as lorapar.checkpoint permutes q/k weights, so
+that peft on a transformers LLaMA computes exactly the same function (tested).
 """
 
 from __future__ import annotations
@@ -43,9 +48,7 @@ from lorapar.io import atomic_save_safetensors, atomic_write_json
 # One canonical spelling (Meta's leaf name) per target, reachable from every accepted spelling.
 SHORT_TO_META = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
 META_TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-META_TO_SHORT = {m: s for s, m in SHORT_TO_META.items()}
 HF_TO_META = {h: m for m, h in META_TO_HF.items()}
-_BLOCK_OF = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention", "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
 _HF_BLOCK = {"attention": "self_attn", "feed_forward": "mlp"}
 _META_BLOCK = {h: m for m, h in _HF_BLOCK.items()}
 INITS = ("lora", "gaussian", "pissa", "olora")
@@ -217,7 +220,11 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W0 + s B A in fp32; W0 is kept so that unmerge restores it bit for bit."""
+        """W <- W0 + s B A in fp32; W0 is kept so that unmerge restores it bit for bit.
+
+        For inference (generation, export): while merged the adapter receives no gradient. The copy
+        of W0 costs one base weight per module; export_merged unmerges again when it is done.
+        """
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
         delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
@@ -232,8 +239,9 @@ class LoRALinear(nn.Module):
         self.weight_before_merge = None
 
     def set_masks(self, mask_A: Optional[torch.Tensor], mask_B: Optional[torch.Tensor]) -> None:
-        self.mask_A = None if mask_A is None else mask_A.to(self.lora_A.device)
-        self.mask_B = None if mask_B is None else mask_B.to(self.lora_B.device)
+        # Own copies: a caller editing its dict afterwards must not change the masks under the optimizer.
+        self.mask_A = None if mask_A is None else mask_A.to(self.lora_A.device, copy=True)
+        self.mask_B = None if mask_B is None else mask_B.to(self.lora_B.device, copy=True)
 
 
 def principal_factors(

@@ -232,3 +232,54 @@ def test_param_groups_and_for_model_read_the_module_masks(tiny_args):
     two = MaskedAdamW([{"params": [a], "lr": 0.1}, {"params": [(b, None)], "weight_decay": 0.0}], lr=1e-3)
     assert [g["lr"] for g in two.param_groups] == [0.1, 1e-3] and two.param_groups[1]["weight_decay"] == 0.0
     copy.deepcopy(two.state_dict())
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank, world_size, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    from lorapar.config import ModelArgs
+    from tests.conftest import TINY_ARGS
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model, masks = lora_model(ModelArgs(**TINY_ARGS))
+        before = [p.detach().clone() for _, p in named_lora_parameters(model)]
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = MaskedAdamW.for_model(ddp, lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(100 * step + rank)  # each rank sees its own batch
+            tokens = torch.randint(0, 128, (2, 8), generator=gen)
+            optimizer.zero_grad()
+            logits = ddp(tokens)
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            optimizer.clip_grad_norm_(0.1)
+            optimizer.step()
+        torch.save(([p.detach() for _, p in named_lora_parameters(model)], before, masks), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_stay_identical_and_frozen_elements_never_move(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    after0, before, masks = torch.load(tmp_path / "rank0.pt")
+    after1, _, _ = torch.load(tmp_path / "rank1.pt")
+    for a0, a1, b, mask in zip(after0, after1, before, masks.values()):
+        assert torch.equal(a0, a1)  # the all-reduced gradients give every rank the same norm and update
+        assert torch.equal(a0[~mask], b[~mask]) and not torch.equal(a0[mask], b[mask])
