@@ -43,7 +43,7 @@ def inputs(tmp_path, asset):
 
 def argv(inputs, out, *extra):
     return ["--ckpt", inputs["ckpt"], "--tokenizer", inputs["tokenizer"], "--data", inputs["data"], "--out", str(out),
-            "--samples", "3", "--max-len", "48", "--rank", "2", "--lora-alpha", "4", "--targets", "q,v,down", *extra]  # fmt: skip
+            "--samples", "3", "--max-len", "48", "--template", "plain", "--rank", "2", "--lora-alpha", "4", "--targets", "q,v,down", *extra]  # fmt: skip
 
 
 def test_score_writes_consistent_outputs(inputs, tmp_path):
@@ -91,7 +91,7 @@ def test_score_writes_consistent_outputs(inputs, tmp_path):
 def test_refuses_to_overwrite_without_flag_and_run_scoring_in_process(inputs, tmp_path):
     out = tmp_path / "score"
     cfg = score.ScoreArgs(ckpt=inputs["ckpt"], tokenizer=inputs["tokenizer"], data=inputs["data"], out=str(out))
-    importance = ImportanceArgs(samples=2, max_len=40, rank=2, targets=("q",))
+    importance = ImportanceArgs(samples=2, max_len=40, rank=2, targets=("q",), template="plain")
     first = score.run_scoring(cfg, importance, PartitionArgs(theta=1.0))
     c = first["report"]["partition"]["total"]["count"]
     assert c["system1"] == c["stage1"] and c["neither"] == first["report"]["partition"]["total"]["elements"] - (
