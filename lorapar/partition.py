@@ -75,7 +75,7 @@ class Layout:
         for key, shape in zip(self.keys, self.shapes):
             if tensors[key].shape != shape:
                 raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
-        return torch.cat([tensors[key].detach().reshape(-1).float() for key in self.keys])
+        return torch.cat([tensors[key].detach().reshape(-1).to("cpu", torch.float32) for key in self.keys])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: seg.view(s) for k, s, seg in zip(self.keys, self.shapes, flat.split(self.sizes))}
@@ -88,9 +88,9 @@ def _buckets(values: torch.Tensor) -> torch.Tensor:
 def _check_scores(flat: torch.Tensor, layout: Layout, what: str) -> torch.Tensor:
     """Bucket index of every score; raises naming the first tensor with a negative or non-finite value."""
     bucket = _buckets(flat)
-    bad = (bucket < 0) | (bucket >= _FIRST_NON_FINITE_BUCKET)
-    if bad.any():
-        first = int(bad.nonzero()[0])
+    lowest, highest = torch.aminmax(bucket)  # one pass; the failure path below may be slow
+    if lowest < 0 or highest >= _FIRST_NON_FINITE_BUCKET:
+        first = int(((bucket < 0) | (bucket >= _FIRST_NON_FINITE_BUCKET)).nonzero()[0])
         index = int(torch.searchsorted(torch.tensor(layout.sizes).cumsum(0), first, right=True))
         raise ValueError(
             f"{what}: {layout.keys[index]!r} holds {flat[first].item()!r}; importance scores must be finite and >= 0"
@@ -115,7 +115,7 @@ def _select_largest(values: torch.Tensor, bucket: torch.Tensor, from_top: torch.
     ranked, order = torch.sort(values[in_bucket], descending=True, stable=True)
     if by_mass:
         cumulative = above + ranked.cumsum(0, dtype=torch.float64)
-        limit = int((ranked > 0).sum())  # zeros add no mass and are never kept
+        limit = int(torch.count_nonzero(ranked))  # zeros add no mass and are never kept
     else:
         cumulative = above + torch.arange(1, ranked.numel() + 1)
         limit = ranked.numel()
@@ -206,12 +206,14 @@ def partition(
         kept.append((flat, _top_mass(flat, bucket, args.theta)))
     (flat1, system1), (flat2, system2) = kept
     shared = system1 & system2
-    n_shared = int(shared.sum())
+    n_shared = int(torch.count_nonzero(shared))
 
     def stage(own: torch.Tensor, own_scores: torch.Tensor, fraction: float) -> torch.Tensor:
-        mask = own & ~shared
-        chosen = top_count_mask(own_scores[shared], round_half_up(fraction * n_shared))
-        return mask.masked_scatter_(shared, chosen)  # shared and own-only are disjoint
+        k = round_half_up(fraction * n_shared)
+        if k == n_shared:  # the paper's best alpha = beta = 1
+            return own.clone()
+        chosen = top_count_mask(own_scores[shared], k)
+        return (own & ~shared).masked_scatter_(shared, chosen)  # shared and own-only are disjoint
 
     return Partition(
         layout, system1, system2, stage(system1, flat1, args.alpha), stage(system2, flat2, args.beta)
@@ -222,7 +224,7 @@ def random_masks_like(masks: dict[str, torch.Tensor], generator: torch.Generator
     """Uniformly random masks with the same number of active elements as `masks`, tensor by tensor."""
     out = {}
     for key, mask in masks.items():
-        chosen = torch.randperm(mask.numel(), generator=generator)[: int(mask.sum())]
+        chosen = torch.randperm(mask.numel(), generator=generator)[: int(torch.count_nonzero(mask))]
         out[key] = torch.zeros(mask.numel(), dtype=torch.bool).index_fill_(0, chosen, True).view(mask.shape)
     return out
 
@@ -251,7 +253,7 @@ def partition_report(p: Partition) -> dict:
     """Counts and fractions of every region: in total, per layer, per module (q_proj, ...), per A/B."""
     sizes = torch.tensor(p.layout.sizes)
     segment_counts = {
-        name: torch.stack([seg.sum() for seg in p.region(name).split(p.layout.sizes)]) for name in REGIONS
+        name: torch.stack([torch.count_nonzero(seg) for seg in p.region(name).split(p.layout.sizes)]) for name in REGIONS
     }
     parsed = []
     for key in p.layout.keys:
