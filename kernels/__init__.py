@@ -34,6 +34,10 @@ def _check(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, mask_A: Op
         if tuple(got) != want:
             raise ValueError(f"masked_lora_linear: {name} has shape {tuple(got)}, expected {want} "
                              f"for weight (out={out_features}, in={in_features}) and rank {rank}")
+    for name, tensor in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("mask_A", mask_A),
+                         ("mask_B", mask_B)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"masked_lora_linear: {name} is on {tensor.device}, x on {x.device}")
     for name, mask, param in (("mask_A", mask_A, lora_A), ("mask_B", mask_B, lora_B)):
         if mask is not None and (mask.dtype != torch.bool or mask.shape != param.shape):
             raise ValueError(f"masked_lora_linear: {name} must be a bool tensor of shape "

@@ -44,6 +44,9 @@ def use_triton(x: Tensor) -> bool:
     if os.environ.get(_FORCE_TRITON_ENV, "") == "1":
         if triton_kernels() is None:
             raise RuntimeError(f"{_FORCE_TRITON_ENV}=1 but Triton cannot be imported: {_triton_error}")
+        if not x.is_cuda and not triton_kernels().INTERPRET:
+            raise RuntimeError(f"{_FORCE_TRITON_ENV}=1 with {x.device} tensors needs TRITON_INTERPRET=1 set "
+                               f"before the first Triton kernel is imported")
         return True
     return x.is_cuda and triton_kernels() is not None
 
