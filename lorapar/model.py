@@ -28,28 +28,25 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (bf16 loses the mean of squares), scale in the input dtype, as Meta does.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * theta^(-2i/D) for i < D/2, each (length, D/2), in fp32."""
+def rope_tables(length: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """exp(i * position * theta^(-2i/D)) for i < D/2: complex64 (length, D/2), computed in fp64 then rounded."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles in cos/sin (B, T, 1, D/2).
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by `rotation` (B, T, 1, D/2), complex.
 
-    This is Meta's convention (a complex multiply on adjacent pairs); Hugging Face checkpoints rotate
+    This is Meta's convention, a complex multiply on adjacent pairs (one fused kernel, several times
+    faster in decoding than the same rotation spelled with cos/sin). Hugging Face checkpoints rotate
     half-split pairs instead, which checkpoint.py absorbs by permuting the rows of wq and wk.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -91,15 +88,14 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: torch.Tensor,
         attn_mask: Optional[torch.Tensor],
         cache: Optional[KVCache],
         start_pos: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation)
+        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
@@ -132,8 +128,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, cache, start_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, start_pos)
+    def forward(self, x, rotation, attn_mask, cache, start_pos):
+        h = x + self.attention(self.attention_norm(x), rotation, attn_mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -148,7 +144,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False  # recompute each block in backward: activations O(layers) -> O(1)
-        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # computed lazily (meta-device friendly)
+        self._rope: Optional[torch.Tensor] = None  # computed lazily (meta-device friendly)
 
     def init_weights(self, seed: int = 0) -> None:
         """Random init for pretraining from scratch: N(0, 0.02), residual projections scaled by depth."""
@@ -164,8 +160,8 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def rope(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
+    def rope(self, length: int, device: torch.device) -> torch.Tensor:
+        if self._rope is None or self._rope.shape[0] < length or self._rope.device != device:
             size = max(length, self.args.max_seq_len)
             self._rope = rope_tables(size, self.args.head_dim, self.args.rope_theta, device)
         return self._rope
@@ -195,18 +191,18 @@ class Transformer(nn.Module):
         end = start_pos + T
         if cache is not None and end > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} slots but tokens reach slot {end}")
-        cos, sin = self.rope(end, device)
+        rope = self.rope(end, device)
         slots = torch.arange(start_pos, end, device=device)
         positions = slots.expand(B, T) if pad is None else (slots[None, :] - pad[:, None]).clamp_min(0)
-        cos, sin = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+        rotation = rope[positions].unsqueeze(2)
         attn_mask = self._attention_mask(start_pos, T, pad, device) if (cache is not None or pad is not None) else None
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, attn_mask, cache, start_pos, use_reentrant=False)
+                h = checkpoint(layer, h, rotation, attn_mask, cache, start_pos, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, cache, start_pos)
+                h = layer(h, rotation, attn_mask, cache, start_pos)
         h = self.norm(h)
         if return_hidden:
             return h

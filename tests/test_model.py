@@ -14,8 +14,7 @@ def test_rotary_matches_meta_complex_multiply():
     torch.manual_seed(0)
     B, T, H, D = 2, 5, 3, 8
     x = torch.randn(B, T, H, D)
-    cos, sin = rope_tables(T, D, 10000.0, torch.device("cpu"))
-    ours = apply_rotary(x, cos[None, :, None], sin[None, :, None])
+    ours = apply_rotary(x, rope_tables(T, D, 10000.0, torch.device("cpu"))[None, :, None])
     freqs = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
     rotation = torch.polar(torch.ones(T, D // 2), torch.outer(torch.arange(T).float(), freqs))
     reference = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation[None, :, None]).flatten(-2)
