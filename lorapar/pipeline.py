@@ -1,0 +1,354 @@
+"""LoRA-PAR end to end, with its baselines on the same budget, in one command.
+
+    python -m lorapar.pipeline                       # embedded default: synthetic task, tiny base (~15 min, 2 CPUs)
+    python -m lorapar.pipeline --smoke --out /tmp/s  # every stage and row at toy size (~1 min; CI runs it)
+    python -m lorapar.pipeline --ckpt llama-2-7b --tokenizer tokenizer.model \\
+        --train-data gsm8k/train.jsonl --test-data gsm8k/test.jsonl [--teacher SPEC ...]   # the paper's recipe
+
+Stages (each writes into its own directory under --out and is skipped when a previous run completed it):
+  assets    embedded default only: synthetic task, SentencePiece tokenizer, pretrained tiny base (pretrain.py)
+  classify  System 1 / 2 labels by the teachers' majority vote (classify.py)
+  score     element importance per system, theta partition, stage masks and random masks (score.py)
+  then per method an SFT run (train_sft.py), a GRPO run (train_rl.py) and greedy evaluation of each
+  adapter on the test split (lorapar.evaluate):
+    lora     LoRA, every element trained: SFT on all rows, then GRPO on System-2 rows
+    lorapar  LoRA-PAR: SFT on System-1 rows with the stage-1 mask, GRPO on System-2 rows with the stage-2 mask
+    random   LoRA-PAR's schedule with random masks of the same per-tensor sizes
+    pissa    LoRA-PAR with the adapter initialised by PiSSA
+    dmlora   DM-LoRA (dual-module adapter) SFT on all rows (no GRPO: train_rl.py trains LoRA adapters)
+Results: results.json (atomic) and results.md, the table printed at the end (lorapar/report.py).
+
+A stage is complete when its record OUT/stages/NAME.json exists (written last, with its timing); an
+interrupted training stage resumes from its latest checkpoint (the scripts' --resume), any other
+incomplete stage is redone. --overwrite redoes every stage (the embedded assets are kept: they are
+deterministic; delete OUT/assets to rebuild them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
+from lorapar.io import atomic_write_json, atomic_write_text
+from lorapar.report import format_report, summarise
+
+METHODS = ("lora", "lorapar", "random", "pissa", "dmlora")
+
+
+@dataclass
+class PipelineConfig:
+    """Defaults are the paper's recipe (real inputs); EMBEDDED and SMOKE below scale it to the tiny task."""
+
+    out: str = field(default="runs/default", metadata={"help": "run directory (one subdirectory per stage)"})
+    smoke: bool = field(default=False, metadata={"help": "toy sizes for a ~1-minute run of every stage (CI)"})
+    overwrite: bool = field(default=False, metadata={"help": "redo every stage instead of skipping completed ones"})
+    seed: int = 0
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 is far faster on a shared, busy machine)"})
+    assets: str = field(default="", metadata={"help": "embedded default: where the built assets live (default OUT/assets)"})
+    ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir or llama2.c .bin)"})
+    tokenizer: str = field(default="", metadata={"help": "real inputs: SentencePiece tokenizer.model"})
+    train_data: str = field(default="", metadata={"help": "real inputs: GSM8K-format training jsonl"})
+    test_data: str = field(default="", metadata={"help": "real inputs: GSM8K-format test jsonl ('system' field: per-system accuracy)"})
+    teachers: tuple[str, ...] = ()  # --teacher SPEC, repeatable (specs contain commas, so not a list flag)
+    teacher_batch_size: int = 16
+    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"rows of the table, among {METHODS}"})
+    template: str = field(default="reasoning", metadata={"choices": ["plain", "chat", "reasoning"], "help": "prompt/response template of every stage"})
+    rewards: str = field(default="correct=2.0,integer=0.5,strict_format=0.5,soft_format=0.5,xml_count=0.5",
+                         metadata={"help": "GRPO rewards (lorapar/rewards.py spec)"})
+    # score (importance + partition)
+    theta: float = field(default=0.9, metadata={"help": "cumulative-importance threshold per system"})
+    score_samples: int = field(default=100, metadata={"help": "examples scored per system"})
+    # the adapter
+    rank: int = 8
+    lora_alpha: float = 64.0
+    targets: tuple[str, ...] = ("q", "k", "v", "gate", "up", "down")
+    # SFT (train_sft.py --preset lorapar-sft, these fields on top)
+    sft_steps: int = field(default=0, metadata={"help": "optimizer steps of every SFT run (0: one epoch of its data)"})
+    sft_lr: float = 2e-4
+    sft_batch_size: int = 4
+    sft_global_batch: int = 32
+    sft_max_len: int = 512
+    # GRPO (train_rl.py --preset lorapar-grpo, these fields on top)
+    rl_steps: int = field(default=0, metadata={"help": "GRPO steps of every RL run (0: one epoch of the System-2 prompts)"})
+    rl_lr: float = 5e-6
+    rl_prompts_per_step: int = 4
+    rl_generations: int = 8
+    rl_max_prompt_len: int = 128
+    rl_max_completion_len: int = 256
+    rl_beta: float = 0.04
+    rl_micro_batch: int = 8
+    # DM-LoRA (train_sft.py --adapter dual)
+    dual_rank: int = 128
+    dual_shared_rank: int = 32
+    dual_alpha: float = 128.0
+    dual_target_rank: float = 80.0
+    dual_t_init: int = 200
+    dual_t_final: int = 200
+    dual_delta_t: int = 10
+    # evaluation
+    eval_batch_size: int = 16
+    eval_max_new_tokens: int = 256
+    eval_limit: int = field(default=0, metadata={"help": "evaluate the first N test items (0: all)"})
+    save_every: int = field(default=0, metadata={"help": "training checkpoint interval (0: only at the end); resume granularity"})
+
+    def __post_init__(self) -> None:
+        self.methods, self.targets, self.teachers = tuple(self.methods), tuple(self.targets), tuple(self.teachers)
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; expected among {METHODS}")
+
+
+# The embedded default: sizes chosen so the whole run fits ~15 minutes on 2 CPU cores and still shows
+# the method's effects (measured numbers in results.md). The tiny base needs larger learning rates
+# than a 7B model, and the answers are short, so lengths shrink.
+EMBEDDED = dict(
+    template="plain", rewards="correct=2.0", score_samples=100,
+    sft_steps=60, sft_lr=2e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
+    rl_steps=30, rl_lr=5e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
+    rl_micro_batch=32, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0, dual_target_rank=4.0,
+    dual_t_init=6, dual_t_final=12, dual_delta_t=3, eval_batch_size=50, eval_max_new_tokens=64, save_every=20,
+)
+SMOKE = dict(
+    EMBEDDED, score_samples=8, sft_steps=4, sft_batch_size=8, sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2,
+    rl_generations=4, rl_max_completion_len=24, dual_t_init=1, dual_t_final=1, dual_delta_t=1, eval_limit=16,
+    eval_max_new_tokens=24, save_every=2,
+)
+
+
+def parse_config(argv: Optional[list[str]] = None) -> PipelineConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", dest="teachers", action="append", default=None, metavar="SPEC",
+                        help="classify teacher (repeat; an odd number): rule:..., local:CKPT[,tokenizer=PATH], http:URL#MODEL "
+                             "(default: real inputs rule:gsm8k-steps; embedded: two rules and the local base model)")
+    add_dataclass_args(parser, PipelineConfig, skip=("teachers",))
+    ns = parser.parse_args(argv)
+    real = [name for name in ("ckpt", "tokenizer", "train_data", "test_data") if getattr(ns, name)]
+    if real and len(real) < 4:
+        parser.error(f"real inputs need --ckpt, --tokenizer, --train-data and --test-data; got only {['--' + n.replace('_', '-') for n in real]}")
+    base = PipelineConfig()
+    if not real:
+        base = dataclasses.replace(base, **(SMOKE if ns.smoke else EMBEDDED))
+    elif ns.smoke:
+        base = dataclasses.replace(base, **{k: v for k, v in SMOKE.items() if k not in ("template", "rewards")})
+    try:
+        cfg = dataclass_from_args(PipelineConfig, ns, base)
+    except ValueError as error:
+        parser.error(str(error))
+    return dataclasses.replace(cfg, teachers=tuple(ns.teachers or ()))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Stages:
+    """Runs named stages once: a stage whose record OUT/stages/NAME.json exists is skipped (unless
+    --overwrite); otherwise it runs with a banner and its record (seconds, result) is written last."""
+
+    def __init__(self, out: str, overwrite: bool, total: int):
+        self.dir, self.overwrite, self.total, self.number = os.path.join(out, "stages"), overwrite, total, 0
+        self.records: dict[str, dict] = {}
+
+    def run(self, name: str, title: str, fn: Callable[[bool], dict]) -> dict:
+        """fn(redo) -> JSON-able result; redo is True when the stage's own outputs must be replaced."""
+        self.number += 1
+        path = os.path.join(self.dir, name + ".json")
+        if os.path.exists(path) and not self.overwrite:
+            with open(path, encoding="utf-8") as handle:
+                record = json.load(handle)
+            print(f"==== [{self.number}/{self.total}] {title}: done in an earlier run ({record['seconds']:.1f}s), skipped", flush=True)
+        else:
+            print(f"\n==== [{self.number}/{self.total}] {title}", flush=True)
+            started = time.perf_counter()
+            result = fn(self.overwrite or os.path.exists(path))
+            record = {"name": name, "title": title, "seconds": time.perf_counter() - started, "result": result}
+            atomic_write_json(path, record)
+            print(f"==== {title}: {record['seconds']:.1f}s", flush=True)
+        self.records[name] = record
+        return record
+
+
+def run_dir_flags(out: str, redo: bool) -> list[str]:
+    """--resume when a checkpoint of an interrupted run exists, --overwrite when the directory holds
+    anything else of an earlier run (or the stage is redone), nothing for a fresh directory."""
+    from lorapar.trainer import RUN_FILES, latest_checkpoint
+
+    if os.path.isdir(out) and not redo and latest_checkpoint(out) is not None:
+        return ["--resume"]
+    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
+        return ["--overwrite"]
+    return []
+
+
+def script(name: str):
+    """A command-line script of the repository (classify.py, score.py, ...) as a module: they live
+    beside the lorapar package, so the pipeline works from any working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(name)
+
+
+def active_fraction(adapter_dir: str) -> float:
+    """Share of the adapter's elements its masks let train (1.0 without a masks file)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(adapter_dir, "masks.safetensors")
+    if not os.path.exists(path):
+        return 1.0
+    masks = load_file(path)
+    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.dir = lambda *parts: os.path.join(cfg.out, *parts)  # noqa: E731
+
+    # ---- inputs
+    def inputs(self, stages: Stages) -> dict:
+        cfg = self.cfg
+        if cfg.ckpt:
+            return {"train": cfg.train_data, "test": cfg.test_data, "tokenizer": cfg.tokenizer, "base": cfg.ckpt}
+        from lorapar.pretrain import build_default_assets
+
+        assets = cfg.assets or self.dir("assets")
+        scale = "smoke" if cfg.smoke else "full"
+        stages.run("assets", f"assets: synthetic task, tokenizer, tiny base ({scale})",
+                   lambda redo: build_default_assets(assets, scale, cfg.seed))
+        return build_default_assets(assets, scale, cfg.seed, progress=False)  # reused: only reads what exists
+
+    def teachers(self, inputs: dict) -> list[str]:
+        if self.cfg.teachers:
+            return list(self.cfg.teachers)
+        if self.cfg.ckpt:
+            return ["rule:gsm8k-steps"]
+        # The synthetic answers: System 1 has one line and a few words before '####', System 2 two or three
+        # lines and ten or more words; the local tiny base votes by the role-play likelihoods.
+        return ["rule:gsm8k-steps,threshold=2", "rule:length,threshold=10",
+                f"local:{inputs['base']},tokenizer={inputs['tokenizer']}"]
+
+    # ---- stages
+    def classify(self, inputs: dict, redo: bool) -> dict:
+        classify = script("classify")
+        out = self.dir("classify", "labelled.jsonl")
+        if redo:
+            shutil.rmtree(self.dir("classify"), ignore_errors=True)
+        argv = ["--data", inputs["train"], "--format", "gsm8k", "--out", out, "--batch-size", str(self.cfg.teacher_batch_size)]
+        for spec in self.teachers(inputs):
+            argv += ["--teacher", spec]
+        summary = classify.main(argv)
+        return {k: summary.get(k) for k in ("rows", "system_1", "system_2", "fleiss_kappa", "reference_accuracy", "teachers")}
+
+    def score(self, inputs: dict, labelled: str) -> dict:
+        score = script("score")
+        cfg = self.cfg
+        argv = ["--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled, "--out", self.dir("score"),
+                "--random-baseline", "--overwrite", "--theta", str(cfg.theta), "--samples", str(cfg.score_samples),
+                "--template", cfg.template, "--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha),
+                "--targets", ",".join(cfg.targets), "--seed", str(cfg.seed), "--max-len", str(cfg.sft_max_len)]
+        report = score.main(argv)["report"]["partition"]
+        return {"active_fraction": report["active_fraction"]}
+
+    def sft(self, inputs: dict, labelled: str, method: str, masks: str, redo: bool) -> dict:
+        train_sft = script("train_sft")
+        cfg, out = self.cfg, self.dir(method, "sft")
+        argv = ["--preset", "lorapar-sft", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled,
+                "--format", "labelled", "--template", cfg.template, "--out", out, "--seed", str(cfg.seed),
+                "--max-steps", str(cfg.sft_steps), "--lr", str(cfg.sft_lr), "--batch-size", str(cfg.sft_batch_size),
+                "--global-batch", str(cfg.sft_global_batch), "--max-len", str(cfg.sft_max_len),
+                "--save-every", str(cfg.save_every), *run_dir_flags(out, redo)]
+        if method == "dmlora":
+            argv += ["--adapter", "dual", "--dual-rank", str(cfg.dual_rank), "--dual-shared-rank", str(cfg.dual_shared_rank),
+                     "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.targets),
+                     "--dual-target-rank", str(cfg.dual_target_rank), "--dual-t-init", str(cfg.dual_t_init),
+                     "--dual-t-final", str(cfg.dual_t_final), "--dual-delta-t", str(cfg.dual_delta_t)]
+        else:
+            argv += ["--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha), "--targets", ",".join(cfg.targets),
+                     "--init", "pissa" if method == "pissa" else "lora"]
+        if masks:
+            argv += ["--system", "1", "--masks", masks, "--stage", "1"]
+        result = train_sft.main(argv)
+        return {"loss": result["loss"], "steps": result["steps"], "active_fraction": active_fraction(out)}
+
+    def grpo(self, inputs: dict, labelled: str, method: str, masks: str, redo: bool) -> dict:
+        train_rl = script("train_rl")
+        cfg, out = self.cfg, self.dir(method, "rl")
+        argv = ["--preset", "lorapar-grpo", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"],
+                "--adapter", self.dir(method, "sft"), "--data", labelled, "--format", "labelled", "--system", "2",
+                "--template", cfg.template, "--rewards", cfg.rewards, "--out", out, "--seed", str(cfg.seed),
+                "--max-steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--prompts-per-step", str(cfg.rl_prompts_per_step),
+                "--num-generations", str(cfg.rl_generations), "--max-prompt-len", str(cfg.rl_max_prompt_len),
+                "--max-completion-len", str(cfg.rl_max_completion_len), "--beta", str(cfg.rl_beta),
+                "--micro-batch", str(cfg.rl_micro_batch), "--save-every", str(cfg.save_every), *run_dir_flags(out, redo)]
+        if masks:
+            argv += ["--masks", masks, "--stage", "2"]
+        train_rl.main(argv)
+        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+        rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
+        return {"steps": len(rewards), "reward_first": rewards[0], "reward_last": rewards[-1],
+                "reward_mean": sum(rewards) / len(rewards), "active_fraction": active_fraction(out)}
+
+    def evaluate(self, inputs: dict, adapter: str, out: str) -> dict:
+        from lorapar.evaluate import EvalArgs, run
+
+        cfg = self.cfg
+        args = EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
+                        out=out, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
+                        max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template)
+        return run(args)["metrics"]
+
+    # ---- the whole run
+    def run(self) -> dict:
+        cfg = self.cfg
+        os.makedirs(cfg.out, exist_ok=True)
+        save_config(self.dir("config.json"), cfg)
+        per_method = {m: (4 if m != "dmlora" else 2) for m in cfg.methods}
+        stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 3 + sum(per_method.values()))
+        inputs = self.inputs(stages)
+        labelled = self.dir("classify", "labelled.jsonl")
+        stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
+        stages.run("score", f"score: element importance, theta {cfg.theta} masks, random masks",
+                   lambda redo: self.score(inputs, labelled))
+        stages.run("base.eval", "evaluate: the base model without an adapter",
+                   lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
+        masks = {"lora": "", "dmlora": "", "lorapar": self.dir("score", "masks.safetensors"),
+                 "pissa": self.dir("score", "masks.safetensors"), "random": self.dir("score", "random_masks.safetensors")}
+        for method in cfg.methods:
+            stages.run(f"{method}.sft", f"{method}: SFT" + (" (System 1, stage-1 mask)" if masks[method] else " (all rows)"),
+                       lambda redo: self.sft(inputs, labelled, method, masks[method], redo))
+            stages.run(f"{method}.sft.eval", f"{method}: evaluate after SFT",
+                       lambda redo: self.evaluate(inputs, self.dir(method, "sft"), self.dir(method, "eval_sft.json")))
+            if method == "dmlora":
+                continue
+            stages.run(f"{method}.rl", f"{method}: GRPO (System 2" + (", stage-2 mask)" if masks[method] else ")"),
+                       lambda redo: self.grpo(inputs, labelled, method, masks[method], redo))
+            stages.run(f"{method}.rl.eval", f"{method}: evaluate after GRPO",
+                       lambda redo: self.evaluate(inputs, self.dir(method, "rl"), self.dir(method, "eval_rl.json")))
+        results = summarise(cfg, stages.records)
+        atomic_write_json(self.dir("results.json"), results)
+        table = format_report(results)
+        atomic_write_text(self.dir("results.md"), table)
+        print("\n" + table)
+        return results
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    cfg = parse_config(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return Pipeline(cfg).run()
+
+
+if __name__ == "__main__":
+    main()
