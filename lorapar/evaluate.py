@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -228,14 +230,18 @@ def evaluate_humaneval(
 
 
 def load_for_eval(ckpt: str, adapter: str = ""):
-    """The base model with the adapter applied (and merged: generation then costs what the base costs)."""
+    """The base model with the adapter (LoRA or DM-LoRA) applied and merged: generation then costs
+    what the base costs."""
     from lorapar.checkpoint import load_model
 
     model = load_model(ckpt)
     if adapter:
+        from lorapar.dual import CONFIG_FILE, load_dual_adapter
         from lorapar.lora import load_adapter, merge
 
-        load_adapter(model, adapter)
+        with open(os.path.join(adapter, CONFIG_FILE), encoding="utf-8") as handle:
+            dual = json.load(handle).get("adapter") == "dual_lora"
+        (load_dual_adapter if dual else load_adapter)(model, adapter)
         merge(model)
     return model.eval()
 
