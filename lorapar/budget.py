@@ -163,6 +163,12 @@ class ExpertScreener:
         check_schedule(total_steps, self.initial_budget, self.target_budget, t_init, t_final)
         self.ema = SensitivityEMA(beta1, beta2)
         self.on_prune = on_prune
+        self.last_step = 0
+
+    @property
+    def finished(self) -> bool:
+        """Past the pruning phase: the masks are final and the EMAs no longer needed."""
+        return self.last_step >= self.total_steps - self.t_final
 
     def budget(self, step: int) -> int:
         return budget_at(step, self.total_steps, self.initial_budget, self.target_budget, self.t_init, self.t_final, self.power)
@@ -173,8 +179,11 @@ class ExpertScreener:
     def step(self, global_step: int) -> Optional[int]:
         """Returns the budget applied when this step screened, else None."""
         prune_end = self.total_steps - self.t_final
+        self.last_step = global_step
         if global_step > prune_end:
             return None
+        if global_step > 1 and not self.ema.sensitivity:
+            raise RuntimeError(f"importance screening at step {global_step}: the EMAs are missing (resumed without them?)")
         for name, module in self.modules.items():
             for part in ("A", "B", "E"):
                 param = getattr(module, f"expert_{part}")

@@ -63,9 +63,10 @@ class DualTraining:
         return record
 
     def save(self, directory: str) -> None:
-        """The adapter (with its masks) and, during training, the screener's EMAs for an exact resume."""
+        """The adapter (with its masks) and, while screening goes on, the screener's EMAs for an exact
+        resume (they are twice the expert's size, so a finished adapter goes without them)."""
         save_dual_adapter(self.model, directory, self.args)
-        if self.screener is not None:
+        if self.screener is not None and not self.screener.finished:
             atomic_save_safetensors(os.path.join(directory, SCREENER_FILE), self.screener.state_dict())
 
     def resume(self, directory: str, optimizer) -> None:
@@ -77,6 +78,5 @@ class DualTraining:
         if self.screener is None:
             raise RuntimeError("DualTraining.resume: call start(optimizer, total_steps) first")
         path = os.path.join(directory, SCREENER_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: missing; a dual-LoRA checkpoint holds the screener's EMAs")
-        self.screener.load_state_dict(load_file(path))
+        if os.path.exists(path):  # absent once the pruning phase is over; step() fails loudly if still needed
+            self.screener.load_state_dict(load_file(path))

@@ -340,8 +340,10 @@ def test_train_sft_dual_prunes_to_budget_and_resumes_bit_identically(setup, asse
         budget_at(s, 8, n_modules * 8, n_modules * 5, 1, 3) for s in (2, 2, 4, 5, 5, 5)
     ] + [n_modules * 5]
     _sft(setup, asset, tmp_path / "resumed", "--halt-at", "3")
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "dual_screener.safetensors").exists()
     resumed = _sft(setup, asset, tmp_path / "resumed", "--resume")
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+    assert not (tmp_path / "straight" / "dual_screener.safetensors").exists()  # finished: no EMAs in the adapter
     for name in ("adapter_model.safetensors", "masks.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -377,3 +379,6 @@ def test_loading_a_bad_adapter_names_the_file_and_the_problem(tiny_model, tiny_a
         load_dual_adapter(fresh(), str(tmp_path / "plain"))
     with pytest.raises(ValueError, match="t_init"):
         ExpertScreener(dual_modules(tiny_model), total_steps=10, target_rank=5, t_init=6, t_final=4, delta_t=1)
+    screener = ExpertScreener(dual_modules(tiny_model), total_steps=10, target_rank=5, t_init=2, t_final=2, delta_t=1)
+    with pytest.raises(RuntimeError, match="EMAs are missing"):  # a resume that lost them mid-pruning
+        screener.step(5)
