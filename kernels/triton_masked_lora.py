@@ -2,12 +2,14 @@
 
 Four kernels, each accumulating in fp32 and reading bf16 / fp16 / fp32 inputs:
 
-    forward  (N/BM x out/BN programs)  y tile = x W^T + s (x_d A^T) B^T; every x tile loaded in the
-             K loop feeds both the base product and the rank-r product x_d A^T, so x is read once
-             per column block and no (N, out) LoRA intermediate exists. Column block 0 also stores
+    forward  (N/BM x out/(BN*G) programs)  y tile = x W^T + s (x_d A^T) B^T; every x tile loaded in
+             the K loop feeds both the base product and the rank-r product x_d A^T, so x is read
+             once per column block and no (N, out) LoRA intermediate exists. Each program does G
+             column blocks and forms x_d A^T in the first one only. Column group 0 also stores
              xa = x_d A^T (N, r) for backward.
-    dx       (N/BM x in/BN programs)   dX tile = dY W + s ((dY B) A) * keep / (1 - p); the dY tile
-             of the K loop feeds both dY W and dY B. Column block 0 stores dyb = dY B (N, r).
+    dx       (N/BM x in/(BN*G) programs)   dX tile = dY W + s ((dY B) A) * keep / (1 - p); the dY
+             tile of the K loop feeds both dY W and dY B (formed in the first of G column blocks).
+             Column group 0 stores dyb = dY B (N, r).
     grad_A   (in/BN x S programs)      dA = s dyb^T x_d over a 1/S slice of the tokens, masked.
     grad_B   (out/BM x S programs)     dB = s dY^T xa over a 1/S slice of the tokens, masked.
 
@@ -294,7 +296,8 @@ def _reduce(launch, n_features: int, block_name: str, n_tokens: int, shape: tupl
     # The tile size is an autotuned choice, so size the split from the smallest candidate tile.
     min_block = 16 if INTERPRET else min(tile[0] for tile in _REDUCTION_TILES)
     splits = _splits(triton.cdiv(n_features, min_block), n_tokens, like.device)
-    partials = torch.zeros(splits, *shape, dtype=torch.float32, device=like.device)
+    # Every element of every partial is written (a slice without tokens writes zeros): no memset.
+    partials = torch.empty(splits, *shape, dtype=torch.float32, device=like.device)
     if n_tokens > 0:
         launch(lambda meta: (triton.cdiv(n_features, meta[block_name]), splits), partials)
     return partials.sum(0)
