@@ -156,13 +156,14 @@ def _rank_main(rank, world_size, port, out_dir):
         model = Transformer(ModelArgs(**TINY_ARGS))
         model.init_weights(seed=0)
         model = scoring_model(model.eval())
-        scores, moments = score_rows(model, random_rows(5), info=DistInfo(rank=rank, world_size=world_size))
+        scores, moments = score_rows(model, random_rows(5), info=DistInfo(rank=rank, world_size=world_size), batch_size=2)
         torch.save((scores, moments.count, moments.tokens), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_all_reduce_to_the_single_process_scores(tiny_model, tmp_path):
+    """Two gloo ranks, batched, against one process with the one-at-a-time loop."""
     single, moments = score_rows(scoring_model(tiny_model), random_rows(5))
     mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     for rank in range(2):
