@@ -170,7 +170,7 @@ class Stages:
         else:
             print(f"\n==== [{self.number}/{self.total}] {title}", flush=True)
             started = time.perf_counter()
-            result = fn(self.overwrite or os.path.exists(path))
+            result = fn(self.overwrite)
             record = {"name": name, "title": title, "seconds": time.perf_counter() - started, "result": result}
             atomic_write_json(path, record)
             print(f"==== {title}: {record['seconds']:.1f}s", flush=True)
@@ -197,6 +197,11 @@ def script(name: str):
     if root not in sys.path:
         sys.path.insert(0, root)
     return importlib.import_module(name)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def active_fraction(adapter_dir: str) -> float:
@@ -278,8 +283,9 @@ class Pipeline:
                      "--init", "pissa" if method == "pissa" else "lora"]
         if masks:
             argv += ["--system", "1", "--masks", masks, "--stage", "1"]
-        result = train_sft.main(argv)
-        return {"loss": result["loss"], "steps": result["steps"], "active_fraction": active_fraction(out)}
+        train_sft.main(argv)
+        losses = [m["loss"] for m in read_metrics(out) if "loss" in m]  # the log survives a resume, unlike main's return
+        return {"steps": len(losses), "loss_first": losses[0], "loss": losses[-1], "active_fraction": active_fraction(out)}
 
     def grpo(self, inputs: dict, labelled: str, method: str, masks: str, redo: bool) -> dict:
         train_rl = script("train_rl")
@@ -294,8 +300,7 @@ class Pipeline:
         if masks:
             argv += ["--masks", masks, "--stage", "2"]
         train_rl.main(argv)
-        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
-        rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
+        rewards = [m["reward_mean"] for m in read_metrics(out) if "reward_mean" in m]
         return {"steps": len(rewards), "reward_first": rewards[0], "reward_last": rewards[-1],
                 "reward_mean": sum(rewards) / len(rewards), "active_fraction": active_fraction(out)}
 
