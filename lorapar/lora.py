@@ -316,7 +316,7 @@ def _replace_linears(model: nn.Module, args: LoraArgs) -> dict[str, LoRALinear]:
         if match is None or match.group(3) not in wanted:
             continue
         if not isinstance(module, nn.Linear) or module.bias is not None:
-            raise TypeError(f"apply_lora: {name} is {type(module).__name__} (bias={getattr(module, 'bias', None) is not None}); expected nn.Linear without bias")
+            raise TypeError(f"apply_lora: {name} is {module!r}; expected nn.Linear without bias")
         parent_name, leaf = name.rsplit(".", 1)
         lora = LoRALinear(module.weight, args.r, args.alpha, args.dropout, args.use_rslora)
         setattr(root.get_submodule(parent_name), leaf, lora)
@@ -364,7 +364,10 @@ def set_masks(model: nn.Module, masks: Optional[dict[str, torch.Tensor]]) -> Non
     params = dict(named_lora_parameters(model))
     missing, extra = sorted(set(params) - set(masks)), sorted(set(masks) - set(params))
     if missing or extra:
-        raise KeyError(f"set_masks: mask keys do not match the LoRA parameters; missing {missing[:4]}{'...' if len(missing) > 4 else ''} ({len(missing)}), unexpected {extra[:4]}{'...' if len(extra) > 4 else ''} ({len(extra)})")
+        raise KeyError(
+            f"set_masks: mask keys do not match the LoRA parameters; {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:3]})"
+        )
     for key, mask in masks.items():
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"set_masks: mask {key} must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
@@ -594,7 +597,10 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
                 m.set_residual_base(A0, B0)
                 m.init = args.init
             elif m.init != args.init or not (torch.equal(m.init_A.cpu(), A0) and torch.equal(m.init_B.cpu(), B0)):
-                raise ValueError(f"load_adapter: {name} has a different {args.init} base than {init_path}; load onto the original base model instead")
+                raise ValueError(
+                    f"load_adapter: {name} has a different {args.init} base than {init_path}; "
+                    "load onto the original base model instead"
+                )
         elif m.init in ("pissa", "olora"):
             raise ValueError(f"load_adapter: {name} holds a {m.init} residual base but the adapter was trained with init={args.init}")
     with torch.no_grad():
