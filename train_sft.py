@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
 
     # ---- resume: adapter, optimizer, schedule and data position, RNG of this rank
     if dual is not None:
-        dual.start(optimizer, total_steps, info.world_size)
+        dual.start(optimizer, total_steps)
     start_step = 0
     if resume_from is not None:
         if dual is not None:  # adapter, pruned masks and EMAs, before the optimizer state laid out by them
@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
             (nll / step_tokens).backward()
             nll_sum += nll.item()
         if dual is not None:
-            dual.regulariser().backward()
+            (dual.regulariser() / info.world_size).backward()  # the all-reduce below sums the ranks' copies
         dist.all_reduce_grads(params, info)
         grad_norm = optimizer.clip_grad_norm_(train.max_grad_norm) if train.max_grad_norm > 0 else None
         optimizer.step()

@@ -1,0 +1,162 @@
+"""SFT step throughput and peak memory on the CPU: lorapar against Hugging Face transformers + peft.
+
+Both train the same LoRA (r 8, alpha 64, q,k,v,gate,up,down) on the same ~100M-parameter LLaMA
+checkpoint (ModelArgs.from_name("llama-100m"), written once as a Hugging Face directory) with the
+same batch: B sequences of T tokens, the loss on the last `answer` share of each (an SFT batch: the
+prompt carries no loss). One step = forward, backward, gradient clipping, AdamW. Each framework runs
+in its own subprocess so that its peak resident memory (ru_maxrss) is its own; the ratios come from
+this one run. Goals: >= 1.3x their tokens/s, <= 0.6x their peak memory.
+
+    python bench/bench_sft.py [--batch 4] [--seq 256] [--answer 0.5] [--steps 3] [--threads N]
+
+Requires `pip install transformers peft` for the comparison; without them only lorapar is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+TARGETS_HF = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_batch(vocab: int, batch: int, seq: int, answer: float) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    labels = input_ids.clone()
+    labels[:, : int(seq * (1 - answer))] = -100
+    return input_ids, labels
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def lorapar_step_fn(ckpt: str):
+    from lorapar.checkpoint import load_model
+    from lorapar.lora import LoraArgs, apply_lora
+    from lorapar.loss import answer_nll
+    from lorapar.masks import MaskedAdamW
+
+    model = load_model(ckpt)
+    apply_lora(model, LoraArgs())
+    model.train()
+    optimizer = MaskedAdamW.for_model(model, lr=2e-4, weight_decay=0.0)
+
+    def step(input_ids, labels):
+        nll, n = answer_nll(model, input_ids, labels)
+        (nll / n).backward()
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return (nll / n).item()
+
+    return step
+
+
+def hf_step_fn(ckpt: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, lora_dropout=0.0, target_modules=TARGETS_HF))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+    def step(input_ids, labels):
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def worker(args) -> None:
+    """Run in a subprocess: one warm-up step, then `steps` timed ones; print a JSON line."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from lorapar.checkpoint import read_model_args
+
+    vocab = read_model_args(args.ckpt).vocab_size
+    input_ids, labels = make_batch(vocab, args.batch, args.seq, args.answer)
+    step = (lorapar_step_fn if args.worker == "lorapar" else hf_step_fn)(args.ckpt)
+    loaded = peak_rss_mb()
+    first_loss = step(input_ids, labels)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(input_ids, labels)
+    seconds = (time.perf_counter() - start) / args.steps
+    print(json.dumps({"tokens_per_s": args.batch * args.seq / seconds, "step_s": seconds, "first_loss": first_loss,
+                      "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": loaded}))
+
+
+def run_worker(name: str, ckpt: str, args) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", name, "--ckpt", ckpt, "--batch", str(args.batch),
+            "--seq", str(args.seq), "--answer", str(args.answer), "--steps", str(args.steps), "--threads", str(args.threads)]
+    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    if out.returncode:
+        raise RuntimeError(f"{name} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--answer", type=float, default=0.5, help="share of each sequence that carries the loss")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--worker", choices=["lorapar", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from lorapar.checkpoint import save_model
+    from lorapar.config import ModelArgs
+    from lorapar.model import Transformer
+
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        have_hf = True
+    except ImportError:
+        have_hf = False
+        print("transformers / peft not installed: measuring lorapar only (pip install transformers peft)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Transformer(ModelArgs.from_name("llama-100m"))
+        model.init_weights(seed=0)
+        print(f"model: llama-100m, {model.num_params() / 1e6:.1f}M parameters; batch {args.batch} x {args.seq} tokens, "
+              f"loss on {args.answer:.0%}; {args.threads} threads; torch {torch.__version__}")
+        save_model(model, tmp, format="hf")
+        del model
+        results = {"lorapar": run_worker("lorapar", tmp, args)}
+        if have_hf:
+            results["transformers+peft"] = run_worker("hf", tmp, args)
+
+    print(f"{'framework':20s} {'tokens/s':>10s} {'step s':>8s} {'peak RSS MB':>12s} {'first loss':>11s}")
+    for name, r in results.items():
+        print(f"{name:20s} {r['tokens_per_s']:10.1f} {r['step_s']:8.2f} {r['peak_rss_mb']:12.0f} {r['first_loss']:11.4f}")
+    if have_hf:
+        ours, theirs = results["lorapar"], results["transformers+peft"]
+        print(f"lorapar / transformers+peft: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x (goal >= 1.3x), "
+              f"peak memory {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x (goal <= 0.6x)")
+
+
+if __name__ == "__main__":
+    main()
