@@ -93,7 +93,7 @@ def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, i
     scores, stats = {}, {}
     for system in (1, 2):
         chosen, available = select_examples(examples, system, args.samples, args.seed)
-        encoded = encode_for_scoring(chosen, tokenizer, args, available)
+        encoded = encode_for_scoring(chosen, tokenizer, args)
         if not encoded.rows:
             raise ValueError(f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len {args.max_len}")
         scores[system], moments = score_rows(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)

@@ -70,7 +70,6 @@ class EncodedSet:
     """One system's scoring examples as (input_ids, labels) rows, with what happened on the way."""
 
     rows: list[tuple[list[int], list[int]]]
-    available: int  # examples of this system in the data
     truncated: int  # cut to max_len (still scored on the answer tokens that remain)
     no_answer_tokens: int  # cut so far that no answer token remains: cannot be scored, left out
 
@@ -82,7 +81,7 @@ def select_examples(examples: Sequence[Example], system: int, samples: int, seed
     return [pool[i] for i in chosen], len(pool)
 
 
-def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceArgs, available: int) -> EncodedSet:
+def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceArgs) -> EncodedSet:
     rows, truncated, empty = [], 0, 0
     for example in examples:
         prompt, response = format_prompt(example, args.template), format_response(example, args.template)
@@ -92,7 +91,7 @@ def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceA
             empty += 1
             continue
         rows.append((input_ids, labels))
-    return EncodedSet(rows, available, truncated, empty)
+    return EncodedSet(rows, truncated, empty)
 
 
 @dataclass

@@ -116,10 +116,10 @@ class CharTokenizer:
 def test_encoding_counts_truncated_and_unscorable_examples():
     examples = [Example("hi", "yes", None, 1, {}), Example("x" * 40, "long answer", None, 1, {})]
     args = ImportanceArgs(max_len=20, template="plain")
-    encoded = encode_for_scoring(examples, CharTokenizer(), args, available=2)
+    encoded = encode_for_scoring(examples, CharTokenizer(), args)
     # "Question: hi\nAnswer:" is 20 chars + BOS: the first example's answer is cut away entirely too
     assert (len(encoded.rows), encoded.truncated, encoded.no_answer_tokens) == (0, 2, 2)
-    encoded = encode_for_scoring(examples, CharTokenizer(), ImportanceArgs(max_len=30, template="plain"), available=2)
+    encoded = encode_for_scoring(examples, CharTokenizer(), ImportanceArgs(max_len=30, template="plain"))
     assert (len(encoded.rows), encoded.truncated, encoded.no_answer_tokens) == (1, 1, 1)
     assert all(len(ids) <= 30 for ids, _ in encoded.rows)
 
