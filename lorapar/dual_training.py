@@ -2,14 +2,14 @@
 
     dual = DualTraining(model, dual_args)                 # apply the adapter (PiSSA shared + expert)
     optimizer = MaskedAdamW.for_model(model, ...)          # reads every mask the modules hold
-    dual.start(optimizer, total_steps, world_size)
+    dual.start(optimizer, total_steps)
     per optimizer step:
-        loss.backward() for each micro-batch;  dual.regulariser().backward()   (once per step)
+        loss.backward() for each micro-batch;  (dual.regulariser() / world_size).backward()   (once)
         all-reduce, clip, optimizer.step();    dual.after_step(step)           (before zero_grad)
     checkpoint: dual.save(directory);  resume: dual.resume(directory) before the optimizer state loads
 
-The regulariser is lambda * orthogonality_loss / world_size on each rank, because the trainer sums
-gradients over ranks. Screening reads the all-reduced gradients, so every rank prunes the same
+The regulariser is lambda * orthogonality_loss; a trainer that sums gradients over ranks divides it
+by the world size. Screening reads the all-reduced gradients, so every rank prunes the same
 components; after a pruning the optimizer drops the packed state of the newly frozen elements.
 """
 
@@ -34,23 +34,21 @@ class DualTraining:
         self.model, self.args = model, args
         self.modules = apply_dual(model, args)
         self.screener: Optional[ExpertScreener] = None
-        self.world_size = 1
         self.last_orthogonality = float("nan")
 
-    def start(self, optimizer, total_steps: int, world_size: int = 1) -> None:
+    def start(self, optimizer, total_steps: int) -> None:
         """Create the screener for a run of `total_steps` optimizer steps; `optimizer` is a MaskedAdamW."""
         a = self.args
-        self.world_size = world_size
         self.screener = ExpertScreener(
             self.modules, total_steps, a.dual_target_rank, a.dual_t_init, a.dual_t_final, a.dual_delta_t,
             a.dual_beta1, a.dual_beta2, a.dual_budget_power, on_prune=lambda _names: optimizer.sync_masks(self.model),
         )
 
     def regulariser(self) -> torch.Tensor:
-        """This rank's share of lambda * orthogonality loss (backward it once per optimizer step)."""
+        """lambda * orthogonality loss (backward it once per optimizer step)."""
         loss = orthogonality_loss(self.model)
         self.last_orthogonality = loss.item()
-        return self.args.dual_orth_lambda * loss / self.world_size
+        return self.args.dual_orth_lambda * loss
 
     def after_step(self, step: int) -> dict:
         """Screen after optimizer step `step` (1-based); returns metrics for the log."""
