@@ -178,6 +178,22 @@ class Stages:
         return record
 
 
+RESUMABLE_CHANGES = ("overwrite", "threads")  # fields that may differ between a run and its continuation
+
+
+def check_same_config(path: str, cfg: PipelineConfig) -> None:
+    """Completed stages are only reused by a run with the same configuration (or --overwrite)."""
+    if cfg.overwrite or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle).get("PipelineConfig", {})
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed:
+        raise SystemExit(f"{path}: this run directory was made with another configuration ({'; '.join(changed)}); "
+                         "pass --overwrite to redo it or choose another --out")
+
+
 def run_dir_flags(out: str, redo: bool) -> list[str]:
     """--resume when a checkpoint of an interrupted run exists, --overwrite when the directory holds
     anything else of an earlier run (or the stage is redone), nothing for a fresh directory."""
@@ -316,7 +332,7 @@ class Pipeline:
     # ---- the whole run
     def run(self) -> dict:
         cfg = self.cfg
-        os.makedirs(cfg.out, exist_ok=True)
+        check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
         per_method = {m: (4 if m != "dmlora" else 2) for m in cfg.methods}
         stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 3 + sum(per_method.values()))

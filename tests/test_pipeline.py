@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import os
 import pytest
 
 from lorapar import pipeline
+from lorapar.config import save_config
 from lorapar.report import format_report
 
 
@@ -74,3 +76,13 @@ def test_real_inputs_must_come_together():
 def test_unknown_method_is_an_error():
     with pytest.raises(SystemExit):
         pipeline.parse_config(["--methods", "lora,qlora"])
+
+
+def test_a_changed_configuration_is_refused(tmp_path):
+    cfg = pipeline.parse_config(["--smoke", "--out", str(tmp_path)])
+    path = str(tmp_path / "config.json")
+    save_config(path, cfg)
+    pipeline.check_same_config(path, dataclasses.replace(cfg, threads=1))  # threads do not change results
+    with pytest.raises(SystemExit, match="sft_lr"):
+        pipeline.check_same_config(path, dataclasses.replace(cfg, sft_lr=1.0))
+    pipeline.check_same_config(path, dataclasses.replace(cfg, sft_lr=1.0, overwrite=True))
