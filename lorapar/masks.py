@@ -156,6 +156,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 _adamw(p, p.grad, state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p), state["step"], group)
             else:
                 index = _active_index(mask)
+                if index.numel() != state["exp_avg"].numel():
+                    raise RuntimeError(f"MaskedAdamW: the mask of {name} now has {index.numel()} active elements, its state "
+                                       f"{state['exp_avg'].numel()}; masks must change through update_masks, not in place")
                 values = p.view(-1).index_select(0, index)  # the packed copy; frozen elements are never written
                 _adamw(values, p.grad.reshape(-1).index_select(0, index), state["exp_avg"], state["exp_avg_sq"], state["step"], group)
                 p.view(-1).index_copy_(0, index, values)
@@ -221,7 +224,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             if "masks" not in saved:
                 raise ValueError("MaskedAdamW.load_state_dict: the state dict has no masks (not a MaskedAdamW state?)")
             if len(saved["masks"]) != len(group["params"]):
-                raise ValueError(f"MaskedAdamW.load_state_dict: a group has {len(saved['masks'])} saved parameters, {len(group['params'])} here")
+                raise ValueError(f"MaskedAdamW.load_state_dict: a group has {len(saved['masks'])} saved parameters, "
+                                 f"{len(group['params'])} here")
             for p, current, old, name in zip(group["params"], group["masks"], saved["masks"], group["names"]):
                 if not _same_mask(current, old, p):
                     raise ValueError(f"MaskedAdamW.load_state_dict: the mask of {name} differs from the saved one; "
@@ -235,7 +239,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             state = self.state.get(p)
             active = p.numel() if mask is None else int(mask.sum())
             if state and state["exp_avg"].numel() != active:
-                raise ValueError(f"MaskedAdamW.load_state_dict: {name} has {state['exp_avg'].numel()} saved state entries, {active} active elements")
+                raise ValueError(f"MaskedAdamW.load_state_dict: {name} has {state['exp_avg'].numel()} saved state entries, "
+                                 f"{active} active elements")
 
 
 def _adamw(x: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, group: dict) -> None:

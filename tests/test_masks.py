@@ -203,6 +203,10 @@ def test_update_masks_keeps_the_state_of_elements_that_stay_active(tiny_args):
         assert torch.equal(q[~pruned[k]], before[k][~pruned[k]]), k
     with pytest.raises(KeyError, match="not in this optimizer"):
         optimizer.update_masks({torch.nn.Parameter(torch.zeros(2)): None})
+    mask = optimizer.param_groups[0]["masks"][0]
+    mask.fill_(True)  # edited in place, behind the optimizer's back
+    with pytest.raises(RuntimeError, match="not in place"):
+        train_step(model, optimizer, 6)
 
 
 def test_bad_masks_and_params_are_rejected():
