@@ -180,7 +180,7 @@ def _decide_run_dir(args: TrainArgs) -> Optional[str]:
             f"{args.out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
             "or --overwrite to replace it"
         )
-    if existing:  # --overwrite: remove what a run writes, never unrelated files in the directory
+    if existing:  # --overwrite of a directory that holds a run: empty it, so no stale file survives
         for name in os.listdir(args.out):
             path = os.path.join(args.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)

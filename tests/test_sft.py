@@ -161,3 +161,20 @@ def test_bad_inputs_give_clear_errors(setup, asset, tmp_path):
     save_masks(str(tmp_path / "staged.safetensors"), {"stage1": {k: torch.ones_like(v, dtype=torch.bool) for k, v in start.items()}})
     with pytest.raises(ValueError, match="several stages.*--stage"):
         run(setup, asset, tmp_path / "e", "--masks", str(tmp_path / "staged.safetensors"))
+
+
+def test_presets_and_schedule():
+    import train_rl
+    from lorapar.trainer import TrainArgs, lr_at
+
+    paths = ["--ckpt", "c", "--tokenizer", "t", "--data", "d", "--out", "o"]
+    sft, train, lora = train_sft.parse_config([*paths, "--preset", "lorapar-sft", "--lr", "1e-4", "--rank", "16"])
+    assert (train.lr, train.global_batch, train.warmup_ratio, train.schedule, train.epochs) == (1e-4, 32, 0.03, "cosine", 1)
+    assert (sft.max_len, lora.r, lora.alpha, lora.targets) == (512, 16, 64.0, ("q", "k", "v", "gate", "up", "down"))
+    _, grpo, train, _ = train_rl.parse_config([*paths, "--preset", "lorapar-grpo"])
+    assert (train.lr, train.betas, train.weight_decay, train.warmup_ratio, train.max_grad_norm) == (5e-6, (0.9, 0.99), 0.1, 0.1, 0.1)
+    assert (grpo.num_generations, grpo.max_prompt_len, grpo.max_completion_len) == (8, 128, 256)
+
+    lrs = [lr_at(step, 20, TrainArgs(lr=1.0, warmup_ratio=0.1)) for step in range(20)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.01
