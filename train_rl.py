@@ -29,32 +29,24 @@ from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_ar
 from lorapar.data import format_prompt, load_examples
 from lorapar.grpo import GRPOArgs, grpo_update, make_rollouts
 from lorapar.io import atomic_write_json
-from lorapar.lora import LoraArgs, apply_lora, disable_adapter, get_masks, load_adapter, named_lora_parameters, save_adapter
+from lorapar.lora import (
+    LoraArgs, apply_lora, disable_adapter, get_masks, load_adapter, named_lora_parameters, save_adapter,
+)
 from lorapar.masks import MaskedAdamW, save_masks
 from lorapar.rewards import DEFAULT_SPEC, parse_spec
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
-    MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir, restore_training_state,
-    save_checkpoint, seed_everything, select_system, training_state,
+    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir,
+    require_inputs, restore_training_state, save_checkpoint, seed_everything, select_system, training_state,
 )
 
 
 @dataclass
-class RLArgs:
-    ckpt: str = field(default="", metadata={"help": "base model (Meta dir, HF dir or llama2.c .bin)"})
-    tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
+class RLArgs(InputArgs):
     adapter: str = field(default="", metadata={"help": "SFT adapter directory to start from (none = a fresh LoRA)"})
-    data: str = field(default="", metadata={"help": "prompts with reference answers (.jsonl / .jsonl.gz)"})
-    format: str = field(default="gsm8k", metadata={"choices": ["gsm8k", "mmlu", "humaneval", "instruction", "labelled"]})
-    template: str = field(default="reasoning", metadata={"choices": ["plain", "chat", "reasoning"]})
-    system: Optional[int] = field(default=None, metadata={"help": "keep only examples of this system (1 or 2)"})
-    masks: str = field(default="", metadata={"help": "element masks (safetensors); none = every element trains"})
-    stage: Optional[int] = field(default=None, metadata={"help": "which stage's mask in a two-stage mask file"})
-    rewards: str = field(default=DEFAULT_SPEC, metadata={"help": "reward functions and weights: name=w,...; module:function for your own"})
-    max_examples: int = field(default=0, metadata={"help": "use the first N examples (0 = all)"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
-    base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on CPU"})
-    gradient_checkpointing: bool = False
+    rewards: str = field(
+        default=DEFAULT_SPEC, metadata={"help": "reward functions and weights: name=w,...; module:function for your own"}
+    )
 
 
 PRESETS = {
@@ -68,7 +60,9 @@ PRESETS = {
 
 
 def parse_config(argv=None) -> tuple[RLArgs, GRPOArgs, TrainArgs, Optional[LoraArgs]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="paper hyper-parameters")
     add_dataclass_args(parser, RLArgs)
     add_dataclass_args(parser, GRPOArgs)
@@ -79,11 +73,9 @@ def parse_config(argv=None) -> tuple[RLArgs, GRPOArgs, TrainArgs, Optional[LoraA
     rl = dataclass_from_args(RLArgs, ns, RLArgs(**preset.get("RLArgs", {})))
     grpo = dataclass_from_args(GRPOArgs, ns, GRPOArgs(**preset.get("GRPOArgs", {})))
     train = dataclass_from_args(TrainArgs, ns, TrainArgs(**preset.get("TrainArgs", {})))
-    for name in ("ckpt", "tokenizer", "data"):
-        if not getattr(rl, name):
-            parser.error(f"--{name} is required")
-    lora_flags = [f"--{f}" for f in ("r", "alpha", "dropout", "targets", "init", "init_std", "use_rslora", "pissa_niter")
-                  if getattr(ns, f, None) is not None]
+    require_inputs(parser, rl)
+    shape_fields = ("r", "alpha", "dropout", "targets", "init", "init_std", "use_rslora", "pissa_niter")
+    lora_flags = [f"--{f}" for f in shape_fields if getattr(ns, f, None) is not None]
     if rl.adapter and lora_flags:
         parser.error(f"{', '.join(lora_flags)}: the LoRA configuration comes from --adapter {rl.adapter}")
     lora = None if rl.adapter else dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
@@ -143,7 +135,8 @@ def main(argv=None) -> dict:
     params = [p for _, p in named_lora_parameters(model)]
     dist.broadcast_params(params, info)
     initial_adapter = [p.detach().clone() for p in params]
-    reference = {"base": lambda: disable_adapter(model), "sft": lambda: swapped_adapter(params, initial_adapter)}[grpo.reference]
+    references = {"base": lambda: disable_adapter(model), "sft": lambda: swapped_adapter(params, initial_adapter)}
+    reference = references[grpo.reference]
     optimizer = MaskedAdamW.for_model(
         model, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
     )
@@ -155,7 +148,9 @@ def main(argv=None) -> dict:
     elif info.is_main:
         save_config(os.path.join(train.out, "config.json"), cfg, grpo, train, lora_args,
                     extra={"world_size": info.world_size, "total_steps": total_steps})
-    metrics = MetricsLog(os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None)
+    metrics = MetricsLog(
+        os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None
+    )
     if start_step == 0:
         metrics.log({"step": 0, "prompts": len(kept), "prompts_over_max_len": too_long,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})

@@ -33,30 +33,20 @@ from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW, save_masks
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
-    MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir, resolve_grad_accum,
-    restore_training_state, save_checkpoint, seed_everything, select_system, set_lr, training_state,
+    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir,
+    require_inputs, resolve_grad_accum, restore_training_state, save_checkpoint, seed_everything, select_system, set_lr, training_state,
 )
 
 
 @dataclass
-class SFTArgs:
-    ckpt: str = field(default="", metadata={"help": "base model (Meta dir, HF dir or llama2.c .bin)"})
-    tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
-    data: str = field(default="", metadata={"help": "training data (.jsonl / .jsonl.gz)"})
-    format: str = field(default="gsm8k", metadata={"choices": ["gsm8k", "mmlu", "humaneval", "instruction", "labelled"]})
-    template: str = field(default="reasoning", metadata={"choices": ["plain", "chat", "reasoning"]})
-    system: Optional[int] = field(default=None, metadata={"help": "keep only examples of this system (1 or 2)"})
-    masks: str = field(default="", metadata={"help": "element masks (safetensors); none = every element trains"})
-    stage: Optional[int] = field(default=None, metadata={"help": "which stage's mask in a two-stage mask file"})
-    adapter: str = field(default="lora", metadata={"choices": ["lora", "dual"], "help": "adapter type (dual: DM-LoRA, flags --dual-*)"})
+class SFTArgs(InputArgs):
+    adapter: str = field(
+        default="lora", metadata={"choices": ["lora", "dual"], "help": "adapter type (dual: DM-LoRA, flags --dual-*)"}
+    )
     max_len: int = 512
     overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
-    max_examples: int = field(default=0, metadata={"help": "use the first N examples (0 = all)"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
     eval_data: str = field(default="", metadata={"help": "held-out file for the eval loss (same format)"})
     eval_fraction: float = field(default=0.0, metadata={"help": "or hold out this share of --data (0 = none)"})
-    base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on CPU"})
-    gradient_checkpointing: bool = False
 
 
 PRESETS = {
@@ -69,7 +59,9 @@ PRESETS = {
 
 
 def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArgs]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="paper hyper-parameters")
     add_dataclass_args(parser, SFTArgs)
     add_dataclass_args(parser, TrainArgs)
@@ -88,9 +80,7 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
         lora = dataclass_from_args(DualArgs, ns, DualArgs(dual_seed=train.seed))
     else:
         lora = dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
-    for name in ("ckpt", "tokenizer", "data"):
-        if not getattr(sft, name):
-            parser.error(f"--{name} is required")
+    require_inputs(parser, sft)
     return sft, train, lora
 
 
@@ -205,7 +195,9 @@ def main(argv=None) -> dict:
     elif info.is_main:
         save_config(os.path.join(train.out, "config.json"), cfg, train, lora_args,
                     extra={"world_size": info.world_size, "grad_accum": grad_accum, "total_steps": total_steps})
-    metrics = MetricsLog(os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None)
+    metrics = MetricsLog(
+        os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None
+    )
     if info.is_main and start_step == 0:
         dropped = len(train_set) - steps_per_epoch * per_rank_step * info.world_size
         metrics.log({"step": 0, "examples": len(train_set), "dropped_over_max_len": train_set.dropped,

@@ -49,7 +49,8 @@ class GRPOArgs:
     epsilon_high: Optional[float] = field(default=None, metadata={"help": "upper clip range (DAPO); default epsilon"})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient (0 = no reference model)"})
     reference: str = field(
-        default="sft", metadata={"choices": ["sft", "base"], "help": "KL against the frozen SFT adapter or the base model"}
+        default="sft",
+        metadata={"choices": ["sft", "base"], "help": "KL against the frozen starting (SFT) adapter or the base model"},
     )
     loss_type: str = field(default="grpo", metadata={"choices": list(LOSS_TYPES)})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std"})

@@ -25,12 +25,39 @@ import torch
 
 from lorapar import dist
 from lorapar.config import add_dataclass_args, field
+from lorapar.data import FORMATS, TEMPLATES
 from lorapar.io import atomic_torch_save, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINTS)  # what marks a directory as holding a run
 # Fields that may differ between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "halt_at"})
+
+
+@dataclass
+class InputArgs:
+    """Where both training scripts read the base model, tokenizer, data and element masks from."""
+
+    ckpt: str = field(default="", metadata={"help": "base model (Meta dir, HF dir or llama2.c .bin)"})
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
+    data: str = field(default="", metadata={"help": "training data (.jsonl / .jsonl.gz)"})
+    format: str = field(default="gsm8k", metadata={"choices": list(FORMATS)})
+    template: str = field(default="reasoning", metadata={"choices": list(TEMPLATES), "help": "prompt/response template"})
+    system: Optional[int] = field(default=None, metadata={"help": "keep only examples of this system (1 or 2)"})
+    masks: str = field(default="", metadata={"help": "element masks (safetensors); none = every element trains"})
+    stage: Optional[int] = field(default=None, metadata={"help": "which stage's mask in a two-stage mask file"})
+    max_examples: int = field(default=0, metadata={"help": "use the first N examples (0 = all)"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
+    base_dtype: str = field(
+        default="auto", metadata={"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on CPU"}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
+
+
+def require_inputs(parser: argparse.ArgumentParser, args: InputArgs) -> None:
+    for name in ("ckpt", "tokenizer", "data"):
+        if not getattr(args, name):
+            parser.error(f"--{name} is required")
 
 
 @dataclass
@@ -50,7 +77,9 @@ class TrainArgs:
     epochs: int = 1
     max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = as many as --epochs give)"})
     batch_size: int = field(default=4, metadata={"help": "micro-batch per rank"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (ignored with --global-batch)"})
+    grad_accum: int = field(
+        default=1, metadata={"help": "micro-batches per optimizer step (ignored with --global-batch)"}
+    )
     global_batch: int = field(
         default=0, metadata={"help": "examples per optimizer step over all ranks; sets grad_accum (0 = off)"}
     )
@@ -73,7 +102,9 @@ def add_lora_flags(parser: argparse.ArgumentParser) -> None:
 
     add_dataclass_args(parser, LoraArgs, skip=("r", "alpha", "seed"))
     parser.add_argument("--rank", dest="r", type=int, default=None, help="LoRA rank r (default: 8)")
-    parser.add_argument("--lora-alpha", dest="alpha", type=float, default=None, help="lora_alpha; the update is scaled by alpha/r (default: 64)")
+    parser.add_argument(
+        "--lora-alpha", dest="alpha", type=float, default=None, help="lora_alpha; the update is scaled by alpha/r (default: 64)"
+    )
 
 
 def resolve_grad_accum(args: TrainArgs, world_size: int) -> int:
@@ -173,7 +204,9 @@ def _decide_run_dir(args: TrainArgs) -> Optional[str]:
     if args.resume:
         checkpoint = latest_checkpoint(args.out)
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume: {args.out} holds no checkpoint ({args.out}/{CHECKPOINTS}/latest missing)")
+            raise FileNotFoundError(
+                f"--resume: {args.out} holds no checkpoint ({args.out}/{CHECKPOINTS}/latest missing)"
+            )
         return checkpoint
     if existing and not args.overwrite:
         raise FileExistsError(
@@ -259,7 +292,9 @@ def load_checkpoint(path: str, info: dist.DistInfo) -> dict[str, Any]:
     return state
 
 
-def training_state(step: int, model: torch.nn.Module, optimizer, total_steps: int, steps_per_epoch: int, config: dict) -> dict:
+def training_state(
+    step: int, model: torch.nn.Module, optimizer, total_steps: int, steps_per_epoch: int, config: dict
+) -> dict:
     """Everything rank 0 saves to continue exactly at `step` (RNG states are saved per rank)."""
     from lorapar.lora import named_lora_parameters
 
