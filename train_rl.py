@@ -190,13 +190,12 @@ def main(argv=None) -> dict:
         batch_examples = [e for e, _ in mine]
         rollouts = make_rollouts(
             model, [ids for _, ids in mine], lambda idx, comps: score(idx, comps, batch_examples), weights, grpo,
-            seed=(train.seed * 1_000_003 + step) * 1009 + info.rank, eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id, reference=reference if grpo.beta else None,
+            seed=(train.seed * 1_000_003 + step) * 1009 + info.rank, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
         )
         started = time.perf_counter()
         lrs = [lr_at(step * grpo.mu + k, total_steps * grpo.mu, train) for k in range(grpo.mu)]
         stats = grpo_update(model, optimizer, rollouts, grpo, info, lrs=lrs, max_grad_norm=train.max_grad_norm,
-                            autocast=lambda: autocast(info.device))
+                            autocast=lambda: autocast(info.device), reference=reference)
         train_seconds = time.perf_counter() - started
         done = step + 1
         record = {"step": done, "epoch": epoch, "lr": lrs[-1], **stats, **rollout_stats(rollouts, reward_fns, grpo, info),

@@ -59,18 +59,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     totals = {"generation": 0.0, "log-probs (old/reference)": 0.0, "optimisation": 0.0}
     for step in range(args.steps + 1):
+        rollouts = make_rollouts(model, prompts, score, torch.ones(1), grpo, seed=step, eos_id=None, pad_id=0)
         start = time.perf_counter()
-        rollouts = make_rollouts(model, prompts, score, torch.ones(1), grpo, seed=step, eos_id=None, pad_id=0,
-                                 reference=lambda: disable_adapter(model))
-        rollout_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        grpo_update(model, optimizer, rollouts, grpo, dist.DistInfo(), lrs=[5e-6] * args.mu, max_grad_norm=0.1)
+        stats = grpo_update(model, optimizer, rollouts, grpo, dist.DistInfo(), lrs=[5e-6] * args.mu, max_grad_norm=0.1,
+                            reference=lambda: disable_adapter(model))
         update_seconds = time.perf_counter() - start
         if step == 0:
             continue  # warm-up
         totals["generation"] += rollouts.generation_seconds
-        totals["log-probs (old/reference)"] += rollout_seconds - rollouts.generation_seconds
-        totals["optimisation"] += update_seconds
+        totals["log-probs (old/reference)"] += stats["logprob_seconds"]
+        totals["optimisation"] += update_seconds - stats["logprob_seconds"]
 
     step_seconds = sum(totals.values()) / args.steps
     completion_tokens = args.prompts * args.generations * args.completion_len

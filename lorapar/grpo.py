@@ -142,8 +142,8 @@ class Rollouts:
     total_reward: torch.Tensor  # (N,) weighted sum
     advantages: torch.Tensor  # (N,)
     completion_lengths: list[int]
-    old_logp: Optional[torch.Tensor] = None  # (N, T-1), filled when mu > 1
-    ref_logp: Optional[torch.Tensor] = None  # (N, T-1), filled when beta > 0
+    old_logp: Optional[torch.Tensor] = None  # (N, T-1), filled by grpo_update when mu > 1
+    ref_logp: Optional[torch.Tensor] = None  # (N, T-1), filled by grpo_update when beta > 0
     generation_seconds: float = 0.0
 
 
@@ -158,14 +158,15 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return input_ids, labels
 
 
-def _logprobs(model, rollouts: Rollouts, micro_batch: int, temperature: float) -> torch.Tensor:
+def _logprobs(model, rollouts: Rollouts, args: GRPOArgs, autocast: Callable[[], ContextManager]) -> torch.Tensor:
     device = model.tok_embeddings.weight.device
     pieces = []
     with torch.no_grad():
-        for start in range(0, rollouts.input_ids.shape[0], micro_batch):
-            ids = rollouts.input_ids[start : start + micro_batch].to(device)
-            labels = rollouts.labels[start : start + micro_batch].to(device)
-            pieces.append(target_logprobs(model, ids, labels, temperature=temperature)[0])
+        for start in range(0, rollouts.input_ids.shape[0], args.micro_batch):
+            ids = rollouts.input_ids[start : start + args.micro_batch].to(device)
+            labels = rollouts.labels[start : start + args.micro_batch].to(device)
+            with autocast():
+                pieces.append(target_logprobs(model, ids, labels, temperature=args.temperature)[0])
     return torch.cat(pieces)
 
 
@@ -179,13 +180,9 @@ def make_rollouts(
     seed: int,
     eos_id: Optional[int],
     pad_id: int,
-    reference: Optional[Callable[[], ContextManager]] = None,
 ) -> Rollouts:
-    """Sample G completions per prompt, score them and compute what the optimisation passes need.
-
-    score(prompt_indices, completions) -> (N, F) rewards; weights (F,) combine them. `reference()`
-    enters a context in which `model` is the reference policy (needed when beta > 0).
-    """
+    """Sample G completions per prompt and score them: score(prompt_indices, completions) -> (N, F)
+    rewards, combined by weights (F,) into each completion's reward and its group advantage."""
     G = args.num_generations
     repeated = [list(p) for p in prompts for _ in range(G)]
     start = time.perf_counter()
@@ -197,21 +194,11 @@ def make_rollouts(
     rewards = score([i // G for i in range(len(repeated))], gen.tokens).to(torch.float32)
     total = rewards @ weights.to(torch.float32)
     input_ids, labels = pack(repeated, gen.tokens, pad_id)
-    rollouts = Rollouts(
+    return Rollouts(
         input_ids=input_ids, labels=labels, rewards=rewards, total_reward=total,
         advantages=group_advantages(total, G, scale=args.scale_rewards),
         completion_lengths=[len(t) for t in gen.tokens], generation_seconds=generation_seconds,
     )
-    # Old log-probs are only needed when the policy moves between passes; with mu = 1 the ratio is
-    # exactly 1 and logp.detach() stands in for them (its gradient is what remains).
-    if args.mu > 1:
-        rollouts.old_logp = _logprobs(model, rollouts, args.micro_batch, args.temperature)
-    if args.beta != 0.0:
-        if reference is None:
-            raise ValueError("beta > 0 needs a reference policy")
-        with reference():
-            rollouts.ref_logp = _logprobs(model, rollouts, args.micro_batch, args.temperature)
-    return rollouts
 
 
 def grpo_update(
@@ -224,9 +211,24 @@ def grpo_update(
     lrs: Sequence[float],
     max_grad_norm: float = 0.0,
     autocast: Callable[[], ContextManager] = nullcontext,
+    reference: Optional[Callable[[], ContextManager]] = None,
 ) -> dict[str, float]:
-    """mu optimizer steps on one batch of rollouts (lrs[k] for pass k); returns step statistics."""
+    """mu optimizer steps on one batch of rollouts (lrs[k] for pass k); returns step statistics.
+
+    `reference()` enters a context in which `model` is the reference policy (needed when beta > 0).
+    """
     device = model.tok_embeddings.weight.device
+    start = time.perf_counter()
+    # Old log-probs are only needed when the policy moves between passes; with mu = 1 the ratio is
+    # exactly 1 and logp.detach() stands in for them (its gradient is what remains).
+    if args.mu > 1:
+        rollouts.old_logp = _logprobs(model, rollouts, args, autocast)
+    if args.beta != 0.0:
+        if reference is None:
+            raise ValueError("beta > 0 needs a reference policy")
+        with reference():
+            rollouts.ref_logp = _logprobs(model, rollouts, args, autocast)
+    logprob_seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
     n = rollouts.input_ids.shape[0]
     local = torch.tensor([n, int((rollouts.labels != IGNORE_INDEX).sum())], dtype=torch.float64)
@@ -266,4 +268,5 @@ def grpo_update(
         "kl": kl_sum / max(tokens, 1.0),
         "clip_fraction": clipped / max(tokens, 1.0),
         "grad_norm": grad_norm,
+        "logprob_seconds": logprob_seconds,
     }
