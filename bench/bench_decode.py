@@ -1,0 +1,157 @@
+"""Greedy decoding speed on the CPU: lorapar's generate vs Hugging Face transformers' generate.
+
+Goals (issue 2): >= 1.4x transformers at batch 8 and >= 1.2x at batch 1 (with the KV cache), and a
+batch-8 decode step within 1.3x of the time it takes to stream the weights once from memory (the floor
+for a memory-bound step; bandwidth is measured in this run). The model is `llama-100m` (random weights,
+LLaMA-2's vocabulary and head size); transformers loads the very same weights from an HF checkpoint
+written by lorapar, and the two must agree on the logits. Without transformers installed the comparison
+is skipped. Other processes on a shared machine add noise: each figure is the best of `repeats`, with
+lorapar and transformers interleaved so that both see the same conditions.
+
+    python bench/bench_decode.py [--batch-sizes 1,8 --prompt-len 16 --new-tokens 32 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from lorapar.checkpoint import save_model  # noqa: E402
+from lorapar.config import ModelArgs, add_dataclass_args, dataclass_from_args  # noqa: E402
+from lorapar.generate import generate  # noqa: E402
+from lorapar.model import Transformer  # noqa: E402
+
+
+@dataclass
+class BenchArgs:
+    model: str = field(default="llama-100m", metadata={"help": "ModelArgs preset"})
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prompt_len: int = 16
+    new_tokens: int = field(default=32, metadata={"help": "greedy tokens per row with the KV cache"})
+    uncached_new_tokens: int = field(default=8, metadata={"help": "tokens per row without it (quadratic cost)"})
+    repeats: int = field(default=3, metadata={"help": "timings per configuration; the best is reported"})
+    threads: int = field(default=0, metadata={"help": "torch threads for both libraries (0: torch's default); "
+                                                      "1 avoids thread-barrier stalls on an oversubscribed machine"})
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def stream_seconds(num_bytes: int, repeats: int) -> tuple[float, float]:
+    """(GB/s, seconds to read num_bytes) from the best of a large read (sum) and a large copy (read + write)."""
+    src = torch.ones(max(num_bytes // 4, 1 << 26))
+    dst = torch.empty_like(src)
+    size = src.numel() * 4
+    read = size / best_time(lambda: src.sum(), repeats)
+    copy = 2 * size / best_time(lambda: dst.copy_(src), repeats)
+    bandwidth = max(read, copy)
+    return bandwidth / 1e9, num_bytes / bandwidth
+
+
+def gemm_gflops(repeats: int) -> float:
+    """Measured fp32 matrix-multiply throughput: a decode step cannot beat 2 * batch * params FLOPs at this rate."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / best_time(lambda: a @ b, repeats) / 1e9
+
+
+def lorapar_uncached(model: Transformer, prompts: torch.Tensor, steps: int) -> None:
+    """Greedy decoding by a full forward over the whole sequence for every new token."""
+    seq = prompts
+    with torch.inference_mode():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, BenchArgs)
+    cfg = dataclass_from_args(BenchArgs, parser.parse_args())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    args = ModelArgs.from_name(cfg.model)
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB fp32; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+        print("transformers is not installed: the comparison is skipped (pip install transformers)")
+    hf = None
+    if transformers is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tmp, format="hf")
+            hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
+        probe = torch.randint(0, args.vocab_size, (2, cfg.prompt_len), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            diff = (hf(probe).logits - model(probe)).abs().max().item()
+        print(f"transformers {transformers.__version__}: same weights, max |logit difference| = {diff:.2e}")
+        assert diff < 1e-3, "transformers and lorapar disagree on the same checkpoint"
+
+    gbps, stream = stream_seconds(weight_bytes, cfg.repeats)
+    gflops = gemm_gflops(cfg.repeats)
+    print(f"memory bandwidth ~{gbps:.1f} GB/s: streaming the weights once takes {stream * 1e3:.1f} ms; "
+          f"fp32 GEMM {gflops:.1f} GFLOP/s")
+
+    print(f"\ngreedy decoding, prompt {cfg.prompt_len} tokens, tokens/s over all rows (best of {cfg.repeats})")
+    for batch in cfg.batch_sizes:
+        prompts = torch.randint(3, args.vocab_size, (batch, cfg.prompt_len), generator=torch.Generator().manual_seed(batch))
+        rows = prompts.tolist()
+        n = cfg.new_tokens
+        timings = {
+            "lorapar, KV cache": (n, lambda: generate(model, rows, n)),
+            "lorapar, KV cache, 1 token": (1, lambda: generate(model, rows, 1)),
+            "lorapar, no cache": (cfg.uncached_new_tokens, lambda: lorapar_uncached(model, prompts, cfg.uncached_new_tokens)),
+        }
+        if hf is not None:
+
+            def hf_generate(steps: int, use_cache: bool):
+                with torch.inference_mode():
+                    hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=steps,
+                                min_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+            timings["transformers, KV cache"] = (n, lambda: hf_generate(n, True))
+            timings["transformers, no cache"] = (cfg.uncached_new_tokens, lambda: hf_generate(cfg.uncached_new_tokens, False))
+        for _, fn in timings.values():  # warm-up: first calls pay for allocations and kernel selection
+            fn()
+        best = {name: float("inf") for name in timings}
+        for _ in range(cfg.repeats):  # interleaved, so that load from other processes hits every variant alike
+            for name, (_, fn) in timings.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+        rate = {name: timings[name][0] * batch / best[name] for name in timings}
+        print(f"batch {batch}:")
+        for name in timings:
+            if name != "lorapar, KV cache, 1 token":
+                print(f"  {name:<24} {rate[name]:8.1f} tok/s")
+        step = (best["lorapar, KV cache"] - best["lorapar, KV cache, 1 token"]) / (n - 1)
+        roofline = max(stream, 2 * batch * model.num_params() / (gflops * 1e9))
+        print(f"  lorapar decode step      {step * 1e3:8.1f} ms = {step / stream:.2f}x the weight-streaming time, "
+              f"{step / roofline:.2f}x the roofline max(streaming, FLOPs at the GEMM rate)")
+        if hf is not None:
+            print(f"  speed-up vs transformers {rate['lorapar, KV cache'] / rate['transformers, KV cache']:8.2f}x with the cache, "
+                  f"{rate['lorapar, no cache'] / rate['transformers, no cache']:.2f}x without")
+
+
+if __name__ == "__main__":
+    main()
