@@ -49,7 +49,7 @@ class ScoreArgs:
     out: str = field(default="", metadata={"help": "output directory"})
     random_baseline: bool = field(default=False, metadata={"help": "also write random_masks.safetensors (same per-tensor counts)"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
-    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (None: cuda when available)"})
 
 
 def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
