@@ -86,7 +86,9 @@ def meta_to_hf_name(name: str) -> str:
 
 def _rope_heads(name: str, args: ModelArgs) -> int:
     """How many rotary heads the rows of `name` hold (0: not a rotated projection)."""
-    return args.n_heads if name.endswith("attention.wq.weight") else args.n_kv_heads if name.endswith("attention.wk.weight") else 0
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    return args.n_kv_heads if name.endswith("attention.wk.weight") else 0
 
 
 def _hf_rows_to_meta(name: str, w: torch.Tensor, args: ModelArgs) -> torch.Tensor:
@@ -196,16 +198,33 @@ def _hf_args(cfg: dict, path: str) -> ModelArgs:
         max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=cfg.get("tie_word_embeddings", False),
     )
     if cfg.get("head_dim", args.head_dim) != args.head_dim:
-        raise CheckpointError(f"{path}: head_dim={cfg['head_dim']} is not hidden_size/num_attention_heads={args.head_dim}")
+        raise CheckpointError(
+            f"{path}: head_dim={cfg['head_dim']} differs from hidden_size / num_attention_heads = {args.head_dim}"
+        )
     return args
 
 
-def _hf_weight_files(directory: str) -> dict[str, str]:
-    """HF key -> the file holding it, from the single file or the shard index."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if os.path.isfile(os.path.join(directory, single)):
-            return {"": os.path.join(directory, single)}
-        index_path = os.path.join(directory, index)
+class _WeightFile:
+    """Lazy access to one HF weight file: safetensors through safe_open, a .bin through torch.load(mmap=True)."""
+
+    def __init__(self, path: str):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            self._file = safe_open(path, framework="pt", device="cpu")
+            self.keys, self.get = list(self._file.keys()), self._file.get_tensor
+        else:
+            tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            self.keys, self.get = list(tensors), tensors.__getitem__
+
+
+def _hf_weight_map(directory: str) -> dict[str, str]:
+    """HF key -> the file holding it, from the single weight file or from the shard index."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        single_path, index_path = os.path.join(directory, single), os.path.join(directory, index)
+        if os.path.isfile(single_path):
+            return {key: single_path for key in _WeightFile(single_path).keys}
         if os.path.isfile(index_path):
             weight_map = _read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -214,43 +233,30 @@ def _hf_weight_files(directory: str) -> dict[str, str]:
                 if not os.path.isfile(os.path.join(directory, file)):
                     raise FileNotFoundError(f"{index_path}: shard {file!r} (holding {key!r}) not found in {directory}")
             return {key: os.path.join(directory, file) for key, file in weight_map.items()}
-    raise FileNotFoundError(f"{directory}: config.json found but no model.safetensors(.index.json) or pytorch_model.bin")
+    raise FileNotFoundError(
+        f"{directory}: config.json found but no model.safetensors(.index.json) or pytorch_model.bin(.index.json)"
+    )
 
 
 def _open_hf(directory: str) -> tuple[ModelArgs, dict[str, _Entry]]:
     config_path = os.path.join(directory, "config.json")
     args = _hf_args(_read_json(config_path), config_path)
-    handles: dict[str, object] = {}
+    files: dict[str, _WeightFile] = {}  # opened on first use, once each
 
-    def handle(file: str):
-        if file not in handles:
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                handles[file] = safe_open(file, framework="pt", device="cpu")
-            else:
-                handles[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return handles[file]
-
-    files = _hf_weight_files(directory)
-    if "" in files:  # one file: list its keys
-        file = files.pop("")
-        h = handle(file)
-        files = {key: file for key in (h.keys() if hasattr(h, "get_tensor") else h)}
-
-    def read(file: str, key: str, name: str) -> torch.Tensor:
-        h = handle(file)
-        return _hf_rows_to_meta(name, h.get_tensor(key) if hasattr(h, "get_tensor") else h[key], args)
+    def read(path: str, key: str, name: str) -> torch.Tensor:
+        if path not in files:
+            files[path] = _WeightFile(path)
+        return _hf_rows_to_meta(name, files[path].get(key), args)
 
     entries = {}
-    for key, file in files.items():
+    for key, path in _hf_weight_map(directory).items():
         if key.endswith(HF_IGNORED_SUFFIX):
             continue
         try:
             name = hf_to_meta_name(key)
         except KeyError:
-            raise CheckpointError(f"{file}: unknown key {key!r} (not a LLaMA weight)") from None
-        entries[name] = _Entry(file, key, lambda f=file, k=key, n=name: read(f, k, n))
+            raise CheckpointError(f"{path}: unknown key {key!r} (not a LLaMA weight)") from None
+        entries[name] = _Entry(path, key, lambda p=path, k=key, n=name: read(p, k, n))
     return args, entries
 
 
@@ -260,7 +266,9 @@ def _open_llama2c(path: str) -> tuple[ModelArgs, dict[str, _Entry]]:
         raise CheckpointError(f"{path}: truncated llama2.c checkpoint ({size} bytes, the header alone is 28)")
     header = [int(v) for v in np.fromfile(path, dtype="<i4", count=7)]
     if header[0] == LLAMA2C_V1_MAGIC:
-        raise CheckpointError(f"{path}: llama2.c versioned export (magic 'ak42'); only the legacy (version 0) format is read")
+        raise CheckpointError(
+            f"{path}: llama2.c versioned export (magic 'ak42'); only the legacy (version 0) format is read"
+        )
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = header
     if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or vocab_size == 0:
         raise CheckpointError(f"{path}: not a llama2.c legacy checkpoint (header {header} has non-positive sizes)")
@@ -279,7 +287,9 @@ def _open_llama2c(path: str) -> tuple[ModelArgs, dict[str, _Entry]]:
     numels = [n if name is None else shapes[name].numel() for name, n in order]
     expected = LLAMA2C_HEADER_BYTES + 4 * sum(numels)
     if size < expected:
-        raise CheckpointError(f"{path}: truncated llama2.c checkpoint: header {header} needs {expected} bytes, file has {size}")
+        raise CheckpointError(
+            f"{path}: truncated llama2.c checkpoint: header {header} needs {expected} bytes, file has {size}"
+        )
     if size > expected:
         raise CheckpointError(
             f"{path}: header {header} does not match the file size: it describes {expected} bytes, file has {size}"
@@ -320,14 +330,17 @@ def read_model_args(path: str | os.PathLike) -> ModelArgs:
     return _open(path)[1]
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
     """A Transformer holding the checkpoint's weights in `dtype` on `device` (eval mode)."""
     _, args, entries = _open(path)
     with torch.device("meta"):
         model = Transformer(args)
     expected = dict(model.named_parameters())  # a tied output head is listed once, as tok_embeddings.weight
     for name in entries.keys() - expected.keys():
-        raise CheckpointError(f"{entries[name].file}: unexpected key {entries[name].key!r} for this model configuration")
+        entry = entries[name]
+        raise CheckpointError(f"{entry.file}: unexpected key {entry.key!r} for this model configuration")
     for name, param in expected.items():
         if name not in entries:
             raise CheckpointError(f"{path}: missing key {name!r} (Meta name) for this model configuration")
@@ -335,7 +348,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         tensor = entry.read()
         if tensor.shape != param.shape:
             raise CheckpointError(
-                f"{entry.file}: {entry.key!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)} from the config"
+                f"{entry.file}: {entry.key!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(param.shape)} from the config"
             )
         module_name, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor.to(device=device, dtype=dtype)))
@@ -356,7 +370,8 @@ def base_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def meta_params(args: ModelArgs) -> dict:
     """params.json as Meta writes it, plus lorapar's extra fields only where they differ from Meta's implicit values."""
-    params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "norm_eps")}
+    meta_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "norm_eps")
+    params = {k: getattr(args, k) for k in meta_keys}
     if args.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     implied = ModelArgs(**{**params, "hidden_dim": None})

@@ -79,7 +79,9 @@ def generate(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
     if not 0.0 < top_p <= 1.0 or top_k < 0 or max_new_tokens < 0:
-        raise ValueError(f"generate: need 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 0 (got {top_p}, {top_k}, {max_new_tokens})")
+        raise ValueError(
+            f"generate: need 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 0 (got {top_p}, {top_k}, {max_new_tokens})"
+        )
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.args.max_seq_len:
         raise ValueError(

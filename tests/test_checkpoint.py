@@ -138,6 +138,15 @@ def test_sharded_hf_checkpoint_with_index(tiny_model, tmp_path):
     _assert_same_model(load_model(tmp_path), tiny_model)
 
 
+def test_hf_pytorch_model_bin_fallback(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    save_model(tiny_model, tmp_path, format="hf")
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    os.remove(tmp_path / "model.safetensors")
+    _assert_same_model(load_model(tmp_path), tiny_model)
+
+
 def _write_llama2c(model: Transformer, path, tied: bool) -> None:
     """llama2.c's legacy export, written from its documented order."""
     a, sd = model.args, model.state_dict()
