@@ -2,11 +2,14 @@
 
 Goals (issue 2): >= 1.4x transformers at batch 8 and >= 1.2x at batch 1 (with the KV cache), and a
 batch-8 decode step within 1.3x of the time it takes to stream the weights once from memory (the floor
-for a memory-bound step; bandwidth is measured in this run). The model is `llama-100m` (random weights,
-LLaMA-2's vocabulary and head size); transformers loads the very same weights from an HF checkpoint
-written by lorapar, and the two must agree on the logits. Without transformers installed the comparison
-is skipped. Other processes on a shared machine add noise: each figure is the best of `repeats`, with
-lorapar and transformers interleaved so that both see the same conditions.
+for a memory-bound step; bandwidth is measured in this run). `generate(..., prepack=True)` is timed
+too: MKL's small-batch sgemm re-packs every weight on every call, which prepacking removes.
+
+The model is `llama-100m` (random weights, LLaMA-2's vocabulary and head size); transformers loads the
+very same weights from an HF checkpoint written by lorapar, and the two must agree on the logits.
+Without transformers installed the comparison is skipped. Other processes on a shared machine add
+noise: each figure is the best of `repeats`, with every variant interleaved so that all see the same
+conditions.
 
     python bench/bench_decode.py [--batch-sizes 1,8 --prompt-len 16 --new-tokens 32 --repeats 3]
 """
@@ -100,7 +103,8 @@ def main() -> None:
     if transformers is not None:
         with tempfile.TemporaryDirectory() as tmp:
             save_model(model, tmp, format="hf")
-            hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
+            hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+            hf.eval()
         probe = torch.randint(0, args.vocab_size, (2, cfg.prompt_len), generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             diff = (hf(probe).logits - model(probe)).abs().max().item()
@@ -114,13 +118,15 @@ def main() -> None:
 
     print(f"\ngreedy decoding, prompt {cfg.prompt_len} tokens, tokens/s over all rows (best of {cfg.repeats})")
     for batch in cfg.batch_sizes:
-        prompts = torch.randint(3, args.vocab_size, (batch, cfg.prompt_len), generator=torch.Generator().manual_seed(batch))
+        generator = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(3, args.vocab_size, (batch, cfg.prompt_len), generator=generator)
         rows = prompts.tolist()
-        n = cfg.new_tokens
+        n, n_uncached = cfg.new_tokens, cfg.uncached_new_tokens
         timings = {
             "lorapar, KV cache": (n, lambda: generate(model, rows, n)),
             "lorapar, KV cache, 1 token": (1, lambda: generate(model, rows, 1)),
-            "lorapar, no cache": (cfg.uncached_new_tokens, lambda: lorapar_uncached(model, prompts, cfg.uncached_new_tokens)),
+            "lorapar, KV cache, prepacked": (n, lambda: generate(model, rows, n, prepack=True)),
+            "lorapar, no cache": (n_uncached, lambda: lorapar_uncached(model, prompts, n_uncached)),
         }
         if hf is not None:
 
@@ -130,7 +136,7 @@ def main() -> None:
                                 min_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=0)
 
             timings["transformers, KV cache"] = (n, lambda: hf_generate(n, True))
-            timings["transformers, no cache"] = (cfg.uncached_new_tokens, lambda: hf_generate(cfg.uncached_new_tokens, False))
+            timings["transformers, no cache"] = (n_uncached, lambda: hf_generate(n_uncached, False))
         for _, fn in timings.values():  # warm-up: first calls pay for allocations and kernel selection
             fn()
         best = {name: float("inf") for name in timings}
@@ -144,12 +150,16 @@ def main() -> None:
         for name in timings:
             if name != "lorapar, KV cache, 1 token":
                 print(f"  {name:<24} {rate[name]:8.1f} tok/s")
-        step = (best["lorapar, KV cache"] - best["lorapar, KV cache, 1 token"]) / (n - 1)
         roofline = max(stream, 2 * batch * model.num_params() / (gflops * 1e9))
-        print(f"  lorapar decode step      {step * 1e3:8.1f} ms = {step / stream:.2f}x the weight-streaming time, "
-              f"{step / roofline:.2f}x the roofline max(streaming, FLOPs at the GEMM rate)")
+        for variant in ("lorapar, KV cache", "lorapar, KV cache, prepacked"):  # the prefill is the same in both
+            step = (best[variant] - best["lorapar, KV cache, 1 token"]) / (n - 1)
+            print(f"  decode step, {variant.removeprefix('lorapar, KV cache').strip(', ') or 'default':<10} "
+                  f"{step * 1e3:6.1f} ms = {step / stream:.2f}x the weight-streaming time, "
+                  f"{step / roofline:.2f}x the roofline max(streaming, FLOPs at the GEMM rate)")
         if hf is not None:
-            print(f"  speed-up vs transformers {rate['lorapar, KV cache'] / rate['transformers, KV cache']:8.2f}x with the cache, "
+            cached = rate["transformers, KV cache"]
+            print(f"  speed-up vs transformers: {rate['lorapar, KV cache'] / cached:.2f}x with the cache "
+                  f"({rate['lorapar, KV cache, prepacked'] / cached:.2f}x prepacked), "
                   f"{rate['lorapar, no cache'] / rate['transformers, no cache']:.2f}x without")
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lorapar.checkpoint import load_model
-from lorapar.generate import generate, sample
+from lorapar.generate import generate, prepacked_linears, sample
 
 PROMPTS = [[1, 5, 7, 9, 11], [1, 3], [1, 2, 3, 4, 5, 6, 7, 8], [1, 40, 41]]
 
@@ -77,6 +77,18 @@ def test_sample_respects_top_k_and_top_p():
     assert set(sample(logits, 1.0, 0, 1.0, gen)[0].tolist()) == {0, 1, 2, 3}
     token, logprob = sample(logits[:1], 0.0, 0, 1.0, None)
     assert token.tolist() == [0] and logprob.item() == pytest.approx(torch.log(torch.tensor(0.5)).item(), abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="prepacking needs MKL")
+def test_prepacked_decoding_agrees_and_is_undone(tiny_model):
+    x = torch.randn(len(PROMPTS), 1, tiny_model.args.dim)
+    with torch.no_grad(), prepacked_linears(tiny_model, rows=len(PROMPTS)):
+        assert "forward" in vars(tiny_model.output)
+        torch.testing.assert_close(tiny_model.output(x), x @ tiny_model.output.weight.T, atol=1e-5, rtol=0)
+    assert "forward" not in vars(tiny_model.output)
+    plain, packed = generate(tiny_model, PROMPTS, 10), generate(tiny_model, PROMPTS, 10, prepack=True)
+    assert packed.tokens == plain.tokens
+    torch.testing.assert_close(torch.tensor(packed.logprobs), torch.tensor(plain.logprobs), atol=1e-5, rtol=0)
 
 
 def test_restores_training_mode_and_rejects_bad_arguments(tiny_model):
