@@ -48,10 +48,12 @@ def prepacked_linears(model: Transformer, rows: int) -> Iterator[None]:
     than streaming it once (about 3x at batch 8 for the 640 x 32000 output layer); decoding repeats the
     same product every step, so the packing is paid once here. Costs a second copy of the weights while
     inside. Inputs with another row count (the prefill, a batch shrunk by finished rows) use the plain
-    weight; LoRA modules keep their own forward. A no-op off the CPU, for other dtypes or without MKL.
+    weight; LoRA modules keep their own forward. A no-op for one row (a matrix-vector product packs
+    nothing and is faster unpacked), off the CPU, for other dtypes or without MKL.
     """
     weight = model.tok_embeddings.weight
-    if not (torch.backends.mkl.is_available() and weight.device.type == "cpu" and weight.dtype == torch.float32):
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    if rows == 1 or not (cpu_fp32 and torch.backends.mkl.is_available()):
         yield
         return
     patched = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None]
