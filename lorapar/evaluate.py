@@ -47,17 +47,17 @@ class EvalArgs:
     data: str = field(default="", metadata={"help": "jsonl(.gz) file in the task's format"})
     out: str = field(default="", metadata={"help": "results JSON to write"})
     limit: int = field(default=0, metadata={"help": "evaluate the first N items only; 0 = all"})
-    batch_size: int = 16
-    max_new_tokens: int = 256
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation or scoring batch"})
+    max_new_tokens: int = field(default=256, metadata={"help": "generated tokens per answer (GSM8K, HumanEval)"})
     template: str = field(default="plain", metadata={"choices": TEMPLATES, "help": "prompt template (data.py)"})
     n_samples: int = field(default=1, metadata={"help": "HumanEval samples per problem"})
     k: tuple[int, ...] = field(default=(1,), metadata={"help": "HumanEval pass@k values"})
     temperature: float = field(default=0.0, metadata={"help": "HumanEval sampling temperature; 0 = greedy"})
-    top_p: float = 0.95
+    top_p: float = field(default=0.95, metadata={"help": "HumanEval nucleus sampling when temperature > 0"})
     timeout: float = field(default=5.0, metadata={"help": "seconds per HumanEval program"})
     memory_mb: int = field(default=1024, metadata={"help": "address-space limit per HumanEval program"})
     workers: int = field(default=2, metadata={"help": "HumanEval programs run at once"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "HumanEval sampling seed"})
 
 
 # ----------------------------------------------------------------------------- generation

@@ -92,7 +92,7 @@ def test_a_short_pretraining_run_lowers_the_loss(tmp_path):
     args = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=384, seq_len=32,
                         batch_size=8, steps=30, warmup_steps=5, lr=1e-2)
     model, losses = pretrain(stream, args, progress=False)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # from ln(384) = 5.95 to about 4
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # from ln(384) = 5.95 to about 3.2
     short = dataclasses.replace(args, steps=3)
     first, _ = pretrain(stream, short, progress=False)
     again, _ = pretrain(stream, short, progress=False)
