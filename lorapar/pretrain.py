@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lorapar.config import ModelArgs, field, save_config
+from lorapar.data import TEMPLATES, format_prompt, format_response, load_examples
 from lorapar.io import atomic_write_json
 from lorapar.model import Transformer
 from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task
@@ -156,11 +157,13 @@ def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progr
 
     start = time.perf_counter()
     if not os.path.exists(paths["tokenizer"]):
-        # The training split's text joins the corpus so that question words get whole pieces; the
-        # tokenizer learns spellings only, nothing of the answers a model is asked for.
-        with open(paths["train"], encoding="utf-8") as handle:
-            rows = [json.loads(line) for line in handle]
-        texts = read_corpus(paths["corpus"]) + [r["question"] + "\n" + r["answer"] for r in rows]
+        # The training split, in every prompt template, joins the corpus so that question words and
+        # template tags (<reasoning>, [INST], ...) get whole pieces; a tokenizer learns spellings only,
+        # nothing of the answers a model is asked for.
+        examples = load_examples(paths["train"], "gsm8k")
+        texts = read_corpus(paths["corpus"]) + [
+            format_prompt(e, template) + "\n" + format_response(e, template) for e in examples for template in TEMPLATES
+        ]
         train_tokenizer(texts, paths["tokenizer"], vocab_size=train_args.vocab_size)
         seconds["tokenizer"] = time.perf_counter() - start
     tokenizer = Tokenizer(paths["tokenizer"])

@@ -60,6 +60,9 @@ ATTRIBUTES = (
               "caves", 2, 19),
 )
 
+# Markers that end or frame an answer (GSM8K's final line, LoRA-PAR's GRPO format): one piece each.
+ANSWER_MARKERS = ["####", "<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+
 OPERATIONS = {  # word -> (symbol, function); single operations of System 1 and the corpus tables
     "plus": ("+", lambda a, b: a + b),
     "minus": ("-", lambda a, b: a - b),
@@ -305,7 +308,7 @@ def train_tokenizer(texts: list[str], model_path: str, vocab_size: int = 1024) -
             input=lines, model_prefix=os.path.join(work, "sp"), model_type="bpe", vocab_size=vocab_size,
             character_coverage=1.0, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, add_dummy_prefix=False,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["####"],
+            normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=ANSWER_MARKERS,
             minloglevel=2,
         )
         os.replace(os.path.join(work, "sp.model"), model_path)

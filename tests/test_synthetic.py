@@ -82,6 +82,7 @@ def test_tokenizer_training_is_deterministic_and_round_trips(tmp_path):
     ids = tok.encode(text)
     assert tok.decode(ids) == text and tok.sp.unk_id() not in ids
     assert [tok.sp.id_to_piece(i) for i in tok.encode("1234")] == ["1", "2", "3", "4"]  # split digits
+    assert [len(tok.encode(m)) for m in ("####", "<reasoning>", "</answer>")] == [1, 1, 1]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # its work directory is gone
 
 
