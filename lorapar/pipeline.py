@@ -87,6 +87,8 @@ class PipelineConfig:
     rl_max_prompt_len: int = 128
     rl_max_completion_len: int = 256
     rl_beta: float = 0.04
+    rl_temperature: float = field(default=1.0, metadata={"help": "GRPO sampling temperature"})
+    rl_top_p: float = field(default=1.0, metadata={"help": "GRPO nucleus sampling"})
     rl_micro_batch: int = 8
     # DM-LoRA (train_sft.py --adapter dual)
     dual_rank: int = 128
@@ -110,17 +112,21 @@ class PipelineConfig:
 
 
 # The embedded default: sizes chosen so the whole run fits ~15 minutes on 2 CPU cores and still shows
-# the method's effects (measured numbers in results.md). The tiny base needs larger learning rates
-# than a 7B model, and the answers are short, so lengths shrink.
+# the method's effects (measured numbers in the final report of the run). The tiny base needs larger
+# learning rates than a 7B model and the answers are short, so lengths shrink. GRPO samples cold
+# (temperature 0.3, top-p 0.9): pretraining never shows the `####` answer marker, so after SFT it is
+# the argmax yet holds only ~2% of the probability; at temperature 1 nearly every sample loses it and
+# is malformed, which leaves GRPO no correct answer to reinforce.
 EMBEDDED = dict(
     template="plain", rewards="correct=2.0", score_samples=100,
-    sft_steps=60, sft_lr=2e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
-    rl_steps=30, rl_lr=5e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
-    rl_micro_batch=32, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0, dual_target_rank=4.0,
-    dual_t_init=6, dual_t_final=12, dual_delta_t=3, eval_batch_size=50, eval_max_new_tokens=64, save_every=20,
+    sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
+    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
+    rl_micro_batch=32, rl_temperature=0.3, rl_top_p=0.9, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
+    dual_target_rank=4.0, dual_t_init=20, dual_t_final=40, dual_delta_t=10, eval_batch_size=50,
+    eval_max_new_tokens=64, save_every=25,
 )
 SMOKE = dict(
-    EMBEDDED, score_samples=8, sft_steps=4, sft_batch_size=8, sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2,
+    EMBEDDED, score_samples=8, sft_steps=4, sft_lr=2e-3, sft_batch_size=8, sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2,
     rl_generations=4, rl_max_completion_len=24, dual_t_init=1, dual_t_final=1, dual_delta_t=1, eval_limit=16,
     eval_max_new_tokens=24, save_every=2,
 )
@@ -247,7 +253,10 @@ class Pipeline:
         scale = "smoke" if cfg.smoke else "full"
         stages.run("assets", f"assets: synthetic task, tokenizer, tiny base ({scale})",
                    lambda redo: build_default_assets(assets, scale, cfg.seed))
-        return build_default_assets(assets, scale, cfg.seed, progress=False)  # reused: only reads what exists
+        paths = build_default_assets(assets, scale, cfg.seed, progress=False)  # reused: only reads what exists
+        with open(os.path.join(paths["base"], "pretrain.json"), encoding="utf-8") as handle:
+            paths["pretrain_seconds"] = json.load(handle)["seconds"]  # when built, maybe by an earlier run
+        return paths
 
     def teachers(self, inputs: dict) -> list[str]:
         if self.cfg.teachers:
@@ -312,6 +321,7 @@ class Pipeline:
                 "--max-steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--prompts-per-step", str(cfg.rl_prompts_per_step),
                 "--num-generations", str(cfg.rl_generations), "--max-prompt-len", str(cfg.rl_max_prompt_len),
                 "--max-completion-len", str(cfg.rl_max_completion_len), "--beta", str(cfg.rl_beta),
+                "--temperature", str(cfg.rl_temperature), "--top-p", str(cfg.rl_top_p),
                 "--micro-batch", str(cfg.rl_micro_batch), "--save-every", str(cfg.save_every), *run_dir_flags(out, redo)]
         if masks:
             argv += ["--masks", masks, "--stage", "2"]
@@ -356,7 +366,7 @@ class Pipeline:
                        lambda redo: self.grpo(inputs, labelled, method, masks[method], redo))
             stages.run(f"{method}.rl.eval", f"{method}: evaluate after GRPO",
                        lambda redo: self.evaluate(inputs, self.dir(method, "rl"), self.dir(method, "eval_rl.json")))
-        results = summarise(cfg, stages.records)
+        results = summarise(cfg, stages.records, inputs)
         atomic_write_json(self.dir("results.json"), results)
         table = format_report(results)
         atomic_write_text(self.dir("results.md"), table)

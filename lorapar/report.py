@@ -31,7 +31,7 @@ def accuracies(metrics: Optional[dict]) -> Optional[dict]:
             "overall": metrics["accuracy"], "n": metrics["n"], "malformed": metrics.get("malformed")}
 
 
-def summarise(cfg, records: dict[str, dict]) -> dict:
+def summarise(cfg, records: dict[str, dict], inputs: dict) -> dict:
     """results.json: the configuration, every stage's time and result, and one row per method."""
     result = lambda name: records[name]["result"] if name in records else None  # noqa: E731
     seconds = lambda name: records[name]["seconds"] if name in records else None  # noqa: E731
@@ -48,7 +48,7 @@ def summarise(cfg, records: dict[str, dict]) -> dict:
             "rl_reward_last": rl["reward_last"] if rl else None,
         })
     stages = [{"name": name, "title": r["title"], "seconds": r["seconds"]} for name, r in records.items()]
-    return {"config": dataclasses.asdict(cfg), "rows": rows, "stages": stages,
+    return {"config": dataclasses.asdict(cfg), "rows": rows, "stages": stages, "inputs": inputs,
             "classify": result("classify"), "score": result("score"),
             "total_seconds": sum(s["seconds"] for s in stages)}
 
@@ -90,4 +90,6 @@ def format_report(results: dict) -> str:
     lines += ["", "| Stage | Time |", "|---|---|"]
     lines += [f"| {s['title']} | {_secs(s['seconds'])} |" for s in results["stages"]]
     lines.append(f"| total | {_secs(results['total_seconds'])} |")
+    if "pretrain_seconds" in results["inputs"]:
+        lines.append(f"\nThe tiny base was pretrained in {_secs(results['inputs']['pretrain_seconds'])} when the assets were built.")
     return "\n".join(lines) + "\n"
