@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded to a common length so that every row's next token sits
 in the same cache slot; the model's `pad` argument masks the padding keys and shifts each row's rotary
-positions, so a padded row computes exactly what it would compute alone. A row that emits a stop id
+positions, so a padded row computes what it would compute alone (to float rounding). A row that emits a stop id
 is removed from the batch (and from the cache), so finished rows cost nothing.
 """
 
