@@ -54,7 +54,7 @@ class PipelineConfig:
     smoke: bool = field(default=False, metadata={"help": "toy sizes for a ~1-minute run of every stage (CI)"})
     overwrite: bool = field(default=False, metadata={"help": "redo every stage instead of skipping completed ones"})
     seed: int = 0
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 is far faster on a shared, busy machine)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; the embedded default uses 1)"})
     assets: str = field(default="", metadata={"help": "embedded default: where the built assets live (default OUT/assets)"})
     ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir or llama2.c .bin)"})
     tokenizer: str = field(default="", metadata={"help": "real inputs: SentencePiece tokenizer.model"})
@@ -116,9 +116,10 @@ class PipelineConfig:
 # learning rates than a 7B model and the answers are short, so lengths shrink. GRPO samples cold
 # (temperature 0.3, top-p 0.9): pretraining never shows the `####` answer marker, so after SFT it is
 # the argmax yet holds only ~2% of the probability; at temperature 1 nearly every sample loses it and
-# is malformed, which leaves GRPO no correct answer to reinforce.
+# is malformed, which leaves GRPO no correct answer to reinforce. One thread: the tiny model's matmuls
+# gain little from a second, and two threads on a machine busy with other work ran 25x slower.
 EMBEDDED = dict(
-    template="plain", rewards="correct=2.0", score_samples=100,
+    threads=1, template="plain", rewards="correct=2.0", score_samples=100,
     sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
     rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
     rl_micro_batch=32, rl_temperature=0.3, rl_top_p=0.9, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
