@@ -8,10 +8,13 @@ Rows are GSM8K jsonl (`question`, `answer`) plus `system` (the ground truth, 1 o
 (which generator made the item).
 
 The pretraining corpus states every fact (in several phrasings), the tables of single operations and
-short stories that compute step by step, but never in the task's question/answer form and never with
-`####`. A model pretrained on it knows the world and the arithmetic but not how to answer, so it is
-weak on both systems and fine-tuning (SFT, GRPO) can teach it. Test questions are held out of the
-training split, and no corpus story repeats the premises of a task item.
+short stories that compute step by step, some of them closing with GSM8K's `#### N` line, but never in
+the task's question/answer form. A model pretrained on it knows the world, the arithmetic and the
+answer marker but not how to answer a question, so it is weak on both systems and fine-tuning (SFT,
+GRPO) can teach it. (A marker never seen in pretraining stays improbable after LoRA SFT, which cannot
+move the output layer: measured, P(####) was 0.016 without marked stories and 0.999 with them, and
+95% of temperature-1 samples were malformed, against 1%.) Test questions are held out of the training
+split, and no corpus story repeats the premises of a task item.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class SyntheticArgs:
     fact_repeats: int = field(default=12, metadata={"help": "corpus paragraphs per planet (fresh phrasings)"})
     n_stories: int = field(default=6000, metadata={"help": "corpus stories that compute step by step"})
     n_table_docs: int = field(default=1500, metadata={"help": "corpus paragraphs of single-operation facts"})
+    marker_fraction: float = field(default=0.3, metadata={"help": "corpus stories that end with '#### N'"})
 
 
 # ----------------------------------------------------------------------------- the world
@@ -256,9 +260,10 @@ def make_corpus(args: SyntheticArgs, exclude_questions: set[str]) -> list[str]:
     prefixes = {q.rsplit(". ", 1)[0] + "." for q in exclude_questions}  # the premises of System-2 items
     stories = 0
     while stories < args.n_stories:
-        premises, _, steps, _ = rng.choice(STORIES)(rng, world)
+        premises, _, steps, final = rng.choice(STORIES)(rng, world)
         if premises not in prefixes:
-            docs.append("\n".join([premises, *steps]))
+            marker = [f"#### {final}"] if rng.random() < args.marker_fraction else []
+            docs.append("\n".join([premises, *steps, *marker]))
             stories += 1
     rng.shuffle(docs)
     return docs

@@ -60,7 +60,9 @@ def test_corpus_states_the_facts_but_never_the_task_format():
     train, test = make_splits(SMALL)
     corpus = make_corpus(SMALL, {r["question"] for r in train + test})
     text = "\n".join(corpus)
-    assert "####" not in text and "?" not in text and "Question" not in text
+    assert "?" not in text and "Question" not in text and "Answer" not in text
+    marked = [doc for doc in corpus if "####" in doc]
+    assert marked and all(doc.count("####") == 1 and doc.split("\n")[-1].startswith("#### ") for doc in marked)
     facts = [r for r in test if r["kind"] == "fact"]
     assert facts
     for row in facts:  # held-out facts are learnable: the corpus states them, in the answer's words too
