@@ -110,8 +110,9 @@ def generate(
 
     seed: draws come from a torch.Generator seeded with it, so the same call gives the same tokens;
     None uses torch's global generator. A row stops at `eos_id` or any of `stop_ids`.
-    prepack: CPU fp32 only, see `prepacked_linears` (faster batched decoding, twice the weight memory;
-    results agree with the default to float rounding, not bit for bit).
+    prepack: CPU fp32 only, see `prepacked_linears`: faster batched decoding once the one-off packing is
+    amortised (tens of new tokens), twice the weight memory; results agree with the default to float
+    rounding, not bit for bit.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
