@@ -112,12 +112,11 @@ class PipelineConfig:
 
 
 # The embedded default: sizes chosen so the whole run fits ~15 minutes on 2 CPU cores and still shows
-# the method's effects (measured numbers in the final report of the run). The tiny base needs larger
-# learning rates than a 7B model and the answers are short, so lengths shrink. GRPO samples cold
-# (temperature 0.3, top-p 0.9): pretraining never shows the `####` answer marker, so after SFT it is
-# the argmax yet holds only ~2% of the probability; at temperature 1 nearly every sample loses it and
-# is malformed, which leaves GRPO no correct answer to reinforce. One thread: the tiny model's matmuls
-# gain little from a second, and two threads on a machine busy with other work ran 25x slower.
+# the method's effects. The tiny base needs larger learning rates than a 7B model and the answers are
+# short, so lengths shrink. GRPO samples cold (temperature 0.3, top-p 0.9): on this tiny policy, 30 steps
+# at 0.7 or 1.0 gave LoRA-PAR no System-2 gain (3% -> 2-3%), at 0.3 it rose (3% -> 4%; LoRA 4% -> 8%).
+# One thread: the tiny model's matmuls gain little from a second, and two threads on a machine busy
+# with other work ran 25x slower.
 EMBEDDED = dict(
     threads=1, template="plain", rewards="correct=2.0", score_samples=100,
     sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
