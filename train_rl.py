@@ -25,13 +25,12 @@ import torch
 from tqdm import tqdm
 
 from lorapar import dist
+from lorapar.adapter import load_adapter, save_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import format_prompt, load_examples
 from lorapar.grpo import GRPOArgs, grpo_update, make_rollouts
 from lorapar.io import atomic_write_json
-from lorapar.lora import (
-    LoraArgs, apply_lora, disable_adapter, get_masks, load_adapter, named_lora_parameters, save_adapter,
-)
+from lorapar.lora import LoraArgs, apply_lora, disable_adapter, get_masks, named_lora_parameters
 from lorapar.masks import MaskedAdamW, save_masks
 from lorapar.rewards import DEFAULT_SPEC, parse_spec
 from lorapar.tokenizer import Tokenizer

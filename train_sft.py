@@ -23,12 +23,13 @@ import torch
 from tqdm import tqdm
 
 from lorapar import dist
+from lorapar.adapter import save_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
 from lorapar.dual_training import DualTraining
 from lorapar.io import atomic_write_json
-from lorapar.lora import LoraArgs, apply_lora, get_masks, save_adapter
+from lorapar.lora import LoraArgs, apply_lora, get_masks
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW, save_masks
 from lorapar.tokenizer import Tokenizer

@@ -29,13 +29,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from kernels import masked_lora_linear
+from lorapar.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_tensors, hf_output_rows, read_safetensors
 from lorapar.config import field
-from lorapar.checkpoint import hf_to_meta_state_dict, meta_to_hf_name, meta_to_hf_state_dict
 from lorapar.io import atomic_save_safetensors, atomic_write_json
-from lorapar.lora import LoRALinear, _unwrap, lora_modules, peft_key, resolve_targets
+from lorapar.lora import LoRALinear, lora_modules, peft_key, resolve_targets, unwrap_model
 
 
 @dataclass
@@ -181,7 +180,7 @@ class DualLoRALinear(LoRALinear):
 # ---------------------------------------------------------------------- model-level functions
 
 PARAMS = ("lora_A", "lora_B", "expert_A", "expert_B", "expert_E")
-ADAPTER_FILE, CONFIG_FILE, MASKS_FILE = "adapter_model.safetensors", "adapter_config.json", "masks.safetensors"
+MASKS_FILE = "masks.safetensors"  # next to lorapar.adapter's ADAPTER_WEIGHTS and ADAPTER_CONFIG
 
 
 def adapter_key(module_name: str, param: str) -> str:
@@ -209,7 +208,7 @@ def _require_dual(model: nn.Module, what: str) -> dict[str, DualLoRALinear]:
 def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dict[str, DualLoRALinear]:
     """Replace the targeted projections with DualLoRALinear, freeze everything else and (unless
     `initialise` is False, as when loading) run the PiSSA / expert init, one generator in model order."""
-    root = _unwrap(model)
+    root = unwrap_model(model)
     if lora_modules(root):
         raise RuntimeError("apply_dual: the model already has LoRA modules")
     wanted = set(resolve_targets(args.dual_targets))
@@ -289,26 +288,16 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
 B_TENSORS = ("lora_B", "expert_B", "init_B")  # (out, r): their rows follow the base weight's output rows
 
 
-def _output_rows(module_name: str, tensor: torch.Tensor, model: nn.Module, to_hf: bool) -> torch.Tensor:
-    """Hugging Face permutes the output rows of q_proj / k_proj (lorapar.checkpoint); on disk the
-    B-type tensors of those modules are in HF order, as in lorapar.lora's adapter files."""
-    if not module_name.endswith(("wq", "wk")):
-        return tensor
-    name = module_name + ".weight"
-    args = _unwrap(model).args
-    moved = meta_to_hf_state_dict({name: tensor}, args) if to_hf else hf_to_meta_state_dict({meta_to_hf_name(name): tensor}, args)
-    return next(iter(moved.values())).contiguous()
-
-
 def dual_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter file's tensors: every trainable tensor plus each module's initial shared factors
     (init_A, init_B), which rebuild the residual base W0 - s B0 A0 from the original W0 on loading.
-    Output rows of q/k B-type tensors in HF order (see _output_rows)."""
+    Output rows of q/k B-type tensors in HF order (lorapar.adapter.hf_output_rows), as in LoRA adapter files."""
+    model_args = unwrap_model(model).args
     out = {}
     for name, m in _require_dual(model, "dual_state_dict").items():
         for p in (*PARAMS, "init_A", "init_B"):
             tensor = getattr(m, p).detach().float().cpu()
-            out[adapter_key(name, p)] = _output_rows(name, tensor, model, to_hf=True) if p in B_TENSORS else tensor
+            out[adapter_key(name, p)] = hf_output_rows(name, tensor, model_args, to_hf=True) if p in B_TENSORS else tensor
     return out
 
 
@@ -320,27 +309,27 @@ def save_dual_adapter(model: nn.Module, out_dir: str, args: DualArgs) -> None:
         raise RuntimeError("save_dual_adapter: unmerge the adapter first")
     config = {
         "adapter": "dual_lora",
-        "peft_type": "DUAL_LORA",  # not "LORA": peft and lora.load_adapter must refuse it, not load half of it
+        "peft_type": "DUAL_LORA",  # not "LORA": peft and adapter.load_adapter must refuse it, not load half of it
         "target_modules": sorted({peft_key(n, "A").split(".")[-3] for n in modules}),
         "r": args.dual_rank,
         "lora_alpha": args.dual_alpha,
         "live_expert_components": {n: int(m.expert_alive.sum()) for n, m in modules.items()},
         "dual_args": dataclasses.asdict(args),
     }
-    atomic_save_safetensors(os.path.join(out_dir, ADAPTER_FILE), dual_state_dict(model), metadata={"format": "pt"})
+    atomic_save_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), dual_state_dict(model), metadata={"format": "pt"})
     atomic_save_safetensors(os.path.join(out_dir, MASKS_FILE), get_dual_masks(model))
-    atomic_write_json(os.path.join(out_dir, CONFIG_FILE), config)
+    atomic_write_json(os.path.join(out_dir, ADAPTER_CONFIG), config)
 
 
 def is_dual_adapter(adapter_dir: str) -> bool:
-    """Whether `adapter_dir` holds a dual-LoRA adapter (load_dual_adapter) rather than a LoRA one (lora.load_adapter)."""
-    path = os.path.join(adapter_dir, CONFIG_FILE)
+    """Whether `adapter_dir` holds a dual-LoRA adapter (load_dual_adapter) rather than a LoRA one (adapter.load_adapter)."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     with open(path, encoding="utf-8") as handle:
         return json.load(handle).get("adapter") == "dual_lora"
 
 
 def read_dual_config(adapter_dir: str) -> DualArgs:
-    path = os.path.join(adapter_dir, CONFIG_FILE)
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     with open(path, encoding="utf-8") as handle:
         config = json.load(handle)
     if config.get("adapter") != "dual_lora" or not isinstance(config.get("dual_args"), dict):
@@ -358,22 +347,17 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
     dual modules first if the model has none); the output equals the saving model's."""
     args = read_dual_config(adapter_dir)
     modules = dual_modules(model) or apply_dual(model, args, initialise=False)
-    path = os.path.join(adapter_dir, ADAPTER_FILE)
-    tensors = load_file(path)
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    tensors, _ = read_safetensors(path)
     shapes = {  # init_A / init_B have the shared factors' shapes
         adapter_key(n, p): getattr(m, {"init_A": "lora_A", "init_B": "lora_B"}.get(p, p)).shape
         for n, m in modules.items() for p in (*PARAMS, "init_A", "init_B")
     }
-    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        raise KeyError(f"{path}: keys do not match the model's dual-LoRA modules; missing {missing[:3]} ({len(missing)}), "
-                       f"unexpected {extra[:3]} ({len(extra)})")
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(shape)})" for k, shape in shapes.items() if tensors[k].shape != shape]
-    if wrong:
-        raise ValueError(f"{path}: {len(wrong)} tensor(s) of the wrong shape, e.g. {wrong[:2]}")
+    check_tensors(tensors, shapes, path)
+    model_args = unwrap_model(model).args
     for name, m in modules.items():
         for p in B_TENSORS:
-            tensors[adapter_key(name, p)] = _output_rows(name, tensors[adapter_key(name, p)], model, to_hf=False)
+            tensors[adapter_key(name, p)] = hf_output_rows(name, tensors[adapter_key(name, p)], model_args, to_hf=False)
         init_A, init_B = tensors[adapter_key(name, "init_A")], tensors[adapter_key(name, "init_B")]
         if m.init_A is None:
             m.set_residual_base(init_A, init_B)
@@ -385,5 +369,5 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
     masks_path = os.path.join(adapter_dir, MASKS_FILE)
     if not os.path.exists(masks_path):
         raise FileNotFoundError(f"{masks_path}: a dual-LoRA adapter needs its masks file (the pruned components)")
-    set_dual_masks(model, load_file(masks_path))
+    set_dual_masks(model, read_safetensors(masks_path)[0])
     return args

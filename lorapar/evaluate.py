@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -236,12 +234,11 @@ def load_for_eval(ckpt: str, adapter: str = ""):
 
     model = load_model(ckpt)
     if adapter:
-        from lorapar.dual import CONFIG_FILE, load_dual_adapter
-        from lorapar.lora import load_adapter, merge
+        from lorapar.adapter import load_adapter
+        from lorapar.dual import is_dual_adapter, load_dual_adapter
+        from lorapar.lora import merge
 
-        with open(os.path.join(adapter, CONFIG_FILE), encoding="utf-8") as handle:
-            dual = json.load(handle).get("adapter") == "dual_lora"
-        (load_dual_adapter if dual else load_adapter)(model, adapter)
+        (load_dual_adapter if is_dual_adapter(adapter) else load_adapter)(model, adapter)
         merge(model)
     return model.eval()
 

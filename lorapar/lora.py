@@ -21,19 +21,14 @@ For pissa/olora the initial A0, B0 are kept (non-persistent buffers) so that an 
 onto the original base: the residual is rebuilt as W0 - s B0 A0 by the same code, bit for bit.
 
 Names: modules are keyed by Meta names ("layers.0.attention.wq"); parameters and masks by peft keys
-("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"). Layout: in memory, in mask and
-importance files everything is in the model's (Meta) layout; adapter files are in Hugging Face's,
-i.e. the rows of q_proj / k_proj lora_B are permuted as lorapar.checkpoint permutes q/k weights, so
-that peft on a transformers LLaMA computes exactly the same function (tested).
+("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"). In memory and in mask and
+importance files tensors are in the model's (Meta) layout; adapter files are lorapar.adapter's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
@@ -43,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import masked_lora_linear
-from lorapar.io import atomic_save_safetensors, atomic_write_json
 
 # One canonical spelling (Meta's leaf name) per target, reachable from every accepted spelling.
 SHORT_TO_META = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
@@ -112,6 +106,14 @@ def peft_key(module_name: str, which: str) -> str:
         raise ValueError(f"peft_key: expected a 'layers.N.attention|feed_forward.wX' module and 'A'|'B', got {module_name!r}, {which!r}")
     layer, block, leaf = match.groups()
     return f"base_model.model.model.layers.{layer}.{_HF_BLOCK[block]}.{META_TO_HF[leaf]}.lora_{which}.weight"
+
+
+def target_of(module_name: str) -> str:
+    """"layers.0.attention.wq" -> "wq": the Meta leaf name of a module LoRA can target."""
+    match = _MODULE_RE.search(module_name)
+    if match is None:
+        raise ValueError(f"target_of: expected a 'layers.N.attention|feed_forward.wX' module, got {module_name!r}")
+    return match.group(3)
 
 
 def module_name_of(key: str) -> tuple[str, str]:
@@ -273,7 +275,7 @@ def principal_factors(
 # ---------------------------------------------------------------------- model-level functions
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain model inside DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -284,7 +286,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """{Meta module name: LoRALinear}, e.g. "layers.0.attention.wq", in model order."""
-    return {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, LoRALinear)}
 
 
 def apply_lora(model: nn.Module, args: Optional[LoraArgs] = None, **kwargs) -> dict[str, LoRALinear]:
@@ -297,16 +299,16 @@ def apply_lora(model: nn.Module, args: Optional[LoraArgs] = None, **kwargs) -> d
         args = LoraArgs(**kwargs)
     elif kwargs:
         raise TypeError("apply_lora: pass either a LoraArgs or keyword arguments, not both")
-    modules = _replace_linears(model, args)
+    modules = replace_linears(model, args)
     generator = torch.Generator().manual_seed(args.seed)
     for module in modules.values():
         module.reset_lora(args.init, generator, args.init_std, args.pissa_niter)
     return modules
 
 
-def _replace_linears(model: nn.Module, args: LoraArgs) -> dict[str, LoRALinear]:
+def replace_linears(model: nn.Module, args: LoraArgs) -> dict[str, LoRALinear]:
     """Swap in LoRALinear modules with A = B = 0 (no init) and freeze the base."""
-    root = _unwrap(model)
+    root = unwrap_model(model)
     if lora_modules(root):
         raise RuntimeError("apply_lora: the model already has LoRA modules")
     wanted = set(resolve_targets(args.targets))
@@ -343,7 +345,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: p.detach() for key, p in named_lora_parameters(model)}
 
 
-def _require_lora(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+def require_lora(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    """lora_modules(model), or an error naming the caller `what` when the model has none."""
     modules = lora_modules(model)
     if not modules:
         raise RuntimeError(f"{what}: the model has no LoRA modules (call apply_lora first)")
@@ -356,7 +359,7 @@ def set_masks(model: nn.Module, masks: Optional[dict[str, torch.Tensor]]) -> Non
     The key set must equal the model's LoRA parameters exactly: a missing or extra key is an error,
     so a mask file built for another target set or rank can never be applied silently.
     """
-    modules = _require_lora(model, "set_masks")
+    modules = require_lora(model, "set_masks")
     if masks is None:
         for m in modules.values():
             m.set_masks(None, None)
@@ -380,19 +383,19 @@ def set_masks(model: nn.Module, masks: Optional[dict[str, torch.Tensor]]) -> Non
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{peft key: bool mask}; a parameter without a mask reports all-true."""
     out = {}
-    for name, m in _require_lora(model, "get_masks").items():
+    for name, m in require_lora(model, "get_masks").items():
         for which, p, mask in (("A", m.lora_A, m.mask_A), ("B", m.lora_B, m.mask_B)):
             out[peft_key(name, which)] = torch.ones_like(p, dtype=torch.bool) if mask is None else mask
     return out
 
 
 def merge(model: nn.Module) -> None:
-    for m in _require_lora(model, "merge").values():
+    for m in require_lora(model, "merge").values():
         m.merge()
 
 
 def unmerge(model: nn.Module) -> None:
-    for m in _require_lora(model, "unmerge").values():
+    for m in require_lora(model, "unmerge").values():
         m.unmerge()
 
 
@@ -403,7 +406,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     For pissa/olora the stored base is the residual W0 - s B0 A0; the disabled forward adds s B0 A0
     back, so "disabled" is the original model for every init (peft returns the residual instead).
     """
-    modules = list(_require_lora(model, "disable_adapter").values())
+    modules = list(require_lora(model, "disable_adapter").values())
     previous = [m.adapter_enabled for m in modules]
     for m in modules:
         m.adapter_enabled = False
@@ -420,197 +423,13 @@ def export_merged(model: nn.Module, path: str, format: str = "hf") -> None:
 
     merge(model)
     try:
-        save_model(_unwrap(model), path, format=format)
+        save_model(unwrap_model(model), path, format=format)
     finally:
         unmerge(model)
 
 
-# ---------------------------------------------------------------------- adapter files (peft layout)
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-# pissa/olora: the initial A0, B0 (peft keys), from which load_adapter rebuilds the residual base.
-ADAPTER_INIT = "adapter_init.safetensors"
-
-
-def _peft_init_value(args: LoraArgs) -> Union[bool, str]:
-    if args.init == "pissa":
-        return f"pissa_niter_{args.pissa_niter}" if args.pissa_niter > 0 else "pissa"
-    return {"lora": True, "gaussian": "gaussian", "olora": "olora"}[args.init]
-
-
-def peft_config(args: LoraArgs) -> dict:
-    """adapter_config.json contents that peft.LoraConfig accepts (target names in HF spelling)."""
-    alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
-        "r": args.r, "lora_alpha": alpha, "lora_dropout": args.dropout, "use_rslora": args.use_rslora,
-        "target_modules": [META_TO_HF[m] for m in resolve_targets(args.targets)],
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": _peft_init_value(args),
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "inference_mode": True,
-    }
-
-
-def _args_from_peft_config(config: dict, source: str) -> LoraArgs:
-    for key, want in (("peft_type", "LORA"), ("bias", "none")):
-        if config.get(key, want) != want:
-            raise ValueError(f"{source}: {key} = {config.get(key)!r}; lorapar supports only {want!r}")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "use_dora", "fan_in_fan_out", "modules_to_save"):
-        if config.get(key):
-            raise ValueError(f"{source}: {key} = {config[key]!r} is not supported by lorapar")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise KeyError(f"{source}: missing required key {key!r}")
-    init_value = config.get("init_lora_weights", True)
-    if init_value is True:
-        init, niter = "lora", 0
-    elif isinstance(init_value, str) and init_value.startswith("pissa"):
-        init, niter = "pissa", int(init_value[len("pissa_niter_"):]) if init_value.startswith("pissa_niter_") else 0
-    elif init_value in ("gaussian", "olora"):
-        init, niter = init_value, 0
-    else:
-        raise ValueError(f"{source}: init_lora_weights = {init_value!r}; expected true, gaussian, pissa[_niter_N] or olora")
-    targets = config["target_modules"]
-    return LoraArgs(
-        r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-        targets=tuple([targets] if isinstance(targets, str) else targets), init=init,
-        use_rslora=bool(config.get("use_rslora", False)), pissa_niter=niter,
-    )
-
-
-def _check_matches(modules: dict[str, LoRALinear], args: LoraArgs, what: str) -> None:
-    """The model's LoRA modules have the rank, scale and target set that `args` describes."""
-    have = {_MODULE_RE.search(name).group(3) for name in modules}
-    want = set(resolve_targets(args.targets))
-    if have != want:
-        raise ValueError(f"{what}: the model adapts {sorted(have)} but the adapter targets {sorted(want)}")
-    module = next(iter(modules.values()))
-    if module.r != args.r or not math.isclose(module.scale, args.scale):
-        raise ValueError(f"{what}: the model has r={module.r}, scale={module.scale:g}; the adapter r={args.r}, scale={args.scale:g}")
-
-
-def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing:
-        raise KeyError(f"{source}: missing {len(missing)} LoRA tensor(s), e.g. {missing[:3]}")
-    if extra:
-        raise KeyError(f"{source}: {len(extra)} unexpected tensor(s) for this model, e.g. {extra[:3]}")
-    for key, shape in expected.items():
-        if tensors[key].shape != shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model expects {tuple(shape)}")
-
-
-def _peft_layout(tensors: dict[str, torch.Tensor], model: nn.Module, to_hf: bool, source: str = "") -> dict[str, torch.Tensor]:
-    """Hugging Face permutes the rows of q_proj / k_proj for its rotary layout (lorapar.checkpoint);
-    the rows of their lora_B follow, so that peft on the HF model computes the same function."""
-    from lorapar.checkpoint import hf_to_meta_state_dict, meta_to_hf_name, meta_to_hf_state_dict
-
-    out = {}
-    for key, t in tensors.items():
-        try:
-            module, which = module_name_of(key)
-        except ValueError as error:
-            raise KeyError(f"{source}: {error}") from None
-        if which == "B" and module.endswith(("wq", "wk")):
-            name = module + ".weight"
-            moved = meta_to_hf_state_dict({name: t}, model.args) if to_hf else hf_to_meta_state_dict({meta_to_hf_name(name): t}, model.args)
-            t = next(iter(moved.values()))
-        out[key] = t.contiguous()
-    return out
-
-
-def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs) -> None:
-    """Write adapter_model.safetensors (peft keys), adapter_config.json and, for pissa/olora, adapter_init.safetensors.
-
-    The exact LoraArgs also go into the weights file's metadata, so load_adapter restores fields peft
-    has no name for (init_std, seed). Every file is written atomically; the config last.
-    """
-    modules = _require_lora(model, "save_adapter")
-    _check_matches(modules, args, "save_adapter")
-    metadata = {"format": "pt", "lorapar_args": json.dumps(dataclasses.asdict(args))}
-    weights = _peft_layout({k: v.float().cpu() for k, v in adapter_state_dict(model).items()}, _unwrap(model), to_hf=True)
-    atomic_save_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), weights, metadata=metadata)
-    if args.init in ("pissa", "olora"):
-        init = {}
-        for name, m in modules.items():
-            if m.init != args.init:
-                raise ValueError(f"save_adapter: {name} was initialised with {m.init}, the args say {args.init}")
-            init[peft_key(name, "A")], init[peft_key(name, "B")] = m.init_A.cpu(), m.init_B.cpu()
-        init = _peft_layout(init, _unwrap(model), to_hf=True)
-        atomic_save_safetensors(os.path.join(out_dir, ADAPTER_INIT), init, metadata={"format": "pt"})
-    atomic_write_json(os.path.join(out_dir, ADAPTER_CONFIG), peft_config(args))
-
-
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter file not found: {path}")
-    with safe_open(path, framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
-
-
-def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
-    """Load an adapter written by save_adapter (or peft) onto `model`; returns its LoraArgs.
-
-    Without LoRA modules the model must be the original base: LoRA is applied and, for pissa/olora,
-    the residual base W0 - s B0 A0 is rebuilt from adapter_init.safetensors exactly as at init. With
-    LoRA modules already present (e.g. resuming), their rank, scale and targets must match, and for
-    pissa/olora their initial factors must equal the saved ones (else the base would be wrong).
-    """
-    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"adapter config not found: {config_path}")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: invalid JSON ({error})") from error
-    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    tensors, metadata = _read_safetensors(weights_path)
-    tensors = _peft_layout(tensors, _unwrap(model), to_hf=False, source=weights_path)
-    args = _args_from_peft_config(config, config_path)
-    if "lorapar_args" in metadata:
-        args = LoraArgs(**json.loads(metadata["lorapar_args"]))
-        stored = peft_config(args)
-        stored["target_modules"], config["target_modules"] = set(stored["target_modules"]), set(config["target_modules"])
-        differing = [k for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in config and config[k] != stored[k]]
-        if differing:
-            raise ValueError(f"{config_path}: {differing} disagree with the LoraArgs stored in {weights_path}")
-
-    modules = lora_modules(model)
-    fresh = not modules
-    if fresh:
-        modules = _replace_linears(model, args)
-    _check_matches(modules, args, f"load_adapter({adapter_dir})")
-    params = dict(named_lora_parameters(model))
-    _check_tensors(tensors, {k: p.shape for k, p in params.items()}, weights_path)
-    if args.init in ("pissa", "olora"):
-        init_path = os.path.join(adapter_dir, ADAPTER_INIT)
-        init = _peft_layout(_read_safetensors(init_path)[0], _unwrap(model), to_hf=False, source=init_path)
-        _check_tensors(init, {k: p.shape for k, p in params.items()}, init_path)
-    for name, m in modules.items():
-        if args.init in ("pissa", "olora"):
-            A0, B0 = init[peft_key(name, "A")], init[peft_key(name, "B")]
-            if fresh:
-                m.set_residual_base(A0, B0)
-                m.init = args.init
-            elif m.init != args.init or not (torch.equal(m.init_A.cpu(), A0) and torch.equal(m.init_B.cpu(), B0)):
-                raise ValueError(
-                    f"load_adapter: {name} has a different {args.init} base than {init_path}; "
-                    "load onto the original base model instead"
-                )
-        elif m.init in ("pissa", "olora"):
-            raise ValueError(f"load_adapter: {name} holds a {m.init} residual base but the adapter was trained with init={args.init}")
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(tensors[key])
-    return args
-
-
 __all__ = [
-    "LoraArgs", "LoRALinear", "apply_lora", "lora_modules", "peft_key", "module_name_of", "resolve_targets",
+    "LoraArgs", "LoRALinear", "apply_lora", "lora_modules", "peft_key", "module_name_of", "target_of", "resolve_targets",
     "adapter_state_dict", "named_lora_parameters", "set_masks", "get_masks", "merge", "unmerge",
-    "disable_adapter", "export_merged", "principal_factors", "INITS", "save_adapter", "load_adapter", "peft_config",
+    "disable_adapter", "export_merged", "principal_factors", "INITS", "unwrap_model", "replace_linears", "require_lora",
 ]

@@ -33,10 +33,11 @@ from typing import Optional
 
 import torch
 
+from lorapar.adapter import load_adapter
 from lorapar.checkpoint import load_model
 from lorapar.config import add_dataclass_args, dataclass_from_args
 from lorapar.generate import generate
-from lorapar.lora import load_adapter, merge
+from lorapar.lora import merge
 from lorapar.tokenizer import Tokenizer
 
 log = logging.getLogger("lorapar.serve")

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():  # Triton decides at kernel decoration (first 
 import pytest  # noqa: E402
 
 from kernels.function import triton_kernels  # noqa: E402
+from lorapar.adapter import load_adapter as lora_load_adapter  # noqa: E402
 from lorapar.budget import ExpertScreener, SensitivityEMA, budget_at, component_scores, select_survivors
 from lorapar.dual import (  # noqa: E402
     DualArgs,
@@ -25,7 +26,6 @@ from lorapar.dual import (  # noqa: E402
     save_dual_adapter,
 )
 from lorapar.lora import disable_adapter, merge, unmerge  # noqa: E402
-from lorapar.lora import load_adapter as lora_load_adapter  # noqa: E402
 
 SMALL = dict(dual_rank=12, dual_shared_rank=4, dual_alpha=12.0, dual_target_rank=5.0)  # r_e = 8, s = 1
 

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorapar import lora
+from lorapar.adapter import load_adapter, save_adapter
 from lorapar.lora import (
-    LoraArgs, LoRALinear, adapter_state_dict, apply_lora, disable_adapter, get_masks, load_adapter, lora_modules,
-    merge, module_name_of, named_lora_parameters, peft_key, save_adapter, set_masks, unmerge,
+    LoraArgs, LoRALinear, adapter_state_dict, apply_lora, disable_adapter, get_masks, lora_modules,
+    merge, module_name_of, named_lora_parameters, peft_key, set_masks, unmerge,
 )
 from lorapar.model import Transformer
 

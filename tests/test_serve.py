@@ -156,7 +156,8 @@ def test_classify_over_http_and_local_teacher(ckpt, serve, asset, tmp_path):
 
 
 def test_serve_with_adapter_matches_in_process(ckpt, serve, tmp_path):
-    from lorapar.lora import LoraArgs, apply_lora, save_adapter
+    from lorapar.adapter import save_adapter
+    from lorapar.lora import LoraArgs, apply_lora
 
     ckpt_dir, tokenizer_path = ckpt
     model = load_model(ckpt_dir)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import train_sft
+from lorapar.adapter import load_adapter
 from lorapar.checkpoint import save_model
 from lorapar.config import ModelArgs
-from lorapar.lora import LoraArgs, adapter_state_dict, apply_lora, load_adapter
+from lorapar.lora import LoraArgs, adapter_state_dict, apply_lora
 from lorapar.masks import save_masks
 from lorapar.model import Transformer
 
