@@ -131,6 +131,16 @@ def extract_gsm8k_number(text: str) -> Optional[str]:
     return format(value.normalize(), "f")
 
 
+def final_answer(text: str) -> Optional[str]:
+    """A model output's final answer: the normalised number after the first `####` or inside the first
+    `<answer>` tag; None if neither. Evaluation and the GRPO correctness reward both use this one rule."""
+    if "####" in text:
+        after = text.split("####", 1)[1]
+        return extract_gsm8k_number("####" + after.split("\n", 1)[0]) if after.strip() else None
+    tagged = re.search(r"<answer>(.*?)(?:</answer>|$)", text, flags=re.S)
+    return extract_gsm8k_number(tagged.group(1)) if tagged else None
+
+
 def _field(row: dict, key: str, path: str, line: int, fmt: str) -> str:
     value = row.get(key)
     if not isinstance(value, str):

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lorapar.config import add_dataclass_args, dataclass_from_args, field
-from lorapar.data import LETTERS, TEMPLATES, Example, extract_gsm8k_number, format_prompt, load_examples
+from lorapar.data import LETTERS, TEMPLATES, Example, final_answer, format_prompt, load_examples
 from lorapar.generate import generate
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
 from lorapar.io import atomic_write_json
@@ -91,15 +91,6 @@ def complete(
 
 
 # ----------------------------------------------------------------------------- GSM8K
-
-
-def final_answer(text: str) -> Optional[str]:
-    """The normalised number after the first `####` or inside the first `<answer>` tag; None if neither."""
-    if "####" in text:
-        after = text.split("####", 1)[1]
-        return extract_gsm8k_number("####" + after.split("\n", 1)[0]) if after.strip() else None
-    tagged = re.search(r"<answer>(.*?)(?:</answer>|$)", text, flags=re.S)
-    return extract_gsm8k_number(tagged.group(1)) if tagged else None
 
 
 def score_gsm8k(examples: Sequence[Example], completions: Sequence[str]) -> dict:

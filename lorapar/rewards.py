@@ -13,7 +13,8 @@ whose completions follow the format
 Each built-in returns a score in [0, 1] (xml_count may go slightly negative) and the default weights
 carry the recipe's magnitudes, so weight x score reproduces it: correct 2.0, integer 0.5,
 strict_format 0.5, soft_format 0.5, xml_count up to 0.5. Two deliberate differences: `correct`
-compares normalised numbers ("1,000" == "1000.0") rather than raw strings, and the format patterns
+compares normalised numbers ("1,000" == "1000.0") rather than raw strings, read by the same rule as
+evaluation (lorapar.data.final_answer), and the format patterns
 match across lines (re.DOTALL); the recipe's patterns without DOTALL never match a multi-line
 reasoning, so those rewards were constantly zero.
 
@@ -27,7 +28,7 @@ import importlib
 import re
 from typing import Callable
 
-from lorapar.data import Example, extract_gsm8k_number
+from lorapar.data import Example, extract_gsm8k_number, final_answer
 
 RewardFn = Callable[[str, Example], float]
 
@@ -41,10 +42,10 @@ def xml_answer(text: str) -> str:
 
 
 def correct(completion: str, example: Example) -> float:
-    """1 when the number in the <answer> block equals the reference's final number."""
+    """1 when the completion's final answer (data.final_answer: the rule evaluation uses) equals the reference's."""
     if example.final is None:
         return 0.0
-    return float(extract_gsm8k_number(xml_answer(completion)) == extract_gsm8k_number(example.final))
+    return float(final_answer(completion) == extract_gsm8k_number(example.final))
 
 
 def integer(completion: str, example: Example) -> float:

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from lorapar.data import Example, load_examples
+from lorapar.data import Example, final_answer, load_examples
 from lorapar.evaluate import (
-    EvalArgs, decode_continuation, evaluate_gsm8k, evaluate_mmlu, final_answer, run, score_gsm8k,
+    EvalArgs, decode_continuation, evaluate_gsm8k, evaluate_mmlu, run, score_gsm8k,
 )
 from lorapar.humaneval_exec import pass_at_k, program_text, run_many, run_program, truncate_completion
 from lorapar.tokenizer import Tokenizer

@@ -127,6 +127,16 @@ def test_rewards_on_a_badly_formed_completion():
     assert rewards.xml_count(text, example()) == 0.0
 
 
+def test_correct_reward_reads_the_answer_that_evaluation_scores():
+    """GRPO must not reward what evaluation marks wrong: with two answers, the first one counts for both."""
+    from lorapar.evaluate import score_gsm8k
+
+    text = "<reasoning>\n6*2=12\n</reasoning>\n<answer>\n12\n</answer>\n<answer>\n13\n</answer>\n"
+    for final, right in (("12", 1.0), ("13", 0.0)):
+        assert rewards.correct(text, example(final)) == right
+        assert score_gsm8k([example(final)], [text])["metrics"]["correct"] == right
+
+
 def test_reward_spec_errors_and_user_functions():
     [(name, fn, weight)] = rewards.parse_spec("math:isfinite=0.25")
     assert fn is math.isfinite and weight == 0.25
