@@ -80,9 +80,9 @@ def format_report(results: dict) -> str:
     lines += ["", f"Accuracy in % on {n} test items (greedy, final number); S1/S2 by the test rows' ground-truth system."]
     classify, score = results.get("classify"), results.get("score")
     if classify:
-        agreement = classify.get("reference_accuracy")
+        agreement, kappa = classify.get("reference_accuracy"), classify.get("fleiss_kappa")
         lines.append(f"classify: {classify['system_1']} System-1 / {classify['system_2']} System-2 rows; "
-                     f"Fleiss' kappa {classify['fleiss_kappa']}" +
+                     f"Fleiss' kappa {'n/a' if kappa is None else f'{kappa:.3f}'}" +
                      (f"; vote matches the ground truth on {100 * agreement:.1f}%" if agreement is not None else ""))
     if score:
         active = score["active_fraction"]
