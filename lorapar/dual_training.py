@@ -70,11 +70,11 @@ class DualTraining:
     def resume(self, directory: str, optimizer) -> None:
         """Restore adapter tensors, masks and EMAs from a checkpoint written by `save`, and lay the
         optimizer out by those masks (call before loading its state)."""
+        if self.screener is None:
+            raise RuntimeError("DualTraining.resume: call start(optimizer, total_steps) first")
         if load_dual_adapter(self.model, directory) != self.args:
             raise ValueError(f"{directory}: the dual-LoRA configuration differs from this run's")
         optimizer.sync_masks(self.model)
-        if self.screener is None:
-            raise RuntimeError("DualTraining.resume: call start(optimizer, total_steps) first")
         path = os.path.join(directory, SCREENER_FILE)
         if os.path.exists(path):  # absent once the pruning phase is over; step() fails loudly if still needed
             self.screener.load_state_dict(load_file(path))

@@ -87,8 +87,6 @@ def param_masks(model: nn.Module) -> list[tuple[str, nn.Parameter, Optional[torc
 
 # ---------------------------------------------------------------------- the optimizer
 
-ParamEntry = Union[torch.Tensor, tuple]
-
 
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW over the active elements of each parameter; frozen elements are never written.

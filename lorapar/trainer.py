@@ -127,7 +127,7 @@ def lr_at(step: int, total_steps: int, args: TrainArgs) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total_steps`.
 
     Linear warm-up over ceil(warmup_ratio * total) steps from lr/warmup to lr, then cosine (or linear)
-    decay to min_lr_ratio * lr at the last step, or constant.
+    decay towards min_lr_ratio * lr, reached at step total_steps (one past the last), or constant.
     """
     warmup = math.ceil(args.warmup_ratio * total_steps)
     if step < warmup:
