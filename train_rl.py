@@ -25,18 +25,17 @@ import torch
 from tqdm import tqdm
 
 from lorapar import dist
-from lorapar.adapter import load_adapter, save_adapter
+from lorapar.adapter import load_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import format_prompt, load_examples
 from lorapar.grpo import GRPOArgs, grpo_update, make_rollouts
-from lorapar.io import atomic_write_json
-from lorapar.lora import LoraArgs, apply_lora, disable_adapter, get_masks, named_lora_parameters
-from lorapar.masks import MaskedAdamW, save_masks
+from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters
+from lorapar.masks import MaskedAdamW
 from lorapar.rewards import DEFAULT_SPEC, parse_spec
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
-    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir,
-    require_inputs, restore_training_state, save_checkpoint, seed_everything, select_system, training_state,
+    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lora_file_writer, lr_at,
+    make_checkpointer, prepare_run_dir, require_inputs, restore_training_state, seed_everything, select_system,
 )
 
 
@@ -154,18 +153,8 @@ def main(argv=None) -> dict:
         metrics.log({"step": 0, "prompts": len(kept), "prompts_over_max_len": too_long,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
 
-    def save_files(directory: str) -> None:
-        save_adapter(model, directory, lora_args)
-        if cfg.masks:
-            save_masks(os.path.join(directory, "masks.safetensors"), get_masks(model))
-
-    def checkpoint(step: int) -> None:
-        def write_files(directory: str) -> None:
-            save_files(directory)
-            atomic_write_json(os.path.join(directory, "config.json"), config)
-
-        state = training_state(step, model, optimizer, total_steps, steps_per_epoch, config)
-        save_checkpoint(train.out, step, info, state, write_files, keep=train.keep_checkpoints)
+    save_files = lora_file_writer(model, lora_args, bool(cfg.masks))
+    checkpoint = make_checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_files)
 
     def score(prompt_index: list[int], completions: list[list[int]], batch: list) -> torch.Tensor:
         rows = []

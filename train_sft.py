@@ -23,19 +23,18 @@ import torch
 from tqdm import tqdm
 
 from lorapar import dist
-from lorapar.adapter import save_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
 from lorapar.dual_training import DualTraining
-from lorapar.io import atomic_write_json
-from lorapar.lora import LoraArgs, apply_lora, get_masks
+from lorapar.lora import LoraArgs, apply_lora
 from lorapar.loss import IGNORE_INDEX, answer_nll
-from lorapar.masks import MaskedAdamW, save_masks
+from lorapar.masks import MaskedAdamW
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
-    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lr_at, prepare_run_dir,
-    require_inputs, resolve_grad_accum, restore_training_state, save_checkpoint, seed_everything, select_system, set_lr, training_state,
+    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lora_file_writer, lr_at,
+    make_checkpointer, prepare_run_dir, require_inputs, resolve_grad_accum, restore_training_state, seed_everything,
+    select_system, set_lr,
 )
 
 
@@ -100,13 +99,7 @@ def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArg
     apply_lora(model, lora_args)
     if cfg.masks:
         install_masks(model, cfg.masks, cfg.stage)
-
-    def save(directory: str) -> None:
-        save_adapter(model, directory, lora_args)
-        if cfg.masks:
-            save_masks(os.path.join(directory, "masks.safetensors"), get_masks(model))
-
-    return save, None
+    return lora_file_writer(model, lora_args, bool(cfg.masks)), None
 
 
 def load_sft_data(cfg: SFTArgs, tokenizer: Tokenizer, seed: int) -> tuple[SFTDataset, Optional[SFTDataset]]:
@@ -205,13 +198,7 @@ def main(argv=None) -> dict:
                      "truncated": train_set.truncated, "unused_per_epoch": max(0, dropped),
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
 
-    def checkpoint(step: int) -> None:
-        def write_files(directory: str) -> None:
-            save_adapter_files(directory)
-            atomic_write_json(os.path.join(directory, "config.json"), config)
-
-        state = training_state(step, model, optimizer, total_steps, steps_per_epoch, config)
-        save_checkpoint(train.out, step, info, state, write_files, keep=train.keep_checkpoints)
+    checkpoint = make_checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_adapter_files)
 
     # ---- training loop
     model.train()

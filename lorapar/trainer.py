@@ -26,7 +26,7 @@ import torch
 from lorapar import dist
 from lorapar.config import add_dataclass_args, field
 from lorapar.data import FORMATS, TEMPLATES
-from lorapar.io import atomic_torch_save, atomic_write_text
+from lorapar.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINTS)  # what marks a directory as holding a run
@@ -306,6 +306,38 @@ def training_state(
         "data": {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch},
         "config": config,
     }
+
+
+def make_checkpointer(
+    train: TrainArgs, info: dist.DistInfo, model: torch.nn.Module, optimizer, total_steps: int, steps_per_epoch: int,
+    config: dict, save_files,
+):
+    """checkpoint(step): save_checkpoint with the trainer state, the adapter files (`save_files(directory)`)
+    and the run's resolved config."""
+
+    def checkpoint(step: int) -> None:
+        def write_files(directory: str) -> None:
+            save_files(directory)
+            atomic_write_json(os.path.join(directory, "config.json"), config)
+
+        state = training_state(step, model, optimizer, total_steps, steps_per_epoch, config)
+        save_checkpoint(train.out, step, info, state, write_files, keep=train.keep_checkpoints)
+
+    return checkpoint
+
+
+def lora_file_writer(model: torch.nn.Module, lora_args, with_masks: bool):
+    """save(directory): the LoRA adapter (peft layout) and, when the run installed element masks, masks.safetensors."""
+    from lorapar.adapter import save_adapter
+    from lorapar.lora import get_masks
+    from lorapar.masks import save_masks
+
+    def save(directory: str) -> None:
+        save_adapter(model, directory, lora_args)
+        if with_masks:
+            save_masks(os.path.join(directory, "masks.safetensors"), get_masks(model))
+
+    return save
 
 
 def restore_training_state(path: str, model: torch.nn.Module, optimizer, config: dict, info: dist.DistInfo) -> int:
