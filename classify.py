@@ -109,7 +109,8 @@ def output_row(example: Example, rid: str, teachers: list[str], votes: list, def
 
 
 def summarise(out: str, teachers: list[str]) -> dict:
-    rows = [json.loads(line) for line in open(out, encoding="utf-8")]
+    with open(out, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
     votes = [r["votes"] for r in rows]
     split = Counter(r["system"] for r in rows)
     summary = {
