@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lorapar.config import add_dataclass_args, dataclass_from_args, field
-from lorapar.data import LETTERS, TEMPLATES, Example, final_answer, format_prompt, load_examples
+from lorapar.data import LETTERS, TEMPLATES, DataError, Example, final_answer, format_prompt, load_examples
 from lorapar.generate import generate
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
 from lorapar.io import atomic_write_json
@@ -243,6 +243,11 @@ def run(args: EvalArgs, progress: bool = True) -> dict:
     examples = load_examples(args.data, args.task)
     if args.limit > 0:
         examples = examples[: args.limit]
+    if args.task == "humaneval":  # checked before generating: a KeyError after it would name neither file nor line
+        for e in examples:
+            missing = [k for k in ("test", "entry_point") if not isinstance(e.source.get(k), str)]
+            if missing:
+                raise DataError(f"{args.data}:{e.line}: humaneval evaluation needs string field(s) {missing}; keys: {sorted(e.source)}")
     model, tokenizer = load_for_eval(args.ckpt, args.adapter), Tokenizer(args.tokenizer)
     common = dict(template=args.template, batch_size=args.batch_size, progress=progress)
     if args.task == "gsm8k":
