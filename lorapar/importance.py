@@ -223,8 +223,11 @@ def importance_from_moments(model: nn.Module, moments: GradientMoments, order: s
     if moments.count == 0:
         raise ValueError("no examples were scored; importance is undefined")
     named = named_lora_parameters(model)
-    if [k for k, _ in named] != moments.keys:
-        raise ValueError("importance_from_moments: the model's LoRA parameters differ from those the moments were taken on")
+    keys = [k for k, _ in named]
+    if keys != moments.keys:
+        differing = sorted(set(keys) ^ set(moments.keys))[:3] or "the same keys in another order"
+        raise ValueError(f"importance_from_moments: the model's LoRA parameters differ from those the moments were taken on "
+                         f"({len(keys)} vs {len(moments.keys)} tensors; differing keys: {differing})")
     phi = torch.cat([p.detach().float().reshape(-1) for _, p in named])
     mean_grad_phi = moments.sum_grad / moments.count * phi
     if order == "second":
