@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from lorapar.checkpoint import hf_to_meta_state_dict, meta_to_hf_name, meta_to_hf_state_dict
+from lorapar.checkpoint import hf_to_meta_state_dict, load_model, meta_to_hf_name, meta_to_hf_state_dict
 from lorapar.config import ModelArgs
 from lorapar.io import atomic_save_safetensors, atomic_write_json
 from lorapar.lora import (
     META_TO_HF, LoraArgs, LoRALinear, adapter_state_dict, lora_modules, module_name_of, named_lora_parameters, peft_key,
-    replace_linears, require_lora, resolve_targets, target_of, unwrap_model,
+    merge, replace_linears, require_lora, resolve_targets, target_of, unwrap_model,
 )
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -225,3 +225,15 @@ __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "ADAPTER_INIT", "peft_config", "check_tensors", "hf_output_rows",
     "save_adapter", "read_safetensors", "load_adapter",
 ]
+
+
+def load_merged(ckpt: str, adapter_dir: str = "", device: str = "cpu") -> nn.Module:
+    """The base model with an adapter (LoRA or DM-LoRA, told apart by its config) loaded and merged,
+    in eval mode: inference then costs what the base costs. Used by evaluation and the server."""
+    from lorapar.dual import is_dual_adapter, load_dual_adapter  # dual builds on this module
+
+    model = load_model(ckpt, device=device)
+    if adapter_dir:
+        (load_dual_adapter if is_dual_adapter(adapter_dir) else load_adapter)(model, adapter_dir)
+        merge(model)
+    return model.eval()

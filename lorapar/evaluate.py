@@ -218,23 +218,8 @@ def evaluate_humaneval(
 # ----------------------------------------------------------------------------- command line
 
 
-def load_for_eval(ckpt: str, adapter: str = ""):
-    """The base model with the adapter (LoRA or DM-LoRA) applied and merged: generation then costs
-    what the base costs."""
-    from lorapar.checkpoint import load_model
-
-    model = load_model(ckpt)
-    if adapter:
-        from lorapar.adapter import load_adapter
-        from lorapar.dual import is_dual_adapter, load_dual_adapter
-        from lorapar.lora import merge
-
-        (load_dual_adapter if is_dual_adapter(adapter) else load_adapter)(model, adapter)
-        merge(model)
-    return model.eval()
-
-
 def run(args: EvalArgs, progress: bool = True) -> dict:
+    from lorapar.adapter import load_merged
     from lorapar.tokenizer import Tokenizer
 
     for name in ("ckpt", "tokenizer", "data", "out"):
@@ -248,7 +233,7 @@ def run(args: EvalArgs, progress: bool = True) -> dict:
             missing = [k for k in ("test", "entry_point") if not isinstance(e.source.get(k), str)]
             if missing:
                 raise DataError(f"{args.data}:{e.line}: humaneval evaluation needs string field(s) {missing}; keys: {sorted(e.source)}")
-    model, tokenizer = load_for_eval(args.ckpt, args.adapter), Tokenizer(args.tokenizer)
+    model, tokenizer = load_merged(args.ckpt, args.adapter), Tokenizer(args.tokenizer)
     common = dict(template=args.template, batch_size=args.batch_size, progress=progress)
     if args.task == "gsm8k":
         result = evaluate_gsm8k(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, **common)

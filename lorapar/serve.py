@@ -13,7 +13,7 @@ then), temperature (OpenAI's default 1.0; 0 is greedy), top_p, seed, stop (strin
 
 Requests are served by threads, but the model sits behind one lock: one generation runs at a time,
 others queue. That keeps memory flat and results deterministic; batching concurrent requests would
-raise throughput and is not done here. With --adapter the LoRA weights are merged into the base once
+raise throughput and is not done here. With --adapter the adapter (LoRA or DM-LoRA) is merged into the base once
 at start-up. --port 0 picks a free port; the first line on stdout says where the server listens.
 """
 
@@ -31,13 +31,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-import torch
-
-from lorapar.adapter import load_adapter
-from lorapar.checkpoint import load_model
+from lorapar.adapter import load_merged
 from lorapar.config import add_dataclass_args, dataclass_from_args
 from lorapar.generate import generate
-from lorapar.lora import merge
 from lorapar.tokenizer import Tokenizer
 
 log = logging.getLogger("lorapar.serve")
@@ -49,7 +45,7 @@ ROUTES = {"/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET"}
 class ServeArgs:
     ckpt: str = field(default="", metadata={"help": "checkpoint lorapar loads: HF dir, Meta dir or llama2.c .bin (required)"})
     tokenizer: str = field(default="", metadata={"help": "SentencePiece model (default: CKPT/tokenizer.model)"})
-    adapter: str = field(default="", metadata={"help": "LoRA adapter directory to apply and merge (optional)"})
+    adapter: str = field(default="", metadata={"help": "adapter directory (LoRA or DM-LoRA) to apply and merge (optional)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback by default)"})
     port: int = field(default=8000, metadata={"help": "port to bind; 0 picks a free one"})
     model_name: str = field(default="", metadata={"help": "name reported by /v1/models (default: CKPT's base name)"})
@@ -217,10 +213,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def load_chat_model(args: ServeArgs) -> ChatModel:
-    model = load_model(args.ckpt, device=args.device, dtype=torch.float32)
-    if args.adapter:
-        load_adapter(model, args.adapter)
-        merge(model)
+    model = load_merged(args.ckpt, args.adapter, device=args.device)
     ckpt_dir = os.path.dirname(args.ckpt) if os.path.isfile(args.ckpt) else args.ckpt
     tokenizer = Tokenizer(args.tokenizer or os.path.join(ckpt_dir, "tokenizer.model"))
     if tokenizer.vocab_size > model.args.vocab_size:
