@@ -71,17 +71,27 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def all_reduce_grads(params: Iterable[torch.nn.Parameter], info: DistInfo) -> None:
-    """Sum the gradients of `params` over ranks with one flat all-reduce (a rank without a gradient adds zeros)."""
+    """Sum the gradients of `params` over ranks with one flat all-reduce.
+
+    A rank without a gradient for a parameter adds zeros; a parameter no rank has a gradient for keeps
+    grad None, as it would in one process (so the optimizer skips it: no weight decay, no moment update).
+    Whether a rank has the gradient travels in the same buffer, one flag per parameter.
+    """
     if not info.enabled:
         return
     params = [p for p in params if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    if not params:
+        return
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+             for p in params]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat(grads + [has_grad])
     torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+    ranks_with_grad = flat[-len(params) :].tolist()
     offset = 0
-    for p in params:
+    for p, ranks in zip(params, ranks_with_grad):
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).clone() if ranks > 0 else None
         offset += n
 
 
