@@ -7,8 +7,13 @@
 Each step takes P prompts (split over the ranks), samples G completions of each with the KV-cache
 generator, scores them with the reward functions (--rewards "name=weight,..."; lorapar/rewards.py),
 turns the rewards into group-normalised advantages and runs mu optimizer passes of the clipped GRPO
-objective with a k3 KL penalty against the reference policy (lorapar/grpo.py). Sampling seeds derive
-from (seed, step, rank), so a resumed run draws exactly the completions the uninterrupted one would.
+objective with a k3 KL penalty against the reference policy (lorapar/grpo.py).
+
+The completions of prompt j of a step are drawn with seeds derived from (--seed, step, j), one
+generator per completion, so a resumed run draws exactly the completions the uninterrupted one would
+and N ranks draw those one process would: with the same global batch (--prompts-per-step, a multiple
+of the number of ranks, so no group straddles two) the adapter matches to float rounding. LoRA
+dropout is the exception: its masks come from each rank's own RNG.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from lorapar import dist
 from lorapar.adapter import load_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import format_prompt, load_examples
-from lorapar.grpo import GRPOArgs, grpo_update, make_rollouts
+from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts
 from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters
 from lorapar.masks import MaskedAdamW
 from lorapar.rewards import DEFAULT_SPEC, parse_spec
@@ -99,7 +104,10 @@ def main(argv=None) -> dict:
     cfg, grpo, train, lora_args = parse_config(argv)
     info = dist.init_distributed(train.device)
     if grpo.prompts_per_step % info.world_size:
-        raise ValueError(f"--prompts-per-step {grpo.prompts_per_step} is not a multiple of {info.world_size} ranks")
+        raise ValueError(
+            f"--prompts-per-step {grpo.prompts_per_step} is not a multiple of {info.world_size} ranks "
+            "(each rank samples and normalises whole groups of completions)"
+        )
     resume_from = prepare_run_dir(train, info)
     seed_everything(train.seed)
     reward_fns = parse_spec(cfg.rewards)
@@ -174,11 +182,13 @@ def main(argv=None) -> dict:
             random.Random(train.seed + epoch).shuffle(shuffled)
             order = (epoch, shuffled)
         step_prompts = order[1][position * grpo.prompts_per_step : (position + 1) * grpo.prompts_per_step]
-        mine = [kept[i] for i in dist.shard(step_prompts, info)]
-        batch_examples = [e for e, _ in mine]
+        # Prompt j of the step samples with seed (seed, step, j) whichever rank holds it.
+        mine = dist.shard(list(enumerate(step_prompts)), info)
+        batch_examples = [kept[i][0] for _, i in mine]
         rollouts = make_rollouts(
-            model, [ids for _, ids in mine], lambda idx, comps: score(idx, comps, batch_examples), weights, grpo,
-            seed=(train.seed * 1_000_003 + step) * 1009 + info.rank, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+            model, [kept[i][1] for _, i in mine], lambda idx, comps: score(idx, comps, batch_examples), weights, grpo,
+            seeds=[derive_seed(train.seed, step, j) for j, _ in mine], eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
         )
         started = time.perf_counter()
         lrs = [lr_at(step * grpo.mu + k, total_steps * grpo.mu, train) for k in range(grpo.mu)]

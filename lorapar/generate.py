@@ -72,9 +72,16 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, 
 
 
 def sample(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator]
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: Optional[torch.Generator | list[torch.Generator]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token (B,) and its log-prob (B,) under logits / temperature (before top-k/top-p truncation)."""
+    """Next token (B,) and its log-prob (B,) under logits / temperature (before top-k/top-p truncation).
+
+    generator: one for the batch, or a list with one per row (each row then draws from its own).
+    """
     if temperature <= 0.0:
         token = logits.argmax(-1)
         return token, F.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
@@ -89,7 +96,11 @@ def sample(
         # Drop a token when the tokens ranked above it already reach top_p (the first one always stays).
         drop = (probs.cumsum(-1) - probs) >= top_p * probs.sum(-1, keepdim=True)
         kept = kept.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
-    token = torch.multinomial(kept.softmax(-1), 1, generator=generator)[:, 0]
+    probs = kept.softmax(-1)
+    if isinstance(generator, list):
+        token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    else:
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return token, logprobs.gather(-1, token[:, None])[:, 0]
 
 
@@ -100,7 +111,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: Optional[int] = None,
+    seed: Optional[int | Sequence[int]] = None,
     stop_ids: Optional[Sequence[int]] = None,
     eos_id: Optional[int] = None,
     pad_id: int = 0,
@@ -109,7 +120,10 @@ def generate(
     """Sample up to `max_new_tokens` after each prompt (greedy when temperature == 0).
 
     seed: draws come from a torch.Generator seeded with it, so the same call gives the same tokens;
-    None uses torch's global generator. A row stops at `eos_id` or any of `stop_ids`.
+    None uses torch's global generator. A list of seeds, one per row, gives every row its own generator:
+    a row's tokens then do not depend on which other rows share the batch (to float rounding of the
+    logits), which lets GRPO split its prompts over ranks freely. A row stops at `eos_id` or any of
+    `stop_ids`.
     prepack: CPU fp32 only, see `prepacked_linears`: faster batched decoding once the one-off packing is
     amortised (tens of new tokens), twice the weight memory; results agree with the default to float
     rounding, not bit for bit.
@@ -128,7 +142,7 @@ def generate(
         )
     device = model.tok_embeddings.weight.device
     stops = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    generator = None if seed is None else _generators(seed, len(prompts), device)
 
     B = len(prompts)
     tokens = torch.full((B, longest), pad_id, dtype=torch.long)
@@ -151,7 +165,8 @@ def generate(
             logits = prefill(model, tokens.to(device), pad, cache)
             active = list(range(B))  # original row of each batch row still decoding
             for step in range(max_new_tokens):
-                token, logprob = sample(logits, temperature, top_k, top_p, generator)
+                rows_generator = [generator[row] for row in active] if isinstance(generator, list) else generator
+                token, logprob = sample(logits, temperature, top_k, top_p, rows_generator)
                 keep = []
                 for i, (row, t, lp) in enumerate(zip(active, token.tolist(), logprob.tolist())):
                     out_tokens[row].append(t)
@@ -172,3 +187,12 @@ def generate(
     finally:
         model.train(was_training)
     return Generation(out_tokens, out_logprobs, finished)
+
+
+def _generators(seed: int | Sequence[int], rows: int, device: torch.device) -> torch.Generator | list[torch.Generator]:
+    """One generator seeded with `seed`, or one per row for a sequence of `rows` seeds."""
+    if not isinstance(seed, Sequence):
+        return torch.Generator(device).manual_seed(int(seed))
+    if len(seed) != rows:
+        raise ValueError(f"generate: {len(seed)} seeds for {rows} prompts; pass one seed, or one per prompt")
+    return [torch.Generator(device).manual_seed(s) for s in seed]

@@ -27,6 +27,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Sequence
 
+import numpy as np
 import torch
 
 from lorapar import dist
@@ -40,7 +41,9 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 @dataclass
 class GRPOArgs:
     num_generations: int = field(default=8, metadata={"help": "completions per prompt (G)"})
-    prompts_per_step: int = field(default=4, metadata={"help": "prompts per step over all ranks (P)"})
+    prompts_per_step: int = field(
+        default=4, metadata={"help": "prompts per step over all ranks (P), a multiple of the number of ranks"}
+    )
     max_prompt_len: int = field(default=128, metadata={"help": "longer prompts are dropped and counted"})
     max_completion_len: int = 256
     temperature: float = 1.0
@@ -132,6 +135,13 @@ def grpo_loss(
 # ----------------------------------------------------------------------------- rollouts
 
 
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed mixed from integers (e.g. run seed, step, prompt index): distinct tuples give
+    unrelated streams, unlike arithmetic such as seed * K + step, whose ranges can collide."""
+    state = np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
 @dataclass
 class Rollouts:
     """One step's completions on this rank: G consecutive rows per prompt, prompt + completion right-padded."""
@@ -177,18 +187,24 @@ def make_rollouts(
     weights: torch.Tensor,
     args: GRPOArgs,
     *,
-    seed: int,
+    seeds: Sequence[int],
     eos_id: Optional[int],
     pad_id: int,
 ) -> Rollouts:
     """Sample G completions per prompt and score them: score(prompt_indices, completions) -> (N, F)
-    rewards, combined by weights (F,) into each completion's reward and its group advantage."""
+    rewards, combined by weights (F,) into each completion's reward and its group advantage.
+
+    seeds: one per prompt; completion g of prompt i is drawn from its own generator, seeded with
+    derive_seed(seeds[i], g), so a group's completions do not depend on which prompts share the batch.
+    """
+    if len(seeds) != len(prompts):
+        raise ValueError(f"make_rollouts: {len(seeds)} seeds for {len(prompts)} prompts (one per prompt)")
     G = args.num_generations
     repeated = [list(p) for p in prompts for _ in range(G)]
     start = time.perf_counter()
     gen = generate(
         model, repeated, args.max_completion_len, temperature=args.temperature, top_p=args.top_p,
-        seed=seed, eos_id=eos_id, pad_id=pad_id,
+        seed=[derive_seed(s, g) for s in seeds for g in range(G)], eos_id=eos_id, pad_id=pad_id,
     )
     generation_seconds = time.perf_counter() - start
     rewards = score([i // G for i in range(len(repeated))], gen.tokens).to(torch.float32)

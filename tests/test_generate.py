@@ -67,6 +67,25 @@ def test_seeded_sampling_is_deterministic_and_reports_untruncated_logprobs(tiny_
         torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-5, rtol=0)
 
 
+def test_per_row_seeds_make_each_row_independent_of_the_batch(tiny_model):
+    """One seed per row: a row samples what it samples alone, also after other rows stopped (the
+    generators follow their rows as the batch shrinks)."""
+    kwargs = dict(max_new_tokens=10, temperature=1.0, top_p=0.95)
+    seeds = [11, 12, 13, 14]
+    free = generate(tiny_model, PROMPTS, seed=seeds, **kwargs)
+    stop = free.tokens[1][2]
+    batched = generate(tiny_model, PROMPTS, seed=seeds, eos_id=stop, pad_id=77, **kwargs)
+    assert any(batched.finished) and not all(batched.finished)
+    for row, (prompt, seed) in enumerate(zip(PROMPTS, seeds)):
+        alone = generate(tiny_model, [prompt], seed=[seed], eos_id=stop, **kwargs)
+        assert batched.tokens[row] == alone.tokens[0], row
+    reordered = generate(tiny_model, PROMPTS[::-1], seed=seeds[::-1], eos_id=stop, **kwargs)
+    assert reordered.tokens[::-1] == batched.tokens
+    assert len({tuple(t) for t in generate(tiny_model, [PROMPTS[0]] * 4, seed=seeds, **kwargs).tokens}) > 1
+    with pytest.raises(ValueError, match="3 seeds for 4 prompts"):
+        generate(tiny_model, PROMPTS, seed=seeds[:3], **kwargs)
+
+
 def test_sample_respects_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
     gen = torch.Generator().manual_seed(0)

@@ -102,6 +102,26 @@ def test_k3_is_zero_at_equality_and_positive_elsewhere():
     assert kl[0] == 0 and (kl[1:] > 0).all()
 
 
+def test_rollouts_do_not_depend_on_which_prompts_share_the_batch(tiny_model):
+    """Each prompt's seed fixes its group: two calls of one prompt each (two ranks) give what one call
+    of both gives, although the batch, its padding and its shrinking as rows stop all differ."""
+    args = grpo.GRPOArgs(num_generations=4, max_completion_len=6, temperature=1.0)
+    prompts, seeds = [[1, 5, 9, 2], [1, 11]], [grpo.derive_seed(0, 3, 0), grpo.derive_seed(0, 3, 1)]
+
+    def score(_, completions):
+        return torch.tensor([[float(len(c))] for c in completions])
+
+    common = dict(eos_id=20, pad_id=0)
+    both = grpo.make_rollouts(tiny_model, prompts, score, torch.ones(1), args, seeds=seeds, **common)
+    alone = [grpo.make_rollouts(tiny_model, [p], score, torch.ones(1), args, seeds=[s], **common)
+             for p, s in zip(prompts, seeds)]
+    tokens = lambda r: [row[row != 0].tolist() for row in r.input_ids]  # noqa: E731
+    assert tokens(both) == tokens(alone[0]) + tokens(alone[1])
+    assert torch.equal(both.advantages, torch.cat([a.advantages for a in alone]))
+    assert len(set(map(tuple, tokens(both)[:4]))) > 1  # the group's completions differ from one another
+    assert both.total_reward.std() > 0  # some rows stopped at eos_id, so the batch shrank while sampling
+
+
 # ----------------------------------------------------------------------------- rewards
 
 
@@ -169,7 +189,8 @@ def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
 
     history = []
     for step in range(20):
-        rollouts = grpo.make_rollouts(tiny_model, prompts, score, torch.ones(1), args, seed=step, eos_id=None, pad_id=0)
+        seeds = [grpo.derive_seed(step, i) for i in range(len(prompts))]
+        rollouts = grpo.make_rollouts(tiny_model, prompts, score, torch.ones(1), args, seeds=seeds, eos_id=None, pad_id=0)
         history.append(rollouts.total_reward.mean().item())
         grpo.grpo_update(tiny_model, optimizer, rollouts, args, dist.DistInfo(), lrs=[3e-2])
     assert history[0] < 0.1 and sum(history[-5:]) / 5 > 0.6, history

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from lorapar.checkpoint import save_model
 from lorapar.config import ModelArgs
 from lorapar.masks import save_masks
 from lorapar.model import Transformer
-from test_sft import TINY, adapter, arithmetic_rows, write_jsonl
+from test_sft import REPO, TINY, adapter, arithmetic_rows, write_jsonl
 
 
 def characters(completion: str, example) -> float:
@@ -56,8 +59,6 @@ def run(s, out, *extra):
     return train_rl.main(argv)
 
 
-
-
 def metrics(out) -> list[dict]:
     return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
 
@@ -91,6 +92,37 @@ def test_frozen_elements_bit_identical_after_grpo(sft_run, tmp_path):
     for key, mask in masks.items():
         assert torch.equal(end[key][~mask], start[key][~mask]), key
         assert (end[key][mask] != start[key][mask]).all(), key
+
+
+def test_two_ranks_match_one_process(sft_run, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) with the same prompts per step gives the same completions,
+    rewards and adapter (<= 1e-6) as one process: sampling seeds follow the prompt, not the rank, and
+    the dapo loss divides by the token count of all ranks (uneven between them)."""
+    common = ["--max-steps", "3", "--prompts-per-step", "4", "--micro-batch", "3", "--temperature", "1.0",
+              "--weight-decay", "0.1", "--mu", "2", "--beta", "0.1", "--loss-type", "dapo", "--lr", "1e-3"]
+    run(sft_run, tmp_path / "one", *common)
+    argv = ["--ckpt", sft_run["base"], "--tokenizer", sft_run["tokenizer"], "--adapter", sft_run["sft"],
+            "--data", sft_run["data"], "--out", str(tmp_path / "two"), "--template", "plain", "--num-generations", "4",
+            "--max-completion-len", "6", "--rewards", "test_train_rl:characters=1.0,correct=2.0",
+            "--warmup-ratio", "0", *common, "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "train_rl.py"), *argv],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    logged = ("reward_mean", "reward_std", "reward/test_train_rl:characters_mean", "completion_length_mean",
+              "zero_std_groups", "loss", "kl", "clip_fraction", "grad_norm")
+    for a, b in zip(one[1:], two[1:], strict=True):
+        assert {k: pytest.approx(a[k], rel=1e-5, abs=1e-6) for k in logged} == {k: b[k] for k in logged}, a["step"]
+    assert two[0]["world_size"] == 2 and one[1]["reward_std"] > 0
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    start = adapter(sft_run["sft"])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+        assert not torch.equal(a[key], start[key]), key
 
 
 def test_bad_inputs_give_clear_errors(sft_run, tmp_path):
