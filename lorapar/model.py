@@ -107,6 +107,26 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class SwiGLU(torch.autograd.Function):
+    """h = silu(a) * b, saving only a and b for backward (autograd's silu then mul would also keep silu(a)).
+
+    forward   h = silu(a) * b,   silu(a) = a sigmoid(a)
+    backward  db = dh silu(a),   da = dh b silu'(a),   silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        a, b = ctx.saved_tensors
+        da = torch.ops.aten.silu_backward(dh * b, a) if ctx.needs_input_grad[0] else None
+        db = dh * F.silu(a) if ctx.needs_input_grad[1] else None
+        return da, db
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -117,7 +137,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(SwiGLU.apply(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

@@ -97,3 +97,13 @@ def test_cache_overflow_is_an_error(tiny_model):
     cache = tiny_model.new_cache(1, 4)
     with pytest.raises(ValueError, match="4 slots"):
         tiny_model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_swiglu_gradients_equal_autograd_in_float64():
+    from lorapar.model import SwiGLU
+
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(3, 5, dtype=torch.float64, generator=gen) * 4).requires_grad_()
+    b = torch.randn(3, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(SwiGLU.apply, (a, b))
+    torch.testing.assert_close(SwiGLU.apply(a, b), torch.nn.functional.silu(a) * b, rtol=0, atol=0)
