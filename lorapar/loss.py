@@ -2,9 +2,10 @@
 
 Labels follow the usual causal-LM convention: `labels` has the shape of `input_ids`, holds the token
 id where a loss is wanted and -100 elsewhere (prompt, padding); position t is predicted from the
-hidden state at t-1. Logits are computed only at the positions that carry a label, in chunks, each
-chunk recomputed in backward (activation checkpointing), so the peak memory of the output layer is
-one chunk of `chunk_tokens x vocab` floats rather than `batch x length x vocab`.
+hidden state at t-1. Logits are formed only at the positions that carry a label, `chunk_tokens` rows
+at a time, and are never saved for backward (`LinearLogSoftmaxGather` recomputes them), so the output
+layer costs one `chunk_tokens x vocab` fp32 buffer at a time instead of `batch x length x vocab`
+logits plus their log-softmax and gradient.
 """
 
 from __future__ import annotations
@@ -12,29 +13,87 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _chunk_logprobs(output: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = output(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return -F.cross_entropy(logits, targets, reduction="none")
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the output GEMM runs in: autocast's when it is on (as nn.Linear would), else hidden's."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    logits = F.linear(hidden.to(dtype), weight.to(dtype)).to(torch.promote_types(dtype, torch.float32))
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class LinearLogSoftmaxGather(torch.autograd.Function):
+    """logp_i = log softmax(h_i W^T / t)[y_i] for rows h (n, dim), targets y (n,), never saving logits.
+
+    forward   z = h W^T / t,   lse_i = log sum_v exp z_{i, v},   logp_i = z_{i, y_i} - lse_i
+    backward  p = exp(z - lse); with g_i = dL/dlogp_i
+              dz = g (onehot(y) - p),   dh = dz W / t,   dW = dz^T h / t
+    logp_i depends on row h_i alone, so dh_i = g_i J_i with J_i = (onehot(y_i) - p_i) W / t. With W
+    frozen (LoRA) and a backward to come (`jacobian_now`), forward computes J from the p it already
+    has and saves it, and backward is one multiply: the logits are formed once per step. Otherwise
+    forward saves h and lse, and backward recomputes z bit for bit. Softmax statistics are in at
+    least fp32 whatever the GEMM dtype; each pass holds one (n, vocab) buffer, transformed in place.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, jacobian_now: bool):
+        dtype = _matmul_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            buffer = _logits(hidden, weight, dtype, temperature)
+            target_logits = buffer.gather(1, targets[:, None]).squeeze(1)
+            row_max = buffer.amax(dim=1)
+            exp_sum = buffer.sub_(row_max[:, None]).exp_().sum(dim=1)
+            lse = row_max + exp_sum.log()
+            ctx.jacobian_now = jacobian_now and not ctx.needs_input_grad[1]
+            if ctx.jacobian_now:
+                p_minus_onehot = buffer.div_(exp_sum[:, None])
+                p_minus_onehot[torch.arange(len(targets), device=buffer.device), targets] -= 1.0
+                ctx.hidden_dtype = hidden.dtype
+                ctx.save_for_backward((p_minus_onehot.to(dtype) @ weight.to(dtype)).div_(-temperature))
+            else:
+                ctx.dtype, ctx.temperature = dtype, temperature
+                ctx.save_for_backward(hidden, weight, targets, lse)
+        return target_logits - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.jacobian_now:
+            (jacobian,) = ctx.saved_tensors
+            return (grad[:, None] * jacobian).to(ctx.hidden_dtype), None, None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            dz = _logits(hidden, weight, ctx.dtype, ctx.temperature)
+            dz.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+            dz.scatter_add_(1, targets[:, None], grad[:, None])
+            if ctx.temperature != 1.0:
+                dz.div_(ctx.temperature)
+            dz = dz.to(ctx.dtype)
+            dh = (dz @ weight.to(ctx.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            dw = (dz.t() @ hidden.to(ctx.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None
 
 
 def selected_logprobs(
     output: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, chunk_tokens: int = 1024
 ) -> torch.Tensor:
-    """log softmax(output(hidden) / temperature)[targets] for packed rows hidden (N, dim), targets (N,)."""
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        h, y = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_logprobs, output, h, y, temperature, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(output, h, y, temperature))
+    """log softmax(output(hidden) / temperature)[targets] for packed rows hidden (N, dim), targets (N,).
+
+    `output` is the model's bias-free output projection (an nn.Linear).
+    """
+    if getattr(output, "bias", None) is not None:
+        raise ValueError("selected_logprobs: the output projection must have no bias (LLaMA's has none)")
+    jacobian_now = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = [
+        LinearLogSoftmaxGather.apply(hidden[start : start + chunk_tokens], output.weight,
+                                     targets[start : start + chunk_tokens], float(temperature), jacobian_now)
+        for start in range(0, hidden.shape[0], chunk_tokens)
+    ]
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
