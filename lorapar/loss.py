@@ -3,9 +3,9 @@
 Labels follow the usual causal-LM convention: `labels` has the shape of `input_ids`, holds the token
 id where a loss is wanted and -100 elsewhere (prompt, padding); position t is predicted from the
 hidden state at t-1. Logits are formed only at the positions that carry a label, `chunk_tokens` rows
-at a time, and are never saved for backward (`LinearLogSoftmaxGather` recomputes them), so the output
-layer costs one `chunk_tokens x vocab` fp32 buffer at a time instead of `batch x length x vocab`
-logits plus their log-softmax and gradient.
+at a time, and are never saved for backward (see `LinearLogSoftmaxGather`), so the output layer costs
+one `chunk_tokens x vocab` fp32 buffer at a time instead of `batch x length x vocab` logits plus their
+log-softmax and gradient.
 """
 
 from __future__ import annotations
