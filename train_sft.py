@@ -30,6 +30,7 @@ from lorapar.dual_training import DualTraining
 from lorapar.lora import LoraArgs, apply_lora
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW
+from lorapar.model import eval_mode
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
     InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lora_file_writer, lr_at,
@@ -133,16 +134,14 @@ def count_answer_tokens(labels: torch.Tensor) -> int:
 @torch.no_grad()
 def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dist.DistInfo) -> float:
     """Mean answer-token NLL of `dataset` (each rank takes every world_size-th example)."""
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     indices = list(range(info.rank, len(dataset), info.world_size))
-    for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start : start + batch_size]], pad_id)
-        with autocast(info.device):
-            nll, n = answer_nll(model, batch["input_ids"].to(info.device), batch["labels"].to(info.device))
-        totals += torch.tensor([nll.item(), n], dtype=torch.float64)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(indices), batch_size):
+            batch = collate([dataset[i] for i in indices[start : start + batch_size]], pad_id)
+            with autocast(info.device):
+                nll, n = answer_nll(model, batch["input_ids"].to(info.device), batch["labels"].to(info.device))
+            totals += torch.tensor([nll.item(), n], dtype=torch.float64)
     nll, n = dist.all_reduce_sum(totals, info).tolist()
     return nll / max(n, 1.0)
 

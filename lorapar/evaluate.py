@@ -32,6 +32,7 @@ from lorapar.data import LETTERS, TEMPLATES, DataError, Example, final_answer, f
 from lorapar.generate import generate
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
 from lorapar.io import atomic_write_json
+from lorapar.model import eval_mode
 
 TASKS = ("gsm8k", "mmlu", "humaneval")
 
@@ -151,26 +152,24 @@ def evaluate_mmlu(model, tokenizer, examples: Sequence[Example], template: str =
         if len(ids) != 1:
             raise ValueError(f"MMLU scoring needs each letter to be one token; {letter!r} encodes to {ids}")
         letter_ids[letter] = ids[0]
-    was_training = model.training
-    model.eval()
     prompts = [tokenizer.encode(format_prompt(e, template), bos=True) for e in examples]
     records = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="mmlu", disable=not progress):
-        batch = prompts[start : start + batch_size]
-        lengths = torch.tensor([len(p) for p in batch])
-        tokens = torch.full((len(batch), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)
-        for row, ids in enumerate(batch):
-            tokens[row, : len(ids)] = torch.tensor(ids)  # right padding: causal attention never sees it
-        device = next(model.parameters()).device
-        hidden = model(tokens.to(device), return_hidden=True)
-        last = hidden[torch.arange(len(batch), device=device), (lengths - 1).to(device)]
-        logprobs = torch.log_softmax(model.output(last).float(), dim=-1).cpu()
-        for row, example in enumerate(examples[start : start + batch_size]):
-            scores = {letter: logprobs[row, letter_ids[letter]].item() for letter in options[start + row]}
-            predicted = max(scores, key=scores.get)
-            records.append(dict(index=start + row, reference=example.final, prediction=predicted,
-                                correct=predicted == example.final, scores=scores, system=example.system))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in tqdm(range(0, len(examples), batch_size), desc="mmlu", disable=not progress):
+            batch = prompts[start : start + batch_size]
+            lengths = torch.tensor([len(p) for p in batch])
+            tokens = torch.full((len(batch), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)
+            for row, ids in enumerate(batch):
+                tokens[row, : len(ids)] = torch.tensor(ids)  # right padding: causal attention never sees it
+            device = next(model.parameters()).device
+            hidden = model(tokens.to(device), return_hidden=True)
+            last = hidden[torch.arange(len(batch), device=device), (lengths - 1).to(device)]
+            logprobs = torch.log_softmax(model.output(last).float(), dim=-1).cpu()
+            for row, example in enumerate(examples[start : start + batch_size]):
+                scores = {letter: logprobs[row, letter_ids[letter]].item() for letter in options[start + row]}
+                predicted = max(scores, key=scores.get)
+                records.append(dict(index=start + row, reference=example.final, prediction=predicted,
+                                    correct=predicted == example.final, scores=scores, system=example.system))
     return {"metrics": _accuracy(records), "records": records}
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorapar.model import KVCache, Transformer
+from lorapar.model import KVCache, Transformer, eval_mode
 
 
 @dataclass
@@ -157,35 +157,30 @@ def generate(
     if max_new_tokens == 0:
         return Generation(out_tokens, out_logprobs, finished)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), prepacked_linears(model, B) if prepack else nullcontext():
-            cache = model.new_cache(B, longest + max_new_tokens)
-            logits = prefill(model, tokens.to(device), pad, cache)
-            active = list(range(B))  # original row of each batch row still decoding
-            for step in range(max_new_tokens):
-                rows_generator = [generator[row] for row in active] if isinstance(generator, list) else generator
-                token, logprob = sample(logits, temperature, top_k, top_p, rows_generator)
-                keep = []
-                for i, (row, t, lp) in enumerate(zip(active, token.tolist(), logprob.tolist())):
-                    out_tokens[row].append(t)
-                    out_logprobs[row].append(lp)
-                    if t in stops:
-                        finished[row] = True
-                    else:
-                        keep.append(i)
-                if not keep or step == max_new_tokens - 1:
-                    break
-                if len(keep) < len(active):
-                    index = torch.tensor(keep, device=device)
-                    cache.keep_rows(index)
-                    token = token[index]
-                    pad = pad[index] if pad is not None else None
-                    active = [active[i] for i in keep]
-                logits = decode_step(model, token, longest + step, pad, cache)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(), prepacked_linears(model, B) if prepack else nullcontext():
+        cache = model.new_cache(B, longest + max_new_tokens)
+        logits = prefill(model, tokens.to(device), pad, cache)
+        active = list(range(B))  # original row of each batch row still decoding
+        for step in range(max_new_tokens):
+            rows_generator = [generator[row] for row in active] if isinstance(generator, list) else generator
+            token, logprob = sample(logits, temperature, top_k, top_p, rows_generator)
+            keep = []
+            for i, (row, t, lp) in enumerate(zip(active, token.tolist(), logprob.tolist())):
+                out_tokens[row].append(t)
+                out_logprobs[row].append(lp)
+                if t in stops:
+                    finished[row] = True
+                else:
+                    keep.append(i)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.keep_rows(index)
+                token = token[index]
+                pad = pad[index] if pad is not None else None
+                active = [active[i] for i in keep]
+            logits = decode_step(model, token, longest + step, pad, cache)
     return Generation(out_tokens, out_logprobs, finished)
 
 

@@ -31,6 +31,7 @@ from lorapar.data import TEMPLATES, Example, encode_example, format_prompt, form
 from lorapar.dist import DistInfo, all_reduce_sum
 from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters, peft_key
 from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
+from lorapar.model import eval_mode
 
 ORDERS = ("second", "first")
 
@@ -194,27 +195,23 @@ def accumulate_moments(
     grad_views = [v.view(p.shape) for v, p in zip(sum_grad.split(sizes), params)]
     grad_sq_views = [v.view(p.shape) for v, p in zip(sum_grad_sq.split(sizes), params)]
     tokens = 0
-    was_training = model.training
-    model.eval()  # no dropout: the scores describe the model as it is
-    try:
-        with tqdm(total=len(rows), desc=progress, disable=progress is None, unit="ex") as bar:
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                if batch_size == 1:
-                    (input_ids, labels), = batch
-                    loss, count = example_loss(
-                        model, torch.tensor(input_ids, device=device), torch.tensor(labels, device=device)
-                    )
-                    grads = [g.float() for g in torch.autograd.grad(loss, params)]
-                    torch._foreach_add_(grad_views, grads)
-                    torch._foreach_addcmul_(grad_sq_views, grads, grads)
-                    tokens += count
-                else:
-                    sums = {k: pair for k, pair in zip(keys, zip(grad_views, grad_sq_views))}
-                    tokens += _accumulate_batch(model, batch, params, sums)
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    # Eval mode, no dropout: the scores describe the model as it is.
+    with eval_mode(model), tqdm(total=len(rows), desc=progress, disable=progress is None, unit="ex") as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            if batch_size == 1:
+                (input_ids, labels), = batch
+                loss, count = example_loss(
+                    model, torch.tensor(input_ids, device=device), torch.tensor(labels, device=device)
+                )
+                grads = [g.float() for g in torch.autograd.grad(loss, params)]
+                torch._foreach_add_(grad_views, grads)
+                torch._foreach_addcmul_(grad_sq_views, grads, grads)
+                tokens += count
+            else:
+                sums = {k: pair for k, pair in zip(keys, zip(grad_views, grad_sq_views))}
+                tokens += _accumulate_batch(model, batch, params, sums)
+            bar.update(len(batch))
     return GradientMoments(keys, [p.shape for p in params], sum_grad, sum_grad_sq, len(rows), tokens)
 
 

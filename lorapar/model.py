@@ -9,8 +9,9 @@ exactly the positions it would see alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lorapar.config import ModelArgs
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no dropout) for the block; the previous mode comes back afterwards, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class RMSNorm(nn.Module):

@@ -154,3 +154,16 @@ def test_down_projection_does_not_keep_its_input_alive(tiny_model):
     assert out.requires_grad and seen[0]() is None
     out.sum().backward()
     assert feed_forward.w2.lora_A.grad is not None
+
+
+def test_eval_mode_restores_the_previous_mode_after_an_error(tiny_model):
+    from lorapar.model import eval_mode
+
+    tiny_model.train()
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(tiny_model):
+        assert not tiny_model.training and not tiny_model.layers[0].training
+        raise RuntimeError("boom")
+    assert tiny_model.training and tiny_model.layers[0].training
+    with eval_mode(tiny_model.eval()):
+        pass
+    assert not tiny_model.training
