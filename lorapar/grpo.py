@@ -34,6 +34,7 @@ from lorapar import dist
 from lorapar.config import field
 from lorapar.generate import generate
 from lorapar.loss import IGNORE_INDEX, target_logprobs
+from lorapar.model import eval_mode
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
@@ -169,9 +170,10 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
 
 
 def _logprobs(model, rollouts: Rollouts, args: GRPOArgs, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+    """Log-probs of the completions under `model` as it sampled them: no grad, eval mode (no dropout)."""
     device = model.tok_embeddings.weight.device
     pieces = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, rollouts.input_ids.shape[0], args.micro_batch):
             ids = rollouts.input_ids[start : start + args.micro_batch].to(device)
             labels = rollouts.labels[start : start + args.micro_batch].to(device)

@@ -9,6 +9,7 @@ import torch
 
 from lorapar import dist, grpo, rewards
 from lorapar.data import Example
+from lorapar.loss import target_logprobs
 
 # A hand-made batch: 2 completions of 3 / 2 tokens (the last entry of row 1 is padding).
 LOGP = [[-1.0, -0.5, -2.0], [-0.2, -1.5, -9.0]]
@@ -194,3 +195,26 @@ def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
         history.append(rollouts.total_reward.mean().item())
         grpo.grpo_update(tiny_model, optimizer, rollouts, args, dist.DistInfo(), lrs=[3e-2])
     assert history[0] < 0.1 and sum(history[-5:]) / 5 > 0.6, history
+
+
+def test_old_and_reference_logprobs_are_those_of_the_sampling_policy_without_dropout(tiny_model):
+    """The rollouts were sampled in eval mode; with LoRA dropout the old/reference log-probs must be too."""
+    from lorapar.lora import LoraArgs, apply_lora, disable_adapter
+    from lorapar.masks import MaskedAdamW
+
+    apply_lora(tiny_model, LoraArgs(r=4, dropout=0.5, init="gaussian", init_std=0.5))
+    tiny_model.train()
+    args = grpo.GRPOArgs(num_generations=2, max_completion_len=3, beta=0.1, mu=2, micro_batch=4)
+    rollouts = grpo.make_rollouts(tiny_model, [[1, 5, 9], [1, 11]], lambda _, c: torch.rand(len(c), 1),
+                                  torch.ones(1), args, seeds=[1, 2], eos_id=None, pad_id=0)
+    with torch.no_grad():
+        tiny_model.eval()
+        expected_old = target_logprobs(tiny_model, rollouts.input_ids, rollouts.labels)[0]
+        with disable_adapter(tiny_model):
+            expected_ref = target_logprobs(tiny_model, rollouts.input_ids, rollouts.labels)[0]
+        tiny_model.train()
+    optimizer = MaskedAdamW.for_model(tiny_model, lr=1e-3)
+    grpo.grpo_update(tiny_model, optimizer, rollouts, args, dist.DistInfo(), lrs=[1e-3, 1e-3],
+                     reference=lambda: disable_adapter(tiny_model))
+    assert torch.equal(rollouts.old_logp, expected_old) and torch.equal(rollouts.ref_logp, expected_ref)
+    assert tiny_model.training
