@@ -23,8 +23,9 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
-    logits = F.linear(hidden.to(dtype), weight.to(dtype)).to(torch.promote_types(dtype, torch.float32))
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """hidden W^T / t in W's dtype, returned in at least fp32."""
+    logits = F.linear(hidden.to(weight.dtype), weight).to(torch.promote_types(weight.dtype, torch.float32))
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
@@ -43,9 +44,8 @@ class LinearLogSoftmaxGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, jacobian_now: bool):
-        dtype = _matmul_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
-            buffer = _logits(hidden, weight, dtype, temperature)
+            buffer = _logits(hidden, weight, temperature)
             target_logits = buffer.gather(1, targets[:, None]).squeeze(1)
             row_max = buffer.amax(dim=1)
             exp_sum = buffer.sub_(row_max[:, None]).exp_().sum(dim=1)
@@ -55,9 +55,9 @@ class LinearLogSoftmaxGather(torch.autograd.Function):
                 p_minus_onehot = buffer.div_(exp_sum[:, None])
                 p_minus_onehot[torch.arange(len(targets), device=buffer.device), targets] -= 1.0
                 ctx.hidden_dtype = hidden.dtype
-                ctx.save_for_backward((p_minus_onehot.to(dtype) @ weight.to(dtype)).div_(-temperature))
+                ctx.save_for_backward((p_minus_onehot.to(weight.dtype) @ weight).div_(-temperature))
             else:
-                ctx.dtype, ctx.temperature = dtype, temperature
+                ctx.temperature = temperature
                 ctx.save_for_backward(hidden, weight, targets, lse)
         return target_logits - lse
 
@@ -68,14 +68,14 @@ class LinearLogSoftmaxGather(torch.autograd.Function):
             return (grad[:, None] * jacobian).to(ctx.hidden_dtype), None, None, None, None
         hidden, weight, targets, lse = ctx.saved_tensors
         with torch.autocast(hidden.device.type, enabled=False):
-            dz = _logits(hidden, weight, ctx.dtype, ctx.temperature)
+            dz = _logits(hidden, weight, ctx.temperature)
             dz.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
             dz.scatter_add_(1, targets[:, None], grad[:, None])
             if ctx.temperature != 1.0:
                 dz.div_(ctx.temperature)
-            dz = dz.to(ctx.dtype)
-            dh = (dz @ weight.to(ctx.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-            dw = (dz.t() @ hidden.to(ctx.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            dz = dz.to(weight.dtype)
+            dh = (dz @ weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            dw = dz.t() @ hidden.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None, None
 
 
@@ -89,8 +89,9 @@ def selected_logprobs(
     if getattr(output, "bias", None) is not None:
         raise ValueError("selected_logprobs: the output projection must have no bias (LLaMA's has none)")
     jacobian_now = torch.is_grad_enabled() and hidden.requires_grad
+    weight = output.weight.to(_matmul_dtype(hidden))  # cast once for all chunks, as autocast would per call
     pieces = [
-        LinearLogSoftmaxGather.apply(hidden[start : start + chunk_tokens], output.weight,
+        LinearLogSoftmaxGather.apply(hidden[start : start + chunk_tokens], weight,
                                      targets[start : start + chunk_tokens], float(temperature), jacobian_now)
         for start in range(0, hidden.shape[0], chunk_tokens)
     ]
