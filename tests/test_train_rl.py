@@ -51,12 +51,15 @@ def build_sft(root: Path, tokenizer: str) -> dict:
     return {"base": str(root / "base"), "data": data, "tokenizer": tokenizer, "sft": str(root / "sft")}
 
 
-def run(s, out, *extra):
-    argv = ["--ckpt", s["base"], "--tokenizer", s["tokenizer"], "--adapter", s["sft"], "--data", s["data"],
+def rl_argv(s, out, *extra) -> list[str]:
+    return ["--ckpt", s["base"], "--tokenizer", s["tokenizer"], "--adapter", s["sft"], "--data", s["data"],
             "--out", str(out), "--template", "plain", "--prompts-per-step", "2", "--num-generations", "4",
             "--max-completion-len", "6", "--rewards", "test_train_rl:characters=1.0,correct=2.0", "--lr", "1e-2",
             "--warmup-ratio", "0", "--micro-batch", "4", *extra]
-    return train_rl.main(argv)
+
+
+def run(s, out, *extra):
+    return train_rl.main(rl_argv(s, out, *extra))
 
 
 def metrics(out) -> list[dict]:
@@ -101,10 +104,7 @@ def test_two_ranks_match_one_process(sft_run, tmp_path):
     common = ["--max-steps", "3", "--prompts-per-step", "4", "--micro-batch", "3", "--temperature", "1.0",
               "--weight-decay", "0.1", "--mu", "2", "--beta", "0.1", "--loss-type", "dapo", "--lr", "1e-3"]
     run(sft_run, tmp_path / "one", *common)
-    argv = ["--ckpt", sft_run["base"], "--tokenizer", sft_run["tokenizer"], "--adapter", sft_run["sft"],
-            "--data", sft_run["data"], "--out", str(tmp_path / "two"), "--template", "plain", "--num-generations", "4",
-            "--max-completion-len", "6", "--rewards", "test_train_rl:characters=1.0,correct=2.0",
-            "--warmup-ratio", "0", *common, "--device", "cpu"]
+    argv = rl_argv(sft_run, tmp_path / "two", *common, "--device", "cpu")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
