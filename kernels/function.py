@@ -1,8 +1,9 @@
 """The autograd Function of the masked LoRA linear and the choice between Triton and PyTorch.
 
 Formulas: kernels/reference.py (module docstring). What is saved for backward: x (the layer input,
-which the surrounding graph keeps alive anyway, so it costs nothing extra), xa = x_d A^T (N, r) and
-the frozen W, A, B, masks (references, not copies). Dropout costs one bool (N, in) `keep` tensor on
+which the surrounding graph mostly keeps alive anyway: the norm output feeding q/k/v or gate/up; the
+down projection's input is rebuilt in backward instead, see lorapar.model.FeedForward), xa = x_d A^T
+(N, r) and the frozen W, A, B, masks (references, not copies). Dropout costs one bool (N, in) `keep` tensor on
 the PyTorch path; the Triton path saves a 31-bit seed and regenerates the same Philox stream in
 every kernel instead. No (N, out) tensor is saved.
 """
