@@ -80,7 +80,7 @@ class LinearLogSoftmaxGather(torch.autograd.Function):
 
 
 def selected_logprobs(
-    output: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, chunk_tokens: int = 1024
+    output: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, chunk_tokens: int = 256
 ) -> torch.Tensor:
     """log softmax(output(hidden) / temperature)[targets] for packed rows hidden (N, dim), targets (N,).
 
@@ -104,7 +104,7 @@ def target_logprobs(
     labels: torch.Tensor,
     *,
     temperature: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the labelled targets.
 
@@ -121,7 +121,7 @@ def target_logprobs(
     return logp.masked_scatter(mask, packed), mask
 
 
-def answer_nll(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 1024):
+def answer_nll(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 256):
     """(sum of negative log-likelihood over labelled tokens, number of labelled tokens).
 
     Returning the sum and the count lets a trainer divide by the token count of the whole optimizer
