@@ -13,7 +13,7 @@ Resident memory also depends on the allocator: glibc raises its mmap threshold a
 so later tensors come from the heap and freed ones stay resident. `--mmap-threshold 131072` pins the
 threshold (MALLOC_MMAP_THRESHOLD_, for both frameworks) so that the figures follow live tensors.
 
-    python bench/bench_sft.py [--batch 4] [--seq 256] [--answer 0.5] [--steps 3] [--threads N] [--mmap-threshold B]
+    python bench/bench_sft.py [--batch 4] [--seq 256] [--answer 0.5] [--steps 5] [--threads N] [--mmap-threshold B]
 
 Requires `pip install transformers peft` for the comparison; without them only lorapar is measured.
 """
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--answer", type=float, default=0.5, help="share of each sequence that carries the loss")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="pin glibc's mmap threshold (bytes) in both workers; 0 = glibc's dynamic default")
