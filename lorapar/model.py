@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lorapar.config import ModelArgs
+from lorapar.swiglu import SwiGLU, down_input_rebuilt
 
 
 @contextlib.contextmanager
@@ -119,36 +120,8 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class SwiGLU(torch.autograd.Function):
-    """h = silu(a) * b, saving only a and b for backward (autograd's silu then mul would also keep silu(a)).
-
-    forward   h = silu(a) * b,   silu(a) = a sigmoid(a)
-    backward  db = dh silu(a),   da = dh b silu'(a),   silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))
-    """
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        return F.silu(a) * b
-
-    @staticmethod
-    def backward(ctx, dh: torch.Tensor):
-        a, b = ctx.saved_tensors
-        da = torch.ops.aten.silu_backward(dh * b, a) if ctx.needs_input_grad[0] else None
-        db = dh * F.silu(a) if ctx.needs_input_grad[1] else None
-        return da, db
-
-
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x).
-
-    In training, w2 would save its input h = silu(a) * b for its own backward (a LoRA's dA needs it),
-    one (tokens x ffn_hidden) tensor per layer that SwiGLU's saved a and b already determine. So w2
-    saves a reference to SwiGLU's backward node instead and recomputes h from that node's a and b when
-    its backward runs, which is before SwiGLU's own. When another saved-tensor policy is in charge
-    (activation checkpointing, offloading with save_on_cpu) it decides what h costs, and these hooks,
-    which would override it for every tensor w2 saves, stay out of the way.
-    """
+    """SwiGLU: w2(silu(w1 x) * w3 x). What it saves for backward: lorapar/swiglu.py."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -158,37 +131,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = SwiGLU.apply(self.w1(x), self.w3(x))
-        if h.grad_fn is None or _saved_tensor_hooks_active():
+        with down_input_rebuilt(h):
             return self.w2(h)
-        with torch.autograd.graph.saved_tensors_hooks(*_recompute_from_node(h)):
-            return self.w2(h)
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved_tensors_hooks (checkpointing, offloading) are in force; torch has only a private query,
-    and if it is gone this answers True, which merely forgoes the recomputation."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
-
-
-def _recompute_from_node(h: torch.Tensor):
-    """(pack, unpack) saved-tensor hooks that store a contiguous view of SwiGLU's output h as h's
-    backward node and rebuild it from the node's saved (a, b); every other tensor is saved as usual."""
-    # Not h itself: autograd keeps these hooks with every saved tensor, so a closure over h would keep it alive.
-    node, where = h.grad_fn, (h.untyped_storage().data_ptr(), h.storage_offset(), h.numel())
-
-    def pack(t: torch.Tensor):
-        is_h = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) == where and t.is_contiguous()
-        return (node, t.shape) if is_h else t
-
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        node, shape = packed
-        a, b = node.saved_tensors
-        return (F.silu(a) * b).view(shape)
-
-    return pack, unpack
 
 
 class TransformerBlock(nn.Module):

@@ -99,63 +99,6 @@ def test_cache_overflow_is_an_error(tiny_model):
         tiny_model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
 
 
-def test_swiglu_gradients_equal_autograd_in_float64():
-    from lorapar.model import SwiGLU
-
-    gen = torch.Generator().manual_seed(0)
-    a = (torch.randn(3, 5, dtype=torch.float64, generator=gen) * 4).requires_grad_()
-    b = torch.randn(3, 5, dtype=torch.float64, generator=gen).requires_grad_()
-    assert torch.autograd.gradcheck(SwiGLU.apply, (a, b))
-    torch.testing.assert_close(SwiGLU.apply(a, b), torch.nn.functional.silu(a) * b, rtol=0, atol=0)
-
-
-def _lora_grads(model, tokens, checkpointing: bool, plain_feed_forward: bool, monkeypatch):
-    from lorapar import model as model_module
-
-    with monkeypatch.context() as patch:
-        if plain_feed_forward:  # what autograd alone would do: save silu(a) and h
-            patch.setattr(model_module.FeedForward, "forward",
-                          lambda self, x: self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x)))
-        model.gradient_checkpointing = checkpointing
-        model.zero_grad(set_to_none=True)
-        model(tokens).logsumexp(-1).sum().backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_recomputed_down_input_gives_autograds_gradients(tiny_model, checkpointing, monkeypatch):
-    """w2 rebuilds its input from SwiGLU's saved a, b: the gradients are those of plain autograd."""
-    from lorapar.lora import LoraArgs, apply_lora
-
-    apply_lora(tiny_model, LoraArgs(targets=("up", "down"), init="gaussian", init_std=0.1))
-    tiny_model.train()
-    tokens = torch.randint(tiny_model.args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
-    ours = _lora_grads(tiny_model, tokens, checkpointing, False, monkeypatch)
-    plain = _lora_grads(tiny_model, tokens, False, True, monkeypatch)
-    assert ours.keys() == plain.keys() and len(ours) == 8
-    for name in ours:
-        torch.testing.assert_close(ours[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_down_projection_does_not_keep_its_input_alive(tiny_model):
-    """After forward nothing references h = silu(a) * b: the LoRA on w2 saved its recipe, not h."""
-    import gc
-    import weakref
-
-    from lorapar.lora import LoraArgs, apply_lora
-
-    apply_lora(tiny_model, LoraArgs(targets=("down",)))
-    feed_forward = tiny_model.layers[0].feed_forward
-    seen = []
-    handle = feed_forward.w2.register_forward_hook(lambda module, args, out: seen.append(weakref.ref(args[0])))
-    out = feed_forward(torch.randn(2, 3, tiny_model.args.dim, requires_grad=True))
-    handle.remove()
-    gc.collect()
-    assert out.requires_grad and seen[0]() is None
-    out.sum().backward()
-    assert feed_forward.w2.lora_A.grad is not None
-
-
 def test_eval_mode_restores_the_previous_mode_after_an_error(tiny_model):
     from lorapar.model import eval_mode
 
