@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -62,6 +63,7 @@ class LinearLogSoftmaxGather(torch.autograd.Function):
         return target_logits - lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         if ctx.jacobian_now:
             (jacobian,) = ctx.saved_tensors
@@ -84,10 +86,11 @@ def selected_logprobs(
 ) -> torch.Tensor:
     """log softmax(output(hidden) / temperature)[targets] for packed rows hidden (N, dim), targets (N,).
 
-    `output` is the model's bias-free output projection (an nn.Linear).
+    `output` is the model's bias-free output projection, an nn.Linear: its weight is used directly.
     """
-    if getattr(output, "bias", None) is not None:
-        raise ValueError("selected_logprobs: the output projection must have no bias (LLaMA's has none)")
+    if not isinstance(output, nn.Linear) or output.bias is not None:
+        raise ValueError(f"selected_logprobs: the output projection must be a bias-free nn.Linear, got {output!r}")
+    # Known here, not inside forward (which always runs with grad off and sees needs_input_grad regardless).
     jacobian_now = torch.is_grad_enabled() and hidden.requires_grad
     weight = output.weight.to(_matmul_dtype(hidden))  # cast once for all chunks, as autocast would per call
     pieces = [
@@ -95,7 +98,9 @@ def selected_logprobs(
                                      targets[start : start + chunk_tokens], float(temperature), jacobian_now)
         for start in range(0, hidden.shape[0], chunk_tokens)
     ]
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if not pieces:  # no labelled token: an empty result that still belongs to the graph, so backward() works
+        return hidden[:, 0].float() * 0.0
+    return torch.cat(pieces)
 
 
 def target_logprobs(

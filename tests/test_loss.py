@@ -91,21 +91,49 @@ def test_answer_nll_and_target_logprobs_match_cross_entropy(tiny_model):
     assert (logp[~mask] == 0).all()
 
 
-def test_bf16_autocast_runs_the_gemm_in_bf16_and_keeps_fp32_statistics():
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_bf16_autocast_runs_the_gemm_in_bf16_and_keeps_fp32_statistics(weight_trains):
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(6, 32, generator=gen, requires_grad=True)
-    output = torch.nn.Linear(32, 40, bias=False)
+    output = torch.nn.Linear(32, 40, bias=False).requires_grad_(weight_trains)
     targets = torch.randint(40, (6,), generator=gen)
+    upstream = torch.randn(6, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logp = selected_logprobs(output, hidden, targets)
     assert logp.dtype == torch.float32
-    bf16 = output.weight.detach().bfloat16().float()
-    expected = torch.log_softmax(hidden.detach().bfloat16().float() @ bf16.t(), -1).gather(1, targets[:, None]).squeeze(1)
+    (logp * upstream).sum().backward()
+    assert hidden.grad.dtype == torch.float32
+    h16 = hidden.detach().bfloat16().float().requires_grad_()
+    w16 = output.weight.detach().bfloat16().float().requires_grad_()
+    expected = reference_logprobs(h16, w16, targets)
+    (expected * upstream).sum().backward()
     torch.testing.assert_close(logp, expected, rtol=1e-2, atol=1e-2)
-    logp.sum().backward()
-    assert hidden.grad.dtype == torch.float32 and output.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(hidden.grad, h16.grad, rtol=2e-2, atol=2e-2)
+    if weight_trains:
+        torch.testing.assert_close(output.weight.grad, w16.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_output_with_bias_is_rejected():
-    with pytest.raises(ValueError, match="no bias"):
+    with pytest.raises(ValueError, match="bias-free nn.Linear"):
         selected_logprobs(torch.nn.Linear(4, 5), torch.randn(2, 4), torch.tensor([0, 1]))
+
+
+def test_a_batch_without_labelled_tokens_still_backpropagates(tiny_model):
+    """A micro-batch whose answers were all cut off contributes 0 to the step, not an error."""
+    from lorapar.lora import LoraArgs, apply_lora
+
+    apply_lora(tiny_model, LoraArgs(r=2))
+    ids = torch.randint(tiny_model.args.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    nll, count = answer_nll(tiny_model, ids, torch.full_like(ids, IGNORE_INDEX))
+    assert count == 0 and nll.item() == 0.0
+    nll.backward()
+    assert all(p.grad is None or not p.grad.any() for p in tiny_model.parameters() if p.requires_grad)
+
+
+def test_double_backward_is_a_clear_error():
+    hidden = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    logp = selected_logprobs(torch.nn.Linear(4, 6, bias=False).double().requires_grad_(False), hidden,
+                             torch.tensor([0, 1, 2]))
+    (grad,) = torch.autograd.grad(logp.sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
