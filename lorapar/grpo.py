@@ -137,10 +137,17 @@ def grpo_loss(
 
 
 def derive_seed(*parts: int) -> int:
-    """A 64-bit seed mixed from integers (e.g. run seed, step, prompt index): distinct tuples give
-    unrelated streams, unlike arithmetic such as seed * K + step, whose ranges can collide."""
-    state = np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)
-    return int(state[0])
+    """A 64-bit seed mixed from integers (e.g. run seed, step, prompt index), each taken mod 2^64.
+
+    numpy's SeedSequence mixes the words [number of parts, then each part as two 32-bit words]: with
+    the count and fixed widths, distinct tuples are distinct inputs (SeedSequence alone would give
+    (7, 2) and (7, 2, 0), or (2^32 + 5, 9) and (5, 1, 9), the same stream).
+    """
+    words = [len(parts)]
+    for part in parts:
+        part %= 2**64
+        words += [part & 0xFFFFFFFF, part >> 32]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 @dataclass
@@ -234,6 +241,9 @@ def grpo_update(
     """mu optimizer steps on one batch of rollouts (lrs[k] for pass k); returns step statistics.
 
     `reference()` enters a context in which `model` is the reference policy (needed when beta > 0).
+    Old and reference log-probs are taken in eval mode, as the completions were sampled; the policy's
+    in train mode. With LoRA dropout > 0 the first pass's ratio is then exp(dropout noise) rather than
+    exactly 1 when mu > 1 (with mu = 1 the old log-probs are the policy's own, detached).
     """
     device = model.tok_embeddings.weight.device
     start = time.perf_counter()

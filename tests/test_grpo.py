@@ -218,3 +218,10 @@ def test_old_and_reference_logprobs_are_those_of_the_sampling_policy_without_dro
                      reference=lambda: disable_adapter(tiny_model))
     assert torch.equal(rollouts.old_logp, expected_old) and torch.equal(rollouts.ref_logp, expected_ref)
     assert tiny_model.training
+
+
+def test_derived_seeds_differ_for_distinct_tuples():
+    pairs = [((0, 3, 0), (0, 3)), ((7, 2), (7, 2, 0, 0)), ((2**32 + 5, 9), (5, 1, 9)), ((-1,), (2**32 - 1, 2**32 - 1))]
+    for a, b in pairs:
+        assert grpo.derive_seed(*a) != grpo.derive_seed(*b), (a, b)
+    assert grpo.derive_seed(1, 2) == grpo.derive_seed(1, 2) < 2**64
