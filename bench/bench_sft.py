@@ -15,6 +15,7 @@ so later tensors come from the heap and freed ones stay resident. `--mmap-thresh
 threshold (MALLOC_MMAP_THRESHOLD_, for both frameworks) so that the figures follow live tensors.
 
     python bench/bench_sft.py [--batch 4] [--seq 256] [--answer 0.5] [--steps 5] [--threads N] [--mmap-threshold B]
+                              [--checkpointing]
 
 Requires `pip install transformers peft` for the comparison; without them only lorapar is measured.
 """
@@ -51,7 +52,7 @@ def memory_mb(field: str) -> float:
     return int(line.split()[1]) / 1024  # reported in KiB
 
 
-def lorapar_step_fn(ckpt: str):
+def lorapar_step_fn(ckpt: str, checkpointing: bool):
     from lorapar.checkpoint import load_model
     from lorapar.lora import LoraArgs, apply_lora
     from lorapar.loss import answer_nll
@@ -59,6 +60,7 @@ def lorapar_step_fn(ckpt: str):
 
     model = load_model(ckpt)
     apply_lora(model, LoraArgs())
+    model.gradient_checkpointing = checkpointing
     model.train()
     optimizer = MaskedAdamW.for_model(model, lr=2e-4, weight_decay=0.0)
 
@@ -73,11 +75,13 @@ def lorapar_step_fn(ckpt: str):
     return step, model
 
 
-def hf_step_fn(ckpt: str):
+def hf_step_fn(ckpt: str, checkpointing: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32, attn_implementation="sdpa")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, lora_dropout=0.0, target_modules=TARGETS_HF))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -102,7 +106,7 @@ def worker(args) -> None:
 
     vocab = read_model_args(args.ckpt).vocab_size
     input_ids, labels = make_batch(vocab, args.batch, args.seq, args.answer)
-    step, model = (lorapar_step_fn if args.worker == "lorapar" else hf_step_fn)(args.ckpt)
+    step, model = (lorapar_step_fn if args.worker == "lorapar" else hf_step_fn)(args.ckpt, args.checkpointing)
     with torch.no_grad():  # page in the memory-mapped weights, so that "loaded" counts all of them
         for p in model.parameters():
             p.sum()
@@ -123,6 +127,7 @@ def run_worker(name: str, ckpt: str, args) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--worker", name, "--ckpt", ckpt]
     for flag in ("batch", "seq", "answer", "steps", "threads"):
         argv += [f"--{flag}", str(getattr(args, flag))]
+    argv += ["--checkpointing"] if args.checkpointing else []
     env = {**os.environ, "PYTHONPATH": REPO}
     if args.mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -139,6 +144,8 @@ def main() -> None:
     parser.add_argument("--answer", type=float, default=0.5, help="share of each sequence that carries the loss")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing per block in both frameworks (non-reentrant)")
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="pin glibc's mmap threshold (bytes) in both workers; 0 = glibc's dynamic default")
     parser.add_argument("--worker", choices=["lorapar", "hf"], help=argparse.SUPPRESS)
@@ -171,7 +178,7 @@ def main() -> None:
             results["transformers+peft"] = run_worker("hf", tmp, args)
 
     allocator = f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "glibc default"
-    print(f"allocator: {allocator}")
+    print(f"allocator: {allocator}; activation checkpointing: {'on' if args.checkpointing else 'off'} in both")
     print(f"{'framework':20s} {'tokens/s':>10s} {'step s':>8s} {'loaded MiB':>11s} {'peak MiB':>9s} {'step MiB':>9s} "
           f"{'first loss':>11s}")
     for name, r in results.items():
