@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lorapar import dist  # noqa: E402
 from lorapar.config import ModelArgs  # noqa: E402
-from lorapar.grpo import GRPOArgs, grpo_update, make_rollouts  # noqa: E402
+from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts  # noqa: E402
 from lorapar.lora import LoraArgs, apply_lora, disable_adapter  # noqa: E402
 from lorapar.masks import MaskedAdamW  # noqa: E402
 from lorapar.model import Transformer  # noqa: E402
@@ -59,7 +59,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     totals = {"generation": 0.0, "log-probs (old/reference)": 0.0, "optimisation": 0.0}
     for step in range(args.steps + 1):
-        rollouts = make_rollouts(model, prompts, score, torch.ones(1), grpo, seed=step, eos_id=None, pad_id=0)
+        seeds = [derive_seed(step, i) for i in range(len(prompts))]
+        rollouts = make_rollouts(model, prompts, score, torch.ones(1), grpo, seeds=seeds, eos_id=None, pad_id=0)
         start = time.perf_counter()
         stats = grpo_update(model, optimizer, rollouts, grpo, dist.DistInfo(), lrs=[5e-6] * args.mu, max_grad_norm=0.1,
                             reference=lambda: disable_adapter(model))
