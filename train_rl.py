@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lorapar import dist
 from lorapar.adapter import load_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
-from lorapar.data import format_prompt, load_examples
+from lorapar.data import encode_prompt, load_examples
 from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts
 from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters
 from lorapar.masks import MaskedAdamW
@@ -52,12 +52,24 @@ class RLArgs(InputArgs):
     )
 
 
+# The TRL release whose GRPOTrainer defaults the paper preset reproduces: v0.19.1 (8 July 2025) was the
+# current release when the paper went to arXiv (2507.20999, 28 July 2025); v0.20.0 was tagged the next
+# day. docs/trl_grpo_defaults.md has the defaults of v0.14 .. v0.19.1 and the flags for each.
+PINNED_TRL = "v0.19.1"
+
 PRESETS = {
-    # LoRA-PAR's GRPO: lr 5e-6, betas (0.9, 0.99), weight decay 0.1, warm-up 0.1, G 8, 128 / 256 tokens, clip 0.1.
+    # LoRA-PAR's GRPO (example.py): lr 5e-6, betas (0.9, 0.99), weight decay 0.1, warm-up 0.1, cosine, clip 0.1,
+    # G 8, 128 / 256 tokens, example.py's chat prompt and rewards. What example.py leaves at TRL's defaults is
+    # TRL v0.19.1's: per_device_train_batch_size 8 completions x 4 accumulation steps = 4 prompts per step on
+    # the authors' one GPU, beta 0 (no KL, no reference model), temperature 1.0, top-p 1.0, loss "bnpo" over
+    # micro-batches of 8 shuffled completions, one pass per batch of rollouts (num_iterations 1), eps 0.2.
     "lorapar-grpo": {
         "TrainArgs": dict(lr=5e-6, betas=(0.9, 0.99), weight_decay=0.1, warmup_ratio=0.1, max_grad_norm=0.1,
                           schedule="cosine", epochs=1),
-        "GRPOArgs": dict(num_generations=8, max_prompt_len=128, max_completion_len=256),
+        "RLArgs": dict(template="lorapar"),
+        "GRPOArgs": dict(num_generations=8, max_prompt_len=128, max_completion_len=256, prompts_per_step=4,
+                         beta=0.0, temperature=1.0, top_p=1.0, loss_type="bnpo", micro_batch=8,
+                         shuffle_micro_batches=True, mu=1, epsilon=0.2, scale_rewards=True),
     },
 }
 
@@ -83,6 +95,25 @@ def parse_config(argv=None) -> tuple[RLArgs, GRPOArgs, TrainArgs, Optional[LoraA
         parser.error(f"{', '.join(lora_flags)}: the LoRA configuration comes from --adapter {rl.adapter}")
     lora = None if rl.adapter else dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
     return rl, grpo, train, lora
+
+
+def load_prompts(cfg: RLArgs, grpo: GRPOArgs, tokenizer: Tokenizer) -> tuple[list[tuple], int]:
+    """[(example, prompt ids)] of every selected row and how many prompts were cut.
+
+    A prompt longer than --max-prompt-len keeps its last max_prompt_len tokens, as TRL's GRPOTrainer
+    does (`prompt_ids[:, -max_prompt_length:]`): the question and the chat markers survive, the start
+    (BOS, then the system prompt) goes. No question is left out.
+    """
+    examples = select_system(load_examples(cfg.data, cfg.format, skip_bad=cfg.skip_bad), cfg.system, cfg.data)
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    prompts, truncated = [], 0
+    for example in examples:
+        ids = encode_prompt(tokenizer, example, cfg.template, phase="rl")
+        if len(ids) > grpo.max_prompt_len:
+            ids, truncated = ids[-grpo.max_prompt_len:], truncated + 1
+        prompts.append((example, ids))
+    return prompts, truncated
 
 
 @contextlib.contextmanager
@@ -113,19 +144,16 @@ def main(argv=None) -> dict:
     reward_fns = parse_spec(cfg.rewards)
     weights = torch.tensor([w for _, _, w in reward_fns])
 
-    # ---- data: prompts (longer than --max-prompt-len are left out and counted)
+    # ---- data: every prompt, the longer ones left-truncated to --max-prompt-len (counted)
     tokenizer = Tokenizer(cfg.tokenizer)
-    examples = select_system(load_examples(cfg.data, cfg.format, skip_bad=cfg.skip_bad), cfg.system, cfg.data)
-    if cfg.max_examples:
-        examples = examples[: cfg.max_examples]
-    encoded = [(e, tokenizer.encode(format_prompt(e, cfg.template), bos=True)) for e in examples]
-    kept = [(e, ids) for e, ids in encoded if len(ids) <= grpo.max_prompt_len]
-    too_long = len(encoded) - len(kept)
+    kept, truncated = load_prompts(cfg, grpo, tokenizer)
     if len(kept) < grpo.prompts_per_step:
         raise ValueError(
-            f"{cfg.data}: {len(kept)} usable prompts ({too_long} longer than --max-prompt-len {grpo.max_prompt_len}) "
-            f"do not fill one step of --prompts-per-step {grpo.prompts_per_step}"
+            f"{cfg.data}: {len(kept)} prompts do not fill one step of --prompts-per-step {grpo.prompts_per_step}"
         )
+    if truncated and info.is_main:
+        print(f"train_rl: {truncated} of {len(kept)} prompts longer than --max-prompt-len {grpo.max_prompt_len} "
+              "keep only their last tokens (TRL's left truncation)", flush=True)
     steps_per_epoch = len(kept) // grpo.prompts_per_step
     total_steps = train.max_steps or train.epochs * steps_per_epoch
 
@@ -158,7 +186,7 @@ def main(argv=None) -> dict:
         os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None
     )
     if start_step == 0:
-        metrics.log({"step": 0, "prompts": len(kept), "prompts_over_max_len": too_long,
+        metrics.log({"step": 0, "prompts": len(kept), "prompts_truncated": truncated,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
 
     save_files = lora_file_writer(model, lora_args, bool(cfg.masks))
@@ -193,7 +221,8 @@ def main(argv=None) -> dict:
         started = time.perf_counter()
         lrs = [lr_at(step * grpo.mu + k, total_steps * grpo.mu, train) for k in range(grpo.mu)]
         stats = grpo_update(model, optimizer, rollouts, grpo, info, lrs=lrs, max_grad_norm=train.max_grad_norm,
-                            autocast=lambda: autocast(info.device), reference=reference)
+                            autocast=lambda: autocast(info.device), reference=reference,
+                            shuffle_seed=derive_seed(train.seed, step, info.rank, 1))
         train_seconds = time.perf_counter() - started
         done = step + 1
         record = {"step": done, "epoch": epoch, "lr": lrs[-1], **stats, **rollout_stats(rollouts, reward_fns, grpo, info),

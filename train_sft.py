@@ -51,10 +51,11 @@ class SFTArgs(InputArgs):
 
 
 PRESETS = {
-    # LoRA-PAR's SFT: lr 2e-4, cosine, warm-up 0.03, effective batch 32, max length 512, one epoch.
+    # LoRA-PAR's SFT: lr 2e-4, cosine, warm-up 0.03, effective batch 32, max length 512, one epoch;
+    # example.py's text format: question + EOS, then the answer as written + EOS.
     "lorapar-sft": {
         "TrainArgs": dict(lr=2e-4, schedule="cosine", warmup_ratio=0.03, global_batch=32, batch_size=4, epochs=1),
-        "SFTArgs": dict(max_len=512),
+        "SFTArgs": dict(max_len=512, template="lorapar"),
     },
 }
 

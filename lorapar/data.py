@@ -16,6 +16,14 @@ Templates (`format_prompt` / `format_response`):
   reasoning    the chat prompt with REASONING_SYSTEM_PROMPT; the response in LoRA-PAR's GRPO format
                "<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n". For GSM8K the worked steps go in
                the reasoning (calculator annotations <<a*b=c>> removed) and the number in the answer.
+  lorapar      the authors' example.py, which formats each stage differently (`phase`):
+               sft  prompt = the question followed by the EOS token (the authors write a literal "</s>", which
+                    LLaMA-2's HF tokenizer turns into id 2), response = the answer as written. SFT and
+                    evaluation add BOS and append EOS to the response; importance scoring adds neither
+                    (example.py's collate_fn). `encode_prompt` puts the EOS token in: it is not text.
+               rl   the chat prompt with LORAPAR_SYSTEM_PROMPT (example.py's SYSTEM_PROMPT, leading and
+                    trailing newlines included); GRPO and evaluation after GRPO.
+How answers are read back (rewards, evaluation): lorapar/answers.py.
 
 Tokenisation: prompt and response are encoded separately (BOS + prompt, response + EOS) and concatenated,
 so the boundary is exact and matches generation, which continues from the prompt's tokens. SentencePiece
@@ -31,22 +39,25 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from lorapar.answers import extract_gsm8k_number, final_answer  # noqa: F401 (re-exported)
 from lorapar.loss import IGNORE_INDEX
 from lorapar.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("gsm8k", "mmlu", "humaneval", "instruction", "labelled")
-TEMPLATES = ("plain", "chat", "reasoning")
+TEMPLATES = ("plain", "chat", "reasoning", "lorapar")
+PHASES = ("sft", "rl")  # which stage a prompt is for; only the lorapar template tells them apart
 REASONING_SYSTEM_PROMPT = (
     "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 )
+# example.py's SYSTEM_PROMPT verbatim (a triple-quoted string: it starts and ends with a newline).
+LORAPAR_SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -108,37 +119,6 @@ def read_jsonl(path: str, skip_bad: bool = False) -> tuple[list[dict], int]:
     """All JSON objects of a `.jsonl` / `.jsonl.gz` file and the number of malformed lines skipped."""
     rows, skipped = _numbered_rows(str(path), skip_bad)
     return [row for _, row in rows], skipped
-
-
-def extract_gsm8k_number(text: str) -> Optional[str]:
-    """The number after the last "####" (or, without one, the last number in `text`), normalised.
-
-    "1,450,000" -> "1450000", "$10.00" -> "10", "-3.50" -> "-3.5"; None when there is no number.
-    """
-    if text is None:
-        return None
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail.replace("$", ""))
-    if not numbers:
-        return None
-    candidate = numbers[0] if "####" in text else numbers[-1]
-    try:
-        value = Decimal(candidate.replace(",", ""))
-    except InvalidOperation:
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def final_answer(text: str) -> Optional[str]:
-    """A model output's final answer: the normalised number after the first `####` or inside the first
-    `<answer>` tag; None if neither. Evaluation and the GRPO correctness reward both use this one rule."""
-    if "####" in text:
-        after = text.split("####", 1)[1]
-        return extract_gsm8k_number("####" + after.split("\n", 1)[0]) if after.strip() else None
-    tagged = re.search(r"<answer>(.*?)(?:</answer>|$)", text, flags=re.S)
-    return extract_gsm8k_number(tagged.group(1)) if tagged else None
 
 
 def _field(row: dict, key: str, path: str, line: int, fmt: str) -> str:
@@ -252,7 +232,15 @@ def reasoning_response(reasoning: str, answer: str) -> str:
     return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
 
 
-def format_prompt(example: Example, template: str = "plain") -> str:
+def format_prompt(example: Example, template: str = "plain", phase: str = "sft") -> str:
+    """The prompt text of `example`; `phase` ("sft" or "rl") matters only to the lorapar template, whose
+    SFT prompt also ends with an EOS token that `encode_prompt` adds (it is a token, not text)."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+    if template == "lorapar":
+        if phase == "sft":
+            return example.question
+        return Tokenizer.chat_prompt(example.question, system=LORAPAR_SYSTEM_PROMPT)
     if template == "plain":
         if example.format in ("mmlu", "humaneval"):
             return example.question  # already a prompt that ends where the answer starts
@@ -265,7 +253,7 @@ def format_prompt(example: Example, template: str = "plain") -> str:
 
 
 def format_response(example: Example, template: str = "plain") -> str:
-    if template in ("plain", "chat"):
+    if template in ("plain", "chat", "lorapar"):
         return example.answer
     if template == "reasoning":
         if example.format == "gsm8k":
@@ -279,14 +267,28 @@ def format_response(example: Example, template: str = "plain") -> str:
 # ----------------------------------------------------------------------------- tokenisation and batching
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) for BOS + prompt + response + EOS, loss on the response and EOS only.
+def prompt_ends_with_eos(template: str, phase: str = "sft") -> bool:
+    """Whether the template's prompt ends with the EOS token (example.py's "{question}</s>")."""
+    return template == "lorapar" and phase == "sft"
+
+
+def encode_prompt(tokenizer, example: Example, template: str, phase: str = "sft", bos: bool = True) -> list[int]:
+    """Token ids of the prompt of `example`: [BOS] + format_prompt(...) [+ EOS for lorapar's SFT prompt]."""
+    ids = tokenizer.encode(format_prompt(example, template, phase), bos=bos)
+    return ids + [tokenizer.eos_id] if prompt_ends_with_eos(template, phase) else ids
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_len: int, *, bos: bool = True,
+                   prompt_eos: bool = False, response_eos: bool = True) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for [BOS] + prompt [+ EOS] + response [+ EOS], loss on the response
+    (and its EOS) only. SFT: BOS and a final EOS; lorapar's prompt also ends with EOS (prompt_eos);
+    importance scoring under lorapar has neither BOS nor a final EOS, as example.py's collate_fn.
 
     Longer than max_len: cut from the right (the prompt stays whole, the response loses its tail and EOS)
     and report truncated=True; SFTDataset decides whether to keep or drop such an example.
     """
-    prompt_ids = tokenizer.encode(prompt, bos=True)
-    response_ids = tokenizer.encode(response, eos=True)
+    prompt_ids = tokenizer.encode(prompt, bos=bos) + ([tokenizer.eos_id] if prompt_eos else [])
+    response_ids = tokenizer.encode(response, eos=response_eos)
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     truncated = len(input_ids) > max_len
@@ -311,7 +313,8 @@ class SFTDataset(Dataset):
         self.dropped = self.truncated = 0
         for example in examples:
             ids, labels, cut = encode_example(
-                tokenizer, format_prompt(example, template), format_response(example, template), max_len
+                tokenizer, format_prompt(example, template), format_response(example, template), max_len,
+                prompt_eos=prompt_ends_with_eos(template),
             )
             if cut and (overflow == "drop" or all(y == IGNORE_INDEX for y in labels[1:])):
                 self.dropped += 1

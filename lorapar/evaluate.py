@@ -1,13 +1,22 @@
-"""Evaluate a checkpoint (optionally with a LoRA adapter) on GSM8K, MMLU or HumanEval.
+r"""Evaluate a checkpoint (optionally with a LoRA adapter) on GSM8K, MMLU or HumanEval.
 
     python -m lorapar.evaluate --ckpt BASE --tokenizer TOK.model [--adapter DIR] \\
         --task gsm8k|mmlu|humaneval --data FILE --out results.json
 
-GSM8K (and the synthetic task, which uses the same rows): greedy decoding; the prediction is the
-number after the first `####` or inside the first `<answer>...</answer>`; an output with neither is
-"malformed" and counts as wrong (no fallback to the last number, which would credit rambling).
-Numbers are compared after normalisation (commas, `$`, trailing `.0`). With a `system` field the
-accuracy is also split by system.
+The prompt template and the stage it is for come from the adapter's run config (the config.json that
+train_sft.py / train_rl.py write beside it) unless --template / --phase say otherwise: an adapter is
+evaluated with the prompts it was trained on (no adapter, or no run config: plain, sft).
+
+GSM8K (and the synthetic task, which uses the same rows): greedy decoding, then one answer rule
+(--extraction; lorapar/answers.py), an output it cannot read being "malformed" and wrong:
+  last_hash    example.py after SFT: the integer of the last "####\s*(-?\d+)", compared with the same
+               integer of the reference
+  last_answer  example.py after RL: int() of the last <answer>...</answer>, compared as a string with
+               the reference's text after "####" (no "," or "$")
+  lenient      the normalised number after the first `####` or inside the first `<answer>` tag (no
+               fallback to the last number, which would credit rambling); "1,000.0" == "1000"
+  auto         (default) the authors' rule of the stage for the lorapar template, lenient for the others.
+With a `system` field the accuracy is also split by system.
 MMLU: the option letter with the highest log-probability right after the prompt; no generation.
 HumanEval: n samples per problem (greedy when n = 1), cut at a new top-level statement, each run
 against the problem's tests in a limited subprocess (see humaneval_exec.py); pass@k by the unbiased
@@ -20,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -28,13 +39,15 @@ import torch
 from tqdm import tqdm
 
 from lorapar.config import add_dataclass_args, dataclass_from_args, field
-from lorapar.data import LETTERS, TEMPLATES, DataError, Example, final_answer, format_prompt, load_examples
+from lorapar.answers import final_answer, hash_answer, last_answer_integer, last_hash_integer
+from lorapar.data import LETTERS, PHASES, TEMPLATES, DataError, Example, encode_prompt, load_examples
 from lorapar.generate import generate
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
 from lorapar.io import atomic_write_json
 from lorapar.model import eval_mode
 
 TASKS = ("gsm8k", "mmlu", "humaneval")
+EXTRACTIONS = ("auto", "last_hash", "last_answer", "lenient")
 
 
 @dataclass
@@ -48,7 +61,18 @@ class EvalArgs:
     limit: int = field(default=0, metadata={"help": "evaluate the first N items only; 0 = all"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generation or scoring batch"})
     max_new_tokens: int = field(default=256, metadata={"help": "generated tokens per answer (GSM8K, HumanEval)"})
-    template: str = field(default="plain", metadata={"choices": TEMPLATES, "help": "prompt template (data.py)"})
+    template: str = field(
+        default="", metadata={"choices": ("",) + TEMPLATES,
+                              "help": "prompt template (data.py); empty: the adapter's run config, else plain"}
+    )
+    phase: str = field(
+        default="", metadata={"choices": ("",) + PHASES,
+                              "help": "stage of the lorapar prompt; empty: rl for a train_rl.py adapter, else sft"}
+    )
+    extraction: str = field(
+        default="auto", metadata={"choices": EXTRACTIONS,
+                                  "help": "GSM8K answer rule; auto: the authors' for lorapar (last_hash / last_answer)"}
+    )
     n_samples: int = field(default=1, metadata={"help": "HumanEval samples per problem"})
     k: tuple[int, ...] = field(default=(1,), metadata={"help": "HumanEval pass@k values"})
     temperature: float = field(default=0.0, metadata={"help": "HumanEval sampling temperature; 0 = greedy"})
@@ -73,11 +97,12 @@ def decode_continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[
 
 
 def complete(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16, temperature: float = 0.0,
+    model, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 16, temperature: float = 0.0,
     top_p: float = 1.0, seed: Optional[int] = None, progress: bool = True, desc: str = "generate",
 ) -> list[tuple[str, bool]]:
-    """(continuation text, finished) per prompt; batches are built from similar lengths, order is kept."""
-    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    """(continuation text, finished) per prompt (a text, encoded with BOS, or token ids); batches are built
+    from similar lengths, order is kept."""
+    encoded = [list(p) if not isinstance(p, str) else tokenizer.encode(p, bos=True) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[tuple[str, bool]] = [("", False)] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -94,16 +119,40 @@ def complete(
 # ----------------------------------------------------------------------------- GSM8K
 
 
-def score_gsm8k(examples: Sequence[Example], completions: Sequence[str]) -> dict:
+def resolve_extraction(extraction: str, template: str, phase: str) -> str:
+    """--extraction auto: the authors' rule of the stage for the lorapar template, lenient otherwise."""
+    if extraction != "auto":
+        return extraction
+    if template == "lorapar":
+        return "last_answer" if phase == "rl" else "last_hash"
+    return "lenient"
+
+
+def read_answer(text: str, example: Example, extraction: str) -> tuple[Optional[str], Optional[str]]:
+    """(prediction, reference) under one answer rule, both as strings; the prediction is None when
+    the rule cannot read one. Correct means both are set and equal."""
+    if extraction == "last_hash":
+        predicted, reference = last_hash_integer(text), last_hash_integer(example.answer)
+        return (None if predicted is None else str(predicted)), (None if reference is None else str(reference))
+    if extraction == "last_answer":
+        predicted, reference = last_answer_integer(text), hash_answer(example.answer)
+        return (None if predicted is None else str(predicted)), (example.final if reference is None else reference)
+    if extraction == "lenient":
+        return final_answer(text), example.final
+    raise ValueError(f"unknown extraction {extraction!r}; expected one of {EXTRACTIONS[1:]}")
+
+
+def score_gsm8k(examples: Sequence[Example], completions: Sequence[str], extraction: str = "lenient") -> dict:
     """Accuracy over examples given the model's completions; also split by `system` when present."""
     records = []
     for index, (example, text) in enumerate(zip(examples, completions)):
-        predicted = final_answer(text)
-        records.append(dict(index=index, question=example.question, reference=example.final, prediction=predicted,
-                            correct=predicted is not None and predicted == example.final,
+        predicted, reference = read_answer(text, example, extraction)
+        records.append(dict(index=index, question=example.question, reference=reference, prediction=predicted,
+                            correct=predicted is not None and predicted == reference,
                             malformed=predicted is None, system=example.system, completion=text))
     metrics = _accuracy(records)
     metrics["malformed"] = sum(r["malformed"] for r in records)
+    metrics["extraction"] = extraction
     systems = sorted({r["system"] for r in records if r["system"] is not None})
     if systems:
         metrics["by_system"] = {str(s): _accuracy([r for r in records if r["system"] == s]) for s in systems}
@@ -117,12 +166,12 @@ def _accuracy(records: list[dict]) -> dict:
 
 def evaluate_gsm8k(
     model, tokenizer, examples: Sequence[Example], template: str = "plain", batch_size: int = 16,
-    max_new_tokens: int = 256, progress: bool = True,
+    max_new_tokens: int = 256, progress: bool = True, phase: str = "sft", extraction: str = "auto",
 ) -> dict:
     """Greedy answers to GSM8K-style examples -> {"metrics": {accuracy, ..., by_system}, "records": [...]}."""
-    prompts = [format_prompt(e, template) for e in examples]
+    prompts = [encode_prompt(tokenizer, e, template, phase) for e in examples]
     outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, desc="gsm8k")
-    result = score_gsm8k(examples, [text for text, _ in outputs])
+    result = score_gsm8k(examples, [text for text, _ in outputs], resolve_extraction(extraction, template, phase))
     for record, (_, finished) in zip(result["records"], outputs):
         record["finished"] = finished
     return result
@@ -152,7 +201,7 @@ def evaluate_mmlu(model, tokenizer, examples: Sequence[Example], template: str =
         if len(ids) != 1:
             raise ValueError(f"MMLU scoring needs each letter to be one token; {letter!r} encodes to {ids}")
         letter_ids[letter] = ids[0]
-    prompts = [tokenizer.encode(format_prompt(e, template), bos=True) for e in examples]
+    prompts = [encode_prompt(tokenizer, e, template) for e in examples]
     records = []
     with eval_mode(model):
         for start in tqdm(range(0, len(examples), batch_size), desc="mmlu", disable=not progress):
@@ -188,7 +237,7 @@ def evaluate_humaneval(
     bad_k = [k for k in ks if not 1 <= k <= n_samples]
     if bad_k:
         raise ValueError(f"pass@k needs 1 <= k <= n_samples={n_samples}; got k={bad_k}")
-    prompts = [format_prompt(e, template) for e in examples for _ in range(n_samples)]
+    prompts = [encode_prompt(tokenizer, e, template) for e in examples for _ in range(n_samples)]
     outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed,
                        progress=progress, desc="humaneval")
     completions = [truncate_completion(text) for text, _ in outputs]
@@ -217,6 +266,31 @@ def evaluate_humaneval(
 # ----------------------------------------------------------------------------- command line
 
 
+def run_config(adapter: str) -> dict:
+    """The training run's resolved config (config.json beside the adapter), {} when there is none."""
+    path = os.path.join(adapter, "config.json") if adapter else ""
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable run config ({err}); pass --template and --phase instead") from None
+    return config if isinstance(config, dict) else {}
+
+
+def resolve_text_format(args: EvalArgs) -> EvalArgs:
+    """args with template, phase and extraction filled in from the adapter's run config (module docstring)."""
+    config = run_config(args.adapter)
+    section = config.get("RLArgs") or config.get("SFTArgs") or {}
+    template = args.template or section.get("template") or "plain"
+    if template not in TEMPLATES:
+        raise ValueError(f"{args.adapter}/config.json: template {template!r} is not one of {TEMPLATES}")
+    phase = args.phase or ("rl" if "RLArgs" in config else "sft")
+    extraction = resolve_extraction(args.extraction, template, phase)
+    return dataclasses.replace(args, template=template, phase=phase, extraction=extraction)
+
+
 def run(args: EvalArgs, progress: bool = True) -> dict:
     from lorapar.adapter import load_merged
     from lorapar.tokenizer import Tokenizer
@@ -224,6 +298,7 @@ def run(args: EvalArgs, progress: bool = True) -> dict:
     for name in ("ckpt", "tokenizer", "data", "out"):
         if not getattr(args, name):
             raise ValueError(f"--{name} is required")
+    args = resolve_text_format(args)
     examples = load_examples(args.data, args.task)
     if args.limit > 0:
         examples = examples[: args.limit]
@@ -235,7 +310,8 @@ def run(args: EvalArgs, progress: bool = True) -> dict:
     model, tokenizer = load_merged(args.ckpt, args.adapter), Tokenizer(args.tokenizer)
     common = dict(template=args.template, batch_size=args.batch_size, progress=progress)
     if args.task == "gsm8k":
-        result = evaluate_gsm8k(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, **common)
+        result = evaluate_gsm8k(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, phase=args.phase,
+                                extraction=args.extraction, **common)
     elif args.task == "mmlu":
         result = evaluate_mmlu(model, tokenizer, examples, **common)
     else:

@@ -10,14 +10,19 @@ and the per-token loss (ratio rho = pi(o_t) / pi_old(o_t), epsilon_high defaults
     l_t = -min(rho A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) A_i) + beta * KL_t,
     KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1       (k3: unbiased, always >= 0)
 
-reduced by one of three normalisations (N sequences, |o_i| tokens, L = max completion length):
+reduced by one of four normalisations (N sequences, |o_i| tokens, L = max completion length):
 
     grpo     (1/N) sum_i (1/|o_i|) sum_t l_t       per-sequence mean, then mean over sequences
     dr_grpo  1/(N L) sum_i sum_t l_t               constant denominator: no length bias
     dapo     1/(sum_i |o_i|) sum_i sum_t l_t       every token weighs the same
+    bnpo     (1/M) sum_m (1/sum_{i in m} |o_i|) sum_{i in m} sum_t l_t
+                                                   TRL 0.17-0.19's default: the token mean of each of the
+                                                   step's M micro-batches (all ranks), then their mean
 
-N and the token count are those of the whole optimizer step (all micro-batches, all ranks), so the
-gradient does not depend on how the rollouts are split; the caller passes them in.
+N, the token count and M are those of the whole optimizer step (all micro-batches, all ranks), so the
+gradient of grpo, dr_grpo and dapo does not depend on how the rollouts are split; the caller passes
+them in. bnpo's does, by definition: it is TRL's micro-batch semantics, kept to reproduce TRL (with
+shuffle_micro_batches, as TRL >= 0.18 shuffles each rank's completions before cutting micro-batches).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from lorapar.generate import generate
 from lorapar.loss import IGNORE_INDEX, target_logprobs
 from lorapar.model import eval_mode
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
 
 @dataclass
@@ -45,7 +50,9 @@ class GRPOArgs:
     prompts_per_step: int = field(
         default=4, metadata={"help": "prompts per step over all ranks (P), a multiple of the number of ranks"}
     )
-    max_prompt_len: int = field(default=128, metadata={"help": "longer prompts are dropped and counted"})
+    max_prompt_len: int = field(
+        default=128, metadata={"help": "longer prompts keep their last N tokens (TRL's left truncation), counted"}
+    )
     max_completion_len: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -60,6 +67,9 @@ class GRPOArgs:
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std"})
     mu: int = field(default=1, metadata={"help": "optimizer passes over each batch of rollouts"})
     micro_batch: int = field(default=8, metadata={"help": "completions per forward/backward"})
+    shuffle_micro_batches: bool = field(
+        default=False, metadata={"help": "shuffle each rank's completions before cutting micro-batches (TRL >= 0.18)"}
+    )
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -96,11 +106,13 @@ def grpo_loss(
     max_completion_len: Optional[int] = None,
     num_sequences: Optional[int] = None,
     num_tokens: Optional[float] = None,
+    num_micro_batches: Optional[int] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss (module docstring) of completions (B, T) and sums for logging.
 
     logp / old_logp / ref_logp: per-token log-probs, mask: which entries are completion tokens,
-    advantages: (B,). num_sequences / num_tokens: the step's totals (default: this batch's).
+    advantages: (B,). num_sequences / num_tokens / num_micro_batches: the step's totals (default:
+    this batch's; this batch is one micro-batch).
     Returns (loss, {"tokens", "kl_sum", "clipped"}) where the sums cover this batch's tokens.
     """
     if loss_type not in LOSS_TYPES:
@@ -128,6 +140,8 @@ def grpo_loss(
         if max_completion_len is None:
             raise ValueError("loss_type dr_grpo needs max_completion_len")
         loss = summed.sum() / (n_seq * max_completion_len)
+    elif loss_type == "bnpo":
+        loss = summed.sum() / mask.sum().clamp_min(1.0) / (num_micro_batches or 1)
     else:
         loss = summed.sum() / (num_tokens if num_tokens is not None else mask.sum().clamp_min(1.0))
     return loss, stats
@@ -237,8 +251,12 @@ def grpo_update(
     max_grad_norm: float = 0.0,
     autocast: Callable[[], ContextManager] = nullcontext,
     reference: Optional[Callable[[], ContextManager]] = None,
+    shuffle_seed: int = 0,
 ) -> dict[str, float]:
     """mu optimizer steps on one batch of rollouts (lrs[k] for pass k); returns step statistics.
+
+    With args.shuffle_micro_batches the rows are cut into micro-batches in an order drawn from
+    shuffle_seed (the same order for every pass); otherwise in order.
 
     `reference()` enters a context in which `model` is the reference policy (needed when beta > 0).
     Old and reference log-probs are taken in eval mode, as the completions were sampled; the policy's
@@ -259,9 +277,14 @@ def grpo_update(
     logprob_seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
     n = rollouts.input_ids.shape[0]
-    local = torch.tensor([n, int((rollouts.labels != IGNORE_INDEX).sum())], dtype=torch.float64)
+    micro_batches = -(-n // args.micro_batch)
+    local = torch.tensor([n, int((rollouts.labels != IGNORE_INDEX).sum()), micro_batches], dtype=torch.float64)
     totals = dist.all_reduce_sum(local, info)
-    num_sequences, num_tokens = int(totals[0]), float(totals[1])
+    num_sequences, num_tokens, num_micro_batches = int(totals[0]), float(totals[1]), int(totals[2])
+    if args.shuffle_micro_batches:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed % 2**63))
+    else:
+        order = torch.arange(n)
     sums = {"tokens": 0.0, "kl_sum": 0.0, "clipped": 0.0, "loss": 0.0}
     grad_norm = 0.0
     model.train()
@@ -269,7 +292,7 @@ def grpo_update(
         for group in optimizer.param_groups:
             group["lr"] = lrs[k]
         for start in range(0, n, args.micro_batch):
-            rows = slice(start, start + args.micro_batch)
+            rows = order[start : start + args.micro_batch]
             ids, labels = rollouts.input_ids[rows].to(device), rollouts.labels[rows].to(device)
             with autocast():
                 logp, mask = target_logprobs(model, ids, labels, temperature=args.temperature)
@@ -279,6 +302,7 @@ def grpo_update(
                 logp, old, rollouts.advantages[rows].to(device), mask, epsilon=args.epsilon,
                 epsilon_high=args.epsilon_high, beta=args.beta, ref_logp=ref, loss_type=args.loss_type,
                 max_completion_len=args.max_completion_len, num_sequences=num_sequences, num_tokens=num_tokens,
+                num_micro_batches=num_micro_batches,
             )
             loss.backward()
             sums["loss"] += loss.item()

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from lorapar.data import TEMPLATES, Example, encode_example, format_prompt, format_response
+from lorapar.data import TEMPLATES, Example, encode_example, format_prompt, format_response, prompt_ends_with_eos
 from lorapar.dist import DistInfo, all_reduce_sum
 from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters, peft_key
 from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
@@ -40,7 +40,7 @@ ORDERS = ("second", "first")
 class ImportanceArgs:
     samples: int = field(default=100, metadata={"help": "examples scored per system (the paper: 100); fewer if fewer exist"})
     order: str = field(default="second", metadata={"help": "second: |E[g phi] - E[g^2] phi^2 / 2| (paper); first: |E[g phi]|", "choices": ORDERS})
-    template: str = field(default="reasoning", metadata={"help": "prompt/response template (as train_sft.py: score the responses that are trained)", "choices": TEMPLATES})
+    template: str = field(default="lorapar", metadata={"help": "prompt/response template (as train_sft.py: score the responses that are trained)", "choices": TEMPLATES})
     max_len: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut from the right"})
     rank: int = field(default=8, metadata={"help": "LoRA rank of the scored adapter (must match training)"})
     lora_alpha: float = field(default=64.0, metadata={"help": "lora_alpha of the scored adapter"})
@@ -83,10 +83,16 @@ def select_examples(examples: Sequence[Example], system: int, samples: int, seed
 
 
 def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceArgs) -> EncodedSet:
+    """The scored rows: what SFT trains on, except that under the lorapar template they are tokenised as
+    example.py's collate_fn does, the question + EOS and the answer as written with no BOS and no final EOS."""
+    authors = args.template == "lorapar"
     rows, truncated, empty = [], 0, 0
     for example in examples:
         prompt, response = format_prompt(example, args.template), format_response(example, args.template)
-        input_ids, labels, was_cut = encode_example(tokenizer, prompt, response, args.max_len)
+        input_ids, labels, was_cut = encode_example(
+            tokenizer, prompt, response, args.max_len, bos=not authors, prompt_eos=prompt_ends_with_eos(args.template),
+            response_eos=not authors,
+        )
         truncated += was_cut
         if all(label == IGNORE_INDEX for label in labels[1:]):  # position 0 is never a target
             empty += 1

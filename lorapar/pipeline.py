@@ -63,7 +63,7 @@ class PipelineConfig:
     teachers: tuple[str, ...] = ()  # --teacher SPEC, repeatable (specs contain commas, so not a list flag)
     teacher_batch_size: int = 16
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"rows of the table, among {METHODS}"})
-    template: str = field(default="reasoning", metadata={"choices": ["plain", "chat", "reasoning"], "help": "prompt/response template of every stage"})
+    template: str = field(default="lorapar", metadata={"choices": ["plain", "chat", "reasoning", "lorapar"], "help": "prompt/response template of every stage"})
     rewards: str = field(default="correct=2.0,integer=0.5,strict_format=0.5,soft_format=0.5,xml_count=0.5",
                          metadata={"help": "GRPO rewards (lorapar/rewards.py spec)"})
     # score (importance + partition)
@@ -118,7 +118,7 @@ class PipelineConfig:
 # One thread: the tiny model's matmuls gain little from a second, and two threads on a machine busy
 # with other work ran 25x slower.
 EMBEDDED = dict(
-    threads=1, template="plain", rewards="correct=2.0", score_samples=100,
+    threads=1, template="plain", rewards="correct_lenient=2.0", score_samples=100,
     sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
     rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
     rl_micro_batch=32, rl_temperature=0.3, rl_top_p=0.9, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,

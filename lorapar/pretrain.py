@@ -26,10 +26,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lorapar.config import ModelArgs, field, save_config
-from lorapar.data import TEMPLATES, format_prompt, format_response, load_examples
+from lorapar.data import format_prompt, format_response, load_examples
 from lorapar.io import atomic_write_json
 from lorapar.model import Transformer
 from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task
+
+# The templates whose spellings the embedded tokenizer learns; lorapar's texts (the question, the answer as
+# written, the chat prompt) add none, and listing them would change the embedded default's tokenizer.
+TOKENIZER_TEMPLATES = ("plain", "chat", "reasoning")
 
 
 @dataclass
@@ -162,7 +166,8 @@ def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progr
         # nothing of the answers a model is asked for.
         examples = load_examples(paths["train"], "gsm8k")
         texts = read_corpus(paths["corpus"]) + [
-            format_prompt(e, template) + "\n" + format_response(e, template) for e in examples for template in TEMPLATES
+            format_prompt(e, template) + "\n" + format_response(e, template)
+            for e in examples for template in TOKENIZER_TEMPLATES
         ]
         train_tokenizer(texts, paths["tokenizer"], vocab_size=train_args.vocab_size)
         seconds["tokenizer"] = time.perf_counter() - start

@@ -45,13 +45,14 @@ def tensors():
 
 @pytest.mark.parametrize("beta", [0.0, BETA])
 @pytest.mark.parametrize("eps_high", [None, EPS_HIGH])
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
 def test_loss_matches_hand_computation(loss_type, eps_high, beta):
     rows = hand_token_losses(EPS if eps_high is None else eps_high, beta)
     expected = {
         "grpo": sum(sum(r) / len(r) for r in rows) / 2,
         "dr_grpo": sum(map(sum, rows)) / (2 * MAX_LEN),
         "dapo": sum(map(sum, rows)) / sum(map(len, rows)),
+        "bnpo": sum(map(sum, rows)) / sum(map(len, rows)),  # one micro-batch: its token mean
     }[loss_type]
     logp, old, ref, mask, adv = tensors()
     loss, stats = grpo.grpo_loss(
@@ -74,9 +75,20 @@ def test_clip_fraction_counts_tokens_whose_gradient_is_clipped():
     assert stats["clipped"].item() == 2
 
 
+def test_bnpo_is_the_mean_of_the_micro_batches_token_means():
+    """TRL 0.17-0.19's bnpo: each micro-batch is normalised by its own token count (3 and 2 here), then
+    the micro-batches are averaged; unlike dapo, a split into micro-batches changes the loss."""
+    rows = hand_token_losses(EPS, BETA)
+    logp, old, ref, mask, adv = tensors()
+    total = sum(grpo.grpo_loss(logp[r], old[r], adv[r], mask[r], epsilon=EPS, beta=BETA, ref_logp=ref[r],
+                               loss_type="bnpo", num_micro_batches=2)[0].item() for r in (slice(0, 1), slice(1, 2)))
+    assert total == pytest.approx((sum(rows[0]) / 3 + sum(rows[1]) / 2) / 2, rel=1e-12)
+    assert total != pytest.approx(sum(map(sum, rows)) / 5, rel=1e-6)
+
+
 def test_split_into_micro_batches_gives_the_same_gradient():
     logp, old, ref, mask, adv = tensors()
-    for loss_type in grpo.LOSS_TYPES:
+    for loss_type in ("grpo", "dr_grpo", "dapo"):  # bnpo depends on the split by definition (test above)
         whole = logp.clone().requires_grad_()
         grpo.grpo_loss(whole, old, adv, mask, epsilon=EPS, beta=BETA, ref_logp=ref, loss_type=loss_type,
                        max_completion_len=MAX_LEN)[0].backward()
@@ -133,29 +145,109 @@ def example(final="1000"):
     return Example(question="q", answer=f"... #### {final}", final=final, system=2, source={})
 
 
-def test_builtin_rewards_on_a_well_formed_completion():
-    weighted = {name: w * fn(GOOD, example()) for name, fn, w in rewards.parse_spec(rewards.DEFAULT_SPEC)}
-    assert weighted == {"correct": 2.0, "integer": 0.0, "strict_format": 0.5, "soft_format": 0.5, "xml_count": 0.5}
-    assert rewards.integer(GOOD.replace("1,000", "1000"), example()) == 1.0
-    assert rewards.correct(GOOD, example("999")) == 0.0
+# A direct transcription of example.py's reward functions (one completion at a time, without TRL's
+# chat wrapping), the reference the built-ins must reproduce.
+def authors_extract_xml_answer(text):
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
 
 
-def test_rewards_on_a_badly_formed_completion():
+def authors_rewards(text, gold):
+    import re
+
+    extracted = authors_extract_xml_answer(text)
+    count = 0.0
+    if text.count("<reasoning>\n") == 1:
+        count += 0.125
+    if text.count("\n</reasoning>\n") == 1:
+        count += 0.125
+    if text.count("\n<answer>\n") == 1:
+        count += 0.125
+        count -= len(text.split("\n</answer>\n")[-1]) * 0.001
+    if text.count("\n</answer>") == 1:
+        count += 0.125
+        count -= (len(text.split("\n</answer>")[-1]) - 1) * 0.001
+    strict = r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$"
+    soft = r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"
+    return {
+        "correct": 2.0 if extracted == gold else 0.0,
+        "integer": 0.5 if extracted.isdigit() else 0.0,
+        "strict_format": 0.5 if re.match(strict, text, flags=re.DOTALL) else 0.0,
+        "soft_format": 0.5 if re.match(soft, text.strip(), flags=re.DOTALL) else 0.0,
+        "xml_count": count,
+    }
+
+
+R, A = "<reasoning>\n", "\n</reasoning>\n<answer>\n"
+# (completion, gold answer text after "####", the rewards by hand: correct, integer, strict, soft, xml_count)
+REWARD_TABLE = [
+    (R + "2+2=4" + A + "4\n</answer>\n", "4", (2.0, 0.5, 0.5, 0.5, 0.5)),
+    (R + "one\ntwo\nthree" + A + "18\n</answer>\n", "18", (2.0, 0.5, 0.5, 0.5, 0.5)),  # multi-line: DOTALL
+    # no final newline: not strict, and count_xml charges the whole text (51 chars) as "after </answer>\n"
+    (R + "2+2=4" + A + "4\n</answer>", "4", (2.0, 0.5, 0.0, 0.5, 0.25 + 0.125 - 0.051 + 0.125 + 0.001)),
+    (R + "2+2=4" + A + "4\n</answer>\n\n", "4", (2.0, 0.5, 0.5, 0.5, 0.498)),  # $ takes one more newline
+    (R + "x" + A + "4\n</answer>\nbye", "4", (2.0, 0.5, 0.0, 0.5, 0.5 - 0.003 - 0.003)),
+    (R + "x" + A + "5\n</answer>\n", "4", (0.0, 0.5, 0.5, 0.5, 0.5)),  # wrong number
+    (R + "x" + A + "1,000\n</answer>\n", "1000", (0.0, 0.0, 0.5, 0.5, 0.5)),  # compared as strings
+    (R + "x" + A + "1000.0\n</answer>\n", "1000", (0.0, 0.0, 0.5, 0.5, 0.5)),
+    (R + "x" + A + "-3\n</answer>\n", "-3", (2.0, 0.0, 0.5, 0.5, 0.5)),  # "-3".isdigit() is False
+    (R + "x" + A + "$4\n</answer>\n", "4", (0.0, 0.0, 0.5, 0.5, 0.5)),
+    (R + "x" + A + "3\n</answer>\n<answer>\n4\n</answer>\n", "4", (2.0, 0.5, 0.5, 0.5, 0.25)),  # the last block
+    (R + "x" + A + "4\n</answer>\n<answer>\n3\n</answer>\n", "4", (0.0, 0.5, 0.5, 0.5, 0.25)),
+    ("  \n" + R + "x" + A + "4\n</answer>\n", "4", (2.0, 0.5, 0.0, 0.5, 0.5)),  # soft strips, strict does not
+    ("Sure! " + R + "x" + A + "4\n</answer>\n", "4", (2.0, 0.5, 0.0, 0.0, 0.5)),  # soft is anchored at the start
+    ("<reasoning>x</reasoning><answer>4</answer>", "4", (2.0, 0.5, 0.0, 0.5, 0.0)),
+    ("<reasoning>x</reasoning>\n\n<answer> 4 </answer>", "4", (2.0, 0.5, 0.0, 0.5, 0.0)),
+    ("The answer is 4.", "4", (0.0, 0.0, 0.0, 0.0, 0.0)),  # no tag: the whole text is compared
+    ("4", "4", (2.0, 0.5, 0.0, 0.0, 0.0)),
+    ("#### 4", "4", (0.0, 0.0, 0.0, 0.0, 0.0)),  # "####" does not count in GRPO
+    (R + "x" + A + "4", "4", (2.0, 0.5, 0.0, 0.0, 0.25 + 0.125 - 0.037)),  # cut off before </answer> (37 chars)
+    ("", "4", (0.0, 0.0, 0.0, 0.0, 0.0)),
+    (R + "x\n</reasoning>\n" + R + "y" + A + "4\n</answer>\n", "4", (2.0, 0.5, 0.5, 0.5, 0.25)),  # two of each
+]
+NAMES = ("correct", "integer", "strict_format", "soft_format", "xml_count")
+
+
+@pytest.mark.parametrize("completion, gold, expected", REWARD_TABLE)
+def test_default_rewards_are_example_py_s(completion, gold, expected):
+    """The default reward set, weighted, gives each completion what example.py's functions give it."""
+    ex = Example(question="q", answer=f"steps\n#### {gold}", final=gold, system=2, source={})
+    weighted = {name: w * fn(completion, ex) for name, fn, w in rewards.parse_spec(rewards.DEFAULT_SPEC)}
+    assert weighted == pytest.approx(authors_rewards(completion, gold), abs=1e-12)
+    assert weighted == pytest.approx(dict(zip(NAMES, expected)), abs=1e-12)
+
+
+def test_gold_string_is_example_py_s_extract_hash_answer():
+    ex = Example(question="q", answer="a lot\n#### $1,000.50", final="1000.5", system=2, source={})
+    assert rewards.gold_string(ex) == "1000.50"
+    assert rewards.correct("<answer>\n1000.50\n</answer>", ex) == 1.0
+    assert rewards.correct("<answer>\n1000.5\n</answer>", ex) == 0.0  # strings, not numbers
+    assert rewards.correct_lenient("<answer>\n1000.5\n</answer>", ex) == 1.0
+
+
+def test_lenient_variants_keep_their_own_names():
     text = "The answer is 1000. <answer>1000</answer> trailing"
-    assert rewards.correct(text, example()) == 1.0
-    assert rewards.strict_format(text, example()) == 0.0
-    assert rewards.soft_format(text, example()) == 0.0
-    assert rewards.xml_count(text, example()) == 0.0
+    assert rewards.correct_lenient(text, example()) == 1.0
+    assert rewards.correct_lenient(GOOD, example()) == 1.0  # "1,000" == "1000" after normalisation
+    assert rewards.correct(GOOD, example()) == 0.0
+    assert rewards.soft_format_lenient(text, example()) == 0.0
+    assert rewards.soft_format_lenient("Sure! <reasoning>x</reasoning><answer>4</answer>", example()) == 1.0
+    assert rewards.soft_format("Sure! <reasoning>x</reasoning><answer>4</answer>", example()) == 0.0
+    no_newline = GOOD.rstrip("\n")
+    assert (rewards.strict_format_lenient(no_newline, example()), rewards.strict_format(no_newline, example())) == (1, 0)
 
 
-def test_correct_reward_reads_the_answer_that_evaluation_scores():
-    """GRPO must not reward what evaluation marks wrong: with two answers, the first one counts for both."""
+def test_lenient_correct_reward_reads_the_answer_that_lenient_evaluation_scores():
+    """correct_lenient and --extraction lenient are one rule: with two answers, the first counts for both."""
     from lorapar.evaluate import score_gsm8k
 
     text = "<reasoning>\n6*2=12\n</reasoning>\n<answer>\n12\n</answer>\n<answer>\n13\n</answer>\n"
     for final, right in (("12", 1.0), ("13", 0.0)):
+        assert rewards.correct_lenient(text, example(final)) == right
+        assert score_gsm8k([example(final)], [text], "lenient")["metrics"]["correct"] == right
+    # the authors' rules read the last block, in GRPO and in evaluation after RL alike
+    for final, right in (("12", 0.0), ("13", 1.0)):
         assert rewards.correct(text, example(final)) == right
-        assert score_gsm8k([example(final)], [text])["metrics"]["correct"] == right
+        assert score_gsm8k([example(final)], [text], "last_answer")["metrics"]["correct"] == right
 
 
 def test_reward_spec_errors_and_user_functions():
