@@ -15,6 +15,7 @@ from lorapar.data import (
     SFTDataset,
     collate,
     encode_example,
+    encode_prompt,
     extract_gsm8k_number,
     format_prompt,
     format_response,
@@ -111,6 +112,67 @@ def test_reasoning_template_for_gsm8k(tmp_path):
     assert format_prompt(example, "reasoning").startswith("[INST] <<SYS>>\nRespond in the following format")
     assert format_prompt(example, "chat") == "[INST] Two plus three? [/INST]"
     assert format_response(example, "plain") == row["answer"]
+
+
+# What Hugging Face's Llama-2-chat template renders for example.py's messages [system: SYSTEM_PROMPT, user: q]:
+# "<s>[INST] <<SYS>>\n" + system + "\n<</SYS>>\n\n" + q + " [/INST]", the system prompt kept whole.
+AUTHORS_RL_PROMPT = ("[INST] <<SYS>>\n\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n"
+                     "...\n</answer>\n\n<</SYS>>\n\nTwo plus three? [/INST]")
+
+
+def test_lorapar_template_is_example_py_s(tmp_path, tokenizer):
+    """SFT: BOS + question + EOS (the authors' literal "</s>" is token 2), then the answer as written +
+    EOS, loss on the answer and its EOS only; GRPO: the chat prompt with the authors' system prompt."""
+    row = {"question": "Two plus three?", "answer": "She has 2+3 = <<2+3=5>>5 apples.\n#### 5"}
+    (example,) = load_examples(write_jsonl(tmp_path / "g.jsonl", [row]), "gsm8k")
+    assert format_prompt(example, "lorapar") == "Two plus three?"
+    assert format_response(example, "lorapar") == row["answer"]  # calculator annotations and "#### 5" kept
+    assert format_prompt(example, "lorapar", phase="rl") == AUTHORS_RL_PROMPT
+    question, answer = tokenizer.encode(row["question"]), tokenizer.encode(row["answer"])
+    assert tokenizer.eos_id == 2 and tokenizer.bos_id == 1
+    assert encode_prompt(tokenizer, example, "lorapar") == [1, *question, 2]
+    assert encode_prompt(tokenizer, example, "lorapar", "rl") == tokenizer.encode(AUTHORS_RL_PROMPT, bos=True)
+    (item,) = SFTDataset([example], tokenizer, template="lorapar", max_len=512).items
+    assert item["input_ids"] == [1, *question, 2, *answer, 2]
+    assert item["labels"] == [-100] * (len(question) + 2) + answer + [2]
+    for template in ("plain", "chat", "reasoning"):  # the phase belongs to lorapar alone
+        assert format_prompt(example, template, "rl") == format_prompt(example, template)
+    with pytest.raises(ValueError, match="unknown phase 'grpo'"):
+        format_prompt(example, "lorapar", "grpo")
+
+
+def test_lorapar_scoring_rows_are_example_py_s_collate_fn(tmp_path, tokenizer):
+    """Importance scoring under lorapar: question + EOS, then the answer, with no BOS and no final EOS."""
+    from lorapar.importance import ImportanceArgs, encode_for_scoring
+
+    row = {"question": "Two plus three?", "answer": "2+3=5\n#### 5"}
+    examples = load_examples(write_jsonl(tmp_path / "g.jsonl", [row]), "gsm8k")
+    assert ImportanceArgs().template == "lorapar"
+    [(ids, labels)] = encode_for_scoring(examples, tokenizer, ImportanceArgs()).rows
+    question, answer = tokenizer.encode(row["question"]), tokenizer.encode(row["answer"])
+    assert ids == [*question, 2, *answer]
+    assert labels == [-100] * (len(question) + 1) + answer
+    [(ids, _)] = encode_for_scoring(examples, tokenizer, ImportanceArgs(template="plain")).rows
+    assert ids[0] == 1 and ids[-1] == 2  # other templates score exactly what SFT trains on
+
+
+@pytest.mark.parametrize("text, hashed, last_hash, last_answer", [
+    ("5+7=12\n#### 12", "12", 12, None),
+    ("#### 1,234", "1234", 1, None),  # example.py's integer pattern stops at the comma
+    ("#### $1,234.50", "1234.50", None, None),
+    ("#### 12\nQuestion: ...\n#### 99", "12\nQuestion: ...", 99, None),  # split("####")[1], stripped
+    ("####-3", "-3", -3, None),
+    ("<answer>\n12\n</answer>", None, None, 12),
+    ("<answer>\n12\n</answer> then <answer> 13 </answer>", None, None, 13),
+    ("<answer>\n12.0\n</answer>", None, None, None),  # int() refuses it: wrong, as for the authors
+    ("<answer>\n1,000\n</answer>", None, None, None),
+    ("<answer>\n12", None, None, None),  # not closed
+    ("", None, None, None),
+])
+def test_the_authors_answer_rules(text, hashed, last_hash, last_answer):
+    from lorapar.answers import hash_answer, last_answer_integer, last_hash_integer
+
+    assert (hash_answer(text), last_hash_integer(text), last_answer_integer(text)) == (hashed, last_hash, last_answer)
 
 
 def test_label_masking_token_by_token(tokenizer):

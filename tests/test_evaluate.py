@@ -50,6 +50,46 @@ def test_score_gsm8k_right_wrong_malformed_and_by_system():
     assert [r["prediction"] for r in result["records"]] == ["12", "1234", "8", None]
 
 
+def test_score_gsm8k_under_the_authors_rules():
+    """After SFT: the last "#### N" integer against the reference's; after RL: int() of the last answer
+    tag against the reference's text after "####"; anything either rule cannot read is wrong."""
+    examples = [gsm8k("12"), gsm8k("1234"), gsm8k("7"), gsm8k("5")]
+    examples[1].answer = "steps\n#### 1,234"  # example.py reads the integer before the comma: 1
+    sft = ["#### 11\nthen #### 12", "#### 1", "#### 7.5", "I think 5"]
+    metrics = score_gsm8k(examples, sft, "last_hash")["metrics"]
+    assert (metrics["correct"], metrics["malformed"], metrics["extraction"]) == (3, 1, "last_hash")
+    rl = ["<answer>\n11\n</answer><answer>\n12\n</answer>", "<answer>\n1234\n</answer>",
+          "<answer>\n7.0\n</answer>", "#### 5"]
+    result = score_gsm8k(examples, rl, "last_answer")
+    assert [r["correct"] for r in result["records"]] == [True, True, False, False]
+    assert [r["prediction"] for r in result["records"]] == ["12", "1234", None, None]
+    with pytest.raises(ValueError, match="unknown extraction"):
+        score_gsm8k(examples, rl, "first")
+
+
+def test_evaluation_reads_the_template_and_stage_from_the_adapter_run_config(tmp_path):
+    from lorapar.evaluate import resolve_text_format
+
+    def resolved(config, **flags):
+        adapter = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
+        adapter.mkdir()
+        if config is not None:
+            (adapter / "config.json").write_text(json.dumps(config))
+        args = resolve_text_format(EvalArgs(adapter=str(adapter), **flags))
+        return args.template, args.phase, args.extraction
+
+    assert resolved({"SFTArgs": {"template": "lorapar"}}) == ("lorapar", "sft", "last_hash")
+    assert resolved({"RLArgs": {"template": "lorapar"}}) == ("lorapar", "rl", "last_answer")
+    assert resolved({"RLArgs": {"template": "reasoning"}}) == ("reasoning", "rl", "lenient")
+    assert resolved(None) == ("plain", "sft", "lenient")
+    assert resolved({"RLArgs": {"template": "lorapar"}}, extraction="lenient") == ("lorapar", "rl", "lenient")
+    assert resolved({"SFTArgs": {"template": "lorapar"}}, template="chat") == ("chat", "sft", "lenient")
+    assert resolved({"SFTArgs": {"template": "lorapar"}}, phase="rl") == ("lorapar", "rl", "last_answer")
+    assert resolve_text_format(EvalArgs()).template == "plain"  # no adapter: the base model
+    with pytest.raises(ValueError, match="template 'fancy' is not one of"):
+        resolved({"SFTArgs": {"template": "fancy"}})
+
+
 # ----------------------------------------------------------------------------- models and tokenizer
 
 
@@ -114,6 +154,24 @@ def test_gsm8k_generation_path_scores_what_the_model_says(tokenizer):
     result = evaluate_gsm8k(model, tokenizer, examples, batch_size=2, max_new_tokens=4, progress=False)
     assert result["metrics"]["malformed"] == 2 and result["metrics"]["accuracy"] == 0.0
     assert all(r["finished"] and r["completion"] == "" for r in result["records"])
+
+
+def test_gsm8k_prompt_of_the_lorapar_template_after_sft_ends_with_eos(tokenizer, monkeypatch):
+    """The SFT-stage prompt is BOS + question + EOS; generation continues after that EOS."""
+    import lorapar.evaluate as evaluate
+    from lorapar.generate import Generation
+
+    seen = []
+
+    def answer_three(model, prompts, max_new_tokens, **kwargs):
+        seen.extend(prompts)
+        return Generation(tokens=[tokenizer.encode("#### 3") for _ in prompts], logprobs=[[] for _ in prompts],
+                          finished=[True for _ in prompts])
+
+    monkeypatch.setattr(evaluate, "generate", answer_three)
+    result = evaluate_gsm8k(None, tokenizer, [gsm8k("3")], template="lorapar", progress=False)
+    assert seen == [[tokenizer.bos_id, *tokenizer.encode("q"), tokenizer.eos_id]]
+    assert result["metrics"]["correct"] == 1 and result["metrics"]["extraction"] == "last_hash"
 
 
 def test_decode_continuation_keeps_the_leading_space():

@@ -128,11 +128,51 @@ def test_two_ranks_match_one_process(sft_run, tmp_path):
 def test_bad_inputs_give_clear_errors(sft_run, tmp_path):
     with pytest.raises(SystemExit):  # argparse: LoRA shape flags conflict with --adapter
         run(sft_run, tmp_path / "a", "--rank", "16")
-    with pytest.raises(ValueError, match="usable prompts \\(8 longer than --max-prompt-len 4\\)"):
-        run(sft_run, tmp_path / "b", "--max-prompt-len", "4")
+    with pytest.raises(ValueError, match="1 prompts do not fill one step of --prompts-per-step 2"):
+        run(sft_run, tmp_path / "b", "--max-examples", "1")
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         run(sft_run, tmp_path / "c", "--rewards", "nope=1")
     with pytest.raises(ValueError, match="no example of system 1"):
         run(sft_run, tmp_path / "d", "--system", "1")
     with pytest.raises(FileNotFoundError, match="adapter config not found"):
         run(sft_run, tmp_path / "e", "--adapter", str(tmp_path))
+
+
+def test_long_prompts_are_left_truncated_and_counted(sft_run, tmp_path):
+    """--max-prompt-len cuts from the left, as TRL does: every prompt trains, its last tokens kept."""
+    run(sft_run, tmp_path / "run", "--max-steps", "1", "--max-prompt-len", "4")
+    first = metrics(tmp_path / "run")[0]
+    assert (first["prompts"], first["prompts_truncated"]) == (8, 8)
+    cfg, grpo, _, _ = train_rl.parse_config(rl_argv(sft_run, tmp_path / "x", "--max-prompt-len", "4"))
+    prompts, truncated = train_rl.load_prompts(cfg, grpo, train_rl.Tokenizer(sft_run["tokenizer"]))
+    full, _ = train_rl.load_prompts(cfg, train_rl.GRPOArgs(max_prompt_len=10_000), train_rl.Tokenizer(sft_run["tokenizer"]))
+    assert truncated == 8 and [ids for _, ids in prompts] == [ids[-4:] for _, ids in full]
+
+
+def test_every_gsm8k_training_prompt_survives_grpo_loading(asset, tmp_path):
+    """The paper preset's prompts (example.py's chat prompt, 128 tokens): all 7,473 questions of GSM8K's
+    training split are kept, the long ones left-truncated and counted, none longer than 128 tokens."""
+    data, tokenizer = str(asset("gsm8k/train.jsonl")), str(asset("models/llama2-tokenizer.model"))
+    cfg, grpo, _, _ = train_rl.parse_config(["--preset", "lorapar-grpo", "--ckpt", "unused", "--tokenizer", tokenizer,
+                                             "--data", data, "--out", str(tmp_path)])
+    assert (cfg.template, grpo.max_prompt_len) == ("lorapar", 128)
+    prompts, truncated = train_rl.load_prompts(cfg, grpo, train_rl.Tokenizer(tokenizer))
+    assert len(prompts) == 7473 and max(len(ids) for _, ids in prompts) <= 128
+    assert [e.line for e, _ in prompts] == list(range(1, 7474))
+    long = sum(len(ids) == 128 for _, ids in prompts)
+    assert 0 < truncated <= long  # the authors' system prompt alone is about 40 tokens
+    end = train_rl.Tokenizer(tokenizer).encode(" [/INST]")[-4:]
+    assert all(ids[-4:] == end for _, ids in prompts)  # the question's end and the chat marker survive
+
+
+def test_paper_preset_is_trl_v0_19_1(tmp_path):
+    """--preset lorapar-grpo: example.py's settings, and TRL v0.19.1's defaults for what it leaves out."""
+    cfg, grpo, train, _ = train_rl.parse_config(["--preset", "lorapar-grpo", "--ckpt", "c", "--tokenizer", "t",
+                                                 "--data", "d", "--out", str(tmp_path)])
+    assert train_rl.PINNED_TRL == "v0.19.1"
+    assert (train.lr, tuple(train.betas), train.weight_decay, train.warmup_ratio, train.max_grad_norm) == (
+        5e-6, (0.9, 0.99), 0.1, 0.1, 0.1)
+    assert (grpo.prompts_per_step, grpo.num_generations, grpo.micro_batch) == (4, 8, 8)  # 8 x 4 completions
+    assert (grpo.beta, grpo.temperature, grpo.top_p, grpo.loss_type, grpo.mu) == (0.0, 1.0, 1.0, "bnpo", 1)
+    assert grpo.shuffle_micro_batches and grpo.scale_rewards and grpo.epsilon == 0.2
+    assert (cfg.template, cfg.rewards) == ("lorapar", train_rl.DEFAULT_SPEC)
