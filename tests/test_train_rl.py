@@ -176,3 +176,28 @@ def test_paper_preset_is_trl_v0_19_1(tmp_path):
     assert (grpo.beta, grpo.temperature, grpo.top_p, grpo.loss_type, grpo.mu) == (0.0, 1.0, 1.0, "bnpo", 1)
     assert grpo.shuffle_micro_batches and grpo.scale_rewards and grpo.epsilon == 0.2
     assert (cfg.template, cfg.rewards) == ("lorapar", train_rl.DEFAULT_SPEC)
+
+
+def test_the_trl_table_s_flags_give_each_release_s_semantics(tmp_path):
+    """Every row of docs/trl_grpo_defaults.md's flag table parses, and gives that release's β, reference,
+    temperature, loss aggregation, prompts per step and micro-batch shuffle."""
+    import re
+    import shlex
+
+    expected = {  # release: (beta, reference, temperature, loss_type, prompts_per_step, micro_batch, shuffle)
+        "v0.19.1": (0.0, "sft", 1.0, "bnpo", 4, 8, True),  # beta 0: the reference is never used
+        "v0.18": (0.04, "base", 1.0, "bnpo", 4, 8, True),
+        "v0.17": (0.04, "base", 0.9, "bnpo", 4, 8, False),
+        "v0.15": (0.04, "base", 0.9, "grpo", 4, 8, False),
+        "v0.14": (0.04, "sft", 0.9, "grpo", 32, 64, False),
+    }
+    table = (REPO / "docs" / "trl_grpo_defaults.md").read_text().split("## The lorapar flags for each release")[1]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (v[\d.]+)[^|]*\| ([^|]*)\|", table, flags=re.M)}
+    assert set(expected) <= set(rows)
+    base = ["--preset", "lorapar-grpo", "--ckpt", "c", "--tokenizer", "t", "--data", "d", "--out", str(tmp_path)]
+    for release, want in expected.items():
+        flags = [f for chunk in re.findall(r"`([^`]*)`", rows[release]) for f in shlex.split(chunk)]
+        _, grpo, _, _ = train_rl.parse_config(base + flags)
+        got = (grpo.beta, grpo.reference, grpo.temperature, grpo.loss_type, grpo.prompts_per_step, grpo.micro_batch,
+               grpo.shuffle_micro_batches)
+        assert got == want, release
