@@ -141,6 +141,31 @@ def test_lorapar_template_is_example_py_s(tmp_path, tokenizer):
         format_prompt(example, "lorapar", "grpo")
 
 
+# meta-llama/Llama-2-7b-chat-hf's chat_template (tokenizer_config.json), which example.py's
+# tokenizer.apply_chat_template and TRL's GRPOTrainer render the authors' messages with.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_lorapar_rl_prompt_is_what_the_llama2_chat_template_renders():
+    jinja2 = pytest.importorskip("jinja2")
+    from lorapar.data import LORAPAR_SYSTEM_PROMPT, Example
+
+    question = "  Janet has 3 apples.\nHow many?  "
+    messages = [{"role": "system", "content": LORAPAR_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    rendered = jinja2.Template(LLAMA2_CHAT_TEMPLATE).render(messages=messages, bos_token="<s>", eos_token="</s>")
+    example = Example(question, "#### 3", "3", None, {})
+    assert rendered == "<s>" + format_prompt(example, "lorapar", phase="rl")  # BOS is the tokenizer's
+
+
 def test_lorapar_scoring_rows_are_example_py_s_collate_fn(tmp_path, tokenizer):
     """Importance scoring under lorapar: question + EOS, then the answer, with no BOS and no final EOS."""
     from lorapar.importance import ImportanceArgs, encode_for_scoring

@@ -233,7 +233,8 @@ def test_lenient_variants_keep_their_own_names():
     assert rewards.soft_format_lenient("Sure! <reasoning>x</reasoning><answer>4</answer>", example()) == 1.0
     assert rewards.soft_format("Sure! <reasoning>x</reasoning><answer>4</answer>", example()) == 0.0
     no_newline = GOOD.rstrip("\n")
-    assert (rewards.strict_format_lenient(no_newline, example()), rewards.strict_format(no_newline, example())) == (1, 0)
+    assert rewards.strict_format_lenient(no_newline, example()) == 1.0
+    assert rewards.strict_format(no_newline, example()) == 0.0
 
 
 def test_lenient_correct_reward_reads_the_answer_that_lenient_evaluation_scores():

@@ -144,8 +144,9 @@ def test_long_prompts_are_left_truncated_and_counted(sft_run, tmp_path):
     first = metrics(tmp_path / "run")[0]
     assert (first["prompts"], first["prompts_truncated"]) == (8, 8)
     cfg, grpo, _, _ = train_rl.parse_config(rl_argv(sft_run, tmp_path / "x", "--max-prompt-len", "4"))
-    prompts, truncated = train_rl.load_prompts(cfg, grpo, train_rl.Tokenizer(sft_run["tokenizer"]))
-    full, _ = train_rl.load_prompts(cfg, train_rl.GRPOArgs(max_prompt_len=10_000), train_rl.Tokenizer(sft_run["tokenizer"]))
+    tokenizer = train_rl.Tokenizer(sft_run["tokenizer"])
+    prompts, truncated = train_rl.load_prompts(cfg, grpo, tokenizer)
+    full, _ = train_rl.load_prompts(cfg, train_rl.GRPOArgs(max_prompt_len=10_000), tokenizer)
     assert truncated == 8 and [ids for _, ids in prompts] == [ids[-4:] for _, ids in full]
 
 
