@@ -10,6 +10,7 @@ adapter (lorapar.dual) shares the file names, the q/k row rule and the key/shape
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -133,15 +134,16 @@ def _peft_layout(tensors: dict[str, torch.Tensor], model: nn.Module, to_hf: bool
     return out
 
 
-def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs) -> None:
+def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs, metadata: Optional[dict[str, str]] = None) -> None:
     """Write adapter_model.safetensors (peft keys), adapter_config.json and, for pissa/olora, adapter_init.safetensors.
 
     The exact LoraArgs also go into the weights file's metadata, so load_adapter restores fields peft
-    has no name for (init_std, seed). Every file is written atomically; the config last.
+    has no name for (init_std, seed); `metadata` adds strings of the caller's. Every file is written
+    atomically; the config last.
     """
     modules = require_lora(model, "save_adapter")
     _check_matches(modules, args, "save_adapter")
-    metadata = {"format": "pt", "lorapar_args": json.dumps(dataclasses.asdict(args))}
+    metadata = {**(metadata or {}), "format": "pt", "lorapar_args": json.dumps(dataclasses.asdict(args))}
     weights = _peft_layout({k: v.float().cpu() for k, v in adapter_state_dict(model).items()}, model, to_hf=True)
     atomic_save_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), weights, metadata=metadata)
     if args.init in ("pissa", "olora"):
@@ -161,6 +163,15 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise FileNotFoundError(f"adapter file not found: {path}")
     with safe_open(path, framework="pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+
+
+def adapter_fingerprint(adapter_dir: str) -> str:
+    """sha256 of the adapter's weights file: score.py stamps it into the masks it ranked on this adapter."""
+    digest = hashlib.sha256()
+    with open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_adapter_args(adapter_dir: str) -> LoraArgs:
@@ -190,6 +201,14 @@ def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], 
         if differing:
             raise ValueError(f"{config_path}: {differing} disagree with the LoraArgs stored in {weights_path}")
     return args, tensors, weights_path
+
+
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The header metadata of a safetensors file, without reading its tensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with safe_open(path, framework="pt") as handle:
+        return handle.metadata() or {}
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = None) -> LoraArgs:
@@ -238,7 +257,8 @@ def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = 
 
 __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "ADAPTER_INIT", "peft_config", "check_tensors", "hf_output_rows",
-    "save_adapter", "read_safetensors", "read_adapter_args", "load_adapter",
+    "save_adapter", "read_safetensors", "read_adapter_args", "adapter_fingerprint", "safetensors_metadata",
+    "load_adapter",
 ]
 
 
