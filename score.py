@@ -97,7 +97,10 @@ def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
         else:
             for name in existing:  # only what a scoring run writes, never unrelated files
                 path = os.path.join(cfg.out, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+                if os.path.isdir(path):  # adapter_init/
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
             os.makedirs(cfg.out, exist_ok=True)
     outcome = dist.broadcast_object(outcome, info)
     if outcome is not None:

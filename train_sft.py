@@ -26,11 +26,11 @@ import torch
 from tqdm import tqdm
 
 from lorapar import dist
+from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
 from lorapar.dual_training import DualTraining
-from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.lora import LoraArgs, apply_lora, resolve_targets
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW

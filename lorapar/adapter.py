@@ -176,12 +176,8 @@ def adapter_fingerprint(adapter_dir: str) -> str:
 
 def read_adapter_args(adapter_dir: str) -> LoraArgs:
     """The LoraArgs of an adapter directory (lorapar's exact ones when stored, else from peft's config),
-    without loading its tensors: what train_sft.py --init-adapter checks its flags against."""
-    return _read_adapter(adapter_dir)[0]
-
-
-def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], str]:
-    """(LoraArgs, tensors as stored, weights path); the config and the weights' metadata must agree."""
+    without reading its tensors: what train_sft.py --init-adapter checks its flags against. The
+    config and the LoraArgs in the weights' metadata must agree."""
     config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"adapter config not found: {config_path}")
@@ -191,7 +187,9 @@ def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], 
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path}: invalid JSON ({error})") from error
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    tensors, metadata = read_safetensors(weights_path)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"adapter file not found: {weights_path}")
+    metadata = safetensors_metadata(weights_path)
     args = _args_from_peft_config(config, config_path)
     if "lorapar_args" in metadata:
         args = LoraArgs(**json.loads(metadata["lorapar_args"]))
@@ -200,7 +198,7 @@ def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], 
         differing = [k for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in config and config[k] != stored[k]]
         if differing:
             raise ValueError(f"{config_path}: {differing} disagree with the LoraArgs stored in {weights_path}")
-    return args, tensors, weights_path
+    return args
 
 
 def safetensors_metadata(path: str) -> dict[str, str]:
@@ -220,10 +218,11 @@ def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = 
     pissa/olora their initial factors must equal the saved ones (else the base would be wrong).
     `dropout` replaces the stored LoRA dropout (a training setting, no part of the adapter's values).
     """
-    args, tensors, weights_path = _read_adapter(adapter_dir)
+    args = read_adapter_args(adapter_dir)
     if dropout is not None:
         args = dataclasses.replace(args, dropout=dropout)
-    tensors = _peft_layout(tensors, model, to_hf=False, source=weights_path)
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    tensors = _peft_layout(read_safetensors(weights_path)[0], model, to_hf=False, source=weights_path)
     modules = lora_modules(model)
     fresh = not modules
     if fresh:
