@@ -1,11 +1,14 @@
 """Masked LoRA supervised fine-tuning: LoRA-PAR's stage 1 (System-1 data, stage-1 element mask).
 
     python train_sft.py --ckpt BASE --tokenizer tokenizer.model --data train.jsonl --out runs/sft \
-        [--system 1] [--masks masks.safetensors --stage 1] [--preset lorapar-sft]
+        [--system 1] [--init-adapter runs/score/adapter_init --masks runs/score/masks.safetensors --stage 1] \
+        [--preset lorapar-sft]
     torchrun --nproc_per_node=8 train_sft.py ...              (gloo on CPU, NCCL on CUDA)
 
 Reads top to bottom: configuration -> distributed init -> data -> model and adapter -> optimizer ->
-training loop -> save. The loss of an optimizer step is the sum of answer-token negative
+training loop -> save. With --init-adapter the adapter is the one score.py scored (its tensors and,
+for pissa/olora, the residual base rebuilt from its init factors), so the stage mask ranks the
+elements that train. The loss of an optimizer step is the sum of answer-token negative
 log-likelihoods over all its micro-batches and ranks divided by their total answer-token count (counted
 and all-reduced before the forward passes), so the update does not depend on how the step is split.
 """
@@ -23,19 +26,20 @@ import torch
 from tqdm import tqdm
 
 from lorapar import dist
+from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
 from lorapar.dual_training import DualTraining
-from lorapar.lora import LoraArgs, apply_lora
+from lorapar.lora import LoraArgs, apply_lora, resolve_targets
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW
 from lorapar.model import eval_mode
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
     InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lora_file_writer, lr_at,
-    make_checkpointer, prepare_run_dir, require_inputs, resolve_grad_accum, restore_training_state, seed_everything,
-    select_system, set_lr,
+    make_checkpointer, prepare_run_dir, require_inputs, resolve_base_dtype, resolve_grad_accum, restore_training_state,
+    seed_everything, select_system, set_lr,
 )
 
 
@@ -44,6 +48,10 @@ class SFTArgs(InputArgs):
     adapter: str = field(
         default="lora", metadata={"choices": ["lora", "dual"], "help": "adapter type (dual: DM-LoRA, flags --dual-*)"}
     )
+    init_adapter: str = field(default="", metadata={
+        "help": "start from this LoRA adapter bit for bit (score.py's OUT/adapter_init); "
+                "rank, alpha, targets and init come from it"
+    })  # fmt: skip
     max_len: int = 512
     overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
     eval_data: str = field(default="", metadata={"help": "held-out file for the eval loss (same format)"})
@@ -79,11 +87,62 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
     if stray:
         parser.error(f"--adapter {sft.adapter} does not use {unused.__name__} flag(s) {stray}")
     if sft.adapter == "dual":
+        if sft.init_adapter:
+            parser.error(f"--init-adapter {sft.init_adapter} is a LoRA adapter; --adapter dual initialises its own")
         lora = dataclass_from_args(DualArgs, ns, DualArgs(dual_seed=train.seed))
+    elif sft.init_adapter:
+        try:
+            lora = init_adapter_args(ns, sft.init_adapter)
+        except (OSError, KeyError, ValueError) as error:
+            parser.error(str(error))
     else:
         lora = dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
     require_inputs(parser, sft)
     return sft, train, lora
+
+
+# The LoraArgs that decide the adapter's values (its shape and how it was drawn), each with its flag.
+INIT_FLAGS = {"r": "--rank", "alpha": "--lora-alpha", "targets": "--targets", "init": "--init",
+              "init_std": "--init-std", "use_rslora": "--use-rslora", "pissa_niter": "--pissa-niter"}  # fmt: skip
+
+
+def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:
+    """The LoraArgs of --init-adapter; an explicit flag that disagrees with the adapter is an error
+    naming both values. Only the dropout (a training setting, not a value of the adapter) may be set;
+    the LoRA seed stays the adapter's own (the one it was drawn with), --seed still seeds the data."""
+    stored = read_adapter_args(adapter_dir)
+    for name, flag in INIT_FLAGS.items():
+        given = getattr(ns, name, None)
+        if given is None:
+            continue
+        have = getattr(stored, name)
+        same = resolve_targets(given) == resolve_targets(have) if name == "targets" else given == have
+        if not same:
+            shown = ",".join(given) if name == "targets" else given
+            raise ValueError(f"{flag} {shown} conflicts with the adapter in --init-adapter {adapter_dir}, "
+                             f"which has {name}={have!r}; drop the flag (the adapter's configuration is used)")
+    return dataclasses.replace(stored, dropout=stored.dropout if ns.dropout is None else ns.dropout)
+
+
+def check_init_adapter(cfg: SFTArgs, lora_args: LoraArgs, base_dtype: torch.dtype) -> None:
+    """Before anything is written: --masks ranked on another adapter than --init-adapter are refused
+    (score.py stamps its masks with the sha256 of the adapter it scored), and a pissa/olora adapter
+    trains over a base of the dtype it was scored in (its residual base W0 - s B0 A0 is formed in it)."""
+    if cfg.masks:
+        stamped = safetensors_metadata(cfg.masks).get("adapter_init_sha256")
+        actual = adapter_fingerprint(cfg.init_adapter)
+        if stamped is not None and stamped != actual:
+            raise ValueError(f"--masks {cfg.masks} ranks the elements of another adapter than --init-adapter "
+                             f"{cfg.init_adapter} (sha256 {stamped[:12]}... vs {actual[:12]}...); "
+                             "pass the adapter_init/ of the score.py run that wrote the masks")  # fmt: skip
+    if lora_args.init in ("pissa", "olora"):
+        weights = os.path.join(cfg.init_adapter, ADAPTER_WEIGHTS)
+        scored_in = safetensors_metadata(weights).get("base_dtype")
+        training_in = str(base_dtype).removeprefix("torch.")
+        if scored_in is not None and scored_in != training_in:
+            raise ValueError(f"--init-adapter {cfg.init_adapter} was scored over a {scored_in} base, this run's "
+                             f"base is {training_in} (--base-dtype {cfg.base_dtype}); its {lora_args.init} residual "
+                             f"base would differ: pass --base-dtype {scored_in}")  # fmt: skip
 
 
 def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs]
@@ -98,7 +157,10 @@ def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArg
             raise ValueError("--masks holds LoRA-PAR element masks; --adapter dual prunes its own expert components")
         dual = DualTraining(model, lora_args)
         return dual.save, dual
-    apply_lora(model, lora_args)
+    if cfg.init_adapter:  # the very tensors score.py scored (and, for pissa/olora, its residual base)
+        load_adapter(model, cfg.init_adapter, dropout=lora_args.dropout)
+    else:
+        apply_lora(model, lora_args)
     if cfg.masks:
         install_masks(model, cfg.masks, cfg.stage)
     return lora_file_writer(model, lora_args, bool(cfg.masks)), None
@@ -150,6 +212,8 @@ def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dis
 def main(argv=None) -> dict:
     cfg, train, lora_args = parse_config(argv)
     info = dist.init_distributed(train.device)
+    if cfg.init_adapter:
+        check_init_adapter(cfg, lora_args, resolve_base_dtype(cfg.base_dtype, info.device))
     grad_accum = resolve_grad_accum(train, info.world_size)
     config = config_to_dict(cfg, train, lora_args)
     resume_from = prepare_run_dir(train, info)
