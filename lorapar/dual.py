@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -32,30 +33,47 @@ import torch.nn as nn
 
 from kernels import masked_lora_linear
 from lorapar.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_tensors, hf_output_rows, read_safetensors
+from lorapar.budget import PRUNING_MODES, schedule_steps
 from lorapar.config import field
 from lorapar.io import atomic_save_safetensors, atomic_write_json
 from lorapar.lora import LoRALinear, lora_modules, peft_key, resolve_targets, unwrap_model
 
+EXPERT_INITS = ("gaussian", "released")
+ORTH_EPS = 1e-6  # the supplement's ||A A^T + eps I - I||_F
+
 
 @dataclass
 class DualArgs:
-    """DM-LoRA's adapter shape and its importance screening (paper defaults)."""
+    """DM-LoRA's adapter shape and its importance screening (defaults: the authors' supplement, train.sh)."""
 
     dual_rank: int = field(default=128, metadata={"help": "total rank r = r_shared + r_expert"})
     dual_shared_rank: int = field(default=32, metadata={"help": "rank of the PiSSA shared module (the rest is expert)"})
     dual_alpha: float = field(default=128.0, metadata={"help": "scale s = alpha / dual_rank for both modules"})
     dual_targets: tuple[str, ...] = field(
-        default=("q", "k", "v", "gate", "up", "down"), metadata={"help": "target linears (Meta, HF or short names)"}
+        default=("q", "k", "v", "o", "gate", "up", "down"), metadata={"help": "target linears (Meta, HF or short names)"}
     )
     dual_dropout: float = 0.0
-    dual_init_std: float = field(default=0.02, metadata={"help": "std of the expert factors A_e, B_e"})
+    dual_expert_init: str = field(default="gaussian", metadata={
+        "choices": list(EXPERT_INITS),
+        "help": "gaussian: A_e, B_e ~ N(0, init_std^2), E = 0 (AdaLoRA); released: the supplement's kaiming A_e, "
+                "B_e = E = 0, which no gradient ever reaches"})
+    dual_init_std: float = field(default=0.02, metadata={"help": "std of the expert factors A_e, B_e (gaussian init)"})
     dual_svd_niter: int = field(
-        default=0, metadata={"help": "0 = exact SVD of W0; N > 0 = randomised SVD with N subspace iterations"}
+        default=0, metadata={"help": "0 = exact SVD of W0; N > 0 = randomised SVD with N subspace iterations "
+                             "(the supplement: 4)"}
     )
     dual_target_rank: float = field(default=80.0, metadata={"help": "final average number of live expert components"})
-    dual_t_init: int = field(default=200, metadata={"help": "optimizer steps before pruning starts"})
-    dual_t_final: int = field(default=200, metadata={"help": "last optimizer steps with the masks fixed"})
+    dual_t_init: float = field(default=235 / 1562, metadata={
+        "help": "optimizer steps before pruning starts: a fraction of the run if < 1, else a number of steps "
+                "(default: the supplement's 235 of 1562)"})
+    dual_t_final: float = field(default=780 / 1562, metadata={
+        "help": "last optimizer steps with the final mask fixed: a fraction of the run if < 1, else steps "
+                "(default: the supplement's 780 of 1562)"})
     dual_delta_t: int = field(default=10, metadata={"help": "re-screen every this many steps"})
+    dual_pruning: str = field(default="regrow", metadata={
+        "choices": list(PRUNING_MODES),
+        "help": "regrow: a screening zeroes the losers' gates, which may grow back until the final mask at "
+                "T - t_final (AdaLoRA, the supplement); freeze: a pruned component is masked for good at once"})
     dual_beta1: float = field(default=0.85, metadata={"help": "EMA of the sensitivity |w * grad|"})
     dual_beta2: float = field(default=0.85, metadata={"help": "EMA of the uncertainty |I - I_bar|"})
     dual_budget_power: float = field(default=2.0, metadata={"help": "budget schedule exponent (2 paper, 3 AdaLoRA)"})
@@ -79,6 +97,17 @@ class DualArgs:
             raise ValueError(
                 f"DualArgs: dual_target_rank ({self.dual_target_rank}) must lie in [0, expert rank {self.expert_rank}]"
             )
+        for flag, value in (("--dual-t-init", self.dual_t_init), ("--dual-t-final", self.dual_t_final)):
+            schedule_steps(value, 1, flag)  # the form of the value; the run length is checked by the screener
+        for flag, value, choices in (("--dual-pruning", self.dual_pruning, PRUNING_MODES),
+                                     ("--dual-expert-init", self.dual_expert_init, EXPERT_INITS)):
+            if value not in choices:
+                raise ValueError(f"DualArgs: {flag} {value!r}; expected one of {choices}")
+
+    def schedule(self, total_steps: int) -> tuple[int, int]:
+        """(t_init, t_final) in optimizer steps for a run of `total_steps`."""
+        return (schedule_steps(self.dual_t_init, total_steps, "--dual-t-init"),
+                schedule_steps(self.dual_t_final, total_steps, "--dual-t-final"))
 
 
 class DualLoRALinear(LoRALinear):
@@ -106,12 +135,23 @@ class DualLoRALinear(LoRALinear):
             self.register_buffer(self.MASK_OF[part], None, persistent=False)  # saved in the masks file
 
     @torch.no_grad()
-    def reset_dual(self, generator: torch.Generator, init_std: float, svd_niter: int = 0) -> None:
-        """Shared module by PiSSA from the current weight (W0), residual in the base; A_e, B_e ~
-        N(0, init_std^2); E = 0."""
+    def reset_dual(self, generator: torch.Generator, init_std: float, svd_niter: int = 0,
+                   expert_init: str = "gaussian") -> None:
+        """Shared module by PiSSA from the current weight (W0), residual in the base; E = 0 and
+        "gaussian": A_e, B_e ~ N(0, init_std^2) (AdaLoRA's init; E gets a gradient at once);
+        "released": A_e kaiming-uniform (a = sqrt 5), B_e = 0, the supplement's code, where every
+        expert gradient but the regulariser's on A_e is a product with B_e or E and so stays 0."""
         self.reset_lora("pissa", generator, pissa_niter=svd_niter)
-        self.expert_A.copy_(torch.empty(self.expert_A.shape).normal_(0.0, init_std, generator=generator))
-        self.expert_B.copy_(torch.empty(self.expert_B.shape).normal_(0.0, init_std, generator=generator))
+        if expert_init == "gaussian":
+            self.expert_A.copy_(torch.empty(self.expert_A.shape).normal_(0.0, init_std, generator=generator))
+            self.expert_B.copy_(torch.empty(self.expert_B.shape).normal_(0.0, init_std, generator=generator))
+        elif expert_init == "released":
+            A = torch.empty(self.expert_A.shape)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            self.expert_A.copy_(A)
+            self.expert_B.zero_()
+        else:
+            raise ValueError(f"reset_dual: unknown expert init {expert_init!r}; expected one of {EXPERT_INITS}")
         self.expert_E.zero_()
 
     def delta_weight(self) -> torch.Tensor:
@@ -171,6 +211,17 @@ class DualLoRALinear(LoRALinear):
         self.mask_expert_E = alive.clone()
         self.mask_expert_A = self._mask_or_ones("expert_A") & alive[:, None]
         self.mask_expert_B = self._mask_or_ones("expert_B") & alive[None, :]
+
+    @torch.no_grad()
+    def gate_experts(self, kept: torch.Tensor) -> None:
+        """Set the gates E_i of the components not `kept` (r_e,) to 0 and nothing else: they keep
+        training, and regrow if they get gradient (AdaLoRA's masking between screenings)."""
+        if kept.shape != self.expert_E.shape or kept.dtype != torch.bool:
+            raise ValueError(f"gate_experts: expected a bool mask of shape {tuple(self.expert_E.shape)}, got "
+                             f"{kept.dtype} {tuple(kept.shape)}")
+        if self.merged:
+            raise RuntimeError("gate_experts: unmerge the adapter first")
+        self.expert_E.masked_fill_(~kept.to(self.expert_E.device), 0.0)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, expert_rank={self.expert_E.shape[0]}, "
@@ -233,7 +284,7 @@ def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dic
         for param in PARAMS:
             getattr(m, param).requires_grad_(True)
         if initialise:
-            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter)
+            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init)
     return found
 
 
@@ -267,19 +318,23 @@ def set_dual_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:
-    """mean over modules of ||A_e A_e^T - I||_F + ||B_e^T B_e - I||_F (the caller multiplies by lambda).
+    """The supplement's regulariser (the caller multiplies by lambda): the mean over the 2 * modules
+    matrices of ||A_e A_e^T + eps I - I||_F and ||B_e^T B_e + eps I - I||_F, eps = ORTH_EPS, non-squared
+    Frobenius norms in fp32, as peft's AdaLoRA (whose mean is also per matrix) restricted to the expert.
 
-    Gradients, with M = A A^T - I and N = B^T B - I (both symmetric):
-        dL/dA = 2 M A / ||M||_F,    dL/dB = 2 B N / ||N||_F     (0 where the norm is 0).
+    Gradients, with M = A A^T - (1 - eps) I and N = B^T B - (1 - eps) I (both symmetric), n = 2 * modules:
+        dL/dA = 2 M A / (n ||M||_F),    dL/dB = 2 B N / (n ||N||_F)     (0 where the norm is 0).
     Pruned rows / columns stay in the sum, as in AdaLoRA; their own gradients are ignored by the masks.
     """
     modules = list(_require_dual(model, "orthogonality_loss").values())
     total = 0.0
-    for m in modules:
-        A, B = m.expert_A, m.expert_B
-        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        total = total + torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
-    return total / len(modules)
+    with torch.autocast(device_type=modules[0].expert_A.device.type, enabled=False):
+        for m in modules:
+            dtype = torch.promote_types(m.expert_A.dtype, torch.float32)  # at least fp32
+            A, B = m.expert_A.to(dtype), m.expert_B.to(dtype)
+            eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device) * (1.0 - ORTH_EPS)
+            total = total + torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
+    return total / (2 * len(modules))
 
 
 # ---------------------------------------------------------------------- adapters on disk
