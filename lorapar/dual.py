@@ -10,10 +10,15 @@ B_e (out, r_e) ~ N(0, init_std^2), gates E (r_e,) = 0, so B_e diag(E) A_e = 0 at
 gradient at the first step and A_e, B_e from the second. One scale s for both modules: the paper's
 r = 128 and alpha = 128 give s = 1, the same as a rank-128 LoRA.
 
-Component i of the expert module is (row i of A_e, E_i, column i of B_e); budget.py screens and prunes
-components. A pruned component is held by element masks, the single truth the kernel (gradients) and
-MaskedAdamW (updates, weight decay, state) read: E_i is set to 0 and masked, and so are A_e[i, :] and
-B_e[:, i], which stay bit-identical from then on.
+Component i of the expert module is (row i of A_e, E_i, column i of B_e); budget.py screens
+components. Between screenings a losing component only has its gate zeroed (`gate_experts`, AdaLoRA's
+rule); a pruned one (the final mask, or every screening with --dual-pruning freeze) is held by element
+masks, the single truth the kernel (gradients) and MaskedAdamW (updates, weight decay, state) read:
+E_i is set to 0 and masked, and so are A_e[i, :] and B_e[:, i], which stay bit-identical from then on.
+
+--dual-shared-init released and --dual-expert-init released reproduce the supplement's code where it
+differs from the paper (docs/fidelity.md): a shared module from a random matrix over an unmodified W0,
+and an expert module that no gradient reaches.
 
 The forward concatenates both modules into one rank-(r_s + r_e) LoRA, A = [A_s; A_e] and
 B = [B_s, B_e diag(E)], and calls the fused masked kernel once: one dropout mask, one base matmul.
@@ -36,9 +41,10 @@ from lorapar.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_tensors, hf_o
 from lorapar.budget import PRUNING_MODES, schedule_steps
 from lorapar.config import field
 from lorapar.io import atomic_save_safetensors, atomic_write_json
-from lorapar.lora import LoRALinear, lora_modules, peft_key, resolve_targets, unwrap_model
+from lorapar.lora import LoRALinear, lora_modules, peft_key, principal_factors, resolve_targets, unwrap_model
 
 EXPERT_INITS = ("gaussian", "released")
+SHARED_INITS = ("pissa", "released")
 ORTH_EPS = 1e-6  # the supplement's ||A A^T + eps I - I||_F
 
 
@@ -53,6 +59,10 @@ class DualArgs:
         default=("q", "k", "v", "o", "gate", "up", "down"), metadata={"help": "target linears (Meta, HF or short names)"}
     )
     dual_dropout: float = 0.0
+    dual_shared_init: str = field(default="pissa", metadata={
+        "choices": list(SHARED_INITS),
+        "help": "pissa: the principal factors of the loaded W0, the residual in the base (the paper); released: the "
+                "supplement's code, the principal factors of a random kaiming matrix and W0 left as it is"})
     dual_expert_init: str = field(default="gaussian", metadata={
         "choices": list(EXPERT_INITS),
         "help": "gaussian: A_e, B_e ~ N(0, init_std^2), E = 0 (AdaLoRA); released: the supplement's kaiming A_e, "
@@ -100,7 +110,8 @@ class DualArgs:
         for flag, value in (("--dual-t-init", self.dual_t_init), ("--dual-t-final", self.dual_t_final)):
             schedule_steps(value, 1, flag)  # the form of the value; the run length is checked by the screener
         for flag, value, choices in (("--dual-pruning", self.dual_pruning, PRUNING_MODES),
-                                     ("--dual-expert-init", self.dual_expert_init, EXPERT_INITS)):
+                                     ("--dual-expert-init", self.dual_expert_init, EXPERT_INITS),
+                                     ("--dual-shared-init", self.dual_shared_init, SHARED_INITS)):
             if value not in choices:
                 raise ValueError(f"DualArgs: {flag} {value!r}; expected one of {choices}")
 
@@ -136,12 +147,26 @@ class DualLoRALinear(LoRALinear):
 
     @torch.no_grad()
     def reset_dual(self, generator: torch.Generator, init_std: float, svd_niter: int = 0,
-                   expert_init: str = "gaussian") -> None:
-        """Shared module by PiSSA from the current weight (W0), residual in the base; E = 0 and
-        "gaussian": A_e, B_e ~ N(0, init_std^2) (AdaLoRA's init; E gets a gradient at once);
-        "released": A_e kaiming-uniform (a = sqrt 5), B_e = 0, the supplement's code, where every
-        expert gradient but the regulariser's on A_e is a product with B_e or E and so stays 0."""
-        self.reset_lora("pissa", generator, pissa_niter=svd_niter)
+                   expert_init: str = "gaussian", shared_init: str = "pissa") -> None:
+        """Shared module, `shared_init` "pissa": PiSSA from the current weight (W0), residual in the
+        base; "released": the supplement's code, which runs its PiSSA init on the layer's own random
+        kaiming-uniform weight before the pretrained W0 is assigned, so A_s, B_s are the principal
+        factors of a random matrix, W0 stays unmodified and the output moves at init.
+        Expert module, E = 0 and `expert_init` "gaussian": A_e, B_e ~ N(0, init_std^2) (AdaLoRA's init;
+        E gets a gradient at once); "released": A_e kaiming-uniform (a = sqrt 5), B_e = 0, the
+        supplement's code, where every expert gradient but the regulariser's on A_e is a product with
+        B_e or E and so stays 0."""
+        if shared_init == "pissa":
+            self.reset_lora("pissa", generator, pissa_niter=svd_niter)
+        elif shared_init == "released":
+            random_weight = torch.empty(self.weight.shape)
+            nn.init.kaiming_uniform_(random_weight, a=math.sqrt(5), generator=generator)
+            A, B = principal_factors(random_weight, self.r, self.scale, "pissa", svd_niter, generator)
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            self.init = "released"
+        else:
+            raise ValueError(f"reset_dual: unknown shared init {shared_init!r}; expected one of {SHARED_INITS}")
         if expert_init == "gaussian":
             self.expert_A.copy_(torch.empty(self.expert_A.shape).normal_(0.0, init_std, generator=generator))
             self.expert_B.copy_(torch.empty(self.expert_B.shape).normal_(0.0, init_std, generator=generator))
@@ -284,7 +309,7 @@ def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dic
         for param in PARAMS:
             getattr(m, param).requires_grad_(True)
         if initialise:
-            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init)
+            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init, args.dual_shared_init)
     return found
 
 
@@ -345,12 +370,13 @@ B_TENSORS = ("lora_B", "expert_B", "init_B")  # (out, r): their rows follow the 
 
 def dual_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter file's tensors: every trainable tensor plus each module's initial shared factors
-    (init_A, init_B), which rebuild the residual base W0 - s B0 A0 from the original W0 on loading.
+    (init_A, init_B), which rebuild the residual base W0 - s B0 A0 from the original W0 on loading
+    (none with --dual-shared-init released, whose base is W0 itself).
     Output rows of q/k B-type tensors in HF order (lorapar.adapter.hf_output_rows), as in LoRA adapter files."""
     model_args = unwrap_model(model).args
     out = {}
     for name, m in _require_dual(model, "dual_state_dict").items():
-        for p in (*PARAMS, "init_A", "init_B"):
+        for p in (*PARAMS, "init_A", "init_B") if m.init_A is not None else PARAMS:
             tensor = getattr(m, p).detach().float().cpu()
             out[adapter_key(name, p)] = hf_output_rows(name, tensor, model_args, to_hf=True) if p in B_TENSORS else tensor
     return out
@@ -404,20 +430,25 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
     modules = dual_modules(model) or apply_dual(model, args, initialise=False)
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     tensors, _ = read_safetensors(path)
+    residual = args.dual_shared_init == "pissa"  # "released" leaves W0 in the base: no init factors
     shapes = {  # init_A / init_B have the shared factors' shapes
         adapter_key(n, p): getattr(m, {"init_A": "lora_A", "init_B": "lora_B"}.get(p, p)).shape
-        for n, m in modules.items() for p in (*PARAMS, "init_A", "init_B")
+        for n, m in modules.items() for p in ((*PARAMS, "init_A", "init_B") if residual else PARAMS)
     }
     check_tensors(tensors, shapes, path)
     model_args = unwrap_model(model).args
     for name, m in modules.items():
-        for p in B_TENSORS:
+        for p in B_TENSORS if residual else ("lora_B", "expert_B"):
             tensors[adapter_key(name, p)] = hf_output_rows(name, tensors[adapter_key(name, p)], model_args, to_hf=False)
-        init_A, init_B = tensors[adapter_key(name, "init_A")], tensors[adapter_key(name, "init_B")]
-        if m.init_A is None:
-            m.set_residual_base(init_A, init_B)
+        if not residual:
+            if m.init_A is not None:
+                raise ValueError(f"{path}: {name} has a residual base here; a released-init adapter loads onto W0")
+            m.init = "released"
+        elif m.init_A is None:
+            m.set_residual_base(tensors[adapter_key(name, "init_A")], tensors[adapter_key(name, "init_B")])
             m.init = "pissa"
-        elif not (torch.equal(m.init_A.cpu(), init_A) and torch.equal(m.init_B.cpu(), init_B)):
+        elif not (torch.equal(m.init_A.cpu(), tensors[adapter_key(name, "init_A")])
+                  and torch.equal(m.init_B.cpu(), tensors[adapter_key(name, "init_B")])):
             raise ValueError(f"{path}: {name} was initialised from other principal factors; load onto the original base model")
         for p in PARAMS:
             getattr(m, p).copy_(tensors[adapter_key(name, p)])

@@ -518,3 +518,35 @@ def test_released_expert_init_gets_no_gradient_through_the_expert(tiny_model):
     for name, m in dual.modules.items():
         assert m.expert_B.abs().sum() == 0 and m.expert_E.abs().sum() == 0, name
         assert not torch.equal(m.expert_A, A0[name])  # the orthogonality term moves A_e, to no effect
+
+
+def test_released_shared_init_factors_a_random_matrix_and_leaves_w0(tiny_model, tiny_args, tmp_path):
+    """The supplement's code runs PiSSA on the layer's own random kaiming weight before the pretrained
+    W0 is assigned: s B_s A_s is the rank-r_s SVD part of a random matrix, W0 is not touched, so the
+    output moves at init. The adapter saves no residual factors and loads back onto W0 exactly."""
+    from lorapar.model import Transformer
+
+    x = tokens()
+    before = tiny_model(x)
+    w0 = tiny_model.layers[0].attention.wq.weight.detach().clone()
+    args = DualArgs(**SMALL, dual_shared_init="released", dual_seed=5)
+    modules = apply_dual(tiny_model, args)
+    wq = modules["layers.0.attention.wq"]
+    assert torch.equal(wq.weight, w0) and wq.init_A is None
+    generator = torch.Generator().manual_seed(5)  # the first draw of the init's generator is q's random weight
+    random_weight = torch.empty(w0.shape)
+    torch.nn.init.kaiming_uniform_(random_weight, a=5**0.5, generator=generator)
+    U, S, Vh = torch.linalg.svd(random_weight)
+    torch.testing.assert_close(wq.scale * wq.lora_B @ wq.lora_A, U[:, :4] * S[:4] @ Vh[:4], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert (tiny_model(x) - before).abs().max() > 1e-3  # not output-preserving
+        with disable_adapter(tiny_model):
+            assert torch.equal(tiny_model(x), before)
+    _train_a_little(tiny_model)
+    save_dual_adapter(tiny_model, str(tmp_path), args)
+    fresh = Transformer(tiny_args)
+    fresh.init_weights(seed=0)
+    assert load_dual_adapter(fresh, str(tmp_path)) == args
+    assert torch.equal(fresh.layers[0].attention.wq.weight, w0)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), tiny_model(x), atol=0, rtol=0)
