@@ -38,7 +38,9 @@ def schedule_steps(value: float, total_steps: int, flag: str) -> int:
     the run (rounded to the nearest step), a whole number >= 1 is a count of steps. So the supplement's
     235 and 780 of 1,562 steps are 0.1504... and 0.4994..., and fit any run length."""
     if value < 0 or math.isnan(value) or (value >= 1 and value != int(value)):
-        raise ValueError(f"{flag}: expected a fraction of the run in [0, 1) or a whole number of steps >= 1, got {value}")
+        raise ValueError(
+            f"{flag}: expected a fraction of the run in [0, 1) or a whole number of steps >= 1, got {value}"
+        )
     return round(value * total_steps) if value < 1 else int(value)
 
 

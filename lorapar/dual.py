@@ -56,7 +56,8 @@ class DualArgs:
     dual_shared_rank: int = field(default=32, metadata={"help": "rank of the PiSSA shared module (the rest is expert)"})
     dual_alpha: float = field(default=128.0, metadata={"help": "scale s = alpha / dual_rank for both modules"})
     dual_targets: tuple[str, ...] = field(
-        default=("q", "k", "v", "o", "gate", "up", "down"), metadata={"help": "target linears (Meta, HF or short names)"}
+        default=("q", "k", "v", "o", "gate", "up", "down"),
+        metadata={"help": "target linears (Meta, HF or short names)"},
     )
     dual_dropout: float = 0.0
     dual_shared_init: str = field(default="pissa", metadata={
@@ -309,7 +310,8 @@ def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dic
         for param in PARAMS:
             getattr(m, param).requires_grad_(True)
         if initialise:
-            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init, args.dual_shared_init)
+            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init,
+                         args.dual_shared_init)
     return found
 
 

@@ -367,7 +367,8 @@ def test_regrow_gated_components_grow_back_until_the_final_mask(tiny_model):
             assert record["live_experts"] == N_MODULES * 5
     assert regrown > 0 and moved > 0, (regrown, moved)
     assert rekept > 0  # with a monotone rule this is impossible
-    assert any(not torch.equal(m.expert_A[alive], A0[alive]) for (alive, A0, _), m in zip(final.values(), modules.values()))
+    assert any(not torch.equal(m.expert_A[alive], A0[alive])  # and the kept ones kept training
+               for (alive, A0, _), m in zip(final.values(), modules.values()))
 
 
 def test_short_training_run_lowers_the_loss(tiny_model):
@@ -486,7 +487,8 @@ def test_dmlora_preset_is_the_supplements_recipe(setup, asset, capsys):
     common = ["--ckpt", base, "--tokenizer", str(asset("models/llama2-tokenizer.model")), "--data", data, "--out", "x"]
     sft, train, dual = train_sft.parse_config(["--preset", "dmlora", *common])
     assert (sft.adapter, sft.max_len, sft.overflow) == ("dual", 380, "truncate")
-    assert (train.lr, train.schedule, train.warmup_ratio, train.weight_decay, train.epochs) == (1e-5, "cosine", 0.03, 0.0, 1)
+    assert (train.lr, train.schedule, train.warmup_ratio, train.weight_decay, train.epochs) == (
+        1e-5, "cosine", 0.03, 0.0, 1)
     assert (train.global_batch, train.batch_size) == (64, 4)
     assert isinstance(dual, DualArgs)
     assert (dual.dual_rank, dual.dual_shared_rank, dual.expert_rank, dual.dual_alpha, dual.dual_target_rank) == (
