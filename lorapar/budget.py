@@ -155,9 +155,9 @@ class ExpertModule(Protocol):
 class ExpertScreener:
     """Call `step(global_step)` after every optimizer step (before zero_grad).
 
-    Updates the EMAs until the final phase begins, screens every `delta_t` steps during the pruning
-    phase and once more at step T - t_final (so the budget meets its target exactly there, and that
-    screening's mask is the final one), then leaves the masks fixed. `t_init` and `t_final` are
+    Updates the EMAs before every step of the pruning phase, screens every `delta_t` steps during it
+    and once more at step T - t_final (so the budget meets its target exactly there, and that
+    screening's mask is the final one), then drops the EMAs and leaves the masks fixed. `t_init` and `t_final` are
     optimizer steps (see schedule_steps for fractions of the run). `on_prune(names)` is called after
     masks changed so the optimizer can drop the state of the newly frozen elements.
     """
@@ -217,14 +217,20 @@ class ExpertScreener:
             return None
         if global_step > 1 and not self.ema.sensitivity:
             raise RuntimeError(f"importance screening at step {global_step}: the EMAs are missing (resumed without them?)")
-        for name, module in self.modules.items():
-            for part in ("A", "B", "E"):
-                param = getattr(module, f"expert_{part}")
-                self.ema.update(f"{name}.{part}", param, param.grad)
+        # As peft's AdaLoRA (which the supplement adapts): the final screening at T - t_final ranks the
+        # EMAs of the steps before it, unless there were none (a run with T - t_final = 1).
+        if global_step < self.prune_end or not self.ema.sensitivity:
+            for name, module in self.modules.items():
+                for part in ("A", "B", "E"):
+                    param = getattr(module, f"expert_{part}")
+                    self.ema.update(f"{name}.{part}", param, param.grad)
         if global_step <= self.t_init or (global_step % self.delta_t and global_step != self.prune_end):
             return None
         budget = self.budget(global_step)
-        self.screen(budget, final=global_step == self.prune_end)
+        final = global_step == self.prune_end
+        self.screen(budget, final=final)
+        if final:  # the masks are fixed: the EMAs (twice the expert's size) are no longer needed
+            self.ema = SensitivityEMA(self.ema.beta1, self.ema.beta2)
         return budget
 
     @torch.no_grad()

@@ -354,7 +354,14 @@ def test_regrow_gated_components_grow_back_until_the_final_mask(tiny_model):
                 last = gated_at[max(gated_at)]
                 rekept += sum(dual.screener.kept[n][i].item() for n, i in last)
             gated_at[step] = zeroed
-        if step == prune_end:
+        if step == prune_end - 1:
+            ema = {k: v.clone() for k, v in dual.screener.state_dict().items() if not k.startswith("kept.")}
+        if step == prune_end:  # as peft's AdaLoRA: the final screening ranks the EMAs of the steps before it
+            scores = [component_scores(*(ema[f"sensitivity.{n}.{p}"] * ema[f"uncertainty.{n}.{p}"] for p in "ABE"))
+                      for n in modules]
+            expected = select_survivors(scores, [torch.ones(8, dtype=torch.bool)] * N_MODULES, N_MODULES * 5)
+            assert all(torch.equal(m.expert_alive, e) for m, e in zip(modules.values(), expected))
+            assert not dual.screener.ema.sensitivity  # dropped once the mask is final
             assert record["live_experts"] == N_MODULES * 5
             final = {n: (m.expert_alive.clone(), m.expert_A.detach().clone(), m.expert_B.detach().clone())
                      for n, m in modules.items()}
