@@ -1,8 +1,8 @@
 """Importance screening of the DM-LoRA expert components: AdaLoRA's sensitivity EMAs and rank budget.
 
 Each expert module of rank r_e holds components i = (row i of A_e, gate E_i, column i of B_e). After
-every optimizer step the per-element sensitivity of every expert parameter w is smoothed as in AdaLoRA
-(Zhang et al., ICLR 2023; the update order is its reference code's):
+every optimizer step before T - t_final the per-element sensitivity of every expert parameter w is
+smoothed as in AdaLoRA (Zhang et al., ICLR 2023; the update order is its reference code's):
 
     I      = |w * dL/dw|
     I_bar <- beta1 * I_bar + (1 - beta1) * I
@@ -155,9 +155,9 @@ class ExpertModule(Protocol):
 class ExpertScreener:
     """Call `step(global_step)` after every optimizer step (before zero_grad).
 
-    Updates the EMAs before every step of the pruning phase, screens every `delta_t` steps during it
-    and once more at step T - t_final (so the budget meets its target exactly there, and that
-    screening's mask is the final one), then drops the EMAs and leaves the masks fixed. `t_init` and `t_final` are
+    Updates the EMAs at every step before T - t_final, screens every `delta_t` steps after t_init and
+    once more at step T - t_final (so the budget meets its target exactly there, and that screening's
+    mask is the final one), then drops the EMAs and leaves the masks fixed. `t_init` and `t_final` are
     optimizer steps (see schedule_steps for fractions of the run). `on_prune(names)` is called after
     masks changed so the optimizer can drop the state of the newly frozen elements.
     """
