@@ -3,6 +3,7 @@
     python train_sft.py --ckpt BASE --tokenizer tokenizer.model --data train.jsonl --out runs/sft \
         [--system 1] [--init-adapter runs/score/adapter_init --masks runs/score/masks.safetensors --stage 1] \
         [--preset lorapar-sft]
+    python train_sft.py --preset dmlora ...                   (DM-LoRA, the supplement's recipe)
     torchrun --nproc_per_node=8 train_sft.py ...              (gloo on CPU, NCCL on CUDA)
 
 Reads top to bottom: configuration -> distributed init -> data -> model and adapter -> optimizer ->
@@ -65,6 +66,17 @@ PRESETS = {
         "TrainArgs": dict(lr=2e-4, schedule="cosine", warmup_ratio=0.03, global_batch=32, batch_size=4, epochs=1),
         "SFTArgs": dict(max_len=512, template="lorapar"),
     },
+    # DM-LoRA's supplement (train.sh, code task): lr 1e-5, cosine, warm-up 0.03, no weight decay, batch 4 x 16 = 64,
+    # max length 380 (the tokenizer truncates), one epoch; r 128 = 32 shared + 96 expert, alpha 128, target rank 80,
+    # pruning from step 235 to 1562 - 780 of 1562 (as fractions), delta T 10, lambda 0.1, beta 0.85 / 0.85.
+    "dmlora": {
+        "TrainArgs": dict(lr=1e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, global_batch=64,
+                          batch_size=4, epochs=1),
+        "SFTArgs": dict(adapter="dual", max_len=380, overflow="truncate"),
+        "DualArgs": dict(dual_rank=128, dual_shared_rank=32, dual_alpha=128.0, dual_dropout=0.0, dual_target_rank=80.0,
+                         dual_t_init=235 / 1562, dual_t_final=780 / 1562, dual_delta_t=10, dual_orth_lambda=0.1,
+                         dual_beta1=0.85, dual_beta2=0.85, dual_budget_power=2.0, dual_pruning="regrow"),
+    },
 }
 
 
@@ -81,6 +93,9 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
     preset = PRESETS.get(ns.preset, {})
     sft = dataclass_from_args(SFTArgs, ns, SFTArgs(**preset.get("SFTArgs", {})))
     train = dataclass_from_args(TrainArgs, ns, TrainArgs(**preset.get("TrainArgs", {})))
+    preset_adapter = preset.get("SFTArgs", {}).get("adapter", sft.adapter)
+    if preset_adapter != sft.adapter:
+        parser.error(f"--preset {ns.preset} is for --adapter {preset_adapter}, not --adapter {sft.adapter}")
     unused = DualArgs if sft.adapter == "lora" else LoraArgs
     stray = [f.name for f in dataclasses.fields(unused)
              if f.name not in ("seed", "dual_seed") and getattr(ns, f.name, None) is not None]  # seeds: --seed
@@ -89,7 +104,7 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
     if sft.adapter == "dual":
         if sft.init_adapter:
             parser.error(f"--init-adapter {sft.init_adapter} is a LoRA adapter; --adapter dual initialises its own")
-        lora = dataclass_from_args(DualArgs, ns, DualArgs(dual_seed=train.seed))
+        lora = dataclass_from_args(DualArgs, ns, DualArgs(**preset.get("DualArgs", {}), dual_seed=train.seed))
     elif sft.init_adapter:
         try:
             lora = init_adapter_args(ns, sft.init_adapter)

@@ -49,7 +49,8 @@ def build(cfg: BenchArgs, adapter: str):
                         dual_t_init=0, dual_t_final=1, dual_delta_t=10**9)
         dual = DualTraining(model, args)
     else:
-        apply_lora(model, LoraArgs(r=cfg.rank, alpha=float(cfg.rank), init="gaussian"))
+        # the same projections as DM-LoRA's (its default targets include o, LoRA-PAR's do not)
+        apply_lora(model, LoraArgs(r=cfg.rank, alpha=float(cfg.rank), init="gaussian", targets=DualArgs().dual_targets))
     optimizer = MaskedAdamW.for_model(model, lr=1e-4, weight_decay=0.0)
     if dual is not None:
         dual.start(optimizer, total_steps=10**9)

@@ -10,10 +10,15 @@ B_e (out, r_e) ~ N(0, init_std^2), gates E (r_e,) = 0, so B_e diag(E) A_e = 0 at
 gradient at the first step and A_e, B_e from the second. One scale s for both modules: the paper's
 r = 128 and alpha = 128 give s = 1, the same as a rank-128 LoRA.
 
-Component i of the expert module is (row i of A_e, E_i, column i of B_e); budget.py screens and prunes
-components. A pruned component is held by element masks, the single truth the kernel (gradients) and
-MaskedAdamW (updates, weight decay, state) read: E_i is set to 0 and masked, and so are A_e[i, :] and
-B_e[:, i], which stay bit-identical from then on.
+Component i of the expert module is (row i of A_e, E_i, column i of B_e); budget.py screens
+components. Between screenings a losing component only has its gate zeroed (`gate_experts`, AdaLoRA's
+rule); a pruned one (the final mask, or every screening with --dual-pruning freeze) is held by element
+masks, the single truth the kernel (gradients) and MaskedAdamW (updates, weight decay, state) read:
+E_i is set to 0 and masked, and so are A_e[i, :] and B_e[:, i], which stay bit-identical from then on.
+
+--dual-shared-init released and --dual-expert-init released reproduce the supplement's code where it
+differs from the paper (docs/fidelity.md): a shared module from a random matrix over an unmodified W0,
+and an expert module that no gradient reaches.
 
 The forward concatenates both modules into one rank-(r_s + r_e) LoRA, A = [A_s; A_e] and
 B = [B_s, B_e diag(E)], and calls the fused masked kernel once: one dropout mask, one base matmul.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -32,30 +38,53 @@ import torch.nn as nn
 
 from kernels import masked_lora_linear
 from lorapar.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_tensors, hf_output_rows, read_safetensors
+from lorapar.budget import PRUNING_MODES, schedule_steps
 from lorapar.config import field
 from lorapar.io import atomic_save_safetensors, atomic_write_json
-from lorapar.lora import LoRALinear, lora_modules, peft_key, resolve_targets, unwrap_model
+from lorapar.lora import LoRALinear, lora_modules, peft_key, principal_factors, resolve_targets, unwrap_model
+
+EXPERT_INITS = ("gaussian", "released")
+SHARED_INITS = ("pissa", "released")
+ORTH_EPS = 1e-6  # the supplement's ||A A^T + eps I - I||_F
 
 
 @dataclass
 class DualArgs:
-    """DM-LoRA's adapter shape and its importance screening (paper defaults)."""
+    """DM-LoRA's adapter shape and its importance screening (defaults: the authors' supplement, train.sh)."""
 
     dual_rank: int = field(default=128, metadata={"help": "total rank r = r_shared + r_expert"})
     dual_shared_rank: int = field(default=32, metadata={"help": "rank of the PiSSA shared module (the rest is expert)"})
     dual_alpha: float = field(default=128.0, metadata={"help": "scale s = alpha / dual_rank for both modules"})
     dual_targets: tuple[str, ...] = field(
-        default=("q", "k", "v", "gate", "up", "down"), metadata={"help": "target linears (Meta, HF or short names)"}
+        default=("q", "k", "v", "o", "gate", "up", "down"),
+        metadata={"help": "target linears (Meta, HF or short names)"},
     )
     dual_dropout: float = 0.0
-    dual_init_std: float = field(default=0.02, metadata={"help": "std of the expert factors A_e, B_e"})
+    dual_shared_init: str = field(default="pissa", metadata={
+        "choices": list(SHARED_INITS),
+        "help": "pissa: the principal factors of the loaded W0, the residual in the base (the paper); released: the "
+                "supplement's code, the principal factors of a random kaiming matrix and W0 left as it is"})
+    dual_expert_init: str = field(default="gaussian", metadata={
+        "choices": list(EXPERT_INITS),
+        "help": "gaussian: A_e, B_e ~ N(0, init_std^2), E = 0 (AdaLoRA); released: the supplement's kaiming A_e, "
+                "B_e = E = 0, which no gradient ever reaches"})
+    dual_init_std: float = field(default=0.02, metadata={"help": "std of the expert factors A_e, B_e (gaussian init)"})
     dual_svd_niter: int = field(
-        default=0, metadata={"help": "0 = exact SVD of W0; N > 0 = randomised SVD with N subspace iterations"}
+        default=0, metadata={"help": "0 = exact SVD of W0; N > 0 = randomised SVD with N subspace iterations "
+                             "(the supplement: 4)"}
     )
     dual_target_rank: float = field(default=80.0, metadata={"help": "final average number of live expert components"})
-    dual_t_init: int = field(default=200, metadata={"help": "optimizer steps before pruning starts"})
-    dual_t_final: int = field(default=200, metadata={"help": "last optimizer steps with the masks fixed"})
+    dual_t_init: float = field(default=235 / 1562, metadata={
+        "help": "optimizer steps before pruning starts: a fraction of the run if < 1, else a number of steps "
+                "(default: the supplement's 235 of 1562)"})
+    dual_t_final: float = field(default=780 / 1562, metadata={
+        "help": "last optimizer steps with the final mask fixed: a fraction of the run if < 1, else steps "
+                "(default: the supplement's 780 of 1562)"})
     dual_delta_t: int = field(default=10, metadata={"help": "re-screen every this many steps"})
+    dual_pruning: str = field(default="regrow", metadata={
+        "choices": list(PRUNING_MODES),
+        "help": "regrow: a screening zeroes the losers' gates, which may grow back until the final mask at "
+                "T - t_final (AdaLoRA, the supplement); freeze: a pruned component is masked for good at once"})
     dual_beta1: float = field(default=0.85, metadata={"help": "EMA of the sensitivity |w * grad|"})
     dual_beta2: float = field(default=0.85, metadata={"help": "EMA of the uncertainty |I - I_bar|"})
     dual_budget_power: float = field(default=2.0, metadata={"help": "budget schedule exponent (2 paper, 3 AdaLoRA)"})
@@ -79,6 +108,18 @@ class DualArgs:
             raise ValueError(
                 f"DualArgs: dual_target_rank ({self.dual_target_rank}) must lie in [0, expert rank {self.expert_rank}]"
             )
+        for flag, value in (("--dual-t-init", self.dual_t_init), ("--dual-t-final", self.dual_t_final)):
+            schedule_steps(value, 1, flag)  # the form of the value; the run length is checked by the screener
+        for flag, value, choices in (("--dual-pruning", self.dual_pruning, PRUNING_MODES),
+                                     ("--dual-expert-init", self.dual_expert_init, EXPERT_INITS),
+                                     ("--dual-shared-init", self.dual_shared_init, SHARED_INITS)):
+            if value not in choices:
+                raise ValueError(f"DualArgs: {flag} {value!r}; expected one of {choices}")
+
+    def schedule(self, total_steps: int) -> tuple[int, int]:
+        """(t_init, t_final) in optimizer steps for a run of `total_steps`."""
+        return (schedule_steps(self.dual_t_init, total_steps, "--dual-t-init"),
+                schedule_steps(self.dual_t_final, total_steps, "--dual-t-final"))
 
 
 class DualLoRALinear(LoRALinear):
@@ -106,12 +147,37 @@ class DualLoRALinear(LoRALinear):
             self.register_buffer(self.MASK_OF[part], None, persistent=False)  # saved in the masks file
 
     @torch.no_grad()
-    def reset_dual(self, generator: torch.Generator, init_std: float, svd_niter: int = 0) -> None:
-        """Shared module by PiSSA from the current weight (W0), residual in the base; A_e, B_e ~
-        N(0, init_std^2); E = 0."""
-        self.reset_lora("pissa", generator, pissa_niter=svd_niter)
-        self.expert_A.copy_(torch.empty(self.expert_A.shape).normal_(0.0, init_std, generator=generator))
-        self.expert_B.copy_(torch.empty(self.expert_B.shape).normal_(0.0, init_std, generator=generator))
+    def reset_dual(self, generator: torch.Generator, init_std: float, svd_niter: int = 0,
+                   expert_init: str = "gaussian", shared_init: str = "pissa") -> None:
+        """Shared module, `shared_init` "pissa": PiSSA from the current weight (W0), residual in the
+        base; "released": the supplement's code, which runs its PiSSA init on the layer's own random
+        kaiming-uniform weight before the pretrained W0 is assigned, so A_s, B_s are the principal
+        factors of a random matrix, W0 stays unmodified and the output moves at init.
+        Expert module, E = 0 and `expert_init` "gaussian": A_e, B_e ~ N(0, init_std^2) (AdaLoRA's init;
+        E gets a gradient at once); "released": A_e kaiming-uniform (a = sqrt 5), B_e = 0, the
+        supplement's code, where every expert gradient but the regulariser's on A_e is a product with
+        B_e or E and so stays 0."""
+        if shared_init == "pissa":
+            self.reset_lora("pissa", generator, pissa_niter=svd_niter)
+        elif shared_init == "released":
+            random_weight = torch.empty(self.weight.shape)
+            nn.init.kaiming_uniform_(random_weight, a=math.sqrt(5), generator=generator)
+            A, B = principal_factors(random_weight, self.r, self.scale, "pissa", svd_niter, generator)
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            self.init = "released"
+        else:
+            raise ValueError(f"reset_dual: unknown shared init {shared_init!r}; expected one of {SHARED_INITS}")
+        if expert_init == "gaussian":
+            self.expert_A.copy_(torch.empty(self.expert_A.shape).normal_(0.0, init_std, generator=generator))
+            self.expert_B.copy_(torch.empty(self.expert_B.shape).normal_(0.0, init_std, generator=generator))
+        elif expert_init == "released":
+            A = torch.empty(self.expert_A.shape)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            self.expert_A.copy_(A)
+            self.expert_B.zero_()
+        else:
+            raise ValueError(f"reset_dual: unknown expert init {expert_init!r}; expected one of {EXPERT_INITS}")
         self.expert_E.zero_()
 
     def delta_weight(self) -> torch.Tensor:
@@ -171,6 +237,17 @@ class DualLoRALinear(LoRALinear):
         self.mask_expert_E = alive.clone()
         self.mask_expert_A = self._mask_or_ones("expert_A") & alive[:, None]
         self.mask_expert_B = self._mask_or_ones("expert_B") & alive[None, :]
+
+    @torch.no_grad()
+    def gate_experts(self, kept: torch.Tensor) -> None:
+        """Set the gates E_i of the components not `kept` (r_e,) to 0 and nothing else: they keep
+        training, and regrow if they get gradient (AdaLoRA's masking between screenings)."""
+        if kept.shape != self.expert_E.shape or kept.dtype != torch.bool:
+            raise ValueError(f"gate_experts: expected a bool mask of shape {tuple(self.expert_E.shape)}, got "
+                             f"{kept.dtype} {tuple(kept.shape)}")
+        if self.merged:
+            raise RuntimeError("gate_experts: unmerge the adapter first")
+        self.expert_E.masked_fill_(~kept.to(self.expert_E.device), 0.0)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, expert_rank={self.expert_E.shape[0]}, "
@@ -233,7 +310,8 @@ def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dic
         for param in PARAMS:
             getattr(m, param).requires_grad_(True)
         if initialise:
-            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter)
+            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init,
+                         args.dual_shared_init)
     return found
 
 
@@ -267,19 +345,23 @@ def set_dual_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:
-    """mean over modules of ||A_e A_e^T - I||_F + ||B_e^T B_e - I||_F (the caller multiplies by lambda).
+    """The supplement's regulariser (the caller multiplies by lambda): the mean over the 2 * modules
+    matrices of ||A_e A_e^T + eps I - I||_F and ||B_e^T B_e + eps I - I||_F, eps = ORTH_EPS, non-squared
+    Frobenius norms in fp32, as peft's AdaLoRA (whose mean is also per matrix) restricted to the expert.
 
-    Gradients, with M = A A^T - I and N = B^T B - I (both symmetric):
-        dL/dA = 2 M A / ||M||_F,    dL/dB = 2 B N / ||N||_F     (0 where the norm is 0).
+    Gradients, with M = A A^T - (1 - eps) I and N = B^T B - (1 - eps) I (both symmetric), n = 2 * modules:
+        dL/dA = 2 M A / (n ||M||_F),    dL/dB = 2 B N / (n ||N||_F)     (0 where the norm is 0).
     Pruned rows / columns stay in the sum, as in AdaLoRA; their own gradients are ignored by the masks.
     """
     modules = list(_require_dual(model, "orthogonality_loss").values())
     total = 0.0
-    for m in modules:
-        A, B = m.expert_A, m.expert_B
-        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        total = total + torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
-    return total / len(modules)
+    with torch.autocast(device_type=modules[0].expert_A.device.type, enabled=False):
+        for m in modules:
+            dtype = torch.promote_types(m.expert_A.dtype, torch.float32)  # at least fp32
+            A, B = m.expert_A.to(dtype), m.expert_B.to(dtype)
+            eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device) * (1.0 - ORTH_EPS)
+            total = total + torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
+    return total / (2 * len(modules))
 
 
 # ---------------------------------------------------------------------- adapters on disk
@@ -290,12 +372,13 @@ B_TENSORS = ("lora_B", "expert_B", "init_B")  # (out, r): their rows follow the 
 
 def dual_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter file's tensors: every trainable tensor plus each module's initial shared factors
-    (init_A, init_B), which rebuild the residual base W0 - s B0 A0 from the original W0 on loading.
+    (init_A, init_B), which rebuild the residual base W0 - s B0 A0 from the original W0 on loading
+    (none with --dual-shared-init released, whose base is W0 itself).
     Output rows of q/k B-type tensors in HF order (lorapar.adapter.hf_output_rows), as in LoRA adapter files."""
     model_args = unwrap_model(model).args
     out = {}
     for name, m in _require_dual(model, "dual_state_dict").items():
-        for p in (*PARAMS, "init_A", "init_B"):
+        for p in (*PARAMS, "init_A", "init_B") if m.init_A is not None else PARAMS:
             tensor = getattr(m, p).detach().float().cpu()
             out[adapter_key(name, p)] = hf_output_rows(name, tensor, model_args, to_hf=True) if p in B_TENSORS else tensor
     return out
@@ -349,20 +432,25 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
     modules = dual_modules(model) or apply_dual(model, args, initialise=False)
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     tensors, _ = read_safetensors(path)
+    residual = args.dual_shared_init == "pissa"  # "released" leaves W0 in the base: no init factors
     shapes = {  # init_A / init_B have the shared factors' shapes
         adapter_key(n, p): getattr(m, {"init_A": "lora_A", "init_B": "lora_B"}.get(p, p)).shape
-        for n, m in modules.items() for p in (*PARAMS, "init_A", "init_B")
+        for n, m in modules.items() for p in ((*PARAMS, "init_A", "init_B") if residual else PARAMS)
     }
     check_tensors(tensors, shapes, path)
     model_args = unwrap_model(model).args
     for name, m in modules.items():
-        for p in B_TENSORS:
+        for p in B_TENSORS if residual else ("lora_B", "expert_B"):
             tensors[adapter_key(name, p)] = hf_output_rows(name, tensors[adapter_key(name, p)], model_args, to_hf=False)
-        init_A, init_B = tensors[adapter_key(name, "init_A")], tensors[adapter_key(name, "init_B")]
-        if m.init_A is None:
-            m.set_residual_base(init_A, init_B)
+        if not residual:
+            if m.init_A is not None:
+                raise ValueError(f"{path}: {name} has a residual base here; a released-init adapter loads onto W0")
+            m.init = "released"
+        elif m.init_A is None:
+            m.set_residual_base(tensors[adapter_key(name, "init_A")], tensors[adapter_key(name, "init_B")])
             m.init = "pissa"
-        elif not (torch.equal(m.init_A.cpu(), init_A) and torch.equal(m.init_B.cpu(), init_B)):
+        elif not (torch.equal(m.init_A.cpu(), tensors[adapter_key(name, "init_A")])
+                  and torch.equal(m.init_B.cpu(), tensors[adapter_key(name, "init_B")])):
             raise ValueError(f"{path}: {name} was initialised from other principal factors; load onto the original base model")
         for p in PARAMS:
             getattr(m, p).copy_(tensors[adapter_key(name, p)])

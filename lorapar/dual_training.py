@@ -10,7 +10,8 @@
 
 The regulariser is lambda * orthogonality_loss; a trainer that sums gradients over ranks divides it
 by the world size. Screening reads the all-reduced gradients, so every rank prunes the same
-components; after a pruning the optimizer drops the packed state of the newly frozen elements.
+components; after a masking (every screening with --dual-pruning freeze, the final one with regrow)
+the optimizer drops the packed state of the newly frozen elements.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class DualTraining:
     def start(self, optimizer, total_steps: int) -> None:
         """Create the screener for a run of `total_steps` optimizer steps; `optimizer` is a MaskedAdamW."""
         a = self.args
+        t_init, t_final = a.schedule(total_steps)
         self.screener = ExpertScreener(
-            self.modules, total_steps, a.dual_target_rank, a.dual_t_init, a.dual_t_final, a.dual_delta_t,
-            a.dual_beta1, a.dual_beta2, a.dual_budget_power, on_prune=lambda _names: optimizer.sync_masks(self.model),
+            self.modules, total_steps, a.dual_target_rank, t_init, t_final, a.dual_delta_t, a.dual_beta1, a.dual_beta2,
+            a.dual_budget_power, on_prune=lambda _names: optimizer.sync_masks(self.model), mode=a.dual_pruning,
         )
 
     def regulariser(self) -> torch.Tensor:
@@ -78,3 +80,5 @@ class DualTraining:
         path = os.path.join(directory, SCREENER_FILE)
         if os.path.exists(path):  # absent once the pruning phase is over; step() fails loudly if still needed
             self.screener.load_state_dict(load_file(path))
+        else:
+            self.screener.refresh_kept()

@@ -94,9 +94,10 @@ class PipelineConfig:
     dual_rank: int = 128
     dual_shared_rank: int = 32
     dual_alpha: float = 128.0
+    dual_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # the supplement's
     dual_target_rank: float = 80.0
-    dual_t_init: int = 200
-    dual_t_final: int = 200
+    dual_t_init: float = field(default=235 / 1562, metadata={"help": "fraction of the SFT steps (< 1) or steps"})
+    dual_t_final: float = field(default=780 / 1562, metadata={"help": "fraction of the SFT steps (< 1) or steps"})
     dual_delta_t: int = 10
     # evaluation
     eval_batch_size: int = 16
@@ -122,12 +123,12 @@ EMBEDDED = dict(
     sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
     rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
     rl_micro_batch=32, rl_temperature=0.3, rl_top_p=0.9, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
-    dual_target_rank=4.0, dual_t_init=20, dual_t_final=40, dual_delta_t=10, eval_batch_size=50,
+    dual_target_rank=4.0, dual_t_init=0.1, dual_t_final=0.2, dual_delta_t=10, eval_batch_size=50,
     eval_max_new_tokens=64, save_every=25,
 )
 SMOKE = dict(
     EMBEDDED, score_samples=8, sft_steps=4, sft_lr=2e-3, sft_batch_size=8, sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2,
-    rl_generations=4, rl_max_completion_len=24, dual_t_init=1, dual_t_final=1, dual_delta_t=1, eval_limit=16,
+    rl_generations=4, rl_max_completion_len=24, dual_t_init=0.25, dual_t_final=0.25, dual_delta_t=1, eval_limit=16,
     eval_max_new_tokens=24, save_every=2,
 )
 
@@ -300,7 +301,7 @@ class Pipeline:
                 "--save-every", str(cfg.save_every), *run_dir_flags(out, redo)]
         if method == "dmlora":
             argv += ["--adapter", "dual", "--dual-rank", str(cfg.dual_rank), "--dual-shared-rank", str(cfg.dual_shared_rank),
-                     "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.targets),
+                     "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.dual_targets),
                      "--dual-target-rank", str(cfg.dual_target_rank), "--dual-t-init", str(cfg.dual_t_init),
                      "--dual-t-final", str(cfg.dual_t_final), "--dual-delta-t", str(cfg.dual_delta_t)]
         else:

@@ -13,8 +13,16 @@ import pytest  # noqa: E402
 
 from kernels.function import triton_kernels  # noqa: E402
 from lorapar.adapter import load_adapter as lora_load_adapter  # noqa: E402
-from lorapar.budget import ExpertScreener, SensitivityEMA, budget_at, component_scores, select_survivors
+from lorapar.budget import (  # noqa: E402
+    ExpertScreener,
+    SensitivityEMA,
+    budget_at,
+    component_scores,
+    schedule_steps,
+    select_survivors,
+)
 from lorapar.dual import (  # noqa: E402
+    ORTH_EPS,
     DualArgs,
     adapter_key,
     apply_dual,
@@ -28,6 +36,7 @@ from lorapar.dual import (  # noqa: E402
 from lorapar.lora import disable_adapter, merge, unmerge  # noqa: E402
 
 SMALL = dict(dual_rank=12, dual_shared_rank=4, dual_alpha=12.0, dual_target_rank=5.0)  # r_e = 8, s = 1
+N_MODULES = 2 * 7  # the tiny model's 2 layers x q, k, v, o, gate, up, down
 
 
 def tokens(vocab: int = 128, batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
@@ -55,6 +64,18 @@ def test_budget_schedule_rejects_phases_longer_than_training():
         budget_at(1, 50, 96, 80, t_init=30, t_final=20)
     with pytest.raises(ValueError, match="target budget"):
         budget_at(1, 50, 96, 120, t_init=0, t_final=0)
+
+
+def test_schedule_phases_are_fractions_of_the_run_or_whole_steps():
+    args = DualArgs()
+    assert args.schedule(1562) == (235, 780)  # the supplement's train.sh: tinit 235, tfinal 780 of 1,562 steps
+    assert args.schedule(233) == (35, 116)  # the real-input pipeline's run length, which absolute 200/200 broke
+    assert DualArgs(dual_t_init=200.0, dual_t_final=0.0).schedule(1000) == (200, 0)  # >= 1: absolute steps
+    assert schedule_steps(1, 50, "--x") == 1 and schedule_steps(0.5, 7, "--x") == 4
+    with pytest.raises(ValueError, match=r"--dual-t-final: expected a fraction .* got 2.5"):
+        DualArgs(dual_t_final=2.5)
+    with pytest.raises(ValueError, match="--dual-t-init"):
+        DualArgs(dual_t_init=-0.1)
 
 
 def test_sensitivity_ema_matches_adalora_recurrence():
@@ -95,7 +116,8 @@ def test_output_unchanged_at_init_and_shared_module_is_principal(tiny_model):
     before = tiny_model(x)
     w0 = tiny_model.layers[0].attention.wq.weight.detach().clone()
     modules = apply_dual(tiny_model, DualArgs(**SMALL))
-    assert len(modules) == 2 * 6 and all(m.expert_E.abs().sum() == 0 for m in modules.values())
+    assert len(modules) == N_MODULES and all(m.expert_E.abs().sum() == 0 for m in modules.values())
+    assert "layers.1.attention.wo" in modules  # the supplement adapts o as well
     torch.testing.assert_close(tiny_model(x), before, atol=2e-5, rtol=1e-5)
     wq = modules["layers.0.attention.wq"]
     U, S, Vh = torch.linalg.svd(w0)
@@ -217,16 +239,35 @@ def test_orthogonality_loss_is_zero_for_orthonormal_factors(tiny_model):
     assert orthogonality_loss(tiny_model) < 1e-5
 
 
+def test_orthogonality_loss_is_the_mean_over_matrices_not_modules(tiny_model):
+    """Hand-computed: A_e = c * (orthonormal rows) gives A A^T - (1 - eps) I = (c^2 - 1 + eps) I, whose
+    Frobenius norm is |c^2 - 1 + eps| sqrt(r); B_e = 0 gives (1 - eps) sqrt(r). The supplement (and
+    peft's AdaLoRA) divide the sum by the number of matrices, 2 per module."""
+    modules = apply_dual(tiny_model, DualArgs(**SMALL))
+    r = 8
+    with torch.no_grad():
+        for k, m in enumerate(modules.values()):
+            c = 2.0 if k == 0 else 1.0  # module 0's A_e has squared norm 4 per row, the others' are orthonormal
+            m.expert_A.copy_(c * torch.linalg.qr(torch.randn(m.expert_A.shape[1], r, dtype=torch.float64)).Q.T)
+            m.expert_B.zero_()
+    norm_A0 = (4.0 - 1.0 + ORTH_EPS) * r**0.5  # 3 sqrt(8)
+    norm_A = ORTH_EPS * r**0.5  # orthonormal rows: only eps is left
+    norm_B = (1.0 - ORTH_EPS) * r**0.5
+    expected = (norm_A0 + (N_MODULES - 1) * norm_A + N_MODULES * norm_B) / (2 * N_MODULES)
+    assert orthogonality_loss(tiny_model).item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx((3 + 14) * 8**0.5 / 28, rel=1e-5)  # ~1.717; a per-module mean gives twice it
+
+
 def test_orthogonality_loss_gradient_matches_the_hand_derived_formula(tiny_model):
     modules = apply_dual(tiny_model, DualArgs(**SMALL))
     tiny_model.double()
     loss = orthogonality_loss(tiny_model)
     loss.backward()
-    n = len(modules)
+    n = 2 * len(modules)  # the mean is over matrices
     for m in modules.values():
         A, B = m.expert_A.detach(), m.expert_B.detach()
-        M = A @ A.T - torch.eye(A.shape[0], dtype=A.dtype)
-        N = B.T @ B - torch.eye(B.shape[1], dtype=B.dtype)
+        M = A @ A.T - (1 - ORTH_EPS) * torch.eye(A.shape[0], dtype=A.dtype)
+        N = B.T @ B - (1 - ORTH_EPS) * torch.eye(B.shape[1], dtype=B.dtype)
         torch.testing.assert_close(m.expert_A.grad, 2 * M @ A / torch.linalg.norm(M) / n)
         torch.testing.assert_close(m.expert_B.grad, 2 * B @ N / torch.linalg.norm(N) / n)
 
@@ -234,12 +275,17 @@ def test_orthogonality_loss_gradient_matches_the_hand_derived_formula(tiny_model
 # ----------------------------------------------------------------------------- training with screening
 
 
-def _dual_run(model, steps: int, t_init: int, t_final: int, delta_t: int, weight_decay: float = 0.1, lr: float = 1e-2):
-    """Train on a fixed tiny next-token task; yields (step, loss) after each screened optimizer step."""
+def _dual_run(model, steps: int, t_init: float, t_final: float, delta_t: int, weight_decay: float = 0.1,
+              lr: float = 1e-2, pruning: str = "regrow", args: DualArgs = None):
+    """Train on a fixed tiny next-token task; yields (step, loss, record, dual) after each screened optimizer step.
+    `args` (if given) replaces SMALL; the schedule arguments apply on top."""
+    import dataclasses
+
     from lorapar.dual_training import DualTraining
     from lorapar.masks import MaskedAdamW
 
-    args = DualArgs(**{**SMALL, "dual_t_init": t_init, "dual_t_final": t_final, "dual_delta_t": delta_t})
+    args = dataclasses.replace(args or DualArgs(**SMALL), dual_t_init=t_init, dual_t_final=t_final,
+                               dual_delta_t=delta_t, dual_pruning=pruning)
     dual = DualTraining(model, args)
     optimizer = MaskedAdamW.for_model(model, lr=lr, weight_decay=weight_decay)
     dual.start(optimizer, total_steps=steps)
@@ -256,11 +302,11 @@ def _dual_run(model, steps: int, t_init: int, t_final: int, delta_t: int, weight
         yield step, loss.item(), record, dual
 
 
-def test_pruned_components_stay_bit_identical_and_budget_meets_target(tiny_model):
+def test_freeze_pruned_components_stay_bit_identical_and_budget_meets_target(tiny_model):
     steps, t_init, t_final = 14, 2, 4
     frozen = {}  # (module, component) -> (A row, B column) when pruned
     live_by_step = {}
-    for step, _, record, dual in _dual_run(tiny_model, steps, t_init, t_final, delta_t=3):
+    for step, _, record, dual in _dual_run(tiny_model, steps, t_init, t_final, delta_t=3, pruning="freeze"):
         live_by_step[step] = record["live_experts"]
         for name, m in dual.modules.items():
             for i in (~m.expert_alive).nonzero().flatten().tolist():
@@ -270,7 +316,7 @@ def test_pruned_components_stay_bit_identical_and_budget_meets_target(tiny_model
                     assert torch.equal(m.expert_A[i], A_row) and torch.equal(m.expert_B[:, i], B_col)
                 else:
                     frozen[name, i] = (m.expert_A[i].clone(), m.expert_B[:, i].clone())
-    initial, target, prune_end = 12 * 8, 12 * 5, steps - t_final  # 12 modules, r_e 8 -> average 5
+    initial, target, prune_end = N_MODULES * 8, N_MODULES * 5, steps - t_final  # r_e 8 -> average 5
     expected = initial
     for s in range(1, steps + 1):
         if t_init < s <= prune_end and (s % 3 == 0 or s == prune_end):  # the screening steps
@@ -280,19 +326,72 @@ def test_pruned_components_stay_bit_identical_and_budget_meets_target(tiny_model
     assert len(frozen) == initial - target
 
 
+def test_regrow_gated_components_grow_back_until_the_final_mask(tiny_model):
+    """AdaLoRA's and the supplement's rule: a screening zeroes the losers' gates and masks nothing, so a
+    gated component that gets gradient regrows (and may be kept at the next screening); from the last
+    screening at T - t_final on, the final mask holds its losers bit-identical and gated."""
+    steps, t_init, t_final, delta_t = 14, 2, 4, 3
+    prune_end = steps - t_final
+    gated_at: dict[int, dict] = {}  # screening step -> {(module, i): (A row, B column)} of the zeroed components
+    regrown, moved, rekept = 0, 0, 0
+    final: dict = {}
+    for step, _, record, dual in _dual_run(tiny_model, steps, t_init, t_final, delta_t=delta_t):
+        modules = dual.modules
+        if step < prune_end:
+            assert all(m.mask_expert_E is None and m.mask_expert_A is None for m in modules.values())  # nothing masked
+        previous = gated_at.get(step - 1)
+        if previous is not None:  # the step after a screening: its zeroed gates got a gradient and moved
+            for (name, i), (A_row, B_col) in previous.items():
+                regrown += bool(modules[name].expert_E[i] != 0)
+                moved += not torch.equal(modules[name].expert_A[i], A_row)
+        if "expert_budget" in record:
+            assert record["live_experts"] == record["expert_budget"]
+            zeroed = {(n, i): (m.expert_A[i].clone(), m.expert_B[:, i].clone())
+                      for n, m in modules.items() for i in (~dual.screener.kept[n]).nonzero().flatten().tolist()}
+            assert zeroed and all(modules[n].expert_E[i] == 0 for n, i in zeroed)
+            assert len(zeroed) == N_MODULES * 8 - record["expert_budget"]
+            if gated_at:  # kept now though zeroed at the last screening: it won its place back
+                last = gated_at[max(gated_at)]
+                rekept += sum(dual.screener.kept[n][i].item() for n, i in last)
+            gated_at[step] = zeroed
+        if step == prune_end - 1:
+            ema = {k: v.clone() for k, v in dual.screener.state_dict().items() if not k.startswith("kept.")}
+        if step == prune_end:  # as peft's AdaLoRA: the final screening ranks the EMAs of the steps before it
+            scores = [component_scores(*(ema[f"sensitivity.{n}.{p}"] * ema[f"uncertainty.{n}.{p}"] for p in "ABE"))
+                      for n in modules]
+            expected = select_survivors(scores, [torch.ones(8, dtype=torch.bool)] * N_MODULES, N_MODULES * 5)
+            assert all(torch.equal(m.expert_alive, e) for m, e in zip(modules.values(), expected))
+            assert not dual.screener.ema.sensitivity  # dropped once the mask is final
+            assert record["live_experts"] == N_MODULES * 5
+            final = {n: (m.expert_alive.clone(), m.expert_A.detach().clone(), m.expert_B.detach().clone())
+                     for n, m in modules.items()}
+            assert sum(int(alive.sum()) for alive, _, _ in final.values()) == N_MODULES * 5
+        if step > prune_end:  # the final mask is fixed: the losers do not move, the rest train
+            for n, m in modules.items():
+                alive, A0, B0 = final[n]
+                assert torch.equal(m.expert_alive, alive) and bool((m.expert_E[~alive] == 0).all())
+                assert torch.equal(m.expert_A[~alive], A0[~alive]) and torch.equal(m.expert_B[:, ~alive], B0[:, ~alive])
+            assert record["live_experts"] == N_MODULES * 5
+    assert regrown > 0 and moved > 0, (regrown, moved)
+    assert rekept > 0  # with a monotone rule this is impossible
+    assert any(not torch.equal(m.expert_A[alive], A0[alive])  # and the kept ones kept training
+               for (alive, A0, _), m in zip(final.values(), modules.values()))
+
+
 def test_short_training_run_lowers_the_loss(tiny_model):
     losses = [loss for _, loss, _, _ in _dual_run(tiny_model, steps=12, t_init=3, t_final=3, delta_t=2, lr=3e-2)]
     assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
 
 
-def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path):
+@pytest.mark.parametrize("pruning", ["regrow", "freeze"])
+def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path, pruning):
     from lorapar.masks import MaskedAdamW
     from lorapar.model import Transformer
     from lorapar.dual_training import DualTraining
 
-    run = _dual_run(tiny_model, steps=14, t_init=2, t_final=4, delta_t=3)
+    run = _dual_run(tiny_model, steps=14, t_init=2, t_final=4, delta_t=3, pruning=pruning)
     for step, _, _, dual in run:
-        if step == 6:
+        if step == 7:  # after the screenings at 3 and 6 (regrow: gates zeroed at 6, some regrown at 7)
             break
     dual.save(str(tmp_path))
     fresh = Transformer(tiny_args)
@@ -301,9 +400,12 @@ def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_pat
     optimizer = MaskedAdamW.for_model(fresh, lr=1e-2, weight_decay=0.1)
     resumed.start(optimizer, total_steps=14)
     resumed.resume(str(tmp_path), optimizer)
-    assert resumed.screener.live_components() == dual.screener.live_components() < 12 * 8
+    assert resumed.screener.live_components() == dual.screener.live_components() < N_MODULES * 8
+    assert resumed.screener.state_dict().keys() == dual.screener.state_dict().keys()
     for key, value in dual.screener.state_dict().items():
         assert torch.equal(resumed.screener.state_dict()[key], value)
+    masked = sum(m.mask_expert_E is not None for m in resumed.modules.values())
+    assert (masked == 0) if pruning == "regrow" else (masked > 0)
     x = tokens(seed=3)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), tiny_model.eval()(x), atol=0, rtol=0)
@@ -330,18 +432,19 @@ def _sft(setup, asset, out, *extra):
     return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
-def test_train_sft_dual_prunes_to_budget_and_resumes_bit_identically(setup, asset, tmp_path):
+@pytest.mark.parametrize("pruning", ["regrow", "freeze"])
+def test_train_sft_dual_prunes_to_budget_and_resumes_bit_identically(setup, asset, tmp_path, pruning):
     from safetensors.torch import load_file
 
-    straight = _sft(setup, asset, tmp_path / "straight")
+    straight = _sft(setup, asset, tmp_path / "straight", "--dual-pruning", pruning)
     assert straight[-1]["loss"] < straight[0]["loss"]
-    n_modules = 2 * 6
-    assert [m["live_experts"] for m in straight] == [n_modules * 8] + [
-        budget_at(s, 8, n_modules * 8, n_modules * 5, 1, 3) for s in (2, 2, 4, 5, 5, 5)
-    ] + [n_modules * 5]
-    _sft(setup, asset, tmp_path / "resumed", "--halt-at", "3")
+    n = N_MODULES
+    assert [m["live_experts"] for m in straight] == [n * 8] + [
+        budget_at(s, 8, n * 8, n * 5, 1, 3) for s in (2, 2, 4, 5, 5, 5)
+    ] + [n * 5]
+    _sft(setup, asset, tmp_path / "resumed", "--dual-pruning", pruning, "--halt-at", "3")
     assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "dual_screener.safetensors").exists()
-    resumed = _sft(setup, asset, tmp_path / "resumed", "--resume")
+    resumed = _sft(setup, asset, tmp_path / "resumed", "--dual-pruning", pruning, "--resume")
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     assert not (tmp_path / "straight" / "dual_screener.safetensors").exists()  # finished: no EMAs in the adapter
     for name in ("adapter_model.safetensors", "masks.safetensors"):
@@ -382,3 +485,77 @@ def test_loading_a_bad_adapter_names_the_file_and_the_problem(tiny_model, tiny_a
     screener = ExpertScreener(dual_modules(tiny_model), total_steps=10, target_rank=5, t_init=2, t_final=2, delta_t=1)
     with pytest.raises(RuntimeError, match="EMAs are missing"):  # a resume that lost them mid-pruning
         screener.step(5)
+
+
+def test_dmlora_preset_is_the_supplements_recipe(setup, asset, capsys):
+    import train_sft
+
+    _, base, data = setup
+    common = ["--ckpt", base, "--tokenizer", str(asset("models/llama2-tokenizer.model")), "--data", data, "--out", "x"]
+    sft, train, dual = train_sft.parse_config(["--preset", "dmlora", *common])
+    assert (sft.adapter, sft.max_len, sft.overflow) == ("dual", 380, "truncate")
+    assert (train.lr, train.schedule, train.warmup_ratio, train.weight_decay, train.epochs) == (
+        1e-5, "cosine", 0.03, 0.0, 1)
+    assert (train.global_batch, train.batch_size) == (64, 4)
+    assert isinstance(dual, DualArgs)
+    assert (dual.dual_rank, dual.dual_shared_rank, dual.expert_rank, dual.dual_alpha, dual.dual_target_rank) == (
+        128, 32, 96, 128.0, 80.0)
+    assert (dual.dual_delta_t, dual.dual_orth_lambda, dual.dual_beta1, dual.dual_beta2) == (10, 0.1, 0.85, 0.85)
+    assert dual.schedule(1562) == (235, 780) and dual.dual_pruning == "regrow"
+    assert set(dual.dual_targets) == {"q", "k", "v", "o", "gate", "up", "down"}
+    _, train, dual = train_sft.parse_config(["--preset", "dmlora", *common, "--lr", "3e-5", "--dual-pruning", "freeze"])
+    assert train.lr == 3e-5 and dual.dual_pruning == "freeze"  # flags override the preset
+    with pytest.raises(SystemExit):
+        train_sft.parse_config(["--preset", "dmlora", "--adapter", "lora", *common])
+    assert "--preset dmlora is for --adapter dual" in capsys.readouterr().err
+
+
+def test_released_expert_init_gets_no_gradient_through_the_expert(tiny_model):
+    """The supplement's code starts B_e = E = 0 (A_e kaiming): every gradient through the expert is a
+    product with one of them, so after training only A_e has moved (by the regulariser alone) and the
+    adapter's output is the shared module's. --dual-expert-init released reproduces that."""
+    import copy
+
+    args = DualArgs(**SMALL, dual_expert_init="released")
+    initial = apply_dual(copy.deepcopy(tiny_model), args)  # the same init (one seed): the starting point
+    wq = initial["layers.0.attention.wq"]
+    bound = 1 / wq.expert_A.shape[1] ** 0.5  # kaiming-uniform with a = sqrt(5)
+    assert 0 < wq.expert_A.abs().max() <= bound and wq.expert_B.abs().sum() == 0
+    A0 = {n: m.expert_A.detach().clone() for n, m in initial.items()}
+    for _, _, _, dual in _dual_run(tiny_model, steps=6, t_init=1, t_final=1, delta_t=2, args=args):
+        pass
+    for name, m in dual.modules.items():
+        assert m.expert_B.abs().sum() == 0 and m.expert_E.abs().sum() == 0, name
+        assert not torch.equal(m.expert_A, A0[name])  # the orthogonality term moves A_e, to no effect
+
+
+def test_released_shared_init_factors_a_random_matrix_and_leaves_w0(tiny_model, tiny_args, tmp_path):
+    """The supplement's code runs PiSSA on the layer's own random kaiming weight before the pretrained
+    W0 is assigned: s B_s A_s is the rank-r_s SVD part of a random matrix, W0 is not touched, so the
+    output moves at init. The adapter saves no residual factors and loads back onto W0 exactly."""
+    from lorapar.model import Transformer
+
+    x = tokens()
+    before = tiny_model(x)
+    w0 = tiny_model.layers[0].attention.wq.weight.detach().clone()
+    args = DualArgs(**SMALL, dual_shared_init="released", dual_seed=5)
+    modules = apply_dual(tiny_model, args)
+    wq = modules["layers.0.attention.wq"]
+    assert torch.equal(wq.weight, w0) and wq.init_A is None
+    generator = torch.Generator().manual_seed(5)  # the first draw of the init's generator is q's random weight
+    random_weight = torch.empty(w0.shape)
+    torch.nn.init.kaiming_uniform_(random_weight, a=5**0.5, generator=generator)
+    U, S, Vh = torch.linalg.svd(random_weight)
+    torch.testing.assert_close(wq.scale * wq.lora_B @ wq.lora_A, U[:, :4] * S[:4] @ Vh[:4], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert (tiny_model(x) - before).abs().max() > 1e-3  # not output-preserving
+        with disable_adapter(tiny_model):
+            assert torch.equal(tiny_model(x), before)
+    _train_a_little(tiny_model)
+    save_dual_adapter(tiny_model, str(tmp_path), args)
+    fresh = Transformer(tiny_args)
+    fresh.init_weights(seed=0)
+    assert load_dual_adapter(fresh, str(tmp_path)) == args
+    assert torch.equal(fresh.layers[0].attention.wq.weight, w0)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), tiny_model(x), atol=0, rtol=0)
