@@ -67,12 +67,13 @@ PRESETS = {
         "SFTArgs": dict(max_len=512, template="lorapar"),
     },
     # DM-LoRA's supplement (train.sh, code task): lr 1e-5, cosine, warm-up 0.03, no weight decay, batch 4 x 16 = 64,
-    # max length 380 (the tokenizer truncates), one epoch; r 128 = 32 shared + 96 expert, alpha 128, target rank 80,
-    # pruning from step 235 to 1562 - 780 of 1562 (as fractions), delta T 10, lambda 0.1, beta 0.85 / 0.85.
+    # max length 380 (the tokenizer truncates), one epoch, the Alpaca prompt; r 128 = 32 shared + 96 expert,
+    # alpha 128, target rank 80, pruning from step 235 to 1562 - 780 of 1562 (as fractions), delta T 10,
+    # lambda 0.1, beta 0.85 / 0.85.
     "dmlora": {
         "TrainArgs": dict(lr=1e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, global_batch=64,
                           batch_size=4, epochs=1),
-        "SFTArgs": dict(adapter="dual", max_len=380, overflow="truncate"),
+        "SFTArgs": dict(adapter="dual", max_len=380, overflow="truncate", template="alpaca"),
         "DualArgs": dict(dual_rank=128, dual_shared_rank=32, dual_alpha=128.0, dual_dropout=0.0, dual_target_rank=80.0,
                          dual_t_init=235 / 1562, dual_t_final=780 / 1562, dual_delta_t=10, dual_orth_lambda=0.1,
                          dual_beta1=0.85, dual_beta2=0.85, dual_budget_power=2.0, dual_pruning="regrow"),

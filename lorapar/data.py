@@ -23,6 +23,8 @@ Templates (`format_prompt` / `format_response`):
                     (example.py's collate_fn). `encode_prompt` puts the EOS token in: it is not text.
                rl   the chat prompt with LORAPAR_SYSTEM_PROMPT (example.py's SYSTEM_PROMPT, leading and
                     trailing newlines included); GRPO and evaluation after GRPO.
+  alpaca       the DM-LoRA supplement's: ALPACA_PROMPT around the question; response = the answer + "\n"
+               (then EOS, as every SFT target), as its train.py builds the target.
 How answers are read back (rewards, evaluation): lorapar/answers.py.
 
 Tokenisation: prompt and response are encoded separately (BOS + prompt, response + EOS) and concatenated,
@@ -51,13 +53,18 @@ from lorapar.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FORMATS = ("gsm8k", "mmlu", "humaneval", "instruction", "labelled")
-TEMPLATES = ("plain", "chat", "reasoning", "lorapar")
+TEMPLATES = ("plain", "chat", "reasoning", "lorapar", "alpaca")
 PHASES = ("sft", "rl")  # which stage a prompt is for; only the lorapar template tells them apart
 REASONING_SYSTEM_PROMPT = (
     "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 )
 # example.py's SYSTEM_PROMPT verbatim (a triple-quoted string: it starts and ends with a newline).
 LORAPAR_SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+# The DM-LoRA supplement's prompt (PiSSA's train.py, which it was derived from): Alpaca's no-input form.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{question}\n\n### Response:"
+)
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -249,12 +256,16 @@ def format_prompt(example: Example, template: str = "plain", phase: str = "sft")
         return Tokenizer.chat_prompt(example.question)
     if template == "reasoning":
         return Tokenizer.chat_prompt(example.question, system=REASONING_SYSTEM_PROMPT)
+    if template == "alpaca":
+        return ALPACA_PROMPT.format(question=example.question)
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
 def format_response(example: Example, template: str = "plain") -> str:
     if template in ("plain", "chat", "lorapar"):
         return example.answer
+    if template == "alpaca":
+        return example.answer + "\n"
     if template == "reasoning":
         if example.format == "gsm8k":
             return reasoning_response(gsm8k_reasoning(example.answer), example.final)

@@ -141,6 +141,20 @@ def test_lorapar_template_is_example_py_s(tmp_path, tokenizer):
         format_prompt(example, "lorapar", "grpo")
 
 
+def test_alpaca_template_is_the_dmlora_supplement_s(tmp_path, tokenizer):
+    """PiSSA's train.py, which the supplement runs: the no-input Alpaca prompt; target = output + "\n" + EOS."""
+    row = {"instruction": "Write a function that adds two numbers.", "output": "def add(a, b):\n    return a + b"}
+    (example,) = load_examples(write_jsonl(tmp_path / "a.jsonl", [row]), "instruction")
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nWrite a function that adds two numbers.\n\n### Response:")
+    assert format_prompt(example, "alpaca") == prompt
+    assert format_response(example, "alpaca") == row["output"] + "\n"
+    (item,) = SFTDataset([example], tokenizer, template="alpaca", max_len=512).items
+    answer = tokenizer.encode(row["output"] + "\n")
+    assert item["input_ids"] == tokenizer.encode(prompt, bos=True) + answer + [tokenizer.eos_id]
+    assert item["labels"][-len(answer) - 1:] == answer + [tokenizer.eos_id]
+
+
 # meta-llama/Llama-2-7b-chat-hf's chat_template (tokenizer_config.json), which example.py's
 # tokenizer.apply_chat_template and TRL's GRPOTrainer render the authors' messages with.
 LLAMA2_CHAT_TEMPLATE = (

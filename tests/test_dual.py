@@ -493,7 +493,7 @@ def test_dmlora_preset_is_the_supplements_recipe(setup, asset, capsys):
     _, base, data = setup
     common = ["--ckpt", base, "--tokenizer", str(asset("models/llama2-tokenizer.model")), "--data", data, "--out", "x"]
     sft, train, dual = train_sft.parse_config(["--preset", "dmlora", *common])
-    assert (sft.adapter, sft.max_len, sft.overflow) == ("dual", 380, "truncate")
+    assert (sft.adapter, sft.max_len, sft.overflow, sft.template) == ("dual", 380, "truncate", "alpaca")
     assert (train.lr, train.schedule, train.warmup_ratio, train.weight_decay, train.epochs) == (
         1e-5, "cosine", 0.03, 0.0, 1)
     assert (train.global_batch, train.batch_size) == (64, 4)
