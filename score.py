@@ -79,7 +79,8 @@ def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
             runlock.acquire(cfg.out)
             existing = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out, name))]
             if existing and not cfg.overwrite:
-                outcome = FileExistsError(f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+                outcome = FileExistsError(
+                    f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
         except Exception as error:  # every rank must raise, not only rank 0
             outcome = error
     outcome = dist.broadcast_object(outcome, info)

@@ -41,8 +41,8 @@ from lorapar.rewards import DEFAULT_SPEC, parse_spec
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
     InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, check_finite, clear_previous_run, install_masks,
-    load_base_model, lora_file_writer, lr_at, make_checkpointer, prepare_run_dir, require_inputs, restore_training_state,
-    seed_everything, select_system,
+    load_base_model, lora_file_writer, lr_at, make_checkpointer, prepare_run_dir, require_inputs,
+    restore_training_state, seed_everything, select_system,
 )
 
 

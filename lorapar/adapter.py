@@ -181,7 +181,8 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
     except json.JSONDecodeError as error:
         raise InputError(f"{config_path}: invalid JSON ({error}); expected a peft adapter_config.json") from None
     if not isinstance(config, dict):
-        raise InputError(f"{config_path}: expected a JSON object (a peft adapter_config.json), got {type(config).__name__}")
+        raise InputError(
+            f"{config_path}: expected a JSON object (a peft adapter_config.json), got {type(config).__name__}")
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     tensors, metadata = read_safetensors(weights_path)
     tensors = _peft_layout(tensors, model, to_hf=False, source=weights_path)

@@ -339,7 +339,8 @@ def read_dual_config(adapter_dir: str) -> DualArgs:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     with named_errors(path, "an adapter_config.json (a JSON object)"), open(path, encoding="utf-8") as handle:
         config = json.load(handle)
-    if not isinstance(config, dict) or config.get("adapter") != "dual_lora" or not isinstance(config.get("dual_args"), dict):
+    if not isinstance(config, dict) or config.get("adapter") != "dual_lora" \
+            or not isinstance(config.get("dual_args"), dict):
         raise ValueError(f"{path}: not a dual-LoRA adapter (expected \"adapter\": \"dual_lora\" and a \"dual_args\" object)")
     known = {f.name for f in dataclasses.fields(DualArgs)}
     unknown = sorted(set(config["dual_args"]) - known)

@@ -53,7 +53,7 @@ class ServeArgs:
     max_new_tokens: int = field(default=256, metadata={"help": "completion length when a request gives no max_tokens"})
     device: str = field(default="cpu", metadata={"help": "torch device for the model"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted"})
-    read_timeout: float = field(default=30.0, metadata={"help": "seconds a connection may stall while sending a request"})
+    read_timeout: float = field(default=30.0, metadata={"help": "seconds a connection may stall sending a request"})
     max_connections: int = field(default=32, metadata={"help": "connections served at once; more get a 503"})
 
     def __post_init__(self) -> None:
@@ -276,7 +276,8 @@ class BoundedServer(ThreadingHTTPServer):
 def make_server(app: ChatModel, host: str, port: int, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0,
                 max_connections: int = 32) -> ThreadingHTTPServer:
     server = BoundedServer((host, port), Handler, max_connections)
-    server.app, server.max_body_bytes, server.read_timeout = app, max_body_bytes, read_timeout  # type: ignore[attr-defined]
+    server.app, server.max_body_bytes = app, max_body_bytes  # type: ignore[attr-defined]
+    server.read_timeout = read_timeout  # type: ignore[attr-defined]
     return server
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -204,15 +205,22 @@ class HttpTeacher:
 
     def classify(self, examples: Sequence[Example]) -> list[Vote]:
         prompts = [role_play_prompt(ex, self.args.target_model) for ex in examples]
-        with ThreadPoolExecutor(max_workers=max(1, self.args.concurrency)) as pool:
-            replies = list(pool.map(self._complete_or_refused, prompts))
-        return [(None, reply) if reply.startswith(REFUSED) else (parse_label(reply), reply) for reply in replies]
+        stopped = threading.Event()  # after a fatal error, requests not yet sent are not sent
 
-    def _complete_or_refused(self, prompt: str) -> str:
-        try:
-            return self.complete(prompt)
-        except RequestRefused as refusal:
-            return REFUSED + str(refusal)
+        def one(prompt: str) -> str:
+            if stopped.is_set():
+                raise TeacherError(f"{self.url}: not sent after an earlier error")
+            try:
+                return self.complete(prompt)
+            except RequestRefused as refusal:
+                return REFUSED + str(refusal)
+            except TeacherError:
+                stopped.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=max(1, self.args.concurrency)) as pool:
+            replies = list(pool.map(one, prompts))
+        return [(None, reply) if reply.startswith(REFUSED) else (parse_label(reply), reply) for reply in replies]
 
     def complete(self, prompt: str) -> str:
         body = json.dumps({

@@ -259,7 +259,8 @@ def test_a_request_specific_4xx_is_that_rows_abstention_with_the_message_kept(tm
                              "--concurrency", "1", "--batch-size", "1", "--backoff", "0.01"])
     rows = read_out(out)
     assert len(rows) == 3 and rows[0]["votes"] == [None] and all(r["votes"] != [None] for r in rows[1:])
-    assert rows[0]["replies"][0].startswith(f"refused by the server: HTTP {status}") and "scripted failure" in rows[0]["replies"][0]
+    reply = rows[0]["replies"][0]
+    assert reply.startswith(f"refused by the server: HTTP {status}") and "scripted failure" in reply
     assert summary["teachers"][0]["refused"] == 1 and summary["abstentions"] == 1
     assert len(server.requests) == 3  # refused once, not retried
 
@@ -280,8 +281,9 @@ def test_a_second_run_into_the_same_out_is_refused_naming_the_holder(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(4))
     out = tmp_path / "out.jsonl"
     holder = subprocess.Popen(  # another process holds the lock, as a running classify.py would
-        [sys.executable, "-c", "import sys, time; from lorapar import runlock; runlock.acquire(sys.argv[1], is_dir=False);"
-         " print('held', flush=True); time.sleep(60)", str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys, time; from lorapar import runlock; "
+         "runlock.acquire(sys.argv[1], is_dir=False); print('held', flush=True); time.sleep(60)", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(runlock.RunLocked, match=f"in use by process {holder.pid}"):

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lorapar.adapter import load_adapter, save_adapter
 from lorapar.checkpoint import load_model, save_model
@@ -104,8 +103,8 @@ def test_every_script_prints_one_line_and_exits_2_on_an_expected_error(tmp_path,
               "lorapar.serve": ["--ckpt", "b"], "lorapar.pipeline": ["--out", str(tmp_path / "o")]}[command[-1]]
     env = {k: v for k, v in os.environ.items() if k != "LORAPAR_TRACEBACK"}
     command = [str(REPO / command[0])] if command[0].endswith(".py") else command
-    result = subprocess.run([sys.executable, *command, *common, *flags], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, *command, *common, *flags], cwd=tmp_path,
+                            env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
     assert result.returncode == 2, result.stderr
     # One line, or argparse's usage block before its one-line error where the script reports through it.

@@ -60,11 +60,10 @@ def test_train_sft_overwrite_with_bad_data_keeps_the_previous_run(setup, asset, 
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a\\n#### 1"}\n{not json\n')
-    argv_data = setup[2]
     with pytest.raises(DataError, match="bad.jsonl:2"):
         run_sft((setup[0], setup[1], str(bad)), asset, out, "--max-steps", "1", "--overwrite")
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert after == before and argv_data  # not a byte of the finished run changed
+    assert after == before  # not a byte of the finished run changed
     run_sft(setup, asset, out, "--max-steps", "2", "--overwrite")  # good inputs: replaced
     assert (out / "checkpoints" / "step-000002").is_dir() and not (out / "checkpoints" / "step-000001").exists()
 
