@@ -29,10 +29,12 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from lorapar import runlock
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args
 from lorapar.data import DataError, Example, load_examples
+from lorapar.errors import run_main
 from lorapar.io import atomic_write_json
-from lorapar.teachers import TeacherArgs, fleiss_kappa, majority_vote, make_teacher
+from lorapar.teachers import REFUSED, TeacherArgs, fleiss_kappa, majority_vote, make_teacher
 
 log = logging.getLogger("classify")
 
@@ -91,6 +93,9 @@ def read_done(out: str, expected_ids: set[str], teachers: list[str]) -> set[str]
             raise DataError(f"{out}:{number}: row_id {rid} is not in this input (another --data or --limit?); use a new --out")
         if row_teachers != teachers:
             raise DataError(f"{out}:{number}: labelled by teachers {row_teachers}, this run has {teachers}; use a new --out")
+        if rid in done:
+            raise DataError(f"{out}:{number}: row_id {rid} appears twice (two runs wrote into this --out at once?); "
+                            "use a new --out")
         done.add(rid)
     return done
 
@@ -121,7 +126,8 @@ def summarise(out: str, teachers: list[str]) -> dict:
         "abstentions": sum(v is None for vs in votes for v in vs),
         "teachers": [
             {"spec": spec, **{f"system_{k}": sum(vs[i] == k for vs in votes) for k in (1, 2)},
-             "abstained": sum(vs[i] is None for vs in votes)}
+             "abstained": sum(vs[i] is None for vs in votes),
+             "refused": sum(str(r["replies"][i]).startswith(REFUSED) for r in rows)}
             for i, spec in enumerate(teachers)
         ],
         "fleiss_kappa": fleiss_kappa(votes),
@@ -166,6 +172,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.limit:
         examples = examples[: args.limit]
     ids = [row_id(ex) for ex in examples]
+    runlock.acquire(args.out, is_dir=False)  # a second run into this --out is refused, naming this one's PID
     done = read_done(args.out, set(ids), specs)
     pending = [(ex, rid) for ex, rid in zip(examples, ids) if rid not in done]
     log.info("%s: %d rows, %d already labelled, %d to label, %d malformed lines skipped",
@@ -191,6 +198,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     atomic_write_json(summary_path(args.out), summary)
     log.info("System 1: %d, System 2: %d, abstentions: %d, Fleiss' kappa: %s -> %s",
              summary["system_1"], summary["system_2"], summary["abstentions"], summary["fleiss_kappa"], args.out)
+    runlock.release(args.out, is_dir=False)
     return summary
 
 
@@ -200,4 +208,4 @@ def summary_path(out: str) -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    main()
+    run_main(main)

@@ -29,9 +29,10 @@ from typing import Optional
 
 import torch
 
-from lorapar import dist
+from lorapar import dist, runlock
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
 from lorapar.data import FORMATS, load_examples
+from lorapar.errors import run_main
 from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
 from lorapar.io import atomic_path, atomic_save_safetensors, atomic_write_json
 from lorapar.adapter import adapter_fingerprint, save_adapter
@@ -64,6 +65,7 @@ class ScoreArgs:
         "choices": RANDOM_SCOPES,
     })  # fmt: skip
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (None: cuda when available)"})
     base_dtype: str = field(default="auto", metadata={
         "help": "dtype of the frozen base (auto: bf16 on CUDA, fp32 on the CPU); train in the same one, "
@@ -88,23 +90,32 @@ def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
 
 
 def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
-    """Refuse to replace earlier results without --overwrite (rank 0 decides, every rank raises)."""
+    """Lock --out and refuse to replace earlier results without --overwrite (rank 0 decides, every rank raises).
+
+    Nothing is deleted here: `clear_old_outputs` removes the old results once the new ones are computed."""
     outcome = None
     if info.is_main:
-        existing = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out, name))]
-        if existing and not cfg.overwrite:
-            outcome = FileExistsError(f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
-        else:
-            for name in existing:  # only what a scoring run writes, never unrelated files
-                path = os.path.join(cfg.out, name)
-                if os.path.isdir(path):  # adapter_init/
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-            os.makedirs(cfg.out, exist_ok=True)
+        try:
+            runlock.acquire(cfg.out)
+            existing = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out, name))]
+            if existing and not cfg.overwrite:
+                outcome = FileExistsError(
+                    f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+        except Exception as error:  # every rank must raise, not only rank 0
+            outcome = error
     outcome = dist.broadcast_object(outcome, info)
     if outcome is not None:
         raise outcome
+
+
+def clear_old_outputs(cfg: ScoreArgs) -> None:
+    """--overwrite, once the new scores exist: remove what an earlier scoring run wrote (never unrelated files)."""
+    for name in OUTPUTS:
+        path = os.path.join(cfg.out, name)
+        if os.path.isdir(path):  # adapter_init/
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
 
 
 def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo):
@@ -211,13 +222,16 @@ def run_scoring(cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), p
     """Score, partition and write everything into cfg.out; returns {"out", "report"} (report on rank 0)."""
     info = dist.init_distributed(cfg.device)
     prepare_out_dir(cfg, info)
-    examples = load_examples(cfg.data, cfg.format)
+    examples = load_examples(cfg.data, cfg.format, skip_bad=cfg.skip_bad)
     tokenizer = Tokenizer(cfg.tokenizer)
     model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
     apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
     scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info)
+    if info.is_main:
+        clear_old_outputs(cfg)
     report = write_outputs(cfg, importance, part, scores, stats, model) if info.is_main else None
     dist.barrier(info)
+    runlock.release(cfg.out)
     return {"out": cfg.out, "report": report}
 
 
@@ -230,7 +244,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        dist.shutdown()
+    run_main(main, cleanup=dist.shutdown)

@@ -29,18 +29,20 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lorapar import dist
+from lorapar import dist, runlock
 from lorapar.adapter import load_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import encode_prompt, load_examples
+from lorapar.errors import FlagError, run_main
 from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts
 from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters
 from lorapar.masks import MaskedAdamW
 from lorapar.rewards import DEFAULT_SPEC, parse_spec
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
-    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lora_file_writer, lr_at,
-    make_checkpointer, prepare_run_dir, require_inputs, restore_training_state, seed_everything, select_system,
+    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, check_finite, clear_previous_run, install_masks,
+    load_base_model, lora_file_writer, lr_at, make_checkpointer, prepare_run_dir, require_inputs,
+    restore_training_state, seed_everything, select_system,
 )
 
 
@@ -159,6 +161,9 @@ def main(argv=None) -> dict:
 
     # ---- model, adapter (the SFT one, or fresh), masks, reference policy, optimizer
     model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+    if grpo.max_prompt_len + grpo.max_completion_len > model.args.max_seq_len:
+        raise FlagError(f"--max-prompt-len {grpo.max_prompt_len} + --max-completion-len {grpo.max_completion_len}: "
+                        f"above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.adapter:
         lora_args = load_adapter(model, cfg.adapter)
@@ -176,6 +181,7 @@ def main(argv=None) -> dict:
     )
     config = config_to_dict(cfg, grpo, train, lora_args)
 
+    clear_previous_run(train, info)  # --overwrite: only now, with every input loaded
     start_step = 0
     if resume_from is not None:
         start_step = restore_training_state(resume_from, model, optimizer, config, info)
@@ -225,6 +231,7 @@ def main(argv=None) -> dict:
                             shuffle_seed=derive_seed(train.seed, step, info.rank, 1))
         train_seconds = time.perf_counter() - started
         done = step + 1
+        check_finite(done, train.out, loss=stats["loss"], grad_norm=stats["grad_norm"])
         record = {"step": done, "epoch": epoch, "lr": lrs[-1], **stats, **rollout_stats(rollouts, reward_fns, grpo, info),
                   "generation_seconds": rollouts.generation_seconds, "training_seconds": train_seconds}
         if done % train.log_every == 0 or done == last_step:
@@ -239,6 +246,7 @@ def main(argv=None) -> dict:
     if finished and info.is_main:
         save_files(train.out)
     dist.barrier(info)
+    runlock.release(train.out)
     return {"out": train.out, "steps": last_step, "finished": finished}
 
 
@@ -262,7 +270,4 @@ def rollout_stats(rollouts, reward_fns, grpo: GRPOArgs, info: dist.DistInfo) -> 
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        dist.shutdown()
+    run_main(main, cleanup=dist.shutdown)

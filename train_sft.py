@@ -26,21 +26,22 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm import tqdm
 
-from lorapar import dist
+from lorapar import dist, runlock
 from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
 from lorapar.dual_training import DualTraining
+from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.lora import LoraArgs, apply_lora, resolve_targets
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW
 from lorapar.model import eval_mode
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
-    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lora_file_writer, lr_at,
-    make_checkpointer, prepare_run_dir, require_inputs, resolve_base_dtype, resolve_grad_accum, restore_training_state,
-    seed_everything, select_system, set_lr,
+    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, check_finite, clear_previous_run, install_masks,
+    load_base_model, lora_file_writer, lr_at, make_checkpointer, prepare_run_dir, require_inputs, resolve_base_dtype,
+    resolve_grad_accum, restore_training_state, seed_everything, select_system, set_lr,
 )
 
 
@@ -57,6 +58,12 @@ class SFTArgs(InputArgs):
     overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
     eval_data: str = field(default="", metadata={"help": "held-out file for the eval loss (same format)"})
     eval_fraction: float = field(default=0.0, metadata={"help": "or hold out this share of --data (0 = none)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fields(self, positive=("max_len",))
+        if not 0 <= self.eval_fraction < 1:
+            raise FlagError(f"--eval-fraction {self.eval_fraction}: expected a share in [0, 1)")
 
 
 PRESETS = {
@@ -250,6 +257,8 @@ def main(argv=None) -> dict:
 
     # ---- model and adapter
     model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+    if cfg.max_len > model.args.max_seq_len:  # past the context the positions are ones the base never saw
+        raise FlagError(f"--max-len {cfg.max_len}: above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     save_adapter_files, dual = build_adapter(model, cfg, lora_args)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -261,6 +270,7 @@ def main(argv=None) -> dict:
     # ---- resume: adapter, optimizer, schedule and data position, RNG of this rank
     if dual is not None:
         dual.start(optimizer, total_steps)
+    clear_previous_run(train, info)  # --overwrite: only now, with every input loaded
     start_step = 0
     if resume_from is not None:
         if dual is not None:  # adapter, pruned masks and EMAs, before the optimizer state laid out by them
@@ -314,6 +324,7 @@ def main(argv=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_value = dist.all_reduce_sum(torch.tensor(nll_sum, dtype=torch.float64), info).item() / step_tokens
         done = step + 1
+        check_finite(done, train.out, loss=loss_value, grad_norm=None if grad_norm is None else float(grad_norm))
         record = {"step": done, "epoch": epoch, "lr": lr, "loss": loss_value, "answer_tokens": int(step_tokens),
                   "seconds": time.perf_counter() - started, **dual_record}
         if grad_norm is not None:
@@ -333,11 +344,9 @@ def main(argv=None) -> dict:
     if finished and info.is_main:
         save_adapter_files(train.out)
     dist.barrier(info)
+    runlock.release(train.out)
     return {"out": train.out, "steps": last_step, "finished": finished, "loss": loss_value}
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        dist.shutdown()
+    run_main(main, cleanup=dist.shutdown)

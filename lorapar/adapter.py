@@ -22,7 +22,8 @@ from safetensors import safe_open
 
 from lorapar.checkpoint import hf_to_meta_state_dict, load_model, meta_to_hf_name, meta_to_hf_state_dict
 from lorapar.config import ModelArgs
-from lorapar.io import atomic_save_safetensors, atomic_write_json
+from lorapar.errors import InputError
+from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors
 from lorapar.lora import (
     META_TO_HF, LoraArgs, LoRALinear, adapter_state_dict, lora_modules, module_name_of, named_lora_parameters, peft_key,
     merge, replace_linears, require_lora, resolve_targets, target_of, unwrap_model,
@@ -161,7 +162,7 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """(tensors, metadata) of a safetensors file; a missing file is an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter file not found: {path}")
-    with safe_open(path, framework="pt") as handle:
+    with named_errors(path, "a safetensors adapter file"), safe_open(path, framework="pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
 
 
@@ -185,7 +186,10 @@ def read_adapter_args(adapter_dir: str) -> LoraArgs:
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: invalid JSON ({error})") from error
+        raise InputError(f"{config_path}: invalid JSON ({error}); expected a peft adapter_config.json") from None
+    if not isinstance(config, dict):
+        raise InputError(
+            f"{config_path}: expected a JSON object (a peft adapter_config.json), got {type(config).__name__}")
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"adapter file not found: {weights_path}")

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from lorapar.config import ModelArgs
-from lorapar.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from lorapar.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, named_errors
 from lorapar.model import Transformer
 
 
@@ -211,7 +211,8 @@ class _WeightFile:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
-            self._file = safe_open(path, framework="pt", device="cpu")
+            with named_errors(path, "a safetensors weight file"):
+                self._file = safe_open(path, framework="pt", device="cpu")
             self.keys, self.get = list(self._file.keys()), self._file.get_tensor
         else:
             tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

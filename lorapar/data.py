@@ -47,6 +47,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from lorapar.answers import extract_gsm8k_number, final_answer  # noqa: F401 (re-exported)
+from lorapar.errors import InputError
+from lorapar.io import named_errors
 from lorapar.loss import IGNORE_INDEX
 from lorapar.tokenizer import Tokenizer
 
@@ -68,7 +70,7 @@ ALPACA_PROMPT = (
 LETTERS = "ABCDEFGHIJ"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A record that does not have the expected shape; the message names the file and line."""
 
 
@@ -102,7 +104,8 @@ def _open_bytes(path: str):
 def _numbered_rows(path: str, skip_bad: bool) -> tuple[list[tuple[int, dict]], int]:
     """[(line number, row)] of a JSON-lines file and the count of skipped lines; blank lines are not records."""
     rows, skipped = [], 0
-    with _open_bytes(path) as handle:  # decoded line by line, so bad UTF-8 is reported with its line
+    with named_errors(path, "JSON lines (gzip-compressed for .gz)"), _open_bytes(path) as handle:
+        # decoded line by line, so bad UTF-8 is reported with its line
         for number, raw in enumerate(handle, 1):
             if not raw.strip():
                 continue

@@ -40,7 +40,8 @@ from kernels import masked_lora_linear
 from lorapar.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_tensors, hf_output_rows, read_safetensors
 from lorapar.budget import PRUNING_MODES, schedule_steps
 from lorapar.config import field
-from lorapar.io import atomic_save_safetensors, atomic_write_json
+from lorapar.errors import FlagError, check_fields
+from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors
 from lorapar.lora import LoRALinear, lora_modules, peft_key, principal_factors, resolve_targets, unwrap_model
 
 EXPERT_INITS = ("gaussian", "released")
@@ -100,6 +101,11 @@ class DualArgs:
         return self.dual_alpha / self.dual_rank
 
     def __post_init__(self) -> None:
+        check_fields(self, positive=("dual_delta_t",), positive_float=("dual_alpha", "dual_budget_power"),
+                     non_negative=("dual_init_std", "dual_svd_niter", "dual_t_init", "dual_t_final", "dual_orth_lambda",
+                                   "dual_seed", "dual_target_rank"), unit_interval=("dual_beta1", "dual_beta2"))
+        if not 0 <= self.dual_dropout < 1:
+            raise FlagError(f"--dual-dropout {self.dual_dropout}: expected a value in [0, 1)")
         if not 0 < self.dual_shared_rank < self.dual_rank:
             raise ValueError(
                 f"DualArgs: need 0 < dual_shared_rank ({self.dual_shared_rank}) < dual_rank ({self.dual_rank})"
@@ -407,15 +413,17 @@ def save_dual_adapter(model: nn.Module, out_dir: str, args: DualArgs) -> None:
 def is_dual_adapter(adapter_dir: str) -> bool:
     """Whether `adapter_dir` holds a dual-LoRA adapter (load_dual_adapter) rather than a LoRA one (adapter.load_adapter)."""
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle).get("adapter") == "dual_lora"
+    with named_errors(path, "an adapter_config.json (a JSON object)"), open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    return isinstance(config, dict) and config.get("adapter") == "dual_lora"
 
 
 def read_dual_config(adapter_dir: str) -> DualArgs:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    with open(path, encoding="utf-8") as handle:
+    with named_errors(path, "an adapter_config.json (a JSON object)"), open(path, encoding="utf-8") as handle:
         config = json.load(handle)
-    if config.get("adapter") != "dual_lora" or not isinstance(config.get("dual_args"), dict):
+    if not isinstance(config, dict) or config.get("adapter") != "dual_lora" \
+            or not isinstance(config.get("dual_args"), dict):
         raise ValueError(f"{path}: not a dual-LoRA adapter (expected \"adapter\": \"dual_lora\" and a \"dual_args\" object)")
     known = {f.name for f in dataclasses.fields(DualArgs)}
     unknown = sorted(set(config["dual_args"]) - known)

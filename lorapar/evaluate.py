@@ -42,9 +42,11 @@ from lorapar.config import add_dataclass_args, dataclass_from_args, field
 from lorapar.answers import final_answer, hash_answer, last_answer_integer, last_hash_integer
 from lorapar.data import LETTERS, PHASES, TEMPLATES, DataError, Example, encode_prompt, load_examples
 from lorapar.generate import generate
+from lorapar.errors import FlagError, check_fields, check_output_file, run_main
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
 from lorapar.io import atomic_write_json
 from lorapar.model import eval_mode
+from lorapar.sandbox import MODES as SANDBOX_MODES
 
 TASKS = ("gsm8k", "mmlu", "humaneval")
 EXTRACTIONS = ("auto", "last_hash", "last_answer", "lenient")
@@ -58,6 +60,8 @@ class EvalArgs:
     task: str = field(default="gsm8k", metadata={"choices": TASKS, "help": "benchmark"})
     data: str = field(default="", metadata={"help": "jsonl(.gz) file in the task's format"})
     out: str = field(default="", metadata={"help": "results JSON to write"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
     limit: int = field(default=0, metadata={"help": "evaluate the first N items only; 0 = all"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generation or scoring batch"})
     max_new_tokens: int = field(default=256, metadata={"help": "generated tokens per answer (GSM8K, HumanEval)"})
@@ -81,6 +85,19 @@ class EvalArgs:
     memory_mb: int = field(default=1024, metadata={"help": "address-space limit per HumanEval program"})
     workers: int = field(default=2, metadata={"help": "HumanEval programs run at once"})
     seed: int = field(default=0, metadata={"help": "HumanEval sampling seed"})
+    sandbox: str = field(default="auto", metadata={
+        "choices": SANDBOX_MODES, "help": "HumanEval containment: namespaces (required), process (rlimits only), "
+        "auto (namespaces where the kernel allows, else process with a warning); see sandbox.py"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("batch_size", "max_new_tokens", "n_samples", "workers", "memory_mb"),
+                     non_negative=("limit", "temperature", "seed"), positive_float=("timeout",),
+                     open_unit_interval=())
+        if not 0 < self.top_p <= 1:
+            raise FlagError(f"--top-p {self.top_p}: expected a value in (0, 1]")
+        bad_k = [k for k in self.k if k < 1]
+        if bad_k or not self.k:
+            raise FlagError(f"--k {','.join(map(str, self.k))}: expected integers >= 1")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -229,7 +246,7 @@ def evaluate_humaneval(
     model, tokenizer, examples: Sequence[Example], template: str = "plain", n_samples: int = 1,
     ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 256,
     batch_size: int = 16, timeout: float = 5.0, memory_mb: int = 1024, workers: int = 2, seed: int = 0,
-    progress: bool = True,
+    progress: bool = True, results_path: Optional[str] = None, sandbox: str = "auto",
 ) -> dict:
     """pass@k over problems from n_samples completions each, every completion run against its tests."""
     if n_samples > 1 and temperature <= 0.0:
@@ -246,7 +263,8 @@ def evaluate_humaneval(
         src = example.source
         for j in range(n_samples):
             programs.append(program_text(src["prompt"], completions[i * n_samples + j], src["test"], src["entry_point"]))
-    results = run_many(programs, workers=workers, timeout=timeout, memory_mb=memory_mb, progress=progress)
+    results = run_many(programs, workers=workers, timeout=timeout, memory_mb=memory_mb, progress=progress,
+                       results_path=results_path, sandbox=sandbox)
     records = []
     for i, example in enumerate(examples):
         mine = results[i * n_samples : (i + 1) * n_samples]
@@ -297,11 +315,15 @@ def run(args: EvalArgs, progress: bool = True) -> dict:
 
     for name in ("ckpt", "tokenizer", "data", "out"):
         if not getattr(args, name):
-            raise ValueError(f"--{name} is required")
+            raise FlagError(f"--{name} is required")
+    check_output_file(args.out, "--out", overwrite=args.overwrite)  # before any work: not after generating
     args = resolve_text_format(args)
-    examples = load_examples(args.data, args.task)
+    examples = load_examples(args.data, args.task, skip_bad=args.skip_bad)
+    skipped = examples.skipped
     if args.limit > 0:
         examples = examples[: args.limit]
+    if not examples:
+        raise DataError(f"{args.data}: no examples to evaluate (--limit {args.limit}); expected at least one")
     if args.task == "humaneval":  # checked before generating: a KeyError after it would name neither file nor line
         for e in examples:
             missing = [k for k in ("test", "entry_point") if not isinstance(e.source.get(k), str)]
@@ -318,11 +340,14 @@ def run(args: EvalArgs, progress: bool = True) -> dict:
         result = evaluate_humaneval(
             model, tokenizer, examples, n_samples=args.n_samples, ks=args.k, temperature=args.temperature,
             top_p=args.top_p, max_new_tokens=args.max_new_tokens, timeout=args.timeout, memory_mb=args.memory_mb,
-            workers=args.workers, seed=args.seed, **common,
+            workers=args.workers, seed=args.seed, results_path=args.out + ".exec.jsonl", sandbox=args.sandbox,
+            **common,
         )
-    output = {"task": args.task, "metrics": result["metrics"], "config": dataclasses.asdict(args),
-              "records": result["records"]}
+    output = {"task": args.task, "metrics": result["metrics"], "skipped_input_lines": skipped,
+              "config": dataclasses.asdict(args), "records": result["records"]}
     atomic_write_json(args.out, output)
+    if os.path.exists(args.out + ".exec.jsonl"):  # the per-program results now live in the output
+        os.unlink(args.out + ".exec.jsonl")
     return output
 
 
@@ -335,4 +360,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

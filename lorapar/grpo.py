@@ -37,6 +37,7 @@ import torch
 
 from lorapar import dist
 from lorapar.config import field
+from lorapar.errors import FlagError, check_fields
 from lorapar.generate import generate
 from lorapar.loss import IGNORE_INDEX, target_logprobs
 from lorapar.model import eval_mode
@@ -70,6 +71,19 @@ class GRPOArgs:
     shuffle_micro_batches: bool = field(
         default=False, metadata={"help": "shuffle each rank's completions before cutting micro-batches (TRL >= 0.18)"}
     )
+
+    def __post_init__(self) -> None:
+        # G >= 2: the advantage is a reward's distance from its group's mean (over the group's std); a group
+        # of one has no mean to compare with and no std (nan), so it cannot teach anything.
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise FlagError(f"--num-generations {self.num_generations}: expected >= 2 (GRPO compares each "
+                            "completion with the others of its group; one has no group mean or std)")
+        check_fields(self, positive=("prompts_per_step", "max_prompt_len", "max_completion_len", "mu", "micro_batch"),
+                     non_negative=("temperature", "epsilon", "beta"))
+        if not 0 < self.top_p <= 1:
+            raise FlagError(f"--top-p {self.top_p}: expected a value in (0, 1]")
+        if self.epsilon_high is not None:
+            check_fields(self, non_negative=("epsilon_high",))
 
 
 # ----------------------------------------------------------------------------- pure functions

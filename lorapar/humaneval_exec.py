@@ -1,58 +1,29 @@
-"""Run HumanEval completions against their tests, each in its own limited subprocess; pass@k.
+"""Run HumanEval completions against their tests, each contained by lorapar/sandbox.py; pass@k.
 
-Every program (prompt + completion + the problem's `test` + `check(entry_point)`) runs as
-`python -I program.py` in a fresh temporary directory that is its working directory and HOME, with
-an environment holding nothing of the parent's. Before the program starts, a bootstrap sets resource
-limits (address space, CPU seconds, size of written files, no core dumps). A wall-clock timeout kills
-the whole process group, so a program that forks or loops forever is stopped with its children.
+Every program (prompt + completion + the problem's `test` + `check(entry_point)`) runs in a fresh
+temporary directory that is its working directory and HOME, with an environment holding nothing of
+the parent's, under resource limits (address space, CPU seconds, written file size, processes, no core
+dumps). A program passes only when the harness's marker arrives after `check(entry_point)` returned;
+its exit status alone never counts. sandbox.py says what is isolated on which setup (namespaces where
+the kernel allows them, else a process with limits and a warning).
 
-What this sandbox does and does not do. `-I` keeps the project's files off `sys.path` (no script
-directory, no PYTHONPATH, no user site-packages) and the working directory is empty, so the code
-cannot import or clobber the project by relative paths. It is NOT a security boundary: the program
-runs as the same user, can read and write any file that user can through an absolute path, can use
-the network and can start processes (bounded only by the timeout). Run untrusted model output inside
-a container or a VM (as the HumanEval authors advise) when that matters.
-
-The limits are applied by the bootstrap inside the child rather than by `preexec_fn`, because
-`preexec_fn` may deadlock when the parent has threads, and the runner calls subprocesses from a
-thread pool.
+Results are appended to `results_path` (JSON lines keyed by position and the program's hash) as each
+program finishes, so an evaluation that is killed resumes without rerunning what was done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
-BOOTSTRAP = """\
-import resource, runpy, sys
-memory, cpu, fsize = (int(v) for v in sys.argv[1:4])
-for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu),
-                     (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(limit, (value, value))
-sys.argv = ["program.py"]
-runpy.run_path("program.py", run_name="__main__")
-"""
+from lorapar.sandbox import ExecResult, check_limits, load_records, resolve_mode, result_record, run_contained
 
-
-@dataclass
-class ExecResult:
-    status: str  # "passed", "failed" (an exception or a non-zero exit) or "timeout"
-    seconds: float
-    stderr: str  # the tail of the program's stderr, for the per-item record
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
+__all__ = ["ExecResult", "program_text", "run_program", "run_many", "pass_at_k", "mean_pass_at_k",
+           "truncate_completion"]
 
 
 def program_text(prompt: str, completion: str, test: str, entry_point: str) -> str:
@@ -60,45 +31,49 @@ def program_text(prompt: str, completion: str, test: str, entry_point: str) -> s
     return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
 
 
-def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024, file_mb: int = 16) -> ExecResult:
-    """Run `source` in its own process group and temporary directory; passed = exit status 0 in time."""
-    with tempfile.TemporaryDirectory(prefix="lorapar-exec-") as work:
-        with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as handle:
-            handle.write(source)
-        limits = [str(memory_mb * 2**20), str(math.ceil(timeout) + 1), str(file_mb * 2**20)]
-        env = {"HOME": work, "TMPDIR": work, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        start = time.perf_counter()
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOTSTRAP, *limits], cwd=work, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-            status = "passed" if process.returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-            _, stderr = process.communicate()
-            status = "timeout"
-        finally:
-            _kill_group(process)  # children left behind by a program that exited normally
-        tail = stderr.decode("utf-8", "replace")[-2000:]
-        return ExecResult(status, time.perf_counter() - start, tail)
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # start_new_session made the child its group's leader
-    except (ProcessLookupError, PermissionError):
-        pass
+def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024, file_mb: int = 16,
+                max_processes: int = 64, sandbox: str = "auto") -> ExecResult:
+    """Run `source` contained; passed = the harness marker after the whole program ran, in time."""
+    return run_contained(source, timeout=timeout, memory_mb=memory_mb, file_mb=file_mb,
+                         max_processes=max_processes, mode=sandbox)
 
 
 def run_many(
-    sources: Sequence[str], workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024, progress: bool = True
+    sources: Sequence[str], workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024, progress: bool = True,
+    results_path: Optional[str] = None, sandbox: str = "auto", max_processes: int = 64,
 ) -> list[ExecResult]:
-    """run_program over many programs with `workers` at a time; results in input order."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = pool.map(lambda s: run_program(s, timeout=timeout, memory_mb=memory_mb), sources)
-        return list(tqdm(jobs, total=len(sources), desc="humaneval exec", disable=not progress))
+    """run_program over many programs with `workers` at a time; results in input order.
+
+    With `results_path`, each result is appended there as it finishes and results already there (from a
+    run that was killed) are reused for the same program at the same position.
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: expected an integer >= 1")
+    check_limits(timeout, memory_mb, 16, max_processes)
+    sandbox = resolve_mode(sandbox)  # probe (and warn) once, before the pool starts
+    keys = [f"{i}:{hashlib.sha256(s.encode()).hexdigest()[:16]}" for i, s in enumerate(sources)]
+    done = load_records(results_path)
+    results: list[Optional[ExecResult]] = [done.get(k) for k in keys]
+    todo = [i for i, r in enumerate(results) if r is None]
+    handle = open(results_path, "a", encoding="utf-8") if results_path else None
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = {pool.submit(run_program, sources[i], timeout, memory_mb, 16, max_processes, sandbox): i
+                    for i in todo}
+            bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="humaneval exec",
+                       disable=not progress)
+            for job in as_completed(jobs):
+                i = jobs[job]
+                results[i] = job.result()
+                if handle is not None:  # only this thread writes
+                    handle.write(result_record(keys[i], results[i]) + "\n")
+                    handle.flush()  # in the kernel's hands: survives the evaluator being killed
+                bar.update(1)
+            bar.close()
+    finally:
+        if handle is not None:
+            handle.close()
+    return results  # type: ignore[return-value]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from lorapar.data import TEMPLATES, Example, encode_example, format_prompt, format_response, prompt_ends_with_eos
 from lorapar.dist import DistInfo, all_reduce_sum
+from lorapar.errors import check_fields
 from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters, peft_key
 from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
 from lorapar.model import eval_mode
@@ -60,6 +61,7 @@ class ImportanceArgs:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        check_fields(self, positive=("rank",), positive_float=("lora_alpha",), non_negative=("init_std", "seed"))
 
     def lora_args(self) -> LoraArgs:
         return LoraArgs(r=self.rank, alpha=self.lora_alpha, targets=self.targets, init=self.init,

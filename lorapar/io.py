@@ -29,6 +29,27 @@ def atomic_path(path: str) -> Iterator[str]:
             os.unlink(tmp)
 
 
+@contextmanager
+def named_errors(path: str, expected: str) -> Iterator[None]:
+    """Re-raise a reader's error about a broken file (a truncated safetensors or gzip, bad JSON) as one that
+    names `path` and what it should hold; a missing file stays FileNotFoundError."""
+    import zlib
+
+    from safetensors import SafetensorError
+
+    from lorapar.errors import InputError
+
+    try:
+        yield
+    except (SafetensorError, EOFError, zlib.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not readable as {expected} ({type(error).__name__}: {error}); "
+                         "is it truncated or another kind of file?") from None
+    except OSError as error:
+        if isinstance(error, FileNotFoundError) or error.filename:
+            raise
+        raise InputError(f"{path}: not readable as {expected} ({error})") from None  # gzip.BadGzipFile and co.
+
+
 def atomic_write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:

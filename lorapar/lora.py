@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import masked_lora_linear
+from lorapar.errors import check_fields
 
 # One canonical spelling (Meta's leaf name) per target, reachable from every accepted spelling.
 SHORT_TO_META = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
@@ -76,6 +77,7 @@ class LoraArgs:
             raise ValueError(f"LoraArgs.dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
             raise ValueError(f"LoraArgs.init must be one of {INITS}, got {self.init!r}")
+        check_fields(self, positive_float=("alpha",), non_negative=("init_std", "pissa_niter", "seed"))
         resolve_targets(self.targets)
 
     @property

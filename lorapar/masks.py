@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lorapar.io import atomic_save_safetensors
+from lorapar.io import atomic_save_safetensors, named_errors
 
 # ---------------------------------------------------------------------- masks on disk
 
@@ -53,7 +53,8 @@ def load_masks(path: str, stage: Optional[str] = None) -> dict:
     from safetensors.torch import load_file
 
     try:
-        tensors = load_file(str(path))
+        with named_errors(str(path), "a safetensors file of bool element masks (score.py's masks.safetensors)"):
+            tensors = load_file(str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"mask file not found: {path}") from None
     for key, mask in tensors.items():

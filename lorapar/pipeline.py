@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
+from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
 from lorapar.io import atomic_write_json, atomic_write_text
 from lorapar.report import format_report, summarise
@@ -110,6 +111,17 @@ class PipelineConfig:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; expected among {METHODS}")
+        check_fields(  # the stages' own dataclasses check these again; here they fail before any stage runs
+            self, positive=("teacher_batch_size", "score_samples", "rank", "sft_batch_size", "sft_max_len",
+                            "rl_prompts_per_step", "rl_max_prompt_len", "rl_max_completion_len", "rl_micro_batch",
+                            "dual_rank", "dual_delta_t", "eval_batch_size", "eval_max_new_tokens"),
+            positive_float=("lora_alpha", "sft_lr", "rl_lr", "dual_alpha"), open_unit_interval=(),
+            non_negative=("seed", "threads", "sft_steps", "sft_global_batch", "rl_steps", "rl_beta", "rl_temperature",
+                          "dual_target_rank", "dual_t_init", "dual_t_final", "eval_limit", "save_every"))
+        if not 0 < self.theta <= 1 or not 0 < self.rl_top_p <= 1:
+            raise FlagError(f"--theta {self.theta} / --rl-top-p {self.rl_top_p}: expected values in (0, 1]")
+        if self.rl_generations < 2:
+            raise FlagError(f"--rl-generations {self.rl_generations}: expected >= 2 (GRPO needs a group to compare)")
 
 
 # The embedded default: sizes chosen so the whole run fits ~15 minutes on 2 CPU cores and still shows
@@ -337,7 +349,7 @@ class Pipeline:
         cfg = self.cfg
         args = EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
                         out=out, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
-                        max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template)
+                        max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template, overwrite=True)
         return run(args)["metrics"]
 
     # ---- the whole run
@@ -383,4 +395,4 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,6 +33,7 @@ from typing import Optional
 
 from lorapar.adapter import load_merged
 from lorapar.config import add_dataclass_args, dataclass_from_args
+from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.generate import generate
 from lorapar.tokenizer import Tokenizer
 
@@ -52,6 +53,14 @@ class ServeArgs:
     max_new_tokens: int = field(default=256, metadata={"help": "completion length when a request gives no max_tokens"})
     device: str = field(default="cpu", metadata={"help": "torch device for the model"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted"})
+    read_timeout: float = field(default=30.0, metadata={"help": "seconds a connection may stall sending a request"})
+    max_connections: int = field(default=32, metadata={"help": "connections served at once; more get a 503"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("max_new_tokens", "max_body_bytes", "max_connections"),
+                     positive_float=("read_timeout",), non_negative=("port",))
+        if self.port > 65535:
+            raise FlagError(f"--port {self.port}: expected 0..65535")
 
 
 class RequestError(Exception):
@@ -128,7 +137,7 @@ class ChatModel:
         max_tokens = number("max_tokens", self.default_max_tokens, lambda v: v >= 1, "a positive integer", int)
         temperature = number("temperature", 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
         top_p = number("top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-        seed = number("seed", None, lambda v: True, "an integer", int)
+        seed = number("seed", None, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)", int)
         if request.get("n", 1) != 1:
             raise RequestError(400, "only n = 1 is supported")
         stop = request.get("stop") or []
@@ -141,6 +150,10 @@ class ChatModel:
 class Handler(BaseHTTPRequestHandler):
     server_version = "lorapar-serve"
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # type: ignore[attr-defined]  # a stalled client frees its thread
+        super().setup()
 
     @property
     def app(self) -> ChatModel:
@@ -187,9 +200,14 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.server.max_body_bytes  # type: ignore[attr-defined]
         if int(length) > limit:
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit}")
-        raw = self.rfile.read(int(length))
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {self.timeout} s", "timeout") from None
         try:
             return json.loads(raw)
+        except RecursionError:  # the decoder recurses once per nesting level
+            raise RequestError(400, "request body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as error:
             raise RequestError(400, f"request body is not valid JSON: {error}") from None
 
@@ -224,10 +242,42 @@ def load_chat_model(args: ServeArgs) -> ChatModel:
     return ChatModel(model.eval(), tokenizer, name, args.max_new_tokens)
 
 
-def make_server(app: ChatModel, host: str, port: int, max_body_bytes: int = 1 << 20) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+class BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most `max_connections` handler threads; a connection over the cap gets a 503."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            body = json.dumps({"error": {"message": f"the server is at its limit of {self.max_connections} connections",
+                                         "type": "server_busy", "code": 503}}).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def make_server(app: ChatModel, host: str, port: int, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0,
+                max_connections: int = 32) -> ThreadingHTTPServer:
+    server = BoundedServer((host, port), Handler, max_connections)
     server.app, server.max_body_bytes = app, max_body_bytes  # type: ignore[attr-defined]
+    server.read_timeout = read_timeout  # type: ignore[attr-defined]
     return server
 
 
@@ -238,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.ckpt:
         parser.error("--ckpt is required")
     app = load_chat_model(args)
-    server = make_server(app, args.host, args.port, args.max_body_bytes)
+    server = make_server(app, args.host, args.port, args.max_body_bytes, args.read_timeout, args.max_connections)
     host, port = server.server_address[:2]
     print(f"serving {app.name} on http://{host}:{port}", flush=True)
     try:
@@ -251,4 +301,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    main()
+    run_main(main)

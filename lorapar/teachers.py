@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from lorapar.errors import check_fields
 from lorapar.checkpoint import load_model
 from lorapar.data import Example, collate, gsm8k_reasoning
 from lorapar.loss import IGNORE_INDEX, target_logprobs
@@ -138,9 +140,7 @@ class TeacherArgs:
         for name in ("batch_size", "concurrency", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherArgs.{name} must be >= 1, got {getattr(self, name)}")
-        if self.retries < 0 or self.backoff < 0 or self.timeout <= 0:
-            raise ValueError(f"TeacherArgs: need retries >= 0, backoff >= 0, timeout > 0 "
-                             f"(got {self.retries}, {self.backoff}, {self.timeout})")
+        check_fields(self, non_negative=("retries", "backoff"), positive_float=("timeout",))
 
 
 class TeacherError(RuntimeError):
@@ -174,10 +174,26 @@ class RuleTeacher:
         return (2 if steps >= self.threshold else 1), f"steps={steps} threshold={self.threshold:g}"
 
 
+REFUSED = "refused by the server: "  # the start of the reply recorded for a request the server rejected
+
+
+class RequestRefused(Exception):
+    """The server rejected this one request (400, 413, 422: e.g. a prompt over its context)."""
+
+
 class HttpTeacher:
-    """An OpenAI-compatible chat-completions endpoint, called with the standard library only."""
+    """An OpenAI-compatible chat-completions endpoint, called with the standard library only.
+
+    A 5xx, 429, timeout or connection error is retried. A 400, 413 or 422 is about this request only (a
+    prompt over the server's context, say): the teacher abstains on that row and the server's message is
+    kept as its reply (counted as `refused` in classify's summary), as the local: teacher abstains on a
+    prompt it cannot fit. Any other status (401, 403, 404: the key, URL or model is wrong) stops the run.
+    """
 
     RETRYABLE = (429, 500, 502, 503, 504)
+    ROW_SPECIFIC = (400, 413, 422)
+    HINTS = {401: "the API key was refused (see --api-key-env)", 403: "the API key may not use this model",
+             404: "no such endpoint or model: check the URL and #MODEL"}
 
     def __init__(self, url: str, model: str, args: TeacherArgs):
         base = url.rstrip("/")
@@ -189,9 +205,22 @@ class HttpTeacher:
 
     def classify(self, examples: Sequence[Example]) -> list[Vote]:
         prompts = [role_play_prompt(ex, self.args.target_model) for ex in examples]
+        stopped = threading.Event()  # after a fatal error, requests not yet sent are not sent
+
+        def one(prompt: str) -> str:
+            if stopped.is_set():
+                raise TeacherError(f"{self.url}: not sent after an earlier error")
+            try:
+                return self.complete(prompt)
+            except RequestRefused as refusal:
+                return REFUSED + str(refusal)
+            except TeacherError:
+                stopped.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=max(1, self.args.concurrency)) as pool:
-            replies = list(pool.map(self.complete, prompts))
-        return [(parse_label(reply), reply) for reply in replies]
+            replies = list(pool.map(one, prompts))
+        return [(None, reply) if reply.startswith(REFUSED) else (parse_label(reply), reply) for reply in replies]
 
     def complete(self, prompt: str) -> str:
         body = json.dumps({
@@ -214,8 +243,11 @@ class HttpTeacher:
                     raise TeacherError(f"{self.url}: reply is not a chat completion: {raw[:300]!r}") from None
             except urllib.error.HTTPError as err:
                 detail = err.read()[:300].decode("utf-8", "replace")
+                if err.code in self.ROW_SPECIFIC:
+                    raise RequestRefused(f"HTTP {err.code}: {detail}") from None
                 if err.code not in self.RETRYABLE:
-                    raise TeacherError(f"{self.url}: HTTP {err.code}: {detail}") from None
+                    hint = f" ({self.HINTS[err.code]})" if err.code in self.HINTS else ""
+                    raise TeacherError(f"{self.url} (model {self.model!r}): HTTP {err.code}{hint}: {detail}") from None
                 problem = f"HTTP {err.code}: {detail}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 problem = f"{type(err).__name__}: {getattr(err, 'reason', err)}"

@@ -23,9 +23,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from lorapar import dist
+from lorapar import dist, runlock
 from lorapar.config import add_dataclass_args, field
 from lorapar.data import FORMATS, TEMPLATES
+from lorapar.errors import FlagError, InputError, check_fields
 from lorapar.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
@@ -52,6 +53,13 @@ class InputArgs:
         default="auto", metadata={"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on CPU"}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, non_negative=("max_examples",))
+        if self.system not in (None, 1, 2):
+            raise FlagError(f"--system {self.system}: expected 1 or 2")
+        if self.stage is not None and self.stage < 1:
+            raise FlagError(f"--stage {self.stage}: expected a stage number >= 1")
 
 
 def require_inputs(parser: argparse.ArgumentParser, args: InputArgs) -> None:
@@ -93,6 +101,15 @@ class TrainArgs:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every"),
+                     positive_float=("lr", "eps"), unit_interval=("warmup_ratio", "min_lr_ratio"),
+                     non_negative=("seed", "max_steps", "global_batch", "save_every", "eval_every", "halt_at",
+                                   "weight_decay", "max_grad_norm"))
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise FlagError(f"--betas {','.join(map(str, betas))}: expected two numbers in [0, 1), e.g. 0.9,0.999")
 
 
 def add_lora_flags(parser: argparse.ArgumentParser) -> None:
@@ -179,9 +196,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def prepare_run_dir(args: TrainArgs, info: dist.DistInfo) -> Optional[str]:
-    """Check --out against --resume / --overwrite; return the checkpoint to resume from (or None).
+    """Lock --out and check it against --resume / --overwrite; return the checkpoint to resume from (or None).
 
-    Rank 0 decides (and deletes on --overwrite); the other ranks receive its answer.
+    Rank 0 decides; the other ranks receive its answer. --overwrite deletes nothing here: the old run is
+    removed by `clear_previous_run` once every input has loaded, so a bad input never costs a finished run.
     """
     if not args.out:
         raise ValueError("--out is required: the run directory for the adapter, checkpoints and metrics")
@@ -190,6 +208,7 @@ def prepare_run_dir(args: TrainArgs, info: dist.DistInfo) -> Optional[str]:
     outcome: Any = None
     if info.is_main:
         try:
+            runlock.acquire(args.out)
             outcome = _decide_run_dir(args)
         except Exception as error:  # every rank must raise, not only rank 0
             outcome = error
@@ -213,12 +232,18 @@ def _decide_run_dir(args: TrainArgs) -> Optional[str]:
             f"{args.out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
             "or --overwrite to replace it"
         )
-    if existing:  # --overwrite of a directory that holds a run: empty it, so no stale file survives
-        for name in os.listdir(args.out):
-            path = os.path.join(args.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     os.makedirs(args.out, exist_ok=True)
     return None
+
+
+def clear_previous_run(args: TrainArgs, info: dist.DistInfo) -> None:
+    """--overwrite, after the inputs loaded: empty --out (but its lock), so no stale file of the old run survives."""
+    if args.overwrite and info.is_main:
+        for name in os.listdir(args.out):
+            path = os.path.join(args.out, name)
+            if name != runlock.LOCK_NAME:
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    dist.barrier(info)
 
 
 def latest_checkpoint(out: str) -> Optional[str]:
@@ -370,8 +395,23 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as handle:  # strict JSON: a NaN is written as null
+            handle.write(json.dumps(clean, sort_keys=True, allow_nan=False) + "\n")
+
+
+class DivergedError(InputError):
+    """A non-finite loss or gradient norm: the run stops before that step is logged or saved."""
+
+
+def check_finite(step: int, out: str, **values: Optional[float]) -> None:
+    """Stop the run at `step` when a loss or grad norm is nan/inf; the last checkpoint on disk stays the good one."""
+    bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(float(v))}
+    if bad:
+        found = ", ".join(f"{k} {v}" for k, v in bad.items())
+        latest = latest_checkpoint(out) if out and os.path.isdir(os.path.join(out, CHECKPOINTS)) else None
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        raise DivergedError(f"step {step}: {found}; stopped before saving ({kept}); lower --lr or check the data")
 
 
 # ----------------------------------------------------------------------------- inputs both scripts read

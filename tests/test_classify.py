@@ -244,10 +244,65 @@ def test_http_teacher_gives_up_and_does_not_retry_client_errors(scripted):
     with pytest.raises(TeacherError, match="gave up after 3 attempts; last error HTTP 500"):
         HttpTeacher(always_failing.url, "m", args).complete("hi")
     assert len(always_failing.requests) == 3
-    bad_request = scripted(failures=100, status=400)
-    with pytest.raises(TeacherError, match="HTTP 400"):
-        HttpTeacher(bad_request.url + "/v1", "m", args).complete("hi")
-    assert len(bad_request.requests) == 1
+    wrong_key = scripted(failures=100, status=401)
+    with pytest.raises(TeacherError, match="HTTP 401 \\(the API key was refused"):
+        HttpTeacher(wrong_key.url + "/v1", "m", args).complete("hi")
+    assert len(wrong_key.requests) == 1
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_request_specific_4xx_is_that_rows_abstention_with_the_message_kept(tmp_path, scripted, status):
+    server = scripted(failures=1, status=status)  # the first row's request is refused, the rest answered
+    data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(3))
+    out = tmp_path / "out.jsonl"
+    summary = classify.main(["--data", str(data), "--out", str(out), "--teacher", f"http:{server.url}#m",
+                             "--concurrency", "1", "--batch-size", "1", "--backoff", "0.01"])
+    rows = read_out(out)
+    assert len(rows) == 3 and rows[0]["votes"] == [None] and all(r["votes"] != [None] for r in rows[1:])
+    reply = rows[0]["replies"][0]
+    assert reply.startswith(f"refused by the server: HTTP {status}") and "scripted failure" in reply
+    assert summary["teachers"][0]["refused"] == 1 and summary["abstentions"] == 1
+    assert len(server.requests) == 3  # refused once, not retried
+
+
+@pytest.mark.parametrize("status, hint", [(401, "API key"), (403, "may not use"), (404, "check the URL")])
+def test_a_wrong_key_url_or_model_stops_the_run_at_once(tmp_path, scripted, status, hint):
+    server = scripted(failures=100, status=status)
+    data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(3))
+    with pytest.raises(TeacherError, match=f"HTTP {status}.*{hint}"):
+        classify.main(["--data", str(data), "--out", str(tmp_path / "out.jsonl"), "--teacher", f"http:{server.url}#m",
+                       "--concurrency", "1", "--backoff", "0.01"])
+    assert len(server.requests) == 1
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_holder(tmp_path):
+    from lorapar import runlock
+
+    data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(4))
+    out = tmp_path / "out.jsonl"
+    holder = subprocess.Popen(  # another process holds the lock, as a running classify.py would
+        [sys.executable, "-c", "import sys, time; from lorapar import runlock; "
+         "runlock.acquire(sys.argv[1], is_dir=False); print('held', flush=True); time.sleep(60)", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runlock.RunLocked, match=f"in use by process {holder.pid}"):
+            classify.main(["--data", str(data), "--out", str(out), "--teacher", "rule:length"])
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    classify.main(["--data", str(data), "--out", str(out), "--teacher", "rule:length"])  # stale lock: taken over
+    assert len(read_out(out)) == 4
+
+
+def test_duplicate_rows_from_concurrent_runs_are_detected(tmp_path):
+    data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(2))
+    out = tmp_path / "out.jsonl"
+    classify.main(["--data", str(data), "--out", str(out), "--teacher", "rule:length"])
+    out.write_text(out.read_text() * 2)  # what two unlocked runs appending at once produced
+    with pytest.raises(DataError, match="out.jsonl:3: row_id .* appears twice"):
+        classify.main(["--data", str(data), "--out", str(out), "--teacher", "rule:length"])
 
 
 def test_resume_after_killed_subprocess_matches_uninterrupted(tmp_path, scripted):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import time
+import uuid
 
 import pytest
 import torch
@@ -203,26 +205,37 @@ def test_every_canonical_solution_passes_and_wrong_ones_fail(humaneval):
 
 
 def test_an_infinite_loop_is_killed_at_its_timeout_with_its_children():
+    tag = f"lorapar-test-{uuid.uuid4().hex}"  # found in the child's command line: its PID may be a namespace's
     start = time.perf_counter()
     result = run_program(
-        "import subprocess, sys\nchild = subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
-        "print(child.pid, file=sys.stderr, flush=True)\nwhile True:\n    pass\n", timeout=1.0)
+        "import subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'while True: pass', {tag!r}])\n"
+        "while True:\n    pass\n", timeout=1.0)
     assert result.status == "timeout" and time.perf_counter() - start < 5.0
-    child = int(result.stderr.split()[0])
-    for _ in range(50):  # the orphan is killed with the group, then reaped by init
-        if not _running(child):
+    for _ in range(50):  # the orphan is killed with the group (or the namespace), then reaped
+        if not processes_with(tag):
             break
         time.sleep(0.1)
     else:
-        raise AssertionError(f"process {child} started by the timed-out program is still running")
+        raise AssertionError(f"processes {processes_with(tag)} started by the timed-out program are still running")
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            return "zombie" not in handle.read()
-    except FileNotFoundError:
-        return False
+def processes_with(tag: str) -> list[int]:
+    """PIDs of live (not zombie) processes whose command line contains `tag`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                if tag.encode() not in handle.read():
+                    continue
+            with open(f"/proc/{name}/status") as handle:
+                if "zombie" not in handle.read():
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
 
 
 def test_the_sandbox_runs_in_an_empty_directory_with_limits():

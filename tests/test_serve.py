@@ -120,6 +120,41 @@ def test_endpoints_completions_and_errors(ckpt, serve):
     assert call(url + "/health")[0] == 200  # still serving after all of that
 
 
+def test_out_of_range_values_deep_json_and_stalled_connections(ckpt, serve):
+    import socket
+    import time
+
+    ckpt_dir, tokenizer_path = ckpt
+    url = serve(ckpt_dir, tokenizer_path, "--read-timeout", "1", "--max-connections", "3")
+    messages = [{"role": "user", "content": "Hi"}]
+    post = lambda body=None, raw=None: call(url + "/v1/chat/completions", "POST", body, raw)  # noqa: E731
+    status, _, error = post({"messages": messages, "seed": 2**70, "max_tokens": 1})
+    assert status == 400 and "'seed'" in error["error"]["message"]
+    status, _, error = post(raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nested too deeply" in error["error"]["message"]
+
+    host, port = url.split("//")[1].split(":")
+    stalled = [socket.create_connection((host, int(port)), timeout=5) for _ in range(3)]  # send nothing
+    try:
+        time.sleep(0.3)  # the server has accepted all three and gives each a thread
+        extra = socket.create_connection((host, int(port)), timeout=5)
+        assert extra.recv(200).startswith(b"HTTP/1.1 503"), "a connection over the cap was not refused"
+        extra.close()
+        start = time.perf_counter()
+        for sock in stalled:  # each is closed by the server after its read timeout
+            assert sock.recv(100) == b""
+        assert time.perf_counter() - start < 4.0
+    finally:
+        for sock in stalled:
+            sock.close()
+    for _ in range(20):  # a slot is released just after its connection closes
+        if call(url + "/health")[0] == 200:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the server did not serve again after the stalled connections were closed")
+
+
 def test_classify_over_http_and_local_teacher(ckpt, serve, asset, tmp_path):
     ckpt_dir, tokenizer_path = ckpt
     url = serve(ckpt_dir, tokenizer_path)

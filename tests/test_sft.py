@@ -20,7 +20,8 @@ from lorapar.masks import save_masks
 from lorapar.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=48, max_seq_len=256)
+# max_seq_len 512: the default --max-len, which may not exceed the base's context
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=48, max_seq_len=512)
 LORA = dict(r=4, alpha=8.0, targets=("q", "v", "gate", "down"), init="gaussian", init_std=0.05)
 
 
