@@ -16,6 +16,7 @@ un-permuted here exactly as for a Hugging Face checkpoint.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -51,10 +52,20 @@ def import_gguf():
 
 
 def read_gguf(path: str):
-    """A gguf.GGUFReader over the memory-mapped file, with errors that name the file."""
-    gguf = import_gguf()
+    """A gguf.GGUFReader over the memory-mapped file, with errors that name the file.
+
+    Parsing the metadata is slow in Python (tens of seconds for a 150k-token vocabulary on a busy CPU),
+    and a script reads the file twice (model, tokenizer), so the last reader is kept per (path, size, mtime).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    stat = os.stat(path)
+    return _cached_reader(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int):
+    gguf = import_gguf()
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, KeyError) as err:
@@ -69,6 +80,12 @@ def metadata(reader, path: str, key: str, default: Any = KeyError) -> Any:
             raise GGUFError(f"{path}: missing metadata key {key!r}")
         return default
     return field.contents()
+
+
+def _float32_value(value) -> float:
+    """GGUF stores floats as float32: 1e-6 comes back as 9.99999997e-07. The shortest decimal that rounds
+    to the same float32 is the value the converter was given (the HF config's), so that is returned."""
+    return float(str(np.float32(value)))
 
 
 def gguf_model_args(reader, path: str) -> ModelArgs:
@@ -92,8 +109,8 @@ def gguf_model_args(reader, path: str) -> ModelArgs:
             dim=dim, n_layers=int(metadata(reader, path, f"{arch}.block_count")), n_heads=n_heads,
             n_kv_heads=int(metadata(reader, path, f"{arch}.attention.head_count_kv", n_heads)),
             vocab_size=int(vocab), hidden_dim=int(metadata(reader, path, f"{arch}.feed_forward_length")),
-            norm_eps=float(metadata(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
-            rope_theta=float(metadata(reader, path, f"{arch}.rope.freq_base", 10000.0)),
+            norm_eps=_float32_value(metadata(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
+            rope_theta=_float32_value(metadata(reader, path, f"{arch}.rope.freq_base", 10000.0)),
             max_seq_len=int(metadata(reader, path, f"{arch}.context_length", 4096)),
             tie_embeddings="output.weight" not in names, qkv_bias=arch == "qwen2",
         )
@@ -123,7 +140,7 @@ def dequantize(tensor, path: str) -> torch.Tensor:
         raise GGUFError(f"{path}: tensor {tensor.name!r} has type {kind}; supported: {', '.join(SUPPORTED_TYPES)}")
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if kind in ("F32", "F16"):
-        array = np.asarray(tensor.data)
+        array = np.array(tensor.data)  # a copy: the memory map is read-only
     else:
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     return torch.from_numpy(np.ascontiguousarray(array).reshape(shape))

@@ -96,6 +96,17 @@ class Tokenizer:
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, template={self.template!r})"
 
 
+def checkpoint_tokenizer(ckpt: str) -> Optional[str]:
+    """The tokenizer a checkpoint carries: a .gguf file itself, or tokenizer.json / tokenizer.model in a model
+    directory; None when it carries none (a Meta directory without tokenizer.model, a llama2.c .bin)."""
+    if ckpt.endswith(".gguf") and os.path.isfile(ckpt):
+        return ckpt
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.isfile(os.path.join(ckpt, name)):
+            return os.path.join(ckpt, name)
+    return None
+
+
 def _is_bpe(path: str) -> bool:
     if path.endswith((".json", ".gguf")):
         return True
