@@ -252,3 +252,21 @@ def test_real_smollm2_generates_trains_a_lora_and_its_adapter_reloads_in_lorapar
         torch.testing.assert_close(reloaded(ids), expected, rtol=0, atol=0)
         peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_smol), tmp_path / "adapter").eval()
         torch.testing.assert_close(peft_model(ids).logits, expected, rtol=0, atol=1e-3)
+
+
+def test_a_checkpoint_that_carries_its_tokenizer_needs_no_tokenizer_flag(tmp_path):
+    from lorapar.pipeline import parse_config
+    from lorapar.tokenizer import checkpoint_tokenizer
+
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    assert checkpoint_tokenizer(str(gguf_file)) == str(gguf_file)
+    assert checkpoint_tokenizer(str(tmp_path / "hf")) == str(tmp_path / "hf" / "tokenizer.json")
+    assert checkpoint_tokenizer(str(tmp_path)) is None
+    data = ["--train-data", "train.jsonl", "--test-data", "test.jsonl"]
+    assert parse_config(["--ckpt", str(gguf_file), *data]).tokenizer == str(gguf_file)
+    assert parse_config(["--ckpt", str(gguf_file), "--tokenizer", "t.model", *data]).tokenizer == "t.model"
+    with pytest.raises(SystemExit):  # a checkpoint without one still needs --tokenizer
+        parse_config(["--ckpt", str(tmp_path), *data])
