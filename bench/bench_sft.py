@@ -174,7 +174,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Transformer(ModelArgs.from_name(args.model))
         model.init_weights(seed=0)
-        print(f"model: {args.model}, {model.num_params() / 1e6:.1f}M parameters; batch {args.batch} x {args.seq} tokens, "
+        print(f"model: {args.model}, {model.num_params() / 1e6:.1f}M parameters; "
+              f"batch {args.batch} x {args.seq} tokens, "
               f"loss on {args.answer:.0%}; {args.threads} threads; torch {torch.__version__}")
         save_model(model, tmp, format="hf")
         del model

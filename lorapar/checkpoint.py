@@ -471,7 +471,8 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
         "tie_word_embeddings": args.tie_embeddings, "rope_scaling": rope_scaling, "rope_parameters": rope_parameters,
-        "head_dim": args.head_dim, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch."),
+        "head_dim": args.head_dim, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 

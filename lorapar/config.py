@@ -105,7 +105,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # About 100M parameters (102M) with LLaMA-2's vocabulary and head size: the benchmarks' CPU stand-in for 7B.
     "llama-100m": dict(dim=640, n_layers=12, n_heads=10, vocab_size=32000, max_seq_len=2048),
     # The same ~100M budget in Qwen2's shape: its 151936-token vocabulary (half the parameters sit in the tied
-    # embedding), q/k/v biases, rope_theta 1e6; bench_sft.py --shape qwen2 compares its step memory.
+    # embedding), q/k/v biases, rope_theta 1e6; bench_sft.py --model qwen2-100m measures its step memory.
     "qwen2-100m": dict(
         dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=151936, hidden_dim=1536, norm_eps=1e-6,
         rope_theta=1e6, max_seq_len=2048, tie_embeddings=True, qkv_bias=True,

@@ -11,7 +11,8 @@ id that ends a generated turn), template, chat_prompt(user, system) and encode_c
 Chat templates (`chat_prompt(template, user, system)`):
   llama2   [INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]                       (Meta's llama/generation.py)
   chatml   <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n
-  llama3   <|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|> ... user ... assistant<|end_header_id|>\\n\\n
+  llama3   <|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|> ... user ...
+           <|start_header_id|>assistant<|end_header_id|>\\n\\n
 A turn without a system prompt has no system block (the models' own templates may add a default one).
 
 Padding: LLaMA-2's SentencePiece model defines no pad piece (pad_id() == -1), so `pad_id` falls back
@@ -167,7 +168,8 @@ class BPETokenizer(Tokenizer):
         self.bos_id: int = specials["bos"] if specials["bos"] is not None else self.eos_id
         self.add_bos: bool = specials["bos"] is not None and specials["add_bos"]
         self.pad_id: int = specials["pad"] if specials["pad"] is not None else self.eos_id
-        self.stop_ids: list[int] = [self.eos_id] + [vocab[t] for t in END_MARKERS if t in vocab and vocab[t] != self.eos_id]
+        ends = [vocab[t] for t in END_MARKERS if t in vocab and vocab[t] != self.eos_id]
+        self.stop_ids: list[int] = [self.eos_id] + ends
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids

@@ -97,8 +97,8 @@ def test_llama3_rope_scaling_equals_transformers_in_both_config_spellings(tmp_pa
         assert (unscaled(TOKENS) - hf(TOKENS).logits).abs().max() > 1e-2
     save_model(ours, tmp_path / "ours")
     transformers = require("transformers")
-    _assert_same_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval(),
-                        ours)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    _assert_same_logits(again, ours)
 
 
 def test_meta_params_json_llama3_scaling_and_qwen_bias_round_trip(tmp_path):
@@ -140,7 +140,8 @@ def test_lora_on_qwen2_keeps_biases_frozen_in_the_base_and_trains(tmp_path):
     model = _randomize(Transformer(args))
     with torch.no_grad():
         before = model(TOKENS)
-    modules = apply_lora(model, LoraArgs(r=4, alpha=8.0, init="gaussian", targets=("q", "k", "v", "gate", "up", "down")))
+    targets = ("q", "k", "v", "gate", "up", "down")
+    modules = apply_lora(model, LoraArgs(r=4, alpha=8.0, init="gaussian", targets=targets))
     assert "layers.0.attention.wq" in modules and not model.layers[0].attention.wq_bias.requires_grad
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)

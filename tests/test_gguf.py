@@ -24,7 +24,8 @@ META_TO_GGUF = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "ou
                 "output.weight": "output.weight"}
 LAYER_TO_GGUF = {"attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
                  "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
-                 "attention.wq_bias": "attn_q.bias", "attention.wk_bias": "attn_k.bias", "attention.wv_bias": "attn_v.bias",
+                 "attention.wq_bias": "attn_q.bias", "attention.wk_bias": "attn_k.bias",
+                 "attention.wv_bias": "attn_v.bias",
                  "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
                  "feed_forward.w3.weight": "ffn_up.weight", "attention_norm.weight": "attn_norm.weight",
                  "ffn_norm.weight": "ffn_norm.weight"}
@@ -82,7 +83,9 @@ def test_f32_gguf_in_llama_cpp_layout_gives_the_original_logits(tmp_path, arch):
     args = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=64, hidden_dim=96, norm_eps=1e-6,
                      rope_theta=1e6, tie_embeddings=arch == "qwen2", qkv_bias=arch == "qwen2")
     model = random_model(args)
-    state = {k: v.detach() for k, v in model.state_dict().items() if not k == "output.weight" or not args.tie_embeddings}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if args.tie_embeddings:  # llama.cpp stores a tied head once, as token_embd
+        del state["output.weight"]
     if arch == "qwen2":  # llama.cpp keeps Qwen2's Hugging Face row order (NEOX rope): permute q/k as HF does
         hf = meta_to_hf_state_dict(state, args)
         state = {name: hf[key] for name, key in zip(state, hf)}
@@ -149,7 +152,8 @@ def test_unsupported_gguf_variants_name_the_key_or_tensor(tmp_path):
     write_gguf(tmp_path / "b.gguf", "llama", args, state, **{"llama.rope.scaling.type": "yarn"})
     with pytest.raises(GGUFError, match=r"b\.gguf: llama\.rope\.scaling\.type='yarn' is not supported"):
         load_model(tmp_path / "b.gguf")
-    write_gguf(tmp_path / "c.gguf", "llama", args, {**state, "blk.0.attn_q_norm.weight": (np.ones(16, np.float32), None)})
+    extra = {"blk.0.attn_q_norm.weight": (np.ones(16, np.float32), None)}
+    write_gguf(tmp_path / "c.gguf", "llama", args, {**state, **extra})
     with pytest.raises(GGUFError, match=r"c\.gguf: unknown tensor 'blk\.0\.attn_q_norm\.weight'"):
         load_model(tmp_path / "c.gguf")
     q5 = gguf.quants.quantize(state["output.weight"][0], gguf.GGMLQuantizationType.Q5_0)
@@ -195,7 +199,8 @@ def test_real_smollm2_config_and_logits_equal_transformers(smol, hf_smol, smol_t
 
 HARD_STRINGS = [
     "Hello world", "  two leading, three   inner   runs\n\n\n\ttabs\t\t and trailing   ", "a\r\nb\n \n",
-    "12345 + 67890 = 80235; 3.14159, 1,000,000", "emoji 🤖🎉👍🏽 and ZWJ 👩‍👩‍👧", "中文混合English日本語テキスト한국어",
+    "12345 + 67890 = 80235; 3.14159, 1,000,000", "emoji 🤖🎉👍🏽 and ZWJ 👩‍👩‍👧",
+    "中文混合English日本語テキスト한국어",
     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "don't I'll WE'VE", "#### 72", "x" * 80, "  ", "",
 ]
 

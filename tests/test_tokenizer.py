@@ -59,9 +59,12 @@ def test_out_of_range_ids_are_named(tokenizer):
 from conftest import require  # noqa: E402
 from lorapar.tokenizer import BPETokenizer, SentencePieceTokenizer, chat_prompt  # noqa: E402
 
-CORPUS = ["The quick brown fox jumps over the lazy dog. 12345 apples cost $6.78!", "naïve café 東京 中文 🤖🎉",
-          "    def f(x):\n        return x * 2\n\n", "Natalia sold 48 clips in April, and half as many in May. #### 72"] * 20
-HARD = ["Hello world", "  two leading, three   inner   runs\n\n\n\ttabs\t\t end  ", "a\r\nb\n \n", "1234567 + 89 = 1234656",
+CORPUS = ["The quick brown fox jumps over the lazy dog. 12345 apples cost $6.78!",
+          "naïve café 東京 中文 🤖🎉",
+          "    def f(x):\n        return x * 2\n\n",
+          "Natalia sold 48 clips in April, and half as many in May. #### 72"] * 20
+HARD = ["Hello world", "  two leading, three   inner   runs\n\n\n\ttabs\t\t end  ", "a\r\nb\n \n",
+        "1234567 + 89 = 1234656",
         "emoji 🤖🎉👍🏽", "中文混合English日本語", "don't I'll WE'VE", "" ]
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -88,7 +91,8 @@ def write_bpe(directory, family: str) -> None:
         bos = tk.token_to_id("<|begin_of_text|>")
         tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
             ("<|begin_of_text|>", bos)])
-        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
     else:  # Qwen2.5-Instruct: no BOS, EOS <|im_end|>, pad <|endoftext|>
         config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
                   "tokenizer_class": "PreTrainedTokenizerFast"}
