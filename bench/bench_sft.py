@@ -15,7 +15,10 @@ so later tensors come from the heap and freed ones stay resident. `--mmap-thresh
 threshold (MALLOC_MMAP_THRESHOLD_, for both frameworks) so that the figures follow live tensors.
 
     python bench/bench_sft.py [--batch 4] [--seq 256] [--answer 0.5] [--steps 5] [--threads N] [--mmap-threshold B]
-                              [--checkpointing]
+                              [--checkpointing] [--model llama-100m|qwen2-100m]
+
+--model qwen2-100m: the same budget in Qwen2's shape (q/k/v biases, tied 151936-token embedding): its
+logits are 4.75x LLaMA-2's per token, which is what the chunked output layer has to keep bounded.
 
 Requires `pip install transformers peft` for the comparison; without them only lorapar is measured.
 """
@@ -148,6 +151,8 @@ def main() -> None:
                         help="activation checkpointing per block in both frameworks (non-reentrant)")
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="pin glibc's mmap threshold (bytes) in both workers; 0 = glibc's dynamic default")
+    parser.add_argument("--model", default="llama-100m", choices=["llama-100m", "qwen2-100m"],
+                        help="model preset (lorapar.config.MODEL_PRESETS), written once as a Hugging Face directory")
     parser.add_argument("--worker", choices=["lorapar", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,9 +172,10 @@ def main() -> None:
         print("transformers / peft not installed: measuring lorapar only (pip install transformers peft)")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = Transformer(ModelArgs.from_name("llama-100m"))
+        model = Transformer(ModelArgs.from_name(args.model))
         model.init_weights(seed=0)
-        print(f"model: llama-100m, {model.num_params() / 1e6:.1f}M parameters; batch {args.batch} x {args.seq} tokens, "
+        print(f"model: {args.model}, {model.num_params() / 1e6:.1f}M parameters; "
+              f"batch {args.batch} x {args.seq} tokens, "
               f"loss on {args.answer:.0%}; {args.threads} threads; torch {torch.__version__}")
         save_model(model, tmp, format="hf")
         del model

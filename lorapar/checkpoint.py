@@ -1,18 +1,23 @@
-"""Read and write LLaMA-2 checkpoints: Meta's consolidated shards, Hugging Face, llama2.c's legacy .bin.
+"""Read and write LLaMA-family checkpoints: Meta's consolidated shards, Hugging Face, llama2.c's .bin, GGUF.
 
 `load_model` detects the format from what the path holds:
 - a directory with params.json: Meta's release (`consolidated.NN.pth`, one per model-parallel rank);
 - a directory with config.json: Hugging Face (`model.safetensors`, or shards listed in
   `model.safetensors.index.json`; `pytorch_model*.bin` as a fallback);
-- a file: llama2.c's legacy export (7 int32 header, then fp32 tensors in llama2.c's order).
+- a `.gguf` file: llama.cpp's format (lorapar.gguf reads it);
+- another file: llama2.c's legacy export (7 int32 header, then fp32 tensors in llama2.c's order).
+
+Families: HF `model_type` llama (LLaMA-2, LLaMA-3.x with rope_scaling type llama3, SmolLM2) and qwen2
+(Qwen2/2.5: q/k/v biases); Meta's params.json of LLaMA-2 and LLaMA-3.x (`use_scaled_rope`).
 
 Loading never holds two copies of the weights: the model is built on the meta device (no storage),
 and each tensor is read on demand from a memory map (torch.load(mmap=True), safetensors, numpy memmap)
 and assigned straight into the model, converted to the requested dtype and device.
 
 Inside lorapar every tensor has Meta's name and Meta's rotary layout. Hugging Face rotates half-split
-pairs (i, i + D/2) where Meta rotates adjacent pairs (2i, 2i+1), so HF's q/k rows are a per-head
-permutation of Meta's; `hf_to_meta_state_dict` / `meta_to_hf_state_dict` are the only place it lives.
+pairs (i, i + D/2) where Meta rotates adjacent pairs (2i, 2i+1), so HF's q/k rows (and Qwen2's q/k
+bias entries) are a per-head permutation of Meta's; `hf_to_meta_state_dict` / `meta_to_hf_state_dict`
+are the only place it lives.
 """
 
 from __future__ import annotations
@@ -52,7 +57,13 @@ HF_LAYER_NAMES = {
     "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
 }
+HF_BIAS_NAMES = {"self_attn.q_proj": "attention.wq_bias", "self_attn.k_proj": "attention.wk_bias",
+                 "self_attn.v_proj": "attention.wv_bias"}  # Qwen2's frozen biases
 META_TOP_NAMES = {v: k for k, v in HF_TOP_NAMES.items()}
+META_BIAS_NAMES = {v: k for k, v in HF_BIAS_NAMES.items()}
+# Meta's llama3 reference (apply_scaling) hard-codes these; params.json says only "use_scaled_rope": true.
+META_LLAMA3_ROPE = dict(rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_seq_len=8192)
 META_LAYER_NAMES = {v: k for k, v in HF_LAYER_NAMES.items()}
 
 
@@ -71,24 +82,27 @@ class _Entry:
 def hf_to_meta_name(key: str) -> str:
     if key in HF_TOP_NAMES:
         return HF_TOP_NAMES[key]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
-    if match is None or match.group(2) not in HF_LAYER_NAMES:
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    names = HF_LAYER_NAMES if match is not None and match.group(3) == "weight" else HF_BIAS_NAMES
+    if match is None or match.group(2) not in names:
         raise KeyError(key)
-    return f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.weight"
+    return f"layers.{match.group(1)}.{names[match.group(2)]}" + (".weight" if names is HF_LAYER_NAMES else "")
 
 
 def meta_to_hf_name(name: str) -> str:
     if name in META_TOP_NAMES:
         return META_TOP_NAMES[name]
-    layer, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
-    return f"model.layers.{layer}.{META_LAYER_NAMES[module]}.weight"
+    layer, module = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
+    if module in META_BIAS_NAMES:
+        return f"model.layers.{layer}.{META_BIAS_NAMES[module]}.bias"
+    return f"model.layers.{layer}.{META_LAYER_NAMES[module.removesuffix('.weight')]}.weight"
 
 
 def _rope_heads(name: str, args: ModelArgs) -> int:
     """How many rotary heads the rows of `name` hold (0: not a rotated projection)."""
-    if name.endswith("attention.wq.weight"):
+    if name.endswith(("attention.wq.weight", "attention.wq_bias")):
         return args.n_heads
-    return args.n_kv_heads if name.endswith("attention.wk.weight") else 0
+    return args.n_kv_heads if name.endswith(("attention.wk.weight", "attention.wk_bias")) else 0
 
 
 def _hf_rows_to_meta(name: str, w: torch.Tensor, args: ModelArgs) -> torch.Tensor:
@@ -96,14 +110,14 @@ def _hf_rows_to_meta(name: str, w: torch.Tensor, args: ModelArgs) -> torch.Tenso
     if not heads:
         return w
     # Per head, HF row j < D/2 and row j + D/2 form pair j; Meta stores that pair at rows 2j, 2j+1.
-    return w.view(heads, 2, w.shape[0] // heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+    return w.view(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _meta_rows_to_hf(name: str, w: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     heads = _rope_heads(name, args)
     if not heads:
         return w
-    return w.view(heads, w.shape[0] // heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+    return w.view(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def hf_to_meta_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -156,6 +170,7 @@ def _open_meta(directory: str) -> tuple[ModelArgs, dict[str, _Entry]]:
         if "tok_embeddings.weight" not in shards[0]:
             raise CheckpointError(f"{paths[0]}: missing key 'tok_embeddings.weight' (needed for vocab_size)")
         params = {**params, "vocab_size": shards[0]["tok_embeddings.weight"].shape[0]}
+    params = _meta_rope_scaling(params, params_path)
     try:
         args = ModelArgs.from_dict(params, params_path)
     except (TypeError, ValueError) as err:
@@ -178,11 +193,51 @@ def _open_meta(directory: str) -> tuple[ModelArgs, dict[str, _Entry]]:
     return args, {k: _Entry(file, k, lambda k=k: merge(k)) for k in shards[0] if k not in META_IGNORED_KEYS}
 
 
+def _meta_rope_scaling(params: dict, path: str) -> dict:
+    """params.json's LLaMA-3.1/3.2 "use_scaled_rope" (+ optional "rope_scaling_factor") -> ModelArgs fields."""
+    params = dict(params)
+    if not params.pop("use_scaled_rope", False):
+        return params
+    scaling = {**META_LLAMA3_ROPE}
+    factor = params.pop("rope_scaling_factor", None)
+    if factor is not None:
+        scaling["rope_scaling_factor"] = float(factor)
+    return {**scaling, **params}
+
+
+def _hf_rope(cfg: dict, path: str) -> dict:
+    """rope_theta and llama3 scaling from transformers' `rope_parameters` (v5) and/or `rope_theta` + `rope_scaling`."""
+    theta, scaled = cfg.get("rope_theta"), []
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key) or {}
+        theta = rope.get("rope_theta", theta)
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise CheckpointError(f"{path}: {key}={rope!r} is not supported (expected rope_type 'default' or 'llama3')")
+        if kind == "llama3":
+            missing = [k for k in ("factor", "original_max_position_embeddings") if k not in rope]
+            if missing:
+                raise CheckpointError(f"{path}: {key} of type llama3 misses {missing}")
+            scaled.append(dict(rope_scaling_factor=float(rope["factor"]),
+                               rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                               rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                               rope_original_max_seq_len=int(rope["original_max_position_embeddings"])))
+    if len(scaled) == 2 and scaled[0] != scaled[1]:
+        raise CheckpointError(f"{path}: rope_parameters and rope_scaling disagree ({scaled[0]} vs {scaled[1]})")
+    return dict(rope_theta=10000.0 if theta is None else float(theta), **(scaled[0] if scaled else {}))
+
+
+HF_MODEL_TYPES = ("llama", "qwen2")
+
+
 def _hf_args(cfg: dict, path: str) -> ModelArgs:
-    unsupported = {
-        "model_type": (cfg.get("model_type"), "llama"), "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
-        "rope_scaling": (cfg.get("rope_scaling"), None), "attention_bias": (cfg.get("attention_bias", False), False),
-        "mlp_bias": (cfg.get("mlp_bias", False), False),
+    model_type = cfg.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{path}: model_type={model_type!r} is not supported (expected one of {HF_MODEL_TYPES})")
+    unsupported = {  # key: (value, what lorapar implements); Qwen2's q/k/v biases are implied by its model_type
+        "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (cfg.get("attention_bias", False), False), "mlp_bias": (cfg.get("mlp_bias", False), False),
+        "use_sliding_window": (cfg.get("use_sliding_window", False), False),
     }
     for key, (value, expected) in unsupported.items():
         if value != expected:
@@ -194,8 +249,8 @@ def _hf_args(cfg: dict, path: str) -> ModelArgs:
     args = _model_args(
         path, dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
         n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
-        max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=cfg.get("tie_word_embeddings", False),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), max_seq_len=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2", **_hf_rope(cfg, path),
     )
     if cfg.get("head_dim", args.head_dim) != args.head_dim:
         raise CheckpointError(
@@ -256,7 +311,7 @@ def _open_hf(directory: str) -> tuple[ModelArgs, dict[str, _Entry]]:
         try:
             name = hf_to_meta_name(key)
         except KeyError:
-            raise CheckpointError(f"{path}: unknown key {key!r} (not a LLaMA weight)") from None
+            raise CheckpointError(f"{path}: unknown key {key!r} (not a LLaMA/Qwen2 weight)") from None
         entries[name] = _Entry(path, key, lambda p=path, k=key, n=name: read(p, k, n))
     return args, entries
 
@@ -309,6 +364,11 @@ def _open(path: str | os.PathLike) -> tuple[str, ModelArgs, dict[str, _Entry]]:
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from lorapar.gguf import open_gguf
+
+        args, tensors = open_gguf(path)
+        return "gguf", args, {name: _Entry(path, key, read) for name, (key, read) in tensors.items()}
     if os.path.isfile(path):
         return "llama2c", *_open_llama2c(path)
     if os.path.isfile(os.path.join(path, "params.json")):
@@ -377,19 +437,43 @@ def meta_params(args: ModelArgs) -> dict:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     implied = ModelArgs(**{**params, "hidden_dim": None})
     extras = {"hidden_dim": (args.ffn_hidden_dim, implied.ffn_hidden_dim), "rope_theta": (args.rope_theta, 10000.0),
-              "max_seq_len": (args.max_seq_len, 4096), "tie_embeddings": (args.tie_embeddings, False)}
+              "max_seq_len": (args.max_seq_len, 4096), "tie_embeddings": (args.tie_embeddings, False),
+              "qkv_bias": (args.qkv_bias, False)}
     params.update({k: value for k, (value, meta_value) in extras.items() if value != meta_value})
+    if args.rope_scaling_factor is not None:
+        scaling = {k: getattr(args, k) for k in META_LLAMA3_ROPE}
+        # Meta's own spelling when the rest is Meta's fixed choice; lorapar's fields otherwise.
+        if {**scaling, "rope_scaling_factor": 8.0} == META_LLAMA3_ROPE:
+            params["use_scaled_rope"] = True
+            if args.rope_scaling_factor != 8.0:
+                params["rope_scaling_factor"] = args.rope_scaling_factor
+        else:
+            params.update(scaling)
     return params
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """config.json for transformers: Qwen2ForCausalLM when the model has q/k/v biases, LlamaForCausalLM otherwise.
+
+    Both rope spellings are written (`rope_theta` + `rope_scaling` for transformers 4, `rope_parameters`
+    for 5), so either version reads the same rotary frequencies.
+    """
+    rope_scaling = None
+    if args.rope_scaling_factor is not None:
+        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+                        "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
+                        "original_max_position_embeddings": args.rope_original_max_seq_len}
+    rope_parameters = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta}
+    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} if (
+        args.qkv_bias) else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        **family, "hidden_act": "silu",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_embeddings, "rope_scaling": None, "attention_bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch."),
+        "tie_word_embeddings": args.tie_embeddings, "rope_scaling": rope_scaling, "rope_parameters": rope_parameters,
+        "head_dim": args.head_dim, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 

@@ -20,7 +20,12 @@ from lorapar.io import atomic_write_text
 
 @dataclass
 class ModelArgs:
-    """The shape of a LLaMA-2 model, in Meta's vocabulary (params.json uses the same field names)."""
+    """The shape of a LLaMA-family model, in Meta's vocabulary (params.json uses the same field names).
+
+    One class covers LLaMA-2, LLaMA-3.x, Qwen2/2.5 and SmolLM2; they differ only in these fields:
+    Qwen2 sets qkv_bias (and rope_theta 1e6, norm_eps 1e-6), LLaMA-3.1/3.2 set the rope_scaling_* fields
+    (Meta's "llama3" rule, see lorapar.model.rope_frequencies), small sizes set tie_embeddings.
+    """
 
     dim: int = 4096
     n_layers: int = 32
@@ -34,6 +39,12 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False  # llama2.c's small models share the embedding with the output head
+    qkv_bias: bool = False  # Qwen2: q, k and v projections carry a (frozen) bias; o and the MLP do not
+    # LLaMA-3.1/3.2's rope_scaling {"rope_type": "llama3", ...}; factor None = no scaling (LLaMA-2, 3.0, Qwen2)
+    rope_scaling_factor: Optional[float] = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192  # the context the unscaled model was trained on
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -46,6 +57,14 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ValueError(f"ModelArgs: head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling_factor is not None and not (
+            self.rope_scaling_factor >= 1.0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        ):
+            raise ValueError(
+                f"ModelArgs: llama3 rope scaling needs rope_scaling_factor >= 1 and 0 < rope_low_freq_factor < "
+                f"rope_high_freq_factor (got {self.rope_scaling_factor}, {self.rope_low_freq_factor}, "
+                f"{self.rope_high_freq_factor})"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +104,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # About 100M parameters (102M) with LLaMA-2's vocabulary and head size: the benchmarks' CPU stand-in for 7B.
     "llama-100m": dict(dim=640, n_layers=12, n_heads=10, vocab_size=32000, max_seq_len=2048),
+    # The same ~100M budget in Qwen2's shape: its 151936-token vocabulary (half the parameters sit in the tied
+    # embedding), q/k/v biases, rope_theta 1e6; bench_sft.py --model qwen2-100m measures its step memory.
+    "qwen2-100m": dict(
+        dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=151936, hidden_dim=1536, norm_eps=1e-6,
+        rope_theta=1e6, max_seq_len=2048, tie_embeddings=True, qkv_bias=True,
+    ),
+    "qwen2.5-7b": dict(
+        dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944, norm_eps=1e-6,
+        rope_theta=1e6, max_seq_len=32768, qkv_bias=True,
+    ),
 }
 
 

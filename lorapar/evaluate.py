@@ -127,6 +127,7 @@ def complete(
         out = generate(
             model, [encoded[i] for i in batch], max_new_tokens, temperature=temperature, top_p=top_p,
             seed=None if seed is None else seed + number, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+            stop_ids=getattr(tokenizer, "stop_ids", None),  # e.g. <|im_end|> and <|endoftext|> both end a turn
         )
         for i, tokens, done in zip(batch, out.tokens, out.finished):
             results[i] = (decode_continuation(tokenizer, encoded[i], tokens), done)

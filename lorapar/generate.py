@@ -123,7 +123,8 @@ def generate(
     None uses torch's global generator. A list of seeds, one per row, gives every row its own generator:
     a row's tokens then do not depend on which other rows share the batch (to float rounding of the
     logits), which lets GRPO split its prompts over ranks freely. A row stops at `eos_id` or any of
-    `stop_ids`.
+    `stop_ids`: pass `tokenizer.stop_ids`, every id that ends a turn in the tokenizer's family (ChatML's
+    <|im_end|> and <|endoftext|>, LLaMA-3's <|eot_id|> and <|end_of_text|>, LLaMA-2's </s>).
     prepack: CPU fp32 only, see `prepacked_linears`: faster batched decoding once the one-off packing is
     amortised (tens of new tokens), twice the weight memory; results agree with the default to float
     rounding, not bit for bit.

@@ -1,4 +1,9 @@
-"""LLaMA-2 as Meta defines it, with Meta's module names and interleaved rotary embeddings.
+"""The LLaMA family as Meta defines it, with Meta's module names and interleaved rotary embeddings.
+
+LLaMA-2, LLaMA-3.x, Qwen2/2.5 and SmolLM2 are this one model with different ModelArgs: Qwen2's q/k/v
+biases are frozen parameters added to the bias-free projections' output (so LoRA, the fused masked
+kernels and DM-LoRA wrap the projection unchanged), LLaMA-3.1's rope scaling changes only the rotary
+frequencies.
 
 Shapes: B batch, T new tokens, L key length (cache slots in use), H query heads, K key/value heads,
 D head dim. One forward serves training (no cache, causal) and decoding (a `KVCache`, `start_pos`
@@ -44,10 +49,27 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_tables(length: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """exp(i * position * theta^(-2i/D)) for i < D/2: complex64 (length, D/2), computed in fp64 then rounded."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv_freq)
+def rope_frequencies(args: ModelArgs, device: Optional[torch.device] = None) -> torch.Tensor:
+    """theta^(-2i/D) for i < D/2 (fp64), with LLaMA-3.1's "llama3" scaling when rope_scaling_factor is set.
+
+    llama3 scaling (Meta's apply_scaling) by wavelength w = 2 pi / f, with c the original context:
+      w < c / high_freq_factor: f unchanged;   w > c / low_freq_factor: f / factor;
+      between:  (1 - s) f / factor + s f,   s = (c / w - low_freq_factor) / (high_freq_factor - low_freq_factor).
+    """
+    D = args.head_dim
+    freq = 1.0 / args.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)
+    factor = args.rope_scaling_factor
+    if factor is None:
+        return freq
+    low, high, context = args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_max_seq_len
+    wavelength = 2 * math.pi / freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0 above c/low, 1 below c/high
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
+def rope_tables(length: int, freq: torch.Tensor) -> torch.Tensor:
+    """exp(i * position * freq) for each frequency: complex64 (length, D/2), computed in fp64 then rounded."""
+    angles = torch.outer(torch.arange(length, device=freq.device, dtype=torch.float64), freq)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
@@ -97,6 +119,16 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        if args.qkv_bias:  # Qwen2; rows in Meta's rotary order like wq/wk's (checkpoint.py permutes them alike)
+            self.wq_bias = nn.Parameter(torch.zeros(args.n_heads * args.head_dim))
+            self.wk_bias = nn.Parameter(torch.zeros(args.n_kv_heads * args.head_dim))
+            self.wv_bias = nn.Parameter(torch.zeros(args.n_kv_heads * args.head_dim))
+        else:
+            self.wq_bias = self.wk_bias = self.wv_bias = None
+
+    def _project(self, linear: nn.Module, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        y = linear(x)
+        return y if bias is None else y + bias.to(y.dtype)
 
     def forward(
         self,
@@ -107,9 +139,9 @@ class Attention(nn.Module):
         start_pos: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation)
-        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = apply_rotary(self._project(self.wq, self.wq_bias, x).view(B, T, self.n_heads, self.head_dim), rotation)
+        k = apply_rotary(self._project(self.wk, self.wk_bias, x).view(B, T, self.n_kv_heads, self.head_dim), rotation)
+        v = self._project(self.wv, self.wv_bias, x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)
@@ -168,6 +200,9 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
                 continue
+            if name.endswith("_bias"):
+                nn.init.zeros_(p)
+                continue
             std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
@@ -178,7 +213,7 @@ class Transformer(nn.Module):
     def rope(self, length: int, device: torch.device) -> torch.Tensor:
         if self._rope is None or self._rope.shape[0] < length or self._rope.device != device:
             size = max(length, self.args.max_seq_len)
-            self._rope = rope_tables(size, self.args.head_dim, self.args.rope_theta, device)
+            self._rope = rope_tables(size, rope_frequencies(self.args, device))
         return self._rope
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:

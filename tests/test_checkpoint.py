@@ -227,9 +227,14 @@ def test_unknown_missing_and_misshapen_keys_are_named(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: 'layers\.0\.attention\.wq\.weight' has shape \(64, 32\), expected \(64, 64\)"):
         load_model(tmp_path / "c")
     save_model(tiny_model, tmp_path / "d", format="hf")
+    tensors = {"model.layers.0.self_attn.o_proj.bias": torch.zeros(64), "model.norm.weight": torch.ones(64)}
+    save_file(tensors, tmp_path / "d" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unknown key 'model\.layers\.0\.self_attn\.o_proj\.bias'"):
+        load_model(tmp_path / "d")
+    # A Qwen2-style q bias in a LLaMA config (model_type llama has none) is named, not dropped.
     tensors = {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64), "model.norm.weight": torch.ones(64)}
     save_file(tensors, tmp_path / "d" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unknown key 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected key 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
         load_model(tmp_path / "d")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorapar.config import ModelArgs
-from lorapar.model import Transformer, apply_rotary, rope_tables
+from lorapar.model import Transformer, apply_rotary, rope_frequencies, rope_tables
 
 
 def test_rotary_matches_meta_complex_multiply():
@@ -14,7 +14,7 @@ def test_rotary_matches_meta_complex_multiply():
     torch.manual_seed(0)
     B, T, H, D = 2, 5, 3, 8
     x = torch.randn(B, T, H, D)
-    ours = apply_rotary(x, rope_tables(T, D, 10000.0, torch.device("cpu"))[None, :, None])
+    ours = apply_rotary(x, rope_tables(T, rope_frequencies(ModelArgs(dim=D * H, n_heads=H)))[None, :, None])
     freqs = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
     rotation = torch.polar(torch.ones(T, D // 2), torch.outer(torch.arange(T).float(), freqs))
     reference = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation[None, :, None]).flatten(-2)
