@@ -93,6 +93,7 @@ class TrainArgs:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the base over the ranks with FSDP2 (lorapar/fsdp.py)"})
 
 
 def add_lora_flags(parser: argparse.ArgumentParser) -> None:

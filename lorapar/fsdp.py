@@ -1,0 +1,416 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): the frozen base sharded over the ranks, not replicated.
+
+    torchrun --nproc_per_node=8 train_sft.py --fsdp ...     (also train_rl.py, score.py; gloo on CPU, nccl on CUDA)
+
+What `--fsdp` changes, and why:
+- Units. One `fully_shard` unit per transformer block plus the root (embeddings, final norm, output head).
+  FSDP2 shards every parameter separately along dim 0, so one unit may hold frozen base weights and
+  trainable LoRA factors (FSDP1 refuses mixed requires_grad). Each rank keeps 1/N of every tensor; a
+  block's full weights exist only while that block runs forward or backward. The root is kept gathered
+  after its forward (`reshard_after_forward=False`): the loss reads `model.output.weight` outside the
+  forward (lorapar/loss.py), and the root holds only the embedding, the norm and the head.
+- Loading. The model is built on the meta device (no storage), sharded, then materialised rank-locally;
+  each rank reads only the rows of its shards from the checkpoint (safetensors slices, memory-mapped
+  Meta shards and llama2.c files), so the full model never exists in one process.
+- Gradients. FSDP reduce-scatters the gradients with a sum (divide factor 1), as `dist.all_reduce_grads`
+  does without FSDP: the trainers already divide the loss by the global token count.
+- Optimizer. MaskedAdamW sees DTensor parameters and updates each rank's local shard with the matching
+  rows of the (replicated) mask; clipping all-reduces the squared norm (lorapar/masks.py).
+- Collectives in lockstep. Every forward all-gathers, so all ranks must run the same number of forwards.
+  Generation and evaluation run a rank-dependent number (early stops, uneven example counts); `lockstep`
+  keeps the ranks together by a vote before each forward and idle forwards for ranks that finished.
+- Checkpoints. Each rank writes its adapter shard, optimizer state and RNG; rank 0 the trainer state and
+  the adapter gathered into peft's layout (so a checkpoint and the final adapter read as without FSDP);
+  a completion marker is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+import shutil
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+
+from lorapar import dist
+from lorapar.config import ModelArgs
+from lorapar.model import Transformer
+
+COMPLETE_MARKER = "COMPLETE"  # written last into a sharded checkpoint: its absence means "not finished"
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
+    """[start, stop) of the dim-0 rows this rank holds of a DTensor sharded by FSDP2 (torch.chunk's split)."""
+    from torch.distributed.tensor import Shard
+
+    placements = tensor.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"expected a tensor sharded along dim 0 on a 1-D mesh, got placements {placements}")
+    rows, ranks = tensor.shape[0], tensor.device_mesh.size()
+    per_rank = math.ceil(rows / ranks)
+    start = min(rows, tensor.device_mesh.get_local_rank() * per_rank)
+    stop = min(rows, start + per_rank)
+    if stop - start != tensor.to_local().shape[0]:
+        raise RuntimeError(f"FSDP's local shard has {tensor.to_local().shape[0]} rows, expected {stop - start}")
+    return start, stop
+
+
+# ----------------------------------------------------------------------------- reading only this rank's rows
+
+
+class ShardReader:
+    """rows(name, start, stop): rows [start, stop) of a base tensor (Meta name, Meta layout) without reading the rest.
+
+    Meta's consolidated.NN.pth are memory-mapped (a slice touches only its pages); safetensors are read
+    through get_slice; llama2.c files through numpy's memmap. Hugging Face's q/k rows are a per-head
+    permutation of Meta's, so those are read head by head: the whole heads covering the rows.
+    """
+
+    def __init__(self, path: str):
+        from lorapar.checkpoint import read_model_args
+
+        self.path = str(path)
+        self.args: ModelArgs = read_model_args(self.path)  # validates the config and names the file on error
+        if os.path.isfile(self.path):
+            self.kind = "llama2c"
+            from lorapar.checkpoint import _open_llama2c
+
+            _, self._entries = _open_llama2c(self.path)  # memmap views: nothing is read until sliced
+        elif os.path.isfile(os.path.join(self.path, "params.json")):
+            self.kind = "meta"
+            files = sorted(glob.glob(os.path.join(self.path, "consolidated.*.pth")))
+            self._meta = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+        else:
+            self.kind = "hf"
+            from lorapar.checkpoint import _hf_weight_map, hf_to_meta_name
+
+            self._hf = {}
+            for key, file in _hf_weight_map(self.path).items():
+                try:
+                    self._hf[hf_to_meta_name(key)] = (file, key)
+                except KeyError:
+                    continue  # rotary tables and the like: checked by the full loader, not needed here
+            self._files: dict[str, Any] = {}
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from lorapar.checkpoint import CheckpointError
+
+        try:
+            if self.kind == "llama2c":
+                return self._entries[name].read()[start:stop]
+            if self.kind == "meta":
+                return self._meta_rows(name, start, stop)
+            return self._hf_rows(name, start, stop)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: missing key {name!r} (Meta name) for this model configuration") from None
+
+    def _meta_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from lorapar.checkpoint import META_SHARD_DIM
+
+        parts = [shard[name] for shard in self._meta]
+        dim = META_SHARD_DIM.get(name.split(".")[-2])
+        if dim is None:  # replicated on every model-parallel rank
+            return parts[0][start:stop]
+        if dim == 1:  # split along the columns: every part holds some columns of each row
+            return torch.cat([part[start:stop] for part in parts], dim=1)
+        pieces, offset = [], 0
+        for part in parts:  # split along the rows: take the overlap of [start, stop) with each part
+            lo, hi = max(start, offset), min(stop, offset + part.shape[0])
+            if lo < hi:
+                pieces.append(part[lo - offset : hi - offset])
+            offset += part.shape[0]
+        return torch.cat(pieces) if pieces else parts[0][:0]
+
+    def _hf_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from lorapar.checkpoint import _hf_rows_to_meta, _rope_heads
+
+        file, key = self._hf[name]
+        heads = _rope_heads(name, self.args)
+        if not heads or start == stop:
+            return self._hf_slice(file, key, start, stop)
+        head_dim = self.args.head_dim
+        first, last = start // head_dim, -(-stop // head_dim)
+        block = self._hf_slice(file, key, first * head_dim, last * head_dim)
+        subset = SimpleNamespace(n_heads=last - first, n_kv_heads=last - first)  # permute these heads only
+        meta = _hf_rows_to_meta(name, block, subset)
+        return meta[start - first * head_dim : stop - first * head_dim]
+
+    def _hf_slice(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
+        if file not in self._files:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._files[file] = safe_open(file, framework="pt", device="cpu")
+            else:
+                self._files[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        handle = self._files[file]
+        if isinstance(handle, dict):
+            return handle[key][start:stop]
+        return handle.get_slice(key)[start:stop]
+
+
+# ----------------------------------------------------------------------------- building the sharded model
+
+
+def shard_model(model: Transformer) -> Transformer:
+    """fully_shard each block, then the root (kept gathered after forward: see the module docstring)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model, reshard_after_forward=False)
+    model.set_gradient_divide_factor(1.0)  # a sum over ranks: the losses are divided by the global count
+    return model
+
+
+def load_sharded_model(ckpt: str, dtype: torch.dtype, device: torch.device, vocab_size: int,
+                       with_adapter: Optional[Callable[[nn.Module], None]] = None) -> Transformer:
+    """The base of `ckpt`, FSDP2-sharded, each rank holding (and having read) only its rows.
+
+    with_adapter(model) is called on the meta-device model before sharding, so LoRA factors are sharded
+    in the same units as their base weights (it must not initialise anything: there is no storage yet;
+    see `init_sharded_lora`).
+    """
+    if not torch_dist.is_initialized():
+        raise RuntimeError("--fsdp needs torch.distributed: launch with torchrun (one process is fine)")
+    reader = ShardReader(ckpt)
+    if vocab_size > reader.args.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} pieces but {ckpt} only {reader.args.vocab_size} embeddings")
+    with torch.device("meta"):
+        model = Transformer(reader.args).to(dtype)
+        if with_adapter is not None:
+            with_adapter(model)
+    base_names = {name for name, p in model.named_parameters() if not p.requires_grad}
+    shard_model(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in base_names:
+                continue
+            start, stop = local_rows(p)
+            rows = reader.rows(name, start, stop)
+            local = p.to_local()
+            if tuple(rows.shape[1:]) != tuple(p.shape[1:]) or rows.shape[0] != local.shape[0]:
+                raise ValueError(f"{ckpt}: {name} rows [{start}, {stop}) have shape {tuple(rows.shape)}, "
+                                 f"expected {tuple(local.shape)} of a {tuple(p.shape)} tensor")
+            local.copy_(rows)
+    return model.eval()
+
+
+def init_sharded_lora(model: nn.Module, lora_args) -> None:
+    """apply_lora's initialisation on a sharded adapter: the same values as one process, this rank's rows.
+
+    A and B are drawn in full (they are small) with apply_lora's generator, walking the modules in the
+    same order; each rank keeps its rows. pissa / olora need each full base weight (an SVD) and are refused.
+    """
+    from lorapar.lora import LoRALinear, lora_modules
+
+    if lora_args.init in ("pissa", "olora"):
+        raise ValueError(f"--fsdp: --init {lora_args.init} takes an SVD of each full base weight; "
+                         "use lora or gaussian, or run without --fsdp")
+    generator = torch.Generator().manual_seed(lora_args.seed)
+    for module in lora_modules(model).values():
+        out_features, in_features = module.weight.shape
+        stand_in = LoRALinear(torch.empty(1).expand(out_features, in_features), module.r, module.alpha)
+        stand_in.reset_lora(lora_args.init, generator, lora_args.init_std, lora_args.pissa_niter)
+        with torch.no_grad():
+            for sharded, full in ((module.lora_A, stand_in.lora_A), (module.lora_B, stand_in.lora_B)):
+                start, stop = local_rows(sharded)
+                sharded.to_local().copy_(full[start:stop])
+        module.init = lora_args.init
+
+
+@contextlib.contextmanager
+def full_adapter(model: nn.Module) -> Iterator[None]:
+    """Every rank's LoRA factors gathered into plain tensors for the block (collective: all ranks enter).
+
+    Inside, save_adapter / get_masks / named_lora_parameters read the whole adapter as without FSDP;
+    the sharded parameters come back afterwards.
+    """
+    from lorapar.lora import lora_modules
+
+    saved = []
+    for module in lora_modules(model).values():
+        for attr in ("lora_A", "lora_B"):
+            sharded = getattr(module, attr)
+            saved.append((module, attr, sharded))
+            module._parameters[attr] = nn.Parameter(sharded.detach().full_tensor(), requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, attr, sharded in saved:
+            module._parameters[attr] = sharded
+
+
+# ----------------------------------------------------------------------------- lockstep forwards
+
+
+class lockstep:
+    """Keep every rank's forwards paired while ranks run different numbers of them (generation, eval).
+
+    Before each forward a rank votes 1 ("I run a forward") in an all-reduce; a rank that has left the
+    block votes 0 and runs an idle one-token forward whenever someone voted 1, until nobody does. The
+    vote runs before FSDP's own pre-forward all-gather (prepend=True), so collectives always pair up.
+    Outside FSDP (or with one rank) it does nothing.
+    """
+
+    def __init__(self, model: nn.Module, info: dist.DistInfo, enabled: bool = True):
+        self.model, self.info = model, info
+        self.enabled = enabled and info.enabled
+        self.draining, self.handle = False, None
+
+    def _vote(self, value: int) -> int:
+        flag = torch.tensor([value], dtype=torch.int64, device=self.info.device)
+        torch_dist.all_reduce(flag)
+        return int(flag.item())
+
+    def _before_forward(self, module, args):
+        if not self.draining:
+            self._vote(1)
+
+    def __enter__(self) -> "lockstep":
+        if self.enabled:
+            self.handle = self.model.register_forward_pre_hook(self._before_forward, prepend=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        self.draining = True
+        try:
+            if exc[0] is None:  # after an error the other ranks hang in any case; do not add a second one
+                idle = torch.ones(1, 1, dtype=torch.long, device=self.info.device)
+                while self._vote(0) > 0:
+                    with torch.no_grad():
+                        self.model(idle)
+        finally:
+            self.handle.remove()
+            self.draining = False
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+
+def shard_state(model: nn.Module, optimizer) -> dict:
+    """This rank's share of the training state: its rows of each LoRA factor and its optimizer state."""
+    from lorapar.lora import named_lora_parameters
+
+    return {"adapter": {key: p.detach().to_local().cpu().clone() for key, p in named_lora_parameters(model)},
+            "optimizer": optimizer.state_dict()}
+
+
+def save_sharded_checkpoint(out: str, step: int, info: dist.DistInfo, model: nn.Module, optimizer,
+                            state: dict, write_files, keep: int = 1) -> str:
+    """Checkpoint `step` as OUT/checkpoints/step-NNNNNN: shard-rank{r}.pt per rank (adapter rows, optimizer,
+    RNG), rank 0's trainer state and adapter files (gathered, peft layout), then COMPLETE, then the rename
+    into place and `latest` (as trainer.save_checkpoint, so prepare_run_dir / --resume find it)."""
+    from lorapar.io import atomic_torch_save, atomic_write_text
+    from lorapar.trainer import CHECKPOINTS, rng_state
+
+    root = os.path.join(out, CHECKPOINTS)
+    name = f"step-{step:06d}"
+    tmp = os.path.join(root, f".{name}.tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier(info)
+    atomic_torch_save(os.path.join(tmp, f"shard-rank{info.rank}.pt"), {**shard_state(model, optimizer),
+                                                                       "rng": rng_state(), "rank": info.rank})
+    with full_adapter(model):
+        if info.is_main:
+            atomic_torch_save(os.path.join(tmp, "trainer_state.pt"),
+                              {**state, "world_size": info.world_size, "fsdp": True})
+            write_files(tmp)
+    dist.barrier(info)  # every shard is on disk before the marker says so
+    final = os.path.join(root, name)
+    if info.is_main:
+        atomic_write_text(os.path.join(tmp, COMPLETE_MARKER), f"{info.world_size} shards\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, "latest"), name + "\n")
+        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(root, old))
+    dist.barrier(info)
+    return final
+
+
+def restore_sharded_checkpoint(path: str, model: nn.Module, optimizer, config: dict, info: dist.DistInfo) -> int:
+    """Load this rank's shard of checkpoint `path` (adapter rows, optimizer, RNG); returns its step."""
+    from lorapar.lora import named_lora_parameters
+    from lorapar.trainer import check_resumable, set_rng_state
+
+    if not os.path.exists(os.path.join(path, COMPLETE_MARKER)):
+        raise FileNotFoundError(f"{path}: no {COMPLETE_MARKER} marker; the checkpoint was not finished")
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    if not state.get("fsdp"):
+        raise ValueError(f"{path} was written without --fsdp; resume it without --fsdp")
+    if state["world_size"] != info.world_size:
+        raise ValueError(f"{path} was written by {state['world_size']} rank(s) but this run has {info.world_size}; "
+                         "resume with the same number of processes")
+    check_resumable(state["config"], config, path)
+    shard_path = os.path.join(path, f"shard-rank{info.rank}.pt")
+    shard = torch.load(shard_path, map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for key, p in named_lora_parameters(model):
+            local = p.to_local()
+            if key not in shard["adapter"] or shard["adapter"][key].shape != local.shape:
+                raise ValueError(f"{shard_path}: {key} missing or of another shape than this rank's {tuple(local.shape)}")
+            local.copy_(shard["adapter"][key])
+    optimizer.load_state_dict(shard["optimizer"])
+    set_rng_state(shard["rng"])
+    return state["step"]
+
+
+def make_sharded_checkpointer(train, info: dist.DistInfo, model: nn.Module, optimizer, total_steps: int,
+                              steps_per_epoch: int, config: dict, save_files):
+    """checkpoint(step) for --fsdp: as trainer.make_checkpointer, written by every rank."""
+    from lorapar.io import atomic_write_json
+
+    def checkpoint(step: int) -> None:
+        def write_files(directory: str) -> None:
+            save_files(directory)
+            atomic_write_json(os.path.join(directory, "config.json"), config)
+
+        state = {"step": step, "schedule": {"step": step, "total_steps": total_steps},
+                 "data": {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch}, "config": config}
+        save_sharded_checkpoint(train.out, step, info, model, optimizer, state, write_files, keep=train.keep_checkpoints)
+
+    return checkpoint
+
+
+def save_final(model: nn.Module, save_files: Callable[[str], None], out: str, info: dist.DistInfo) -> None:
+    """The final adapter (and masks) gathered to rank 0 and written in peft's layout (collective)."""
+    with full_adapter(model):
+        if info.is_main:
+            save_files(out)
+
+
+def build_lora_model(ckpt: str, base_dtype: str, masks: str, stage: Optional[int], lora_args,
+                     info: dist.DistInfo, vocab_size: int) -> tuple[Transformer, Callable[[str], None]]:
+    """--fsdp's replacement for load_base_model + apply_lora + install_masks: the sharded base with a
+    LoRA adapter initialised as apply_lora would, masks installed; returns (model, save_files(directory))."""
+    from lorapar.lora import replace_linears
+    from lorapar.trainer import install_masks, lora_file_writer
+
+    dtype = {"auto": torch.bfloat16 if info.device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[base_dtype]
+    if lora_args.init in ("pissa", "olora"):
+        init_sharded_lora(None, lora_args)  # raises the explanation before anything is read
+    model = load_sharded_model(ckpt, dtype, info.device, vocab_size, with_adapter=lambda m: replace_linears(m, lora_args))
+    init_sharded_lora(model, lora_args)
+    if masks:
+        install_masks(model, masks, stage)
+    return model, lora_file_writer(model, lora_args, bool(masks))
