@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
     if train.fsdp:  # the base sharded over the ranks, each reading only its rows (lorapar/fsdp.py)
         if cfg.adapter != "lora":
             raise ValueError("--fsdp supports --adapter lora only (DM-LoRA's screening reads whole tensors)")
-        model, save_adapter_files = fsdp.build_lora_model(cfg.ckpt, cfg.base_dtype, cfg.masks, cfg.stage, lora_args,
+        model, _, save_adapter_files = fsdp.build_lora_model(cfg.ckpt, cfg.base_dtype, cfg.masks, cfg.stage, lora_args,
                                                           info, tokenizer.vocab_size)
         dual = None
     else:

@@ -192,7 +192,10 @@ def load_sharded_model(ckpt: str, dtype: torch.dtype, device: torch.device, voca
         model = Transformer(reader.args).to(dtype)
         if with_adapter is not None:
             with_adapter(model)
-    base_names = {name for name, p in model.named_parameters() if not p.requires_grad}
+    from lorapar.lora import named_lora_parameters
+
+    adapter = {id(p) for _, p in named_lora_parameters(model)}
+    base_names = {name for name, p in model.named_parameters() if id(p) not in adapter}
     shard_model(model)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -233,11 +236,12 @@ def init_sharded_lora(model: nn.Module, lora_args) -> None:
 
 
 @contextlib.contextmanager
-def full_adapter(model: nn.Module) -> Iterator[None]:
+def full_adapter(model: nn.Module, write_back: bool = False) -> Iterator[None]:
     """Every rank's LoRA factors gathered into plain tensors for the block (collective: all ranks enter).
 
     Inside, save_adapter / get_masks / named_lora_parameters read the whole adapter as without FSDP;
-    the sharded parameters come back afterwards.
+    the sharded parameters come back afterwards, with write_back=True holding this rank's rows of
+    whatever was written into the gathered tensors (load_adapter).
     """
     from lorapar.lora import lora_modules
 
@@ -249,6 +253,11 @@ def full_adapter(model: nn.Module) -> Iterator[None]:
             module._parameters[attr] = nn.Parameter(sharded.detach().full_tensor(), requires_grad=False)
     try:
         yield
+        if write_back:
+            with torch.no_grad():
+                for module, attr, sharded in saved:
+                    start, stop = local_rows(sharded)
+                    sharded.to_local().copy_(module._parameters[attr][start:stop])
     finally:
         for module, attr, sharded in saved:
             module._parameters[attr] = sharded
@@ -295,6 +304,9 @@ class lockstep:
                 while self._vote(0) > 0:
                     with torch.no_grad():
                         self.model(idle)
+                # The root stays gathered after a forward; gathered under inference_mode (generation) it
+                # could not take part in a later backward, so drop it here and let training gather afresh.
+                self.model.reshard()
         finally:
             self.handle.remove()
             self.draining = False
@@ -398,19 +410,39 @@ def save_final(model: nn.Module, save_files: Callable[[str], None], out: str, in
             save_files(out)
 
 
-def build_lora_model(ckpt: str, base_dtype: str, masks: str, stage: Optional[int], lora_args,
-                     info: dist.DistInfo, vocab_size: int) -> tuple[Transformer, Callable[[str], None]]:
-    """--fsdp's replacement for load_base_model + apply_lora + install_masks: the sharded base with a
-    LoRA adapter initialised as apply_lora would, masks installed; returns (model, save_files(directory))."""
+def build_lora_model(ckpt: str, base_dtype: str, masks: str, stage: Optional[int], lora_args, info: dist.DistInfo,
+                     vocab_size: int, adapter_dir: str = "") -> tuple[Transformer, Any, Callable[[str], None]]:
+    """--fsdp's replacement for load_base_model + apply_lora (or load_adapter) + install_masks: the sharded
+    base with a LoRA adapter initialised as apply_lora would, or loaded from `adapter_dir`, masks installed.
+
+    Returns (model, lora_args, save_files(directory)).
+    """
+    from lorapar.adapter import load_adapter
     from lorapar.lora import replace_linears
     from lorapar.trainer import install_masks, lora_file_writer
 
     dtype = {"auto": torch.bfloat16 if info.device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[base_dtype]
-    if lora_args.init in ("pissa", "olora"):
+    loaded = {}
+
+    def with_adapter(meta_model: nn.Module) -> None:
+        if adapter_dir:  # on the meta device this builds the modules and checks the files; no values yet
+            loaded["args"] = load_adapter(meta_model, adapter_dir)
+        else:
+            replace_linears(meta_model, lora_args)
+
+    if not adapter_dir and lora_args.init in ("pissa", "olora"):
         init_sharded_lora(None, lora_args)  # raises the explanation before anything is read
-    model = load_sharded_model(ckpt, dtype, info.device, vocab_size, with_adapter=lambda m: replace_linears(m, lora_args))
-    init_sharded_lora(model, lora_args)
+    model = load_sharded_model(ckpt, dtype, info.device, vocab_size, with_adapter=with_adapter)
+    if adapter_dir:
+        lora_args = loaded["args"]
+        if lora_args.init in ("pissa", "olora"):
+            raise ValueError(f"--fsdp: {adapter_dir} is a {lora_args.init} adapter, whose residual base needs each full "
+                             "base weight; run without --fsdp")
+        with full_adapter(model, write_back=True):
+            load_adapter(model, adapter_dir)
+    else:
+        init_sharded_lora(model, lora_args)
     if masks:
         install_masks(model, masks, stage)
-    return model, lora_file_writer(model, lora_args, bool(masks))
+    return model, lora_args, lora_file_writer(model, lora_args, bool(masks))
