@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from lorapar import dist
+from lorapar import dist, fsdp
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
 from lorapar.data import FORMATS, load_examples
 from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
@@ -50,6 +50,7 @@ class ScoreArgs:
     random_baseline: bool = field(default=False, metadata={"help": "also write random_masks.safetensors (same per-tensor counts)"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (None: cuda when available)"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the base over the ranks with FSDP2 (lorapar/fsdp.py)"})
 
 
 def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
@@ -83,8 +84,9 @@ def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
         raise outcome
 
 
-def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo):
-    """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2."""
+def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo, scorer=score_rows):
+    """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2
+    (scorer: importance.score_rows, or fsdp.score_rows_sharded under --fsdp)."""
     for system in (1, 2):
         if not any(e.system == system for e in examples):
             unlabelled = sum(e.system is None for e in examples)
@@ -96,7 +98,7 @@ def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, i
         encoded = encode_for_scoring(chosen, tokenizer, args)
         if not encoded.rows:
             raise ValueError(f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len {args.max_len}")
-        scores[system], moments = score_rows(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)
+        scores[system], moments = scorer(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)
         stats[f"system{system}"] = dict(available=available, selected=len(chosen), scored=moments.count,
                                         answer_tokens=moments.tokens, truncated=encoded.truncated,
                                         no_answer_tokens=encoded.no_answer_tokens)  # fmt: skip
@@ -162,9 +164,14 @@ def run_scoring(cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), p
     prepare_out_dir(cfg, info)
     examples = load_examples(cfg.data, cfg.format)
     tokenizer = Tokenizer(cfg.tokenizer)
-    model = load_base_model(cfg.ckpt, "auto", info.device, tokenizer.vocab_size)
-    apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
-    scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info)
+    if cfg.fsdp:  # the base sharded over the ranks, each reading only its rows (lorapar/fsdp.py)
+        model, _, _ = fsdp.build_lora_model(cfg.ckpt, "auto", "", None, importance.lora_args(), info, tokenizer.vocab_size)
+        scorer = fsdp.score_rows_sharded
+    else:
+        model = load_base_model(cfg.ckpt, "auto", info.device, tokenizer.vocab_size)
+        apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
+        scorer = score_rows
+    scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info, scorer)
     report = write_outputs(cfg, importance, part, scores, stats) if info.is_main else None
     dist.barrier(info)
     return {"out": cfg.out, "report": report}

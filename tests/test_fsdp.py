@@ -17,6 +17,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+import score
 import train_rl
 import train_sft
 from lorapar.checkpoint import META_SHARD_DIM, base_state_dict, load_model, meta_params, save_model
@@ -24,6 +25,7 @@ from lorapar.config import ModelArgs
 from lorapar.masks import save_masks
 from lorapar.model import Transformer
 from test_sft import TINY, adapter, arithmetic_rows, initial_adapter, run as run_sft, write_jsonl
+from test_score import argv as score_argv, write_checkpoint, write_labelled
 from test_train_rl import build_sft, rl_argv
 
 # Odd sizes on purpose: 3 heads of 8 rows split 12/12 cuts a head in two (the HF q/k permutation is per
@@ -88,6 +90,8 @@ def worker(rank: int, store: str, jobs: dict) -> None:
             train_sft.main(argv)
         for argv in jobs["rl"]:
             train_rl.main(argv)
+        for argv in jobs["score"]:
+            score.main(argv)
     except BaseException:
         traceback.print_exc()  # mp.spawn reports only the last line otherwise
         raise
@@ -147,7 +151,15 @@ def build_runs(tmp_path_factory, asset) -> dict:
     train_rl.main(rl_argv(rl, root / "rl-one", *RL_COMMON))
     rl_jobs = [rl_argv(rl, root / "rl-fsdp", *RL_COMMON, "--fsdp")]
 
-    jobs = {"checkpoints": checkpoints, "generations": generations, "sft": sft_jobs, "rl": rl_jobs}
+    # Importance scoring: 3 rows per system over 2 ranks, one at a time, so rank 1 runs a stand-in batch
+    (root / "score").mkdir()
+    score_inputs = dict(ckpt=write_checkpoint(root / "score" / "base", 32000), tokenizer=tokenizer,
+                        data=write_labelled(root / "score" / "labelled.jsonl"))
+    score.main(score_argv(score_inputs, root / "score-one", "--device", "cpu"))
+    score_jobs = [score_argv(score_inputs, root / "score-fsdp", "--device", "cpu", "--fsdp")]
+
+    jobs = {"checkpoints": checkpoints, "generations": generations, "sft": sft_jobs, "rl": rl_jobs,
+            "score": score_jobs}
     mp.spawn(worker, args=(str(root / "store"), jobs), nprocs=2, join=True)
     return {"root": root, "start": start, "masks": masks, "rl": rl}
 
@@ -201,3 +213,17 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path, asset):
         from lorapar.fsdp import load_sharded_model
 
         load_sharded_model(str(asset("models/stories260K.bin")), torch.float32, torch.device("cpu"), 0)
+
+
+def test_fsdp_scoring_equals_one_process(fsdp_runs):
+    from safetensors.torch import load_file
+
+    root = fsdp_runs["root"]
+    one, sharded = (load_file(str(root / out / "importance.safetensors")) for out in ("score-one", "score-fsdp"))
+    assert one.keys() == sharded.keys()
+    for key in one:
+        torch.testing.assert_close(sharded[key], one[key], rtol=1e-4, atol=1e-9)
+    masks_one, masks_sharded = (load_file(str(root / out / "masks.safetensors")) for out in ("score-one", "score-fsdp"))
+    assert all(torch.equal(masks_one[k], masks_sharded[k]) for k in masks_one)
+    report = json.loads((root / "score-fsdp" / "report.json").read_text())
+    assert report["scoring"]["system1"]["scored"] == 3 and report["scoring"]["system2"]["scored"] == 3
