@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lorapar import dist, fsdp
+from lorapar import dist, fsdp, fsdp_checkpoint
 from lorapar.adapter import load_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import format_prompt, load_examples
@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
 
     start_step = 0
     if resume_from is not None:
-        restore = fsdp.restore_sharded_checkpoint if train.fsdp else restore_training_state
+        restore = fsdp_checkpoint.restore_sharded_checkpoint if train.fsdp else restore_training_state
         start_step = restore(resume_from, model, optimizer, config, info)
     elif info.is_main:
         save_config(os.path.join(train.out, "config.json"), cfg, grpo, train, lora_args,
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
         metrics.log({"step": 0, "prompts": len(kept), "prompts_over_max_len": too_long,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
 
-    checkpointer = fsdp.make_sharded_checkpointer if train.fsdp else make_checkpointer
+    checkpointer = fsdp_checkpoint.make_sharded_checkpointer if train.fsdp else make_checkpointer
     checkpoint = checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_files)
 
     def score(prompt_index: list[int], completions: list[list[int]], batch: list) -> torch.Tensor:
@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
 
     finished = last_step == total_steps
     if finished and train.fsdp:
-        fsdp.save_final(model, save_files, train.out, info)  # gathered to rank 0, peft layout
+        fsdp_checkpoint.save_final(model, save_files, train.out, info)  # gathered to rank 0, peft layout
     elif finished and info.is_main:
         save_files(train.out)
     dist.barrier(info)

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm import tqdm
 
-from lorapar import dist, fsdp
+from lorapar import dist, fsdp, fsdp_checkpoint
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     if resume_from is not None:
         if dual is not None:  # adapter, pruned masks and EMAs, before the optimizer state laid out by them
             dual.resume(resume_from, optimizer)
-        restore = fsdp.restore_sharded_checkpoint if train.fsdp else restore_training_state
+        restore = fsdp_checkpoint.restore_sharded_checkpoint if train.fsdp else restore_training_state
         start_step = restore(resume_from, model, optimizer, config, info)
     elif info.is_main:
         save_config(os.path.join(train.out, "config.json"), cfg, train, lora_args,
@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
                      "truncated": train_set.truncated, "unused_per_epoch": max(0, dropped),
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
 
-    checkpointer = fsdp.make_sharded_checkpointer if train.fsdp else make_checkpointer
+    checkpointer = fsdp_checkpoint.make_sharded_checkpointer if train.fsdp else make_checkpointer
     checkpoint = checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_adapter_files)
 
     # ---- training loop
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
     # ---- save the final adapter beside the run's config (rank 0)
     finished = last_step == total_steps
     if finished and train.fsdp:
-        fsdp.save_final(model, save_adapter_files, train.out, info)  # gathered to rank 0, peft layout
+        fsdp_checkpoint.save_final(model, save_adapter_files, train.out, info)  # gathered to rank 0, peft layout
     elif finished and info.is_main:
         save_adapter_files(train.out)
     dist.barrier(info)

@@ -19,19 +19,15 @@ What `--fsdp` changes, and why:
 - Collectives in lockstep. Every forward all-gathers, so all ranks must run the same number of forwards.
   Generation and evaluation run a rank-dependent number (early stops, uneven example counts); `lockstep`
   keeps the ranks together by a vote before each forward and idle forwards for ranks that finished.
-- Checkpoints. Each rank writes its adapter shard, optimizer state and RNG; rank 0 the trainer state and
-  the adapter gathered into peft's layout (so a checkpoint and the final adapter read as without FSDP);
-  a completion marker is written last.
+- Checkpoints (lorapar/fsdp_checkpoint.py). Each rank writes its adapter shard, optimizer state and RNG;
+  rank 0 the trainer state and the adapter gathered into peft's layout (so a checkpoint and the final
+  adapter read as without FSDP); a completion marker is written last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
-import os
-import shutil
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -39,10 +35,8 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 
 from lorapar import dist
-from lorapar.config import ModelArgs
 from lorapar.model import Transformer
-
-COMPLETE_MARKER = "COMPLETE"  # written last into a sharded checkpoint: its absence means "not finished"
+from lorapar.shard_reader import ShardReader
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -65,100 +59,6 @@ def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
     if stop - start != tensor.to_local().shape[0]:
         raise RuntimeError(f"FSDP's local shard has {tensor.to_local().shape[0]} rows, expected {stop - start}")
     return start, stop
-
-
-# ----------------------------------------------------------------------------- reading only this rank's rows
-
-
-class ShardReader:
-    """rows(name, start, stop): rows [start, stop) of a base tensor (Meta name, Meta layout) without reading the rest.
-
-    Meta's consolidated.NN.pth are memory-mapped (a slice touches only its pages); safetensors are read
-    through get_slice; llama2.c files through numpy's memmap. Hugging Face's q/k rows are a per-head
-    permutation of Meta's, so those are read head by head: the whole heads covering the rows.
-    """
-
-    def __init__(self, path: str):
-        from lorapar.checkpoint import read_model_args
-
-        self.path = str(path)
-        self.args: ModelArgs = read_model_args(self.path)  # validates the config and names the file on error
-        if os.path.isfile(self.path):
-            self.kind = "llama2c"
-            from lorapar.checkpoint import _open_llama2c
-
-            _, self._entries = _open_llama2c(self.path)  # memmap views: nothing is read until sliced
-        elif os.path.isfile(os.path.join(self.path, "params.json")):
-            self.kind = "meta"
-            files = sorted(glob.glob(os.path.join(self.path, "consolidated.*.pth")))
-            self._meta = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
-        else:
-            self.kind = "hf"
-            from lorapar.checkpoint import _hf_weight_map, hf_to_meta_name
-
-            self._hf = {}
-            for key, file in _hf_weight_map(self.path).items():
-                try:
-                    self._hf[hf_to_meta_name(key)] = (file, key)
-                except KeyError:
-                    continue  # rotary tables and the like: checked by the full loader, not needed here
-            self._files: dict[str, Any] = {}
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from lorapar.checkpoint import CheckpointError
-
-        try:
-            if self.kind == "llama2c":
-                return self._entries[name].read()[start:stop]
-            if self.kind == "meta":
-                return self._meta_rows(name, start, stop)
-            return self._hf_rows(name, start, stop)
-        except KeyError:
-            raise CheckpointError(f"{self.path}: missing key {name!r} (Meta name) for this model configuration") from None
-
-    def _meta_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from lorapar.checkpoint import META_SHARD_DIM
-
-        parts = [shard[name] for shard in self._meta]
-        dim = META_SHARD_DIM.get(name.split(".")[-2])
-        if dim is None:  # replicated on every model-parallel rank
-            return parts[0][start:stop]
-        if dim == 1:  # split along the columns: every part holds some columns of each row
-            return torch.cat([part[start:stop] for part in parts], dim=1)
-        pieces, offset = [], 0
-        for part in parts:  # split along the rows: take the overlap of [start, stop) with each part
-            lo, hi = max(start, offset), min(stop, offset + part.shape[0])
-            if lo < hi:
-                pieces.append(part[lo - offset : hi - offset])
-            offset += part.shape[0]
-        return torch.cat(pieces) if pieces else parts[0][:0]
-
-    def _hf_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from lorapar.checkpoint import _hf_rows_to_meta, _rope_heads
-
-        file, key = self._hf[name]
-        heads = _rope_heads(name, self.args)
-        if not heads or start == stop:
-            return self._hf_slice(file, key, start, stop)
-        head_dim = self.args.head_dim
-        first, last = start // head_dim, -(-stop // head_dim)
-        block = self._hf_slice(file, key, first * head_dim, last * head_dim)
-        subset = SimpleNamespace(n_heads=last - first, n_kv_heads=last - first)  # permute these heads only
-        meta = _hf_rows_to_meta(name, block, subset)
-        return meta[start - first * head_dim : stop - first * head_dim]
-
-    def _hf_slice(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
-        if file not in self._files:
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._files[file] = safe_open(file, framework="pt", device="cpu")
-            else:
-                self._files[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        handle = self._files[file]
-        if isinstance(handle, dict):
-            return handle[key][start:stop]
-        return handle.get_slice(key)[start:stop]
 
 
 # ----------------------------------------------------------------------------- building the sharded model
@@ -312,104 +212,6 @@ class lockstep:
             self.draining = False
 
 
-# ----------------------------------------------------------------------------- sharded checkpoints
-
-
-def shard_state(model: nn.Module, optimizer) -> dict:
-    """This rank's share of the training state: its rows of each LoRA factor and its optimizer state."""
-    from lorapar.lora import named_lora_parameters
-
-    return {"adapter": {key: p.detach().to_local().cpu().clone() for key, p in named_lora_parameters(model)},
-            "optimizer": optimizer.state_dict()}
-
-
-def save_sharded_checkpoint(out: str, step: int, info: dist.DistInfo, model: nn.Module, optimizer,
-                            state: dict, write_files, keep: int = 1) -> str:
-    """Checkpoint `step` as OUT/checkpoints/step-NNNNNN: shard-rank{r}.pt per rank (adapter rows, optimizer,
-    RNG), rank 0's trainer state and adapter files (gathered, peft layout), then COMPLETE, then the rename
-    into place and `latest` (as trainer.save_checkpoint, so prepare_run_dir / --resume find it)."""
-    from lorapar.io import atomic_torch_save, atomic_write_text
-    from lorapar.trainer import CHECKPOINTS, rng_state
-
-    root = os.path.join(out, CHECKPOINTS)
-    name = f"step-{step:06d}"
-    tmp = os.path.join(root, f".{name}.tmp")
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier(info)
-    atomic_torch_save(os.path.join(tmp, f"shard-rank{info.rank}.pt"), {**shard_state(model, optimizer),
-                                                                       "rng": rng_state(), "rank": info.rank})
-    with full_adapter(model):
-        if info.is_main:
-            atomic_torch_save(os.path.join(tmp, "trainer_state.pt"),
-                              {**state, "world_size": info.world_size, "fsdp": True})
-            write_files(tmp)
-    dist.barrier(info)  # every shard is on disk before the marker says so
-    final = os.path.join(root, name)
-    if info.is_main:
-        atomic_write_text(os.path.join(tmp, COMPLETE_MARKER), f"{info.world_size} shards\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, "latest"), name + "\n")
-        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
-        for old in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(root, old))
-    dist.barrier(info)
-    return final
-
-
-def restore_sharded_checkpoint(path: str, model: nn.Module, optimizer, config: dict, info: dist.DistInfo) -> int:
-    """Load this rank's shard of checkpoint `path` (adapter rows, optimizer, RNG); returns its step."""
-    from lorapar.lora import named_lora_parameters
-    from lorapar.trainer import check_resumable, set_rng_state
-
-    if not os.path.exists(os.path.join(path, COMPLETE_MARKER)):
-        raise FileNotFoundError(f"{path}: no {COMPLETE_MARKER} marker; the checkpoint was not finished")
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    if not state.get("fsdp"):
-        raise ValueError(f"{path} was written without --fsdp; resume it without --fsdp")
-    if state["world_size"] != info.world_size:
-        raise ValueError(f"{path} was written by {state['world_size']} rank(s) but this run has {info.world_size}; "
-                         "resume with the same number of processes")
-    check_resumable(state["config"], config, path)
-    shard_path = os.path.join(path, f"shard-rank{info.rank}.pt")
-    shard = torch.load(shard_path, map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        for key, p in named_lora_parameters(model):
-            local = p.to_local()
-            if key not in shard["adapter"] or shard["adapter"][key].shape != local.shape:
-                raise ValueError(f"{shard_path}: {key} missing or of another shape than this rank's {tuple(local.shape)}")
-            local.copy_(shard["adapter"][key])
-    optimizer.load_state_dict(shard["optimizer"])
-    set_rng_state(shard["rng"])
-    return state["step"]
-
-
-def make_sharded_checkpointer(train, info: dist.DistInfo, model: nn.Module, optimizer, total_steps: int,
-                              steps_per_epoch: int, config: dict, save_files):
-    """checkpoint(step) for --fsdp: as trainer.make_checkpointer, written by every rank."""
-    from lorapar.io import atomic_write_json
-
-    def checkpoint(step: int) -> None:
-        def write_files(directory: str) -> None:
-            save_files(directory)
-            atomic_write_json(os.path.join(directory, "config.json"), config)
-
-        state = {"step": step, "schedule": {"step": step, "total_steps": total_steps},
-                 "data": {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch}, "config": config}
-        save_sharded_checkpoint(train.out, step, info, model, optimizer, state, write_files, keep=train.keep_checkpoints)
-
-    return checkpoint
-
-
-def save_final(model: nn.Module, save_files: Callable[[str], None], out: str, info: dist.DistInfo) -> None:
-    """The final adapter (and masks) gathered to rank 0 and written in peft's layout (collective)."""
-    with full_adapter(model):
-        if info.is_main:
-            save_files(out)
-
-
 def build_lora_model(ckpt: str, base_dtype: str, masks: str, stage: Optional[int], lora_args, info: dist.DistInfo,
                      vocab_size: int, adapter_dir: str = "") -> tuple[Transformer, Any, Callable[[str], None]]:
     """--fsdp's replacement for load_base_model + apply_lora (or load_adapter) + install_masks: the sharded
@@ -437,8 +239,8 @@ def build_lora_model(ckpt: str, base_dtype: str, masks: str, stage: Optional[int
     if adapter_dir:
         lora_args = loaded["args"]
         if lora_args.init in ("pissa", "olora"):
-            raise ValueError(f"--fsdp: {adapter_dir} is a {lora_args.init} adapter, whose residual base needs each full "
-                             "base weight; run without --fsdp")
+            raise ValueError(f"--fsdp: {adapter_dir} is a {lora_args.init} adapter, whose residual base needs "
+                             "each full base weight; run without --fsdp")
         with full_adapter(model, write_back=True):
             load_adapter(model, adapter_dir)
     else:

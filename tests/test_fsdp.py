@@ -141,8 +141,9 @@ def build_runs(tmp_path_factory, asset) -> dict:
     find = lambda _: tokenizer  # noqa: E731  (test_sft.run's asset lookup)
     masked = ["--masks", str(root / "masks.safetensors")]
     argv, _ = run_sft(setup, find, root / "sft-one", *SFT_COMMON, *masked)
-    fsdp_argv = lambda out, *extra: [str(root / out) if a == str(root / "sft-one") else a for a in argv] + [  # noqa: E731
-        "--fsdp", *extra]
+    def fsdp_argv(out: str, *extra: str) -> list[str]:
+        return [str(root / out) if a == str(root / "sft-one") else a for a in argv] + ["--fsdp", *extra]
+
     sft_jobs = [fsdp_argv("sft-fsdp"), fsdp_argv("sft-halted", "--halt-at", "2"), fsdp_argv("sft-halted", "--resume")]
 
     # GRPO from an SFT adapter (loaded shard by shard under --fsdp)
