@@ -327,7 +327,7 @@ def hf_sft_step(log: PartLog, args, batch: int, length: int, device, dry_run: bo
     dtype = torch.float32 if dry_run else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(device):  # built in place: no fp32 copy on the host first
-        model = transformers.LlamaForCausalLM._from_config(config, torch_dtype=dtype)
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype)
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=8, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()

@@ -27,6 +27,7 @@ What `--fsdp` changes, and why:
 from __future__ import annotations
 
 import contextlib
+import os
 import math
 from typing import Any, Callable, Iterator, Optional
 
@@ -83,8 +84,10 @@ def load_sharded_model(ckpt: str, dtype: torch.dtype, device: torch.device, voca
     in the same units as their base weights (it must not initialise anything: there is no storage yet;
     see `init_sharded_lora`).
     """
+    if not torch_dist.is_initialized() and "MASTER_ADDR" in os.environ:  # torchrun --nproc_per_node=1
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if not torch_dist.is_initialized():
-        raise RuntimeError("--fsdp needs torch.distributed: launch with torchrun (one process is fine)")
+        raise RuntimeError("--fsdp needs torch.distributed: launch with torchrun (--nproc_per_node=1 for one process)")
     reader = ShardReader(ckpt)
     if vocab_size > reader.args.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} pieces but {ckpt} only {reader.args.vocab_size} embeddings")
@@ -94,8 +97,18 @@ def load_sharded_model(ckpt: str, dtype: torch.dtype, device: torch.device, voca
             with_adapter(model)
     from lorapar.lora import named_lora_parameters
 
+    from lorapar.checkpoint import CheckpointError
+
     adapter = {id(p) for _, p in named_lora_parameters(model)}
     base_names = {name for name, p in model.named_parameters() if id(p) not in adapter}
+    unexpected, missing = sorted(reader.names() - base_names), sorted(base_names - reader.names())
+    if unexpected or missing:
+        raise CheckpointError(f"{ckpt}: keys do not match the model configuration (Meta names): unexpected "
+                              f"{unexpected[:3]}, missing {missing[:3]}")
+    for name, p in model.named_parameters():
+        if name in base_names and reader.shape(name) != tuple(p.shape):
+            raise CheckpointError(f"{ckpt}: {name!r} has shape {reader.shape(name)}, expected {tuple(p.shape)} "
+                                  "from the config")
     shard_model(model)
     model.to_empty(device=device)
     with torch.no_grad():

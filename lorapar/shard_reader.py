@@ -41,15 +41,44 @@ class ShardReader:
             self._meta = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
         else:
             self.kind = "hf"
-            from lorapar.checkpoint import _hf_weight_map, hf_to_meta_name
+            from lorapar.checkpoint import HF_IGNORED_SUFFIX, CheckpointError, _hf_weight_map, hf_to_meta_name
 
             self._hf = {}
             for key, file in _hf_weight_map(self.path).items():
+                if key.endswith(HF_IGNORED_SUFFIX):
+                    continue  # rotary frequencies, recomputed (as the full loader does)
                 try:
                     self._hf[hf_to_meta_name(key)] = (file, key)
                 except KeyError:
-                    continue  # rotary tables and the like: checked by the full loader, not needed here
+                    raise CheckpointError(f"{file}: unknown key {key!r} (not a LLaMA weight)") from None
             self._files: dict[str, Any] = {}
+
+    def names(self) -> set[str]:
+        """Every tensor the checkpoint holds, by Meta name."""
+        from lorapar.checkpoint import META_IGNORED_KEYS
+
+        if self.kind == "llama2c":
+            return set(self._entries)
+        if self.kind == "meta":
+            return set(self._meta[0]) - META_IGNORED_KEYS
+        return set(self._hf)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The whole tensor's shape, read from the file's header (nothing else is read)."""
+        if self.kind == "llama2c":
+            return tuple(self._entries[name].read().shape)
+        if self.kind == "meta":
+            from lorapar.checkpoint import META_SHARD_DIM
+
+            parts = [tuple(shard[name].shape) for shard in self._meta]
+            dim = META_SHARD_DIM.get(name.split(".")[-2])
+            if dim is None:
+                return parts[0]
+            return tuple(sum(p[d] for p in parts) if d == dim else parts[0][d] for d in range(len(parts[0])))
+        file, key = self._hf[name]
+        self._hf_slice(file, key, 0, 0)  # opens the file
+        handle = self._files[file]
+        return tuple(handle[key].shape) if isinstance(handle, dict) else tuple(handle.get_slice(key).get_shape())
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         from lorapar.checkpoint import CheckpointError

@@ -228,3 +228,29 @@ def test_fsdp_scoring_equals_one_process(fsdp_runs):
     assert all(torch.equal(masks_one[k], masks_sharded[k]) for k in masks_one)
     report = json.loads((root / "score-fsdp" / "report.json").read_text())
     assert report["scoring"]["system1"]["scored"] == 3 and report["scoring"]["system2"]["scored"] == 3
+
+
+def test_shard_reader_rows_and_shapes_match_the_full_loader(tmp_path):
+    """Any row range, also one cutting a head in two, in all three formats; unknown keys are an error."""
+    from safetensors.torch import load_file, save_file
+
+    from lorapar.checkpoint import CheckpointError
+    from lorapar.shard_reader import ShardReader
+
+    model = Transformer(ModelArgs(**READER_ARGS))
+    model.init_weights(seed=5)
+    save_model(model, tmp_path / "hf")
+    write_meta_two_shards(model, tmp_path / "meta")
+    full = dict(model.named_parameters())
+    for kind in ("hf", "meta"):
+        reader = ShardReader(str(tmp_path / kind))
+        assert reader.names() == set(full)
+        for name, tensor in full.items():
+            assert reader.shape(name) == tuple(tensor.shape), (kind, name)
+            for start, stop in ((0, 1), (3, 13), (5, tensor.shape[0])):
+                stop = min(stop, tensor.shape[0])
+                assert torch.equal(reader.rows(name, start, stop), tensor.detach()[start:stop]), (kind, name, start)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    save_file({**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unknown key 'model.layers.0.mlp.extra.weight'"):
+        ShardReader(str(tmp_path / "hf"))
