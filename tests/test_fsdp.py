@@ -79,6 +79,43 @@ def check_lockstep_generation(rank: int, base: str, expected: list) -> None:
     assert tokens == expected[rank], (rank, tokens, expected[rank])
 
 
+def check_sharded_optimizer(rank: int, base: str) -> None:
+    """Packed state for the active elements of this rank's rows only; the clipped norm is the global one."""
+    from lorapar.fsdp import init_sharded_lora, load_sharded_model, local_rows
+    from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, replace_linears, set_masks
+    from lorapar.masks import MaskedAdamW
+
+    lora = LoraArgs(r=2, init="gaussian", targets=("q", "k", "down"))
+    plain = load_model(base)
+    apply_lora(plain, lora)
+    gen = torch.Generator().manual_seed(7)
+    masks = {k: torch.rand(p.shape, generator=gen) < 0.4 for k, p in named_lora_parameters(plain)}
+    set_masks(plain, masks)
+    sharded = load_sharded_model(base, torch.float32, torch.device("cpu"), 0,
+                                 with_adapter=lambda m: replace_linears(m, lora))
+    init_sharded_lora(sharded, lora)
+    set_masks(sharded, masks)
+    tokens = torch.tensor([[1, 5, 9, 33, 2, 7], [3, 3, 8, 40, 0, 11]])
+    norms, optimizers = [], []
+    for model in (plain, sharded):
+        optimizers.append(MaskedAdamW.for_model(model, lr=1e-2, weight_decay=0.1))
+        logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        norms.append(float(optimizers[-1].clip_grad_norm_(1e-3)))
+        optimizers[-1].step()
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5), norms
+    packed, active = torch.zeros(1, dtype=torch.int64), 0
+    for (key, p), (_, q) in zip(named_lora_parameters(sharded), named_lora_parameters(plain)):
+        start, stop = local_rows(p)
+        state = optimizers[1].state[p]["exp_avg"]
+        assert state.numel() == int(masks[key][start:stop].sum()), key
+        packed += state.numel()
+        active += int(masks[key].sum())
+        torch.testing.assert_close(p.to_local(), q.detach()[start:stop], rtol=0, atol=1e-6)
+    torch_dist.all_reduce(packed)
+    assert int(packed) == active  # the ranks' packed states together hold every active element once
+
+
 def worker(rank: int, store: str, jobs: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -86,6 +123,7 @@ def worker(rank: int, store: str, jobs: dict) -> None:
     try:
         check_shard_reading(rank, jobs["checkpoints"])
         check_lockstep_generation(rank, jobs["checkpoints"]["hf"], jobs["generations"])
+        check_sharded_optimizer(rank, jobs["checkpoints"]["hf"])
         for argv in jobs["sft"]:
             train_sft.main(argv)
         for argv in jobs["rl"]:
