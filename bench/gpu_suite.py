@@ -12,6 +12,9 @@ Parts, each in its own subprocess with its own time limit, so a slow or hung par
              against the unfused PyTorch path, at LLaMA-2-7B shapes in bf16, with TFLOP/s and GB/s
     steps    one SFT step and one GRPO step (generation, log-probs, update) of a ~1B-shaped random model
              in bf16: tokens/s and peak memory; the same SFT step in transformers + peft when installed
+    fsdp     the --fsdp path on the device (nccl; gloo in the dry run) with one rank: a small model loaded
+             shard-wise with a bf16 base and fp32 adapter, three masked SFT steps against the same steps
+             without FSDP (losses, adapter difference, frozen elements unchanged)
 
 Every part appends its results to DIR/<part>.json as it goes (a killed part keeps what it measured);
 the parent then writes DIR/gpu_suite.json (everything) and DIR/summary.md. Nothing touches the network.
@@ -25,6 +28,7 @@ twice, dY, write y, dX) by the time, so it is a floor on the bandwidth actually 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,12 +42,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-PARTS = ("tests", "kernels", "steps")
-# Seconds per part on a GPU: they sum to 330 s, leaving room in the 6-minute budget for start-up.
-TIME_LIMITS = {"tests": 150, "kernels": 100, "steps": 80}
-DRY_TIME_LIMITS = {"tests": 240, "kernels": 120, "steps": 180}  # the CPU is shared and slow
+PARTS = ("tests", "kernels", "steps", "fsdp")
+# Seconds per part on a GPU: they sum to 340 s, leaving room in the 6-minute budget for start-up.
+TIME_LIMITS = {"tests": 140, "kernels": 90, "steps": 80, "fsdp": 30}
+DRY_TIME_LIMITS = {"tests": 240, "kernels": 120, "steps": 180, "fsdp": 120}  # the CPU is shared and slow
 GPU_TESTS = ["tests/test_kernels.py", "tests/test_device_paths.py", "tests/test_masks.py", "tests/test_lora.py",
              "tests/test_model.py", "tests/test_swiglu.py", "tests/test_loss.py"]
+FSDP_TOLERANCE = 1e-3  # the adapter after three bf16 steps, FSDP against no FSDP (fp32 on the CPU: equal)
 DRY_TESTS = ["tests/test_device_paths.py"]  # what the dry run can afford; the full list needs a GPU
 
 
@@ -350,6 +355,76 @@ def hf_sft_step(log: PartLog, args, batch: int, length: int, device, dry_run: bo
              "versions": f"transformers {transformers.__version__}, peft {peft.__version__}"})
 
 
+# ----------------------------------------------------------------------------- part: --fsdp on the device
+
+
+def run_fsdp(out: str, dry_run: bool, limit: float) -> None:
+    import socket
+
+    import torch
+    import torch.distributed as torch_dist
+
+    from lorapar.checkpoint import load_model, save_model
+    from lorapar.config import ModelArgs
+    from lorapar.fsdp import full_adapter, init_sharded_lora, load_sharded_model
+    from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, replace_linears, set_masks
+    from lorapar.loss import answer_nll
+    from lorapar.masks import MaskedAdamW
+    from lorapar.model import Transformer
+    from lorapar.trainer import autocast
+
+    log = PartLog(os.path.join(out, "fsdp.json"), "fsdp")
+    device = torch.device("cpu" if dry_run else "cuda")
+    with socket.socket() as probe:  # a free port for the one-rank process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch_dist.init_process_group("gloo" if dry_run else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                  world_size=1)
+    try:
+        args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=256, max_seq_len=128)
+        torch.manual_seed(0)
+        model = Transformer(args)
+        model.init_weights(seed=0)
+        ckpt = os.path.join(out, "fsdp-base")
+        save_model(model, ckpt)
+        base_dtype = torch.float32 if dry_run else torch.bfloat16
+        lora = LoraArgs(r=8, alpha=16, init="gaussian")
+        plain = load_model(ckpt, device=device, dtype=base_dtype)
+        apply_lora(plain, lora)
+        gen = torch.Generator().manual_seed(1)
+        masks = {key: torch.rand(p.shape, generator=gen) < 0.4 for key, p in named_lora_parameters(plain)}
+        ids = torch.randint(3, args.vocab_size, (4, 64), generator=gen).to(device)
+        sharded = load_sharded_model(ckpt, base_dtype, device, 0, with_adapter=lambda m: replace_linears(m, lora))
+        init_sharded_lora(sharded, lora)
+        results = {}
+        for name, net in (("plain", plain), ("fsdp", sharded)):
+            set_masks(net, masks)
+            with full_adapter(net) if name == "fsdp" else contextlib.nullcontext():
+                start = {k: p.detach().float().cpu().clone() for k, p in named_lora_parameters(net)}
+            optimizer = MaskedAdamW.for_model(net, lr=1e-2, weight_decay=0.1)
+            net.train()
+            losses = []
+            for _ in range(3):
+                with autocast(device):
+                    nll, n = answer_nll(net, ids, ids)
+                (nll / n).backward()
+                optimizer.clip_grad_norm_(1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(nll / n))
+            with full_adapter(net) if name == "fsdp" else contextlib.nullcontext():
+                end = {k: p.detach().float().cpu().clone() for k, p in named_lora_parameters(net)}
+            frozen = all(torch.equal(end[k][~m], start[k][~m]) for k, m in masks.items())
+            results[name] = (losses, end, frozen)
+        difference = max(float((results["fsdp"][1][k] - results["plain"][1][k]).abs().max()) for k in masks)
+        log.add({"base_dtype": str(base_dtype).removeprefix("torch."), "backend": torch_dist.get_backend(),
+                 "losses_plain": results["plain"][0], "losses_fsdp": results["fsdp"][0],
+                 "max_adapter_difference": difference, "frozen_unchanged_plain": results["plain"][2],
+                 "frozen_unchanged_fsdp": results["fsdp"][2]})
+    finally:
+        torch_dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- the parent
 
 
@@ -396,6 +471,11 @@ def summary_markdown(result: dict) -> str:
                              f"peak {r['peak_memory_gb']:.2f} GB" + (
                                  f" (generation {r['generation_s']:.2f} s, log-probs {r['logprob_s']:.2f} s, "
                                  f"update {r['update_s']:.2f} s)" if r["step"] == "grpo" else ""))
+        elif part == "fsdp" and records:
+            r = records[0]
+            lines.append(f"- {r['backend']}, {r['base_dtype']} base: losses {r['losses_fsdp']} vs "
+                         f"{r['losses_plain']} without FSDP; adapter difference {r['max_adapter_difference']:.2e}; "
+                         f"frozen unchanged: {r['frozen_unchanged_fsdp']}")
         lines += [f"- note: {n}" for n in data.get("notes", [])]
         if data.get("error"):
             lines += ["", "```", data["error"][-1500:], "```"]
@@ -446,7 +526,8 @@ def main(argv=None) -> None:
     ns = parser.parse_args(argv)
     limits = DRY_TIME_LIMITS if ns.dry_run else TIME_LIMITS
     if ns.part:
-        {"tests": run_tests, "kernels": run_kernels, "steps": run_steps}[ns.part](ns.out, ns.dry_run, limits[ns.part])
+        runners = {"tests": run_tests, "kernels": run_kernels, "steps": run_steps, "fsdp": run_fsdp}
+        runners[ns.part](ns.out, ns.dry_run, limits[ns.part])
         return
     parts = tuple(p for p in ns.parts.split(",") if p)
     unknown = sorted(set(parts) - set(PARTS))
@@ -456,6 +537,8 @@ def main(argv=None) -> None:
     print(summary_markdown(result))
     failed = [p for p, d in result["parts"].items() if d["status"] != "ok"]
     failed += ["tests"] * any(r["outcome"] == "failed" for r in result["parts"].get("tests", {}).get("records", []))
+    failed += ["fsdp"] * any(not r["frozen_unchanged_fsdp"] or r["max_adapter_difference"] > FSDP_TOLERANCE
+                             for r in result["parts"].get("fsdp", {}).get("records", []))
     sys.exit(1 if failed else 0)
 
 

@@ -163,7 +163,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                     raise RuntimeError(f"MaskedAdamW: the mask of {name} now has {index.numel()} active elements, its state "
                                        f"{state['exp_avg'].numel()}; masks must change through update_masks, not in place")
                 values = p.view(-1).index_select(0, index)  # the packed copy; frozen elements are never written
-                _adamw(values, grad.reshape(-1).index_select(0, index), state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+                _adamw(values, grad.reshape(-1).index_select(0, index), state["exp_avg"], state["exp_avg_sq"],
+                       state["step"], group)
                 p.view(-1).index_copy_(0, index, values)
         return loss
 

@@ -289,6 +289,7 @@ def test_shard_reader_rows_and_shapes_match_the_full_loader(tmp_path):
                 stop = min(stop, tensor.shape[0])
                 assert torch.equal(reader.rows(name, start, stop), tensor.detach()[start:stop]), (kind, name, start)
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    save_file({**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, str(tmp_path / "hf" / "model.safetensors"))
+    extra = {**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)}
+    save_file(extra, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="unknown key 'model.layers.0.mlp.extra.weight'"):
         ShardReader(str(tmp_path / "hf"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +19,8 @@ def test_dry_run_writes_every_part_with_real_measurements(tmp_path):
     assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-2000:]
     result = json.loads((out / "gpu_suite.json").read_text())
     assert result["dry_run"] is True
-    assert {p: d["status"] for p, d in result["parts"].items()} == {"tests": "ok", "kernels": "ok", "steps": "ok"}
+    statuses = {p: d["status"] for p, d in result["parts"].items()}
+    assert statuses == {p: "ok" for p in ("tests", "kernels", "steps", "fsdp")}
 
     tests = result["parts"]["tests"]["records"]
     assert tests and all(r["outcome"] == "passed" for r in tests), tests
@@ -34,5 +36,11 @@ def test_dry_run_writes_every_part_with_real_measurements(tmp_path):
     grpo = steps["grpo"]
     assert grpo["generated_tokens_per_s"] > 0
     assert abs(grpo["generation_s"] + grpo["logprob_s"] + grpo["update_s"] - grpo["seconds"]) < 1e-6
+    if importlib.util.find_spec("peft") and importlib.util.find_spec("transformers"):
+        assert steps["sft (transformers+peft)"]["tokens_per_s"] > 0
+
+    (fsdp,) = result["parts"]["fsdp"]["records"]  # one rank on gloo: the same fp32 arithmetic as without FSDP
+    assert fsdp["losses_fsdp"] == fsdp["losses_plain"] and fsdp["max_adapter_difference"] == 0.0
+    assert fsdp["frozen_unchanged_fsdp"] and fsdp["losses_fsdp"][-1] < fsdp["losses_fsdp"][0]
     summary = (out / "summary.md").read_text()
     assert "## kernels (ok" in summary and "- sft:" in summary and "4 passed" in summary
