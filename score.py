@@ -22,6 +22,7 @@ Writes into --out (each file atomically; report.json last, so its presence means
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from lorapar import dist, runlock
+from lorapar import dist, fsdp, runlock
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
 from lorapar.data import FORMATS, load_examples
 from lorapar.errors import run_main
@@ -72,6 +73,7 @@ class ScoreArgs:
                 "since a pissa/olora residual base is formed in it",
         "choices": ["auto", "float32", "bfloat16"],
     })  # fmt: skip
+    fsdp: bool = field(default=False, metadata={"help": "shard the base over the ranks with FSDP2 (lorapar/fsdp.py)"})
 
 
 def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
@@ -118,8 +120,9 @@ def clear_old_outputs(cfg: ScoreArgs) -> None:
             os.unlink(path)
 
 
-def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo):
-    """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2."""
+def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo, scorer=score_rows):
+    """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2
+    (scorer: importance.score_rows, or fsdp.score_rows_sharded under --fsdp)."""
     for system in (1, 2):
         if not any(e.system == system for e in examples):
             unlabelled = sum(e.system is None for e in examples)
@@ -131,7 +134,7 @@ def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, i
         encoded = encode_for_scoring(chosen, tokenizer, args)
         if not encoded.rows:
             raise ValueError(f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len {args.max_len}")
-        scores[system], moments = score_rows(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)
+        scores[system], moments = scorer(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)
         stats[f"system{system}"] = dict(available=available, selected=len(chosen), scored=moments.count,
                                         lines=[e.line for e in chosen],
                                         answer_tokens=moments.tokens, truncated=encoded.truncated,
@@ -224,12 +227,19 @@ def run_scoring(cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), p
     prepare_out_dir(cfg, info)
     examples = load_examples(cfg.data, cfg.format, skip_bad=cfg.skip_bad)
     tokenizer = Tokenizer(cfg.tokenizer)
-    model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
-    apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
-    scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info)
+    if cfg.fsdp:  # the base sharded over the ranks, each reading only its rows (lorapar/fsdp.py)
+        model, _, _ = fsdp.build_lora_model(cfg.ckpt, cfg.base_dtype, "", None, importance.lora_args(), info,
+                                            tokenizer.vocab_size)
+        scorer = fsdp.score_rows_sharded
+    else:
+        model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+        apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
+        scorer = score_rows
+    scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info, scorer)
     if info.is_main:
         clear_old_outputs(cfg)
-    report = write_outputs(cfg, importance, part, scores, stats, model) if info.is_main else None
+    with fsdp.full_adapter(model) if cfg.fsdp else contextlib.nullcontext():  # adapter_init/ is the whole adapter
+        report = write_outputs(cfg, importance, part, scores, stats, model) if info.is_main else None
     dist.barrier(info)
     runlock.release(cfg.out)
     return {"out": cfg.out, "report": report}

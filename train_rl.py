@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lorapar import dist, runlock
+from lorapar import dist, fsdp, fsdp_checkpoint, runlock
 from lorapar.adapter import load_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import encode_prompt, load_examples
@@ -160,19 +160,25 @@ def main(argv=None) -> dict:
     total_steps = train.max_steps or train.epochs * steps_per_epoch
 
     # ---- model, adapter (the SFT one, or fresh), masks, reference policy, optimizer
-    model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+    if train.fsdp:  # the base sharded over the ranks, each reading only its rows (lorapar/fsdp.py)
+        model, lora_args, save_files = fsdp.build_lora_model(cfg.ckpt, cfg.base_dtype, cfg.masks, cfg.stage, lora_args,
+                                                             info, tokenizer.vocab_size, adapter_dir=cfg.adapter)
+    else:
+        model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+        if cfg.adapter:
+            lora_args = load_adapter(model, cfg.adapter)
+        else:
+            apply_lora(model, lora_args)
+        if cfg.masks:
+            install_masks(model, cfg.masks, cfg.stage)
+        save_files = lora_file_writer(model, lora_args, bool(cfg.masks))
     if grpo.max_prompt_len + grpo.max_completion_len > model.args.max_seq_len:
         raise FlagError(f"--max-prompt-len {grpo.max_prompt_len} + --max-completion-len {grpo.max_completion_len}: "
                         f"above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.adapter:
-        lora_args = load_adapter(model, cfg.adapter)
-    else:
-        apply_lora(model, lora_args)
-    if cfg.masks:
-        install_masks(model, cfg.masks, cfg.stage)
     params = [p for _, p in named_lora_parameters(model)]
-    dist.broadcast_params(params, info)
+    if not train.fsdp:  # FSDP's ranks initialise identically from the seed and hold different rows
+        dist.broadcast_params(params, info)
     initial_adapter = [p.detach().clone() for p in params]
     references = {"base": lambda: disable_adapter(model), "sft": lambda: swapped_adapter(params, initial_adapter)}
     reference = references[grpo.reference]
@@ -184,7 +190,8 @@ def main(argv=None) -> dict:
     clear_previous_run(train, info)  # --overwrite: only now, with every input loaded
     start_step = 0
     if resume_from is not None:
-        start_step = restore_training_state(resume_from, model, optimizer, config, info)
+        restore = fsdp_checkpoint.restore_sharded_checkpoint if train.fsdp else restore_training_state
+        start_step = restore(resume_from, model, optimizer, config, info)
     elif info.is_main:
         save_config(os.path.join(train.out, "config.json"), cfg, grpo, train, lora_args,
                     extra={"world_size": info.world_size, "total_steps": total_steps})
@@ -195,8 +202,8 @@ def main(argv=None) -> dict:
         metrics.log({"step": 0, "prompts": len(kept), "prompts_truncated": truncated,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
 
-    save_files = lora_file_writer(model, lora_args, bool(cfg.masks))
-    checkpoint = make_checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_files)
+    checkpointer = fsdp_checkpoint.make_sharded_checkpointer if train.fsdp else make_checkpointer
+    checkpoint = checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_files)
 
     def score(prompt_index: list[int], completions: list[list[int]], batch: list) -> torch.Tensor:
         rows = []
@@ -219,11 +226,12 @@ def main(argv=None) -> dict:
         # Prompt j of the step samples with seed (seed, step, j) whichever rank holds it.
         mine = dist.shard(list(enumerate(step_prompts)), info)
         batch_examples = [kept[i][0] for _, i in mine]
-        rollouts = make_rollouts(
-            model, [kept[i][1] for _, i in mine], lambda idx, comps: score(idx, comps, batch_examples), weights, grpo,
-            seeds=[derive_seed(train.seed, step, j) for j, _ in mine], eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-        )
+        with fsdp.lockstep(model, info, enabled=train.fsdp):  # ranks' decode steps differ (early stops)
+            rollouts = make_rollouts(
+                model, [kept[i][1] for _, i in mine], lambda idx, comps: score(idx, comps, batch_examples), weights, grpo,
+                seeds=[derive_seed(train.seed, step, j) for j, _ in mine], eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id,
+            )
         started = time.perf_counter()
         lrs = [lr_at(step * grpo.mu + k, total_steps * grpo.mu, train) for k in range(grpo.mu)]
         stats = grpo_update(model, optimizer, rollouts, grpo, info, lrs=lrs, max_grad_norm=train.max_grad_norm,
@@ -243,7 +251,9 @@ def main(argv=None) -> dict:
     bar.close()
 
     finished = last_step == total_steps
-    if finished and info.is_main:
+    if finished and train.fsdp:
+        fsdp_checkpoint.save_final(model, save_files, train.out, info)  # gathered to rank 0, peft layout
+    elif finished and info.is_main:
         save_files(train.out)
     dist.barrier(info)
     runlock.release(train.out)

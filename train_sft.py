@@ -26,7 +26,7 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm import tqdm
 
-from lorapar import dist, runlock
+from lorapar import dist, fsdp, fsdp_checkpoint, runlock
 from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
@@ -218,11 +218,13 @@ def count_answer_tokens(labels: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dist.DistInfo) -> float:
-    """Mean answer-token NLL of `dataset` (each rank takes every world_size-th example)."""
+def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dist.DistInfo,
+             sharded: bool = False) -> float:
+    """Mean answer-token NLL of `dataset` (each rank takes every world_size-th example; `sharded`: under
+    FSDP, whose ranks must run the same number of forwards, see fsdp.lockstep)."""
     totals = torch.zeros(2, dtype=torch.float64)
     indices = list(range(info.rank, len(dataset), info.world_size))
-    with eval_mode(model):
+    with eval_mode(model), fsdp.lockstep(model, info, enabled=sharded):
         for start in range(0, len(indices), batch_size):
             batch = collate([dataset[i] for i in indices[start : start + batch_size]], pad_id)
             with autocast(info.device):
@@ -256,13 +258,21 @@ def main(argv=None) -> dict:
     total_steps = train.max_steps or train.epochs * steps_per_epoch
 
     # ---- model and adapter
-    model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+    if train.fsdp:  # the base sharded over the ranks, each reading only its rows (lorapar/fsdp.py)
+        if cfg.adapter != "lora":
+            raise FlagError("--fsdp supports --adapter lora only (DM-LoRA's screening reads whole tensors)")
+        model, _, save_adapter_files = fsdp.build_lora_model(cfg.ckpt, cfg.base_dtype, cfg.masks, cfg.stage, lora_args,
+                                                          info, tokenizer.vocab_size, adapter_dir=cfg.init_adapter)
+        dual = None
+    else:
+        model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
+        save_adapter_files, dual = build_adapter(model, cfg, lora_args)
     if cfg.max_len > model.args.max_seq_len:  # past the context the positions are ones the base never saw
         raise FlagError(f"--max-len {cfg.max_len}: above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    save_adapter_files, dual = build_adapter(model, cfg, lora_args)
     params = [p for p in model.parameters() if p.requires_grad]
-    dist.broadcast_params(params, info)
+    if not train.fsdp:  # FSDP's ranks initialise identically from the seed and hold different rows
+        dist.broadcast_params(params, info)
     optimizer = MaskedAdamW.for_model(
         model, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
     )
@@ -275,7 +285,8 @@ def main(argv=None) -> dict:
     if resume_from is not None:
         if dual is not None:  # adapter, pruned masks and EMAs, before the optimizer state laid out by them
             dual.resume(resume_from, optimizer)
-        start_step = restore_training_state(resume_from, model, optimizer, config, info)
+        restore = fsdp_checkpoint.restore_sharded_checkpoint if train.fsdp else restore_training_state
+        start_step = restore(resume_from, model, optimizer, config, info)
     elif info.is_main:
         save_config(os.path.join(train.out, "config.json"), cfg, train, lora_args,
                     extra={"world_size": info.world_size, "grad_accum": grad_accum, "total_steps": total_steps})
@@ -288,7 +299,8 @@ def main(argv=None) -> dict:
                      "truncated": train_set.truncated, "unused_per_epoch": max(0, dropped),
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
 
-    checkpoint = make_checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_adapter_files)
+    checkpointer = fsdp_checkpoint.make_sharded_checkpointer if train.fsdp else make_checkpointer
+    checkpoint = checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_adapter_files)
 
     # ---- training loop
     model.train()
@@ -317,7 +329,7 @@ def main(argv=None) -> dict:
             nll_sum += nll.item()
         if dual is not None:
             (dual.regulariser() / info.world_size).backward()  # the all-reduce below sums the ranks' copies
-        dist.all_reduce_grads(params, info)
+        dist.all_reduce_grads(params, info)  # a no-op for FSDP's parameters, reduced by FSDP itself
         grad_norm = optimizer.clip_grad_norm_(train.max_grad_norm) if train.max_grad_norm > 0 else None
         optimizer.step()
         dual_record = dual.after_step(step + 1) if dual is not None else {}  # reads this step's gradients
@@ -330,7 +342,7 @@ def main(argv=None) -> dict:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if eval_set is not None and (done == total_steps or (train.eval_every and done % train.eval_every == 0)):
-            record["eval_loss"] = evaluate(model, eval_set, train.batch_size, tokenizer.pad_id, info)
+            record["eval_loss"] = evaluate(model, eval_set, train.batch_size, tokenizer.pad_id, info, train.fsdp)
         if done % train.log_every == 0 or "eval_loss" in record or done == last_step:
             metrics.log(record)
         bar.update(1)
@@ -341,7 +353,9 @@ def main(argv=None) -> dict:
 
     # ---- save the final adapter beside the run's config (rank 0)
     finished = last_step == total_steps
-    if finished and info.is_main:
+    if finished and train.fsdp:
+        fsdp_checkpoint.save_final(model, save_adapter_files, train.out, info)  # gathered to rank 0, peft layout
+    elif finished and info.is_main:
         save_adapter_files(train.out)
     dist.barrier(info)
     runlock.release(train.out)

@@ -4,7 +4,8 @@ Training reduces the adapter gradients itself (`all_reduce_grads`) instead of wr
 DistributedDataParallel: the adapter is a few million parameters, so one flat all-reduce per optimizer
 step (after all micro-batches) costs little, it is a sum rather than DDP's mean (the losses are already
 divided by the global token count, see train_sft.py), and the library's helpers keep calling the bare
-model (`model.output`, `lora_modules(model)`) without unwrapping it.
+model (`model.output`, `lora_modules(model)`) without unwrapping it. With --fsdp the base is sharded
+instead (lorapar/fsdp.py) and FSDP2 reduces the gradients.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], info: DistInfo) -> No
     """
     if not info.enabled:
         return
-    params = [p for p in params if p.requires_grad]
+    from torch.distributed.tensor import DTensor
+
+    # FSDP's parameters (DTensors) have had their gradients reduce-scattered already; summing them again
+    # would add different ranks' rows together.
+    params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
     if not params:
         return
     grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)

@@ -158,7 +158,7 @@ def generate(
     if max_new_tokens == 0:
         return Generation(out_tokens, out_logprobs, finished)
 
-    with eval_mode(model), torch.inference_mode(), prepacked_linears(model, B) if prepack else nullcontext():
+    with eval_mode(model), _grad_off(model), prepacked_linears(model, B) if prepack else nullcontext():
         cache = model.new_cache(B, longest + max_new_tokens)
         logits = prefill(model, tokens.to(device), pad, cache)
         active = list(range(B))  # original row of each batch row still decoding
@@ -183,6 +183,14 @@ def generate(
                 active = [active[i] for i in keep]
             logits = decode_step(model, token, longest + step, pad, cache)
     return Generation(out_tokens, out_logprobs, finished)
+
+
+def _grad_off(model: nn.Module):
+    """inference_mode, except for an FSDP-sharded model (--fsdp): FSDP2 reuses its all-gather buffers
+    across calls, and a buffer created under inference_mode cannot be written outside it (training would fail)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
 
 
 def _generators(seed: int | Sequence[int], rows: int, device: torch.device) -> torch.Generator | list[torch.Generator]:

@@ -15,6 +15,10 @@ that packed vector and scatters the result back, so
     to the active fraction (0.4x of AdamW at LoRA-PAR's theta = 0.9).
 
 With all-true masks (or mask None) the update is torch.optim.AdamW's, operation for operation.
+
+Under FSDP2 (lorapar/fsdp.py) a parameter is a DTensor sharded along dim 0 and its mask stays whole
+on every rank: each rank updates its local rows with the matching rows of the mask, keeps packed state
+for the active elements of those rows only, and clipping all-reduces the squared norm over the ranks.
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"MaskedAdamW: sparse gradient for {name} is not supported")
             state = self.state[p]
+            p, grad, mask = _local(p), _local(p.grad), _local_mask(p, mask)  # this rank's rows under FSDP
             if not state:
                 active = p.numel() if mask is None else int(mask.sum())
                 state["step"] = 0
@@ -154,14 +159,15 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros(active, dtype=p.dtype, device=p.device)
             state["step"] += 1
             if mask is None:
-                _adamw(p, p.grad, state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p), state["step"], group)
+                _adamw(p, grad, state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p), state["step"], group)
             else:
                 index = _active_index(mask)
                 if index.numel() != state["exp_avg"].numel():
                     raise RuntimeError(f"MaskedAdamW: the mask of {name} now has {index.numel()} active elements, its state "
                                        f"{state['exp_avg'].numel()}; masks must change through update_masks, not in place")
                 values = p.view(-1).index_select(0, index)  # the packed copy; frozen elements are never written
-                _adamw(values, p.grad.reshape(-1).index_select(0, index), state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+                _adamw(values, grad.reshape(-1).index_select(0, index), state["exp_avg"], state["exp_avg_sq"],
+                       state["step"], group)
                 p.view(-1).index_copy_(0, index, values)
         return loss
 
@@ -171,9 +177,11 @@ class MaskedAdamW(torch.optim.Optimizer):
 
         As torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped at 1), but a
         frozen element's gradient never counts. Under DDP the gradients are already all-reduced, so
-        every rank computes the same global norm and scales identically.
+        every rank computes the same global norm and scales identically. Under FSDP each rank holds some
+        rows of each gradient: the squared norms of the local rows are summed over the ranks.
         """
-        grads = [(p.grad, mask) for _, p, mask, _ in self._entries() if p.grad is not None]
+        grads = [(_local(p.grad), _local_mask(p, mask)) for _, p, mask, _ in self._entries() if p.grad is not None]
+        sharded = [p.grad for _, p, _, _ in self._entries() if p.grad is not None and _is_dtensor(p.grad)]
         if not grads:
             return torch.tensor(0.0)
         norms = [
@@ -181,6 +189,12 @@ class MaskedAdamW(torch.optim.Optimizer):
             for g, mask in grads
         ]
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+        if sharded:
+            import torch.distributed as torch_dist
+
+            squared = total.square()
+            torch_dist.all_reduce(squared, group=sharded[0].device_mesh.get_group())
+            total = squared.sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g, _ in grads:
             g.mul_(coef.to(device=g.device, dtype=g.dtype))
@@ -207,9 +221,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                 _check_mask(new, p, name)
                 state = self.state.get(p)
                 if state:
+                    old_local, new_local = _local_mask(p, group["masks"][i]), _local_mask(p, new)
                     for key in ("exp_avg", "exp_avg_sq"):
-                        dense = _unpack(state[key], group["masks"][i], p)
-                        state[key] = dense.reshape(-1).clone() if new is None else dense[new]
+                        dense = _unpack(state[key], old_local, _local(p))
+                        state[key] = dense.reshape(-1).clone() if new_local is None else dense[new_local]
                 group["masks"][i] = new
 
     def sync_masks(self, model: nn.Module) -> None:
@@ -238,7 +253,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             group["masks"], group["names"] = masks, names  # keep the model's mask tensors, not copies
         for group, p, mask, name in self._entries():
             state = self.state.get(p)
-            active = p.numel() if mask is None else int(mask.sum())
+            mask = _local_mask(p, mask)
+            active = _local(p).numel() if mask is None else int(mask.sum())
             if state and state["exp_avg"].numel() != active:
                 raise ValueError(f"MaskedAdamW.load_state_dict: {name} has {state['exp_avg'].numel()} saved state entries, "
                                  f"{active} active elements")
@@ -269,6 +285,27 @@ def _active_index(mask: torch.Tensor) -> torch.Tensor:
     return flat.nonzero().squeeze(1)
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of an FSDP2-sharded tensor (a view: writes reach the parameter); t itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _local_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The rows of a whole mask that match this rank's shard of p (the mask itself when p is not sharded)."""
+    if mask is None or not _is_dtensor(p):
+        return mask
+    from lorapar.fsdp import local_rows
+
+    start, stop = local_rows(p)
+    return mask[start:stop]
+
+
 def _check_mask(mask: Optional[torch.Tensor], p: torch.Tensor, name: str) -> None:
     if mask is None:
         return
@@ -291,7 +328,7 @@ def _unpack(packed: torch.Tensor, mask: Optional[torch.Tensor], p: torch.Tensor)
 def _same_mask(a: Optional[torch.Tensor], b: Optional[torch.Tensor], p: torch.Tensor) -> bool:
     if a is None and b is None:
         return True
-    ones = torch.ones_like(p, dtype=torch.bool)
+    ones = torch.ones(p.shape, dtype=torch.bool)  # p.shape: the whole shape also for an FSDP shard
     a, b = (ones if a is None else a), (ones if b is None else b)
     return a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
 

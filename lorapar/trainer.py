@@ -101,6 +101,7 @@ class TrainArgs:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in --out"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the base over the ranks with FSDP2 (lorapar/fsdp.py)"})
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every"),

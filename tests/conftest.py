@@ -79,3 +79,16 @@ def smollm2_gguf() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device of the tests that can run anywhere: LORAPAR_TEST_DEVICE (default cpu; bench/gpu_suite.py sets
+    cuda). A CUDA request without a GPU is skipped with a reason (a failure under CI=true)."""
+    name = os.environ.get("LORAPAR_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        reason = f"LORAPAR_TEST_DEVICE={name} but no CUDA device is available"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return torch.device(name)

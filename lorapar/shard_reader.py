@@ -1,0 +1,138 @@
+"""Read only some rows of a base checkpoint's tensors: what each FSDP rank loads of its shards (lorapar/fsdp.py).
+
+The full readers (lorapar/checkpoint.py) return whole tensors; this reads rows [start, stop) of one
+tensor, in Meta's names and layout, touching only the bytes of those rows where the format allows.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from lorapar.config import ModelArgs
+
+
+
+class ShardReader:
+    """rows(name, start, stop): rows [start, stop) of a base tensor (Meta name, Meta layout) without reading the rest.
+
+    Meta's consolidated.NN.pth are memory-mapped (a slice touches only its pages); safetensors are read
+    through get_slice; llama2.c files through numpy's memmap. Hugging Face's q/k rows are a per-head
+    permutation of Meta's, so those are read head by head: the whole heads covering the rows.
+    """
+
+    def __init__(self, path: str):
+        from lorapar.checkpoint import read_model_args
+
+        self.path = str(path)
+        self.args: ModelArgs = read_model_args(self.path)  # validates the config and names the file on error
+        if os.path.isfile(self.path):
+            self.kind = "llama2c"
+            from lorapar.checkpoint import _open_llama2c
+
+            _, self._entries = _open_llama2c(self.path)  # memmap views: nothing is read until sliced
+        elif os.path.isfile(os.path.join(self.path, "params.json")):
+            self.kind = "meta"
+            files = sorted(glob.glob(os.path.join(self.path, "consolidated.*.pth")))
+            self._meta = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+        else:
+            self.kind = "hf"
+            from lorapar.checkpoint import HF_IGNORED_SUFFIX, CheckpointError, _hf_weight_map, hf_to_meta_name
+
+            self._hf = {}
+            for key, file in _hf_weight_map(self.path).items():
+                if key.endswith(HF_IGNORED_SUFFIX):
+                    continue  # rotary frequencies, recomputed (as the full loader does)
+                try:
+                    self._hf[hf_to_meta_name(key)] = (file, key)
+                except KeyError:
+                    raise CheckpointError(f"{file}: unknown key {key!r} (not a LLaMA weight)") from None
+            self._files: dict[str, Any] = {}
+
+    def names(self) -> set[str]:
+        """Every tensor the checkpoint holds, by Meta name."""
+        from lorapar.checkpoint import META_IGNORED_KEYS
+
+        if self.kind == "llama2c":
+            return set(self._entries)
+        if self.kind == "meta":
+            return set(self._meta[0]) - META_IGNORED_KEYS
+        return set(self._hf)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The whole tensor's shape, read from the file's header (nothing else is read)."""
+        if self.kind == "llama2c":
+            return tuple(self._entries[name].read().shape)
+        if self.kind == "meta":
+            from lorapar.checkpoint import META_SHARD_DIM
+
+            parts = [tuple(shard[name].shape) for shard in self._meta]
+            dim = META_SHARD_DIM.get(name.split(".")[-2])
+            if dim is None:
+                return parts[0]
+            return tuple(sum(p[d] for p in parts) if d == dim else parts[0][d] for d in range(len(parts[0])))
+        file, key = self._hf[name]
+        self._hf_slice(file, key, 0, 0)  # opens the file
+        handle = self._files[file]
+        return tuple(handle[key].shape) if isinstance(handle, dict) else tuple(handle.get_slice(key).get_shape())
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from lorapar.checkpoint import CheckpointError
+
+        try:
+            if self.kind == "llama2c":
+                return self._entries[name].read()[start:stop]
+            if self.kind == "meta":
+                return self._meta_rows(name, start, stop)
+            return self._hf_rows(name, start, stop)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: missing key {name!r} (Meta name) for this model "
+                                  "configuration") from None
+
+    def _meta_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from lorapar.checkpoint import META_SHARD_DIM
+
+        parts = [shard[name] for shard in self._meta]
+        dim = META_SHARD_DIM.get(name.split(".")[-2])
+        if dim is None:  # replicated on every model-parallel rank
+            return parts[0][start:stop]
+        if dim == 1:  # split along the columns: every part holds some columns of each row
+            return torch.cat([part[start:stop] for part in parts], dim=1)
+        pieces, offset = [], 0
+        for part in parts:  # split along the rows: take the overlap of [start, stop) with each part
+            lo, hi = max(start, offset), min(stop, offset + part.shape[0])
+            if lo < hi:
+                pieces.append(part[lo - offset : hi - offset])
+            offset += part.shape[0]
+        return torch.cat(pieces) if pieces else parts[0][:0]
+
+    def _hf_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from lorapar.checkpoint import _hf_rows_to_meta, _rope_heads
+
+        file, key = self._hf[name]
+        heads = _rope_heads(name, self.args)
+        if not heads or start == stop:
+            return self._hf_slice(file, key, start, stop)
+        head_dim = self.args.head_dim
+        first, last = start // head_dim, -(-stop // head_dim)
+        block = self._hf_slice(file, key, first * head_dim, last * head_dim)
+        subset = SimpleNamespace(n_heads=last - first, n_kv_heads=last - first)  # permute these heads only
+        meta = _hf_rows_to_meta(name, block, subset)
+        return meta[start - first * head_dim : stop - first * head_dim]
+
+    def _hf_slice(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
+        if file not in self._files:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._files[file] = safe_open(file, framework="pt", device="cpu")
+            else:
+                self._files[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        handle = self._files[file]
+        if isinstance(handle, dict):
+            return handle[key][start:stop]
+        return handle.get_slice(key)[start:stop]
