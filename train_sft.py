@@ -152,7 +152,7 @@ def check_init_adapter(cfg: SFTArgs, lora_args: LoraArgs, base_dtype: torch.dtyp
     (score.py stamps its masks with the sha256 of the adapter it scored), and a pissa/olora adapter
     trains over a base of the dtype it was scored in (its residual base W0 - s B0 A0 is formed in it)."""
     if cfg.masks:
-        stamped = safetensors_metadata(cfg.masks).get("adapter_init_sha256")
+        stamped = safetensors_metadata(cfg.masks, "a masks file (safetensors)").get("adapter_init_sha256")
         actual = adapter_fingerprint(cfg.init_adapter)
         if stamped is not None and stamped != actual:
             raise ValueError(f"--masks {cfg.masks} ranks the elements of another adapter than --init-adapter "

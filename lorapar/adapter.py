@@ -193,7 +193,7 @@ def read_adapter_args(adapter_dir: str) -> LoraArgs:
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"adapter file not found: {weights_path}")
-    metadata = safetensors_metadata(weights_path)
+    metadata = safetensors_metadata(weights_path, "a safetensors adapter file")
     args = _args_from_peft_config(config, config_path)
     if "lorapar_args" in metadata:
         args = LoraArgs(**json.loads(metadata["lorapar_args"]))
@@ -205,11 +205,11 @@ def read_adapter_args(adapter_dir: str) -> LoraArgs:
     return args
 
 
-def safetensors_metadata(path: str) -> dict[str, str]:
+def safetensors_metadata(path: str, expected: str = "a safetensors file") -> dict[str, str]:
     """The header metadata of a safetensors file, without reading its tensors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
-    with safe_open(path, framework="pt") as handle:
+    with named_errors(path, expected), safe_open(path, framework="pt") as handle:
         return handle.metadata() or {}
 
 
