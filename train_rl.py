@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
             rollouts = make_rollouts(
                 model, [kept[i][1] for _, i in mine], lambda idx, comps: score(idx, comps, batch_examples), weights, grpo,
                 seeds=[derive_seed(train.seed, step, j) for j, _ in mine], eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id,
+                pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
             )
         started = time.perf_counter()
         lrs = [lr_at(step * grpo.mu + k, total_steps * grpo.mu, train) for k in range(grpo.mu)]

@@ -50,7 +50,7 @@ from lorapar.answers import extract_gsm8k_number, final_answer  # noqa: F401 (re
 from lorapar.errors import InputError
 from lorapar.io import named_errors
 from lorapar.loss import IGNORE_INDEX
-from lorapar.tokenizer import Tokenizer
+from lorapar.tokenizer import chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -242,23 +242,25 @@ def reasoning_response(reasoning: str, answer: str) -> str:
     return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
 
 
-def format_prompt(example: Example, template: str = "plain", phase: str = "sft") -> str:
+def format_prompt(example: Example, template: str = "plain", phase: str = "sft", chat: str = "llama2") -> str:
     """The prompt text of `example`; `phase` ("sft" or "rl") matters only to the lorapar template, whose
-    SFT prompt also ends with an EOS token that `encode_prompt` adds (it is a token, not text)."""
+    SFT prompt also ends with an EOS token that `encode_prompt` adds (it is a token, not text). `chat` is the
+    model family's chat format (tokenizer.py: llama2, chatml, llama3; `Tokenizer.template`) that the chat,
+    reasoning and lorapar-rl templates wrap the question in."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
     if template == "lorapar":
         if phase == "sft":
             return example.question
-        return Tokenizer.chat_prompt(example.question, system=LORAPAR_SYSTEM_PROMPT)
+        return chat_prompt(chat, example.question, system=LORAPAR_SYSTEM_PROMPT)
     if template == "plain":
         if example.format in ("mmlu", "humaneval"):
             return example.question  # already a prompt that ends where the answer starts
         return f"Question: {example.question}\nAnswer:"
     if template == "chat":
-        return Tokenizer.chat_prompt(example.question)
+        return chat_prompt(chat, example.question)
     if template == "reasoning":
-        return Tokenizer.chat_prompt(example.question, system=REASONING_SYSTEM_PROMPT)
+        return chat_prompt(chat, example.question, system=REASONING_SYSTEM_PROMPT)
     if template == "alpaca":
         return ALPACA_PROMPT.format(question=example.question)
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
@@ -286,9 +288,14 @@ def prompt_ends_with_eos(template: str, phase: str = "sft") -> bool:
     return template == "lorapar" and phase == "sft"
 
 
+def chat_format(tokenizer) -> str:
+    """The chat format of the tokenizer's model family (LLaMA-2's for SentencePiece and for stand-ins)."""
+    return getattr(tokenizer, "template", "llama2")
+
+
 def encode_prompt(tokenizer, example: Example, template: str, phase: str = "sft", bos: bool = True) -> list[int]:
     """Token ids of the prompt of `example`: [BOS] + format_prompt(...) [+ EOS for lorapar's SFT prompt]."""
-    ids = tokenizer.encode(format_prompt(example, template, phase), bos=bos)
+    ids = tokenizer.encode(format_prompt(example, template, phase, chat_format(tokenizer)), bos=bos)
     return ids + [tokenizer.eos_id] if prompt_ends_with_eos(template, phase) else ids
 
 
@@ -327,7 +334,8 @@ class SFTDataset(Dataset):
         self.dropped = self.truncated = 0
         for example in examples:
             ids, labels, cut = encode_example(
-                tokenizer, format_prompt(example, template), format_response(example, template), max_len,
+                tokenizer, format_prompt(example, template, chat=chat_format(tokenizer)), format_response(example, template),
+                max_len,
                 prompt_eos=prompt_ends_with_eos(template),
             )
             if cut and (overflow == "drop" or all(y == IGNORE_INDEX for y in labels[1:])):

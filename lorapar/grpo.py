@@ -227,12 +227,14 @@ def make_rollouts(
     seeds: Sequence[int],
     eos_id: Optional[int],
     pad_id: int,
+    stop_ids: Sequence[int] = (),
 ) -> Rollouts:
     """Sample G completions per prompt and score them: score(prompt_indices, completions) -> (N, F)
     rewards, combined by weights (F,) into each completion's reward and its group advantage.
 
     seeds: one per prompt; completion g of prompt i is drawn from its own generator, seeded with
     derive_seed(seeds[i], g), so a group's completions do not depend on which prompts share the batch.
+    A completion ends at eos_id or any of stop_ids (the tokenizer's turn ends: ChatML's <|im_end|>, ...).
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"make_rollouts: {len(seeds)} seeds for {len(prompts)} prompts (one per prompt)")
@@ -242,6 +244,7 @@ def make_rollouts(
     gen = generate(
         model, repeated, args.max_completion_len, temperature=args.temperature, top_p=args.top_p,
         seed=[derive_seed(s, g) for s in seeds for g in range(G)], eos_id=eos_id, pad_id=pad_id,
+        stop_ids=stop_ids,
     )
     generation_seconds = time.perf_counter() - start
     rewards = score([i // G for i in range(len(repeated))], gen.tokens).to(torch.float32)

@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from lorapar.data import TEMPLATES, Example, encode_example, format_prompt, format_response, prompt_ends_with_eos
+from lorapar.data import (
+    TEMPLATES, Example, chat_format, encode_example, format_prompt, format_response, prompt_ends_with_eos,
+)
 from lorapar.dist import DistInfo, all_reduce_sum
 from lorapar.errors import check_fields
 from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters, peft_key
@@ -90,7 +92,8 @@ def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceA
     authors = args.template == "lorapar"
     rows, truncated, empty = [], 0, 0
     for example in examples:
-        prompt, response = format_prompt(example, args.template), format_response(example, args.template)
+        prompt = format_prompt(example, args.template, chat=chat_format(tokenizer))
+        response = format_response(example, args.template)
         input_ids, labels, was_cut = encode_example(
             tokenizer, prompt, response, args.max_len, bos=not authors, prompt_eos=prompt_ends_with_eos(args.template),
             response_eos=not authors,

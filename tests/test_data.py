@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from lorapar.data import (
+    LORAPAR_SYSTEM_PROMPT,
+    REASONING_SYSTEM_PROMPT,
     DataError,
     LengthGroupedSampler,
     SFTDataset,
@@ -153,6 +155,34 @@ def test_alpaca_template_is_the_dmlora_supplement_s(tmp_path, tokenizer):
     answer = tokenizer.encode(row["output"] + "\n")
     assert item["input_ids"] == tokenizer.encode(prompt, bos=True) + answer + [tokenizer.eos_id]
     assert item["labels"][-len(answer) - 1:] == answer + [tokenizer.eos_id]
+
+
+def test_chat_templates_follow_the_tokenizer_s_model_family(tmp_path):
+    """A Qwen2 / SmolLM2 tokenizer (template chatml) gets ChatML around the question, not LLaMA-2's [INST]."""
+    row = {"question": "Two plus three?", "answer": "5\n#### 5"}
+    (example,) = load_examples(write_jsonl(tmp_path / "g.jsonl", [row]), "gsm8k")
+    chatml = ("<|im_start|>system\n" + LORAPAR_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nTwo plus three?<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    assert format_prompt(example, "lorapar", "rl", chat="chatml") == chatml
+    assert format_prompt(example, "chat", chat="llama3").startswith("<|start_header_id|>user<|end_header_id|>")
+    assert format_prompt(example, "plain", chat="chatml") == "Question: Two plus three?\nAnswer:"
+
+    class ChatMLTokenizer:  # records what it is asked to encode
+        template, eos_id, bos_id = "chatml", 9, 8
+
+        def __init__(self):
+            self.texts = []
+
+        def encode(self, text, bos=False, eos=False):
+            self.texts.append(text)
+            return [1, 2]
+
+    tokenizer = ChatMLTokenizer()
+    encode_prompt(tokenizer, example, "lorapar", "rl")
+    assert tokenizer.texts == [chatml]
+    SFTDataset([example], tokenizer, template="reasoning", max_len=64)
+    assert tokenizer.texts[1].startswith("<|im_start|>system\n" + REASONING_SYSTEM_PROMPT)
+    assert format_prompt(example, "reasoning", chat="llama2").startswith("[INST]")
 
 
 # meta-llama/Llama-2-7b-chat-hf's chat_template (tokenizer_config.json), which example.py's

@@ -135,6 +135,20 @@ def test_rollouts_do_not_depend_on_which_prompts_share_the_batch(tiny_model):
     assert both.total_reward.std() > 0  # some rows stopped at eos_id, so the batch shrank while sampling
 
 
+def test_rollouts_stop_at_every_stop_id_not_only_eos(tiny_model):
+    """A ChatML model ends its turn with <|im_end|>, not EOS: every id in stop_ids ends a completion."""
+    args = grpo.GRPOArgs(num_generations=2, max_completion_len=6, temperature=1.0)
+    vocab = tiny_model.args.vocab_size
+
+    def lengths(**kwargs):
+        rollouts = grpo.make_rollouts(tiny_model, [[1, 5, 9]], lambda _, c: torch.zeros(len(c), 1), torch.ones(1),
+                                      args, seeds=[7], eos_id=None, pad_id=0, **kwargs)
+        return rollouts.completion_lengths
+
+    assert lengths() == [6, 6]  # no stop: full length
+    assert lengths(stop_ids=list(range(vocab))) == [1, 1]  # every token is a stop: one token each
+
+
 # ----------------------------------------------------------------------------- rewards
 
 
