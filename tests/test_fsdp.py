@@ -266,6 +266,10 @@ def test_fsdp_scoring_equals_one_process(fsdp_runs):
     assert all(torch.equal(masks_one[k], masks_sharded[k]) for k in masks_one)
     report = json.loads((root / "score-fsdp" / "report.json").read_text())
     assert report["scoring"]["system1"]["scored"] == 3 and report["scoring"]["system2"]["scored"] == 3
+    # adapter_init/ is the whole scored adapter, gathered from the shards: the one process's, bit for bit
+    init_one, init_sharded = (load_file(str(root / out / "adapter_init" / "adapter_model.safetensors"))
+                              for out in ("score-one", "score-fsdp"))
+    assert init_one.keys() == init_sharded.keys() and all(torch.equal(init_one[k], init_sharded[k]) for k in init_one)
 
 
 def test_shard_reader_rows_and_shapes_match_the_full_loader(tmp_path):
