@@ -270,72 +270,40 @@ def score_rows_sharded(model: nn.Module, rows, order: str = "second", info: dist
                        progress: Optional[str] = None, batch_size: int = 1):
     """importance.score_rows for an FSDP-sharded model: (scores {peft key: whole tensor}, moments).
 
-    The per-example gradients are formed by output-gradient hooks on each LoRA module, with the
-    formulas of lorapar.importance._accumulate_batch (dA_b = s sum_t (dy_bt B)^T x_bt, dB_b =
-    s sum_t dy_bt^T (x_bt A^T)); under FSDP the hooks see the gathered A and B of the block being
-    differentiated. torch.autograd.grad cannot reach FSDP's sharded parameters, so the hooks run through
-    loss.backward() and the reduce-scattered gradients are dropped. Every rank runs the same number of
+    The per-example gradients are formed by lorapar.importance.accumulate_batch's output-gradient hooks;
+    under FSDP they see the gathered A and B of the block being differentiated. torch.autograd.grad
+    cannot reach FSDP's sharded parameters, so the hooks run through loss.backward() and the
+    reduce-scattered gradients are dropped. Every rank runs the same number of
     batches (collectives pair up); a rank with fewer rows runs its last batches on a stand-in row whose
     gradients are not counted. The sums of g and g^2 are adapter-sized (small next to the base): they are
     summed over the ranks whole, and the importance, like the partition after it, sees the whole vector.
     """
-    from lorapar.importance import GradientMoments, importance_from_moments
-    from lorapar.lora import lora_modules, named_lora_parameters, peft_key
-    from lorapar.loss import IGNORE_INDEX, target_logprobs
+    from lorapar.importance import GradientMoments, accumulate_batch, importance_from_moments
+    from lorapar.lora import named_lora_parameters
     from lorapar.model import eval_mode
 
-    modules = lora_modules(model)
-    if any(m.mask_A is not None or m.mask_B is not None for m in modules.values()):
-        raise ValueError("scoring needs an adapter without element masks (score a fresh adapter)")
     named = named_lora_parameters(model)
     device = info.device
-    sums = {key: (torch.zeros(p.shape, device=device), torch.zeros(p.shape, device=device)) for key, p in named}
+    zeros = lambda: {key: (torch.zeros(p.shape, device=device), torch.zeros(p.shape, device=device))  # noqa: E731
+                     for key, p in named}
+    sums, discarded = zeros(), zeros()
     share = list(rows[info.rank :: info.world_size])
     n_batches = -(-(-(-len(rows) // info.world_size)) // batch_size)  # the largest share's batches
-    counting = {"on": True}
 
-    def hook(name: str, module):
-        def on_forward(_module, inputs, output):
-            x = inputs[0].detach()
+    def backward(loss: torch.Tensor) -> None:  # runs the hooks; FSDP's reduce-scattered gradients are dropped
+        loss.backward()
+        model.zero_grad(set_to_none=True)
 
-            def on_output_grad(dy: torch.Tensor) -> None:
-                if not counting["on"]:
-                    return
-                A, B = module.lora_A.detach().to(dy.dtype), module.lora_B.detach().to(dy.dtype)
-                per_example = {"A": module.scale * torch.einsum("btr,bti->bri", dy @ B, x),
-                               "B": module.scale * torch.einsum("bto,btr->bor", dy, x @ A.T)}
-                for which, g in per_example.items():
-                    total, total_sq = sums[peft_key(name, which)]
-                    g = g.float()
-                    total.add_(g.sum(0))
-                    total_sq.add_(g.square().sum(0))
-
-            output.register_hook(on_output_grad)
-
-        return on_forward
-
-    handles = [m.register_forward_hook(hook(name, m)) for name, m in modules.items()]
     tokens = 0
-    try:
-        with eval_mode(model):
-            for index in range(n_batches):
-                batch = share[index * batch_size : (index + 1) * batch_size]
-                counting["on"] = bool(batch)
-                batch = batch or [rows[0]]
-                width = max(len(ids) for ids, _ in batch)
-                input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-                labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device)
-                logp, mask = target_logprobs(model, input_ids, labels)
-                counts = mask.sum(1)
-                (-logp.sum(1) / counts).sum().backward()
-                model.zero_grad(set_to_none=True)
-                if counting["on"]:
-                    tokens += int(counts.sum())
-                if progress and info.is_main:
-                    print(f"{progress}: batch {index + 1}/{n_batches}", flush=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with eval_mode(model):
+        for index in range(n_batches):
+            batch = share[index * batch_size : (index + 1) * batch_size]
+            if batch:
+                tokens += accumulate_batch(model, batch, sums, backward)
+            else:  # a stand-in so that every rank joins the same collectives; not counted
+                accumulate_batch(model, [rows[0]], discarded, backward)
+            if progress and info.is_main:
+                print(f"{progress}: batch {index + 1}/{n_batches}", flush=True)
     keys, shapes = [k for k, _ in named], [p.shape for _, p in named]
     moments = GradientMoments(keys, shapes, torch.cat([sums[k][0].reshape(-1) for k in keys]),
                               torch.cat([sums[k][1].reshape(-1) for k in keys]), len(share), tokens)

@@ -7,7 +7,6 @@ so prepare_run_dir and --resume find these checkpoints unchanged.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Callable
 
 import torch
@@ -33,16 +32,10 @@ def save_sharded_checkpoint(out: str, step: int, info: dist.DistInfo, model: nn.
     """Checkpoint `step` as OUT/checkpoints/step-NNNNNN: shard-rank{r}.pt per rank (adapter rows, optimizer,
     RNG), rank 0's trainer state and adapter files (gathered, peft layout), then COMPLETE, then the rename
     into place and `latest` (as trainer.save_checkpoint, so prepare_run_dir / --resume find it)."""
-    from lorapar.io import atomic_torch_save, atomic_write_text
-    from lorapar.trainer import CHECKPOINTS, rng_state
+    from lorapar.io import atomic_torch_save
+    from lorapar.trainer import begin_checkpoint, publish_checkpoint, rng_state
 
-    root = os.path.join(out, CHECKPOINTS)
-    name = f"step-{step:06d}"
-    tmp = os.path.join(root, f".{name}.tmp")
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier(info)
+    tmp, name = begin_checkpoint(out, step, info)
     atomic_torch_save(os.path.join(tmp, f"shard-rank{info.rank}.pt"), {**shard_state(model, optimizer),
                                                                        "rng": rng_state(), "rank": info.rank})
     with full_adapter(model):
@@ -50,18 +43,7 @@ def save_sharded_checkpoint(out: str, step: int, info: dist.DistInfo, model: nn.
             atomic_torch_save(os.path.join(tmp, "trainer_state.pt"),
                               {**state, "world_size": info.world_size, "fsdp": True})
             write_files(tmp)
-    dist.barrier(info)  # every shard is on disk before the marker says so
-    final = os.path.join(root, name)
-    if info.is_main:
-        atomic_write_text(os.path.join(tmp, COMPLETE_MARKER), f"{info.world_size} shards\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, "latest"), name + "\n")
-        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
-        for old in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(root, old))
-    dist.barrier(info)
-    return final
+    return publish_checkpoint(tmp, name, info, keep, marker=COMPLETE_MARKER)  # every shard on disk first
 
 
 def restore_sharded_checkpoint(path: str, model: nn.Module, optimizer, config: dict, info: dist.DistInfo) -> int:

@@ -10,7 +10,7 @@ order with the diagonal empirical Fisher in place of the Hessian:
 Only the running sums sum_i g_i and sum_i g_i^2 (and the example count) are kept, so memory is two
 copies of the adapter whatever the number of examples. Per-example gradients come either from one
 backward pass per example (batch_size 1, the reference) or from one per batch, formed from each LoRA
-module's input and output gradient (`_accumulate_batch`); the two agree to float rounding. Under torchrun each rank takes every
+module's input and output gradient (`accumulate_batch`); the two agree to float rounding. Under torchrun each rank takes every
 world_size-th example and the sums are all-reduced before the scores are formed.
 
 The adapter must be non-degenerate: with the usual LoRA init (B = 0) every gradient of A is zero,
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -134,8 +134,10 @@ def example_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     return total / count, count
 
 
-def _accumulate_batch(model: nn.Module, batch, params, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Per-example gradients of a right-padded batch, added into sums[peft_key] = (sum g, sum g^2).
+def accumulate_batch(model: nn.Module, batch, sums: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      backward: Optional[Callable[[torch.Tensor], None]] = None) -> int:
+    """Per-example gradients of a right-padded batch, added into sums[peft_key] = (sum g, sum g^2);
+    returns the batch's answer-token count.
 
     The backward pass runs once on the sum of the per-example mean losses; a hook on each LoRA
     module's output receives dy (b, T, out) and, since example b's loss reaches only row b, forms
@@ -144,9 +146,16 @@ def _accumulate_batch(model: nn.Module, batch, params, sums: dict[str, tuple[tor
         dB_b = s * sum_t dy_bt^T (x_bt A^T)        dA_b = s * sum_t (dy_bt B)^T x_bt
 
     Right padding changes nothing: padded positions come after every real token (causal attention)
-    and carry no loss, so their dy is exactly zero.
+    and carry no loss, so their dy is exactly zero. `backward(loss)` runs the hooks: by default
+    torch.autograd.grad over the LoRA parameters (the summed gradient itself is not needed); under
+    FSDP, whose sharded parameters autograd.grad cannot reach, loss.backward() (lorapar/fsdp.py).
     """
-    device = params[0].device
+    modules = lora_modules(model)
+    if any(m.mask_A is not None or m.mask_B is not None for m in modules.values()):
+        raise ValueError("batched scoring needs an adapter without element masks (score a fresh adapter)")
+    if backward is None:
+        params = [p for _, p in named_lora_parameters(model)]
+        backward = lambda loss: torch.autograd.grad(loss, params)  # noqa: E731
 
     def hook(name: str, module: LoRALinear):
         def on_forward(_module, inputs, output):
@@ -168,9 +177,7 @@ def _accumulate_batch(model: nn.Module, batch, params, sums: dict[str, tuple[tor
 
         return on_forward
 
-    modules = lora_modules(model)
-    if any(m.mask_A is not None or m.mask_B is not None for m in modules.values()):
-        raise ValueError("batched scoring needs an adapter without element masks (score a fresh adapter)")
+    device = model.tok_embeddings.weight.device
     handles = [m.register_forward_hook(hook(name, m)) for name, m in modules.items()]
     try:
         width = max(len(ids) for ids, _ in batch)
@@ -178,8 +185,7 @@ def _accumulate_batch(model: nn.Module, batch, params, sums: dict[str, tuple[tor
         labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device)
         logp, mask = target_logprobs(model, input_ids, labels)
         counts = mask.sum(1)
-        loss = (-logp.sum(1) / counts).sum()
-        torch.autograd.grad(loss, params)  # runs the hooks; the summed gradient itself is not needed
+        backward((-logp.sum(1) / counts).sum())
     finally:
         for handle in handles:
             handle.remove()
@@ -192,7 +198,7 @@ def accumulate_moments(
     """Per-example gradients of `example_loss`, summed into running moments.
 
     batch_size 1: torch.autograd.grad one example at a time (the reference). batch_size > 1: one
-    forward/backward per batch with the per-example gradients formed in `_accumulate_batch`; the two
+    forward/backward per batch with the per-example gradients formed in `accumulate_batch`; the two
     agree up to float rounding (tested).
     """
     named = named_lora_parameters(model)
@@ -221,7 +227,7 @@ def accumulate_moments(
                 tokens += count
             else:
                 sums = {k: pair for k, pair in zip(keys, zip(grad_views, grad_sq_views))}
-                tokens += _accumulate_batch(model, batch, params, sums)
+                tokens += accumulate_batch(model, batch, sums)
             bar.update(len(batch))
     return GradientMoments(keys, [p.shape for p in params], sum_grad, sum_grad_sq, len(rows), tokens)
 

@@ -272,6 +272,36 @@ def check_resumable(saved_config: dict, config: dict, checkpoint: str) -> None:
         raise ValueError(f"--resume from {checkpoint}: the configuration changed ({'; '.join(changed)})")
 
 
+def begin_checkpoint(out: str, step: int, info: dist.DistInfo) -> tuple[str, str]:
+    """The temporary directory that checkpoint `step` is written into (made by rank 0), and its name."""
+    name = f"step-{step:06d}"
+    tmp = os.path.join(out, CHECKPOINTS, f".{name}.tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier(info)
+    return tmp, name
+
+
+def publish_checkpoint(tmp: str, name: str, info: dist.DistInfo, keep: int = 1, marker: Optional[str] = None) -> str:
+    """Once every rank has written into `tmp`: rank 0 writes `marker` (a completion file) if given, renames
+    the directory into place, points `latest` at it and removes all but the `keep` newest checkpoints."""
+    dist.barrier(info)
+    root = os.path.dirname(tmp)
+    final = os.path.join(root, name)
+    if info.is_main:
+        if marker is not None:
+            atomic_write_text(os.path.join(tmp, marker), f"{info.world_size} shards\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, "latest"), name + "\n")
+        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(root, old))
+    dist.barrier(info)
+    return final
+
+
 def save_checkpoint(
     out: str,
     step: int,
@@ -282,28 +312,12 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint `step`: rank 0 saves `state` and calls `write_files(directory)` (adapter, masks),
     every rank saves its RNG state; then the directory is renamed into place and `latest` updated."""
-    root = os.path.join(out, CHECKPOINTS)
-    name = f"step-{step:06d}"
-    tmp = os.path.join(root, f".{name}.tmp")
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier(info)
+    tmp, name = begin_checkpoint(out, step, info)
     atomic_torch_save(os.path.join(tmp, f"rng-rank{info.rank}.pt"), rng_state())
     if info.is_main:
         atomic_torch_save(os.path.join(tmp, "trainer_state.pt"), {**state, "world_size": info.world_size})
         write_files(tmp)
-    dist.barrier(info)
-    final = os.path.join(root, name)
-    if info.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, "latest"), name + "\n")
-        older = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
-        for old in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(root, old))
-    dist.barrier(info)
-    return final
+    return publish_checkpoint(tmp, name, info, keep)
 
 
 def load_checkpoint(path: str, info: dist.DistInfo) -> dict[str, Any]:
