@@ -19,6 +19,7 @@ import pytest
 from lorapar import sandbox
 from lorapar.evaluate import EvalArgs
 from lorapar.humaneval_exec import program_text, run_many, run_program
+from test_evaluate import processes_with
 
 PROMPT = "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n"
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
@@ -32,23 +33,6 @@ def needs_namespaces() -> None:
     mode, reason = sandbox.probe()
     if mode != "namespaces":
         pytest.skip(f"the namespace sandbox is not available here: {reason}")
-
-
-def processes_with(tag: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as handle:
-                if tag.encode() not in handle.read():
-                    continue
-            with open(f"/proc/{name}/status") as handle:
-                if "zombie" not in handle.read():
-                    found.append(int(name))
-        except OSError:
-            continue
-    return found
 
 
 # ----------------------------------------------------------------------------- 1. passing needs the marker
