@@ -34,11 +34,12 @@ import torch
 import torch.nn as nn
 
 from lorapar.config import ModelArgs
+from lorapar.errors import InputError
 from lorapar.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, named_errors
 from lorapar.model import Transformer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be read as asked; the message names the file and key."""
 
 
@@ -161,7 +162,7 @@ def _open_meta(directory: str) -> tuple[ModelArgs, dict[str, _Entry]]:
     paths = sorted(glob.glob(os.path.join(directory, "consolidated.*.pth")))
     if not paths:
         raise FileNotFoundError(f"{directory}: params.json found but no consolidated.NN.pth shard")
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    shards = [_load_torch_file(p, "a Meta consolidated.NN.pth shard") for p in paths]
     for path, shard in zip(paths[1:], shards[1:]):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())[:3]
@@ -259,6 +260,17 @@ def _hf_args(cfg: dict, path: str) -> ModelArgs:
     return args
 
 
+def _load_torch_file(path: str, expected: str) -> dict:
+    """torch.load (memory-mapped, tensors only) with an error naming the file when it is truncated or corrupt."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: not readable as {expected} ({type(error).__name__}: {str(error)[:200]}); "
+                              "is it truncated or another kind of file?") from None
+
+
 class _WeightFile:
     """Lazy access to one HF weight file: safetensors through safe_open, a .bin through torch.load(mmap=True)."""
 
@@ -270,7 +282,7 @@ class _WeightFile:
                 self._file = safe_open(path, framework="pt", device="cpu")
             self.keys, self.get = list(self._file.keys()), self._file.get_tensor
         else:
-            tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            tensors = _load_torch_file(path, "a PyTorch weight file")
             self.keys, self.get = list(tensors), tensors.__getitem__
 
 

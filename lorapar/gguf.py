@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lorapar.config import ModelArgs
+from lorapar.errors import InputError
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 ARCHITECTURES = ("llama", "qwen2")
@@ -39,7 +40,7 @@ GGUF_LAYER_NAMES = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(InputError):
     """A GGUF file lorapar cannot read as asked; the message names the file and the metadata key or tensor."""
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorapar.adapter import load_adapter, save_adapter
 from lorapar.checkpoint import load_model, save_model
@@ -51,6 +52,17 @@ def test_a_truncated_model_file_names_itself(base):
     truncate(base / "model.safetensors")
     with pytest.raises(InputError, match=r"base/model.safetensors: not readable as a safetensors weight file.*trunc"):
         load_model(str(base))
+
+
+def test_a_truncated_pytorch_checkpoint_names_itself(base, tmp_path):
+    """A truncated pytorch_model.bin or consolidated.00.pth: the file and what it should be, not miniz's words."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text((base / "config.json").read_text())
+    torch.save({"model.embed_tokens.weight": torch.zeros(4, 4)}, hf / "pytorch_model.bin")
+    truncate(hf / "pytorch_model.bin")
+    with pytest.raises(InputError, match=r"hf/pytorch_model.bin: not readable as a PyTorch weight file.*trunc"):
+        load_model(str(hf))
 
 
 def test_a_truncated_adapter_or_a_malformed_adapter_config_names_the_file(adapter_dir):
