@@ -123,8 +123,8 @@ def evaluate_gsm8k(
     prompts = [format_prompt(e, template) for e in examples]
     outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, desc="gsm8k")
     result = score_gsm8k(examples, [text for text, _ in outputs])
-    for record, (_, finished) in zip(result["records"], outputs):
-        record["finished"] = finished
+    for record, prompt, (_, finished) in zip(result["records"], prompts, outputs):
+        record["prompt"], record["finished"] = prompt, finished  # the exact text given to the model, for audits
     return result
 
 

@@ -1,22 +1,31 @@
-"""LoRA-PAR end to end, with its baselines on the same budget, in one command.
+"""LoRA-PAR end to end, with its baselines on the same budget, repeated over seeds, in one command.
 
-    python -m lorapar.pipeline                       # embedded default: synthetic task, tiny base (~15 min, 2 CPUs)
+    python -m lorapar.pipeline                       # embedded default: synthetic task, tiny base, 3 seeds
     python -m lorapar.pipeline --smoke --out /tmp/s  # every stage and row at toy size (~1 min; CI runs it)
     python -m lorapar.pipeline --ckpt llama-2-7b --tokenizer tokenizer.model \\
         --train-data gsm8k/train.jsonl --test-data gsm8k/test.jsonl [--teacher SPEC ...]   # the paper's recipe
+    python -m lorapar.report RUN_DIR                 # rebuild results.md / results.json from a run directory
 
 Stages (each writes into its own directory under --out and is skipped when a previous run completed it):
   assets    embedded default only: synthetic task, SentencePiece tokenizer, pretrained tiny base (pretrain.py)
-  classify  System 1 / 2 labels by the teachers' majority vote (classify.py)
-  score     element importance per system, theta partition, stage masks and random masks (score.py)
-  then per method an SFT run (train_sft.py), a GRPO run (train_rl.py) and greedy evaluation of each
-  adapter on the test split (lorapar.evaluate):
-    lora     LoRA, every element trained: SFT on all rows, then GRPO on System-2 rows
-    lorapar  LoRA-PAR: SFT on System-1 rows with the stage-1 mask, GRPO on System-2 rows with the stage-2 mask
-    random   LoRA-PAR's schedule with random masks of the same per-tensor sizes
-    pissa    LoRA-PAR with the adapter initialised by PiSSA
+  classify  System 1 / 2 labels by the teachers' majority vote (classify.py); once, the labels do not depend on seeds
+  base      greedy evaluation of the base model without an adapter
+  then for every seed S (--seeds N: S = seed, seed+1, ...; the task, the base and the labels stay fixed):
+  score     element importance per system on a gaussian-initialised adapter, theta partition, random masks
+            of equal size (score.py --init gaussian --seed S); its adapter_init/ starts the masked rows.
+            score_pissa: the same at the PiSSA init (--init pissa), which the PiSSA row starts from.
+  per method an SFT run (train_sft.py), a GRPO run (train_rl.py) and greedy evaluation of each adapter
+  on the test split (lorapar.evaluate), all with seed S (adapter init, data order, GRPO samples):
+    lora     LoRA+RL: every element trained, standard LoRA init; SFT on all rows, then GRPO on System-2 rows
+    lorapar  LoRA-PAR: from the scored adapter, SFT on System-1 rows with the stage-1 mask, GRPO on
+             System-2 rows with the stage-2 mask
+    random   LoRA-PAR's schedule from the same adapter with random masks of the same size
+    pissa    LoRA-PAR from the PiSSA-initialised scored adapter, with the masks scored on it
     dmlora   DM-LoRA (dual-module adapter) SFT on all rows (no GRPO: train_rl.py trains LoRA adapters)
-Results: results.json (atomic) and results.md, the table printed at the end (lorapar/report.py).
+  sweep     --theta-sweep: for the first seed, SFT with the stage-1 mask at each theta, importance-selected
+            and random of the same size (the paper's Table 3), each evaluated on the test split
+Results: results.json and results.md (mean +- std over seeds, paired bootstrap intervals, the theta
+curve and theta.png; lorapar/report.py rebuilds them from the run directory alone).
 
 A stage is complete when its record OUT/stages/NAME.json exists (written last, with its timing); an
 interrupted training stage resumes from its latest checkpoint (the scripts' --resume), any other
@@ -40,10 +49,11 @@ from typing import Callable, Optional
 import torch
 
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
-from lorapar.io import atomic_write_json, atomic_write_text
-from lorapar.report import format_report, summarise
+from lorapar.io import atomic_write_json
+from lorapar.report import build_report
 
 METHODS = ("lora", "lorapar", "random", "pissa", "dmlora")
+MASKED = ("lorapar", "random", "pissa")  # the rows that train from a scored adapter with stage masks
 
 
 @dataclass
@@ -53,7 +63,8 @@ class PipelineConfig:
     out: str = field(default="runs/default", metadata={"help": "run directory (one subdirectory per stage)"})
     smoke: bool = field(default=False, metadata={"help": "toy sizes for a ~1-minute run of every stage (CI)"})
     overwrite: bool = field(default=False, metadata={"help": "redo every stage instead of skipping completed ones"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "first training seed (and the seed of the embedded task and base)"})
+    seeds: int = field(default=1, metadata={"help": "repeat every method with seeds seed..seed+N-1 (adapter init, data order, sampling); the embedded default uses 3"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; the embedded default uses 1)"})
     assets: str = field(default="", metadata={"help": "embedded default: where the built assets live (default OUT/assets)"})
     ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir or llama2.c .bin)"})
@@ -68,6 +79,7 @@ class PipelineConfig:
                          metadata={"help": "GRPO rewards (lorapar/rewards.py spec)"})
     # score (importance + partition)
     theta: float = field(default=0.9, metadata={"help": "cumulative-importance threshold per system"})
+    theta_sweep: tuple[float, ...] = field(default=(), metadata={"help": "thetas of the SFT-only curve, importance vs random masks, first seed (empty: none)"})
     score_samples: int = field(default=100, metadata={"help": "examples scored per system"})
     # the adapter
     rank: int = 8
@@ -102,33 +114,42 @@ class PipelineConfig:
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 256
     eval_limit: int = field(default=0, metadata={"help": "evaluate the first N test items (0: all)"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap replicates of every paired interval"})
     save_every: int = field(default=0, metadata={"help": "training checkpoint interval (0: only at the end); resume granularity"})
 
     def __post_init__(self) -> None:
         self.methods, self.targets, self.teachers = tuple(self.methods), tuple(self.targets), tuple(self.teachers)
+        self.theta_sweep = tuple(float(t) for t in self.theta_sweep)
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; expected among {METHODS}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        bad = [t for t in self.theta_sweep if not 0.0 < t <= 1.0]
+        if bad:
+            raise ValueError(f"--theta-sweep: every theta must be in (0, 1]; got {bad}")
+
+    def seed_values(self) -> list[int]:
+        return [self.seed + k for k in range(self.seeds)]
 
 
-# The embedded default: sizes chosen so the whole run fits ~15 minutes on 2 CPU cores and still shows
-# the method's effects. The tiny base needs larger learning rates than a 7B model and the answers are
-# short, so lengths shrink. GRPO samples cold (temperature 0.3, top-p 0.9): on this tiny policy, 30 steps
-# at 0.7 or 1.0 gave LoRA-PAR no System-2 gain (3% -> 2-3%), at 0.3 it rose (3% -> 4%; LoRA 4% -> 8%).
-# One thread: the tiny model's matmuls gain little from a second, and two threads on a machine busy
-# with other work ran 25x slower.
+# The embedded default, chosen once for the task and used for every method alike (no per-method
+# tuning): sizes that fit the whole run in ~20 minutes on 2 CPU cores, spent on seeds and test items
+# first. The tiny base needs larger learning rates than a 7B model and the answers are short, so
+# lengths shrink. GRPO samples at temperature 0.7 so that a group of 8 holds both right and wrong
+# completions (pass@8 is reported). One thread: the tiny model's matmuls gain little from a second.
 EMBEDDED = dict(
-    threads=1, template="plain", rewards="correct=2.0", score_samples=100,
+    seeds=3, threads=1, template="plain", rewards="correct=2.0", score_samples=100, theta_sweep=(0.3, 0.6, 0.8, 0.9, 1.0),
     sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
-    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
-    rl_micro_batch=32, rl_temperature=0.3, rl_top_p=0.9, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
-    dual_target_rank=4.0, dual_t_init=20, dual_t_final=40, dual_delta_t=10, eval_batch_size=50,
-    eval_max_new_tokens=64, save_every=25,
+    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=96, rl_max_completion_len=96,
+    rl_micro_batch=32, rl_temperature=0.7, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
+    dual_target_rank=4.0, dual_t_init=20, dual_t_final=40, dual_delta_t=10, eval_batch_size=100,
+    eval_max_new_tokens=96, save_every=50,
 )
 SMOKE = dict(
-    EMBEDDED, score_samples=8, sft_steps=4, sft_lr=2e-3, sft_batch_size=8, sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2,
-    rl_generations=4, rl_max_completion_len=24, dual_t_init=1, dual_t_final=1, dual_delta_t=1, eval_limit=16,
-    eval_max_new_tokens=24, save_every=2,
+    EMBEDDED, seeds=2, score_samples=8, theta_sweep=(0.5, 0.9), sft_steps=4, sft_lr=2e-3, sft_batch_size=8,
+    sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2, rl_generations=4, rl_max_completion_len=24,
+    dual_t_init=1, dual_t_final=1, dual_delta_t=1, eval_limit=16, eval_max_new_tokens=24, save_every=2, bootstrap=200,
 )
 
 
@@ -175,9 +196,10 @@ class Stages:
             print(f"==== [{self.number}/{self.total}] {title}: done in an earlier run ({record['seconds']:.1f}s), skipped", flush=True)
         else:
             print(f"\n==== [{self.number}/{self.total}] {title}", flush=True)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             result = fn(self.overwrite)
-            record = {"name": name, "title": title, "seconds": time.perf_counter() - started, "result": result}
+            record = {"name": name, "title": title, "finished_at": time.time(), "seconds": time.perf_counter() - started,
+                      "cpu_seconds": time.process_time() - cpu, "result": result}
             atomic_write_json(path, record)
             print(f"==== {title}: {record['seconds']:.1f}s", flush=True)
         self.records[name] = record
@@ -263,9 +285,9 @@ class Pipeline:
             return list(self.cfg.teachers)
         if self.cfg.ckpt:
             return ["rule:gsm8k-steps"]
-        # The synthetic answers: System 1 has one line and a few words before '####', System 2 two or three
-        # lines and ten or more words; the local tiny base votes by the role-play likelihoods.
-        return ["rule:gsm8k-steps,threshold=2", "rule:length,threshold=10",
+        # The synthetic answers: System 1 has one or two step lines before '####', System 2 three or more
+        # (about 6 words a line); the local tiny base votes by the role-play likelihoods.
+        return ["rule:gsm8k-steps,threshold=3", "rule:length,threshold=16",
                 f"local:{inputs['base']},tokenizer={inputs['tokenizer']}"]
 
     # ---- stages
@@ -280,44 +302,52 @@ class Pipeline:
         summary = classify.main(argv)
         return {k: summary.get(k) for k in ("rows", "system_1", "system_2", "fleiss_kappa", "reference_accuracy", "teachers")}
 
-    def score(self, inputs: dict, labelled: str) -> dict:
+    def score(self, inputs: dict, labelled: str, seed: int, out: str, init: str, theta: float) -> dict:
+        """score.py at one init and theta: importance, masks, random masks and the scored adapter_init/."""
         score = script("score")
         cfg = self.cfg
-        argv = ["--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled, "--out", self.dir("score"),
-                "--random-baseline", "--overwrite", "--theta", str(cfg.theta), "--samples", str(cfg.score_samples),
+        argv = ["--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled, "--out", out,
+                "--random-baseline", "--overwrite", "--theta", str(theta), "--samples", str(cfg.score_samples),
                 "--template", cfg.template, "--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha),
-                "--targets", ",".join(cfg.targets), "--seed", str(cfg.seed), "--max-len", str(cfg.sft_max_len)]
+                "--targets", ",".join(cfg.targets), "--seed", str(seed), "--max-len", str(cfg.sft_max_len), "--init", init]
         report = score.main(argv)["report"]["partition"]
-        return {"active_fraction": report["active_fraction"]}
+        return {"active_fraction": report["active_fraction"], "init": init, "theta": theta, "out": out}
 
-    def sft(self, inputs: dict, labelled: str, method: str, masks: str, redo: bool) -> dict:
+    def start(self, method: str, seed: int) -> tuple[list[str], str]:
+        """(train_sft.py adapter flags, stage masks or '') of a method's SFT run for one seed."""
+        cfg, run = self.cfg, self.dir(f"seed{seed}")
+        if method == "dmlora":
+            return ["--adapter", "dual", "--dual-rank", str(cfg.dual_rank), "--dual-shared-rank", str(cfg.dual_shared_rank),
+                    "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.targets),
+                    "--dual-target-rank", str(cfg.dual_target_rank), "--dual-t-init", str(cfg.dual_t_init),
+                    "--dual-t-final", str(cfg.dual_t_final), "--dual-delta-t", str(cfg.dual_delta_t)], ""
+        if method == "lora":
+            return ["--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha), "--targets", ",".join(cfg.targets),
+                    "--init", "lora"], ""
+        score = os.path.join(run, "score_pissa" if method == "pissa" else "score")
+        masks = os.path.join(score, "random_masks.safetensors" if method == "random" else "masks.safetensors")
+        return ["--init-adapter", os.path.join(score, "adapter_init")], masks
+
+    def sft(self, inputs: dict, labelled: str, out: str, seed: int, adapter: list[str], masks: str, redo: bool) -> dict:
         train_sft = script("train_sft")
-        cfg, out = self.cfg, self.dir(method, "sft")
+        cfg = self.cfg
         argv = ["--preset", "lorapar-sft", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled,
-                "--format", "labelled", "--template", cfg.template, "--out", out, "--seed", str(cfg.seed),
+                "--format", "labelled", "--template", cfg.template, "--out", out, "--seed", str(seed),
                 "--max-steps", str(cfg.sft_steps), "--lr", str(cfg.sft_lr), "--batch-size", str(cfg.sft_batch_size),
                 "--global-batch", str(cfg.sft_global_batch), "--max-len", str(cfg.sft_max_len),
-                "--save-every", str(cfg.save_every), *run_dir_flags(out, redo)]
-        if method == "dmlora":
-            argv += ["--adapter", "dual", "--dual-rank", str(cfg.dual_rank), "--dual-shared-rank", str(cfg.dual_shared_rank),
-                     "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.targets),
-                     "--dual-target-rank", str(cfg.dual_target_rank), "--dual-t-init", str(cfg.dual_t_init),
-                     "--dual-t-final", str(cfg.dual_t_final), "--dual-delta-t", str(cfg.dual_delta_t)]
-        else:
-            argv += ["--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha), "--targets", ",".join(cfg.targets),
-                     "--init", "pissa" if method == "pissa" else "lora"]
+                "--save-every", str(cfg.save_every), *adapter, *run_dir_flags(out, redo)]
         if masks:
             argv += ["--system", "1", "--masks", masks, "--stage", "1"]
         train_sft.main(argv)
         losses = [m["loss"] for m in read_metrics(out) if "loss" in m]  # the log survives a resume, unlike main's return
         return {"steps": len(losses), "loss_first": losses[0], "loss": losses[-1], "active_fraction": active_fraction(out)}
 
-    def grpo(self, inputs: dict, labelled: str, method: str, masks: str, redo: bool) -> dict:
+    def grpo(self, inputs: dict, labelled: str, method: str, seed: int, masks: str, redo: bool) -> dict:
         train_rl = script("train_rl")
-        cfg, out = self.cfg, self.dir(method, "rl")
+        cfg, out = self.cfg, self.dir(f"seed{seed}", method, "rl")
         argv = ["--preset", "lorapar-grpo", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"],
-                "--adapter", self.dir(method, "sft"), "--data", labelled, "--format", "labelled", "--system", "2",
-                "--template", cfg.template, "--rewards", cfg.rewards, "--out", out, "--seed", str(cfg.seed),
+                "--adapter", self.dir(f"seed{seed}", method, "sft"), "--data", labelled, "--format", "labelled",
+                "--system", "2", "--template", cfg.template, "--rewards", cfg.rewards, "--out", out, "--seed", str(seed),
                 "--max-steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--prompts-per-step", str(cfg.rl_prompts_per_step),
                 "--num-generations", str(cfg.rl_generations), "--max-prompt-len", str(cfg.rl_max_prompt_len),
                 "--max-completion-len", str(cfg.rl_max_completion_len), "--beta", str(cfg.rl_beta),
@@ -326,9 +356,14 @@ class Pipeline:
         if masks:
             argv += ["--masks", masks, "--stage", "2"]
         train_rl.main(argv)
-        rewards = [m["reward_mean"] for m in read_metrics(out) if "reward_mean" in m]
+        steps = [m for m in read_metrics(out) if "reward_mean" in m]
+        rewards = [m["reward_mean"] for m in steps]
+        # pass@G: the share of a step's prompts with at least one correct completion among their G samples
+        solved = [m["reward/correct_any"] for m in steps if "reward/correct_any" in m]
         return {"steps": len(rewards), "reward_first": rewards[0], "reward_last": rewards[-1],
-                "reward_mean": sum(rewards) / len(rewards), "active_fraction": active_fraction(out)}
+                "reward_mean": sum(rewards) / len(rewards), "active_fraction": active_fraction(out),
+                "pass_at_g": sum(solved) / len(solved) if solved else None,
+                "pass_at_g_first": solved[0] if solved else None, "generations": cfg.rl_generations}
 
     def evaluate(self, inputs: dict, adapter: str, out: str) -> dict:
         from lorapar.evaluate import EvalArgs, run
@@ -337,41 +372,79 @@ class Pipeline:
         args = EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
                         out=out, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
                         max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template)
-        return run(args)["metrics"]
+        return {"metrics": run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
 
     # ---- the whole run
+    def count_stages(self) -> int:
+        cfg = self.cfg
+        per_seed = sum(2 if m == "dmlora" else 4 for m in cfg.methods)
+        per_seed += (1 if set(cfg.methods) & {"lorapar", "random"} else 0) + (1 if "pissa" in cfg.methods else 0)
+        sweep = 5 * sum(not (t == cfg.theta and self.sweep_reuses_rows()) for t in cfg.theta_sweep)
+        return (0 if cfg.ckpt else 1) + 2 + cfg.seeds * per_seed + sweep
+
     def run(self) -> dict:
         cfg = self.cfg
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
-        per_method = {m: (4 if m != "dmlora" else 2) for m in cfg.methods}
-        stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 3 + sum(per_method.values()))
+        stages = Stages(cfg.out, cfg.overwrite, total=self.count_stages())
         inputs = self.inputs(stages)
+        atomic_write_json(self.dir("inputs.json"), inputs)
         labelled = self.dir("classify", "labelled.jsonl")
         stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
-        stages.run("score", f"score: element importance, theta {cfg.theta} masks, random masks",
-                   lambda redo: self.score(inputs, labelled))
         stages.run("base.eval", "evaluate: the base model without an adapter",
                    lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
-        masks = {"lora": "", "dmlora": "", "lorapar": self.dir("score", "masks.safetensors"),
-                 "pissa": self.dir("score", "masks.safetensors"), "random": self.dir("score", "random_masks.safetensors")}
+        for seed in cfg.seed_values():
+            self.run_seed(stages, inputs, labelled, seed)
+        if cfg.theta_sweep:
+            self.run_sweep(stages, inputs, labelled, cfg.seed)
+        results = build_report(cfg.out)
+        print("\n" + results["markdown"])
+        return results
+
+    def run_seed(self, stages: Stages, inputs: dict, labelled: str, seed: int) -> None:
+        cfg, run = self.cfg, lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
+        if set(cfg.methods) & {"lorapar", "random"}:
+            stages.run(f"seed{seed}.score", f"seed {seed}: score at the gaussian init, theta {cfg.theta} masks, random masks",
+                       lambda redo: self.score(inputs, labelled, seed, run("score"), "gaussian", cfg.theta))
+        if "pissa" in cfg.methods:
+            stages.run(f"seed{seed}.score_pissa", f"seed {seed}: score at the PiSSA init, theta {cfg.theta} masks",
+                       lambda redo: self.score(inputs, labelled, seed, run("score_pissa"), "pissa", cfg.theta))
         for method in cfg.methods:
-            stages.run(f"{method}.sft", f"{method}: SFT" + (" (System 1, stage-1 mask)" if masks[method] else " (all rows)"),
-                       lambda redo: self.sft(inputs, labelled, method, masks[method], redo))
-            stages.run(f"{method}.sft.eval", f"{method}: evaluate after SFT",
-                       lambda redo: self.evaluate(inputs, self.dir(method, "sft"), self.dir(method, "eval_sft.json")))
+            adapter, masks = self.start(method, seed)
+            tag = f"seed{seed}.{method}"
+            stages.run(f"{tag}.sft", f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
+                       lambda redo: self.sft(inputs, labelled, run(method, "sft"), seed, adapter, masks, redo))
+            stages.run(f"{tag}.sft.eval", f"seed {seed}, {method}: evaluate after SFT",
+                       lambda redo: self.evaluate(inputs, run(method, "sft"), run(method, "eval_sft.json")))
             if method == "dmlora":
                 continue
-            stages.run(f"{method}.rl", f"{method}: GRPO (System 2" + (", stage-2 mask)" if masks[method] else ")"),
-                       lambda redo: self.grpo(inputs, labelled, method, masks[method], redo))
-            stages.run(f"{method}.rl.eval", f"{method}: evaluate after GRPO",
-                       lambda redo: self.evaluate(inputs, self.dir(method, "rl"), self.dir(method, "eval_rl.json")))
-        results = summarise(cfg, stages.records, inputs)
-        atomic_write_json(self.dir("results.json"), results)
-        table = format_report(results)
-        atomic_write_text(self.dir("results.md"), table)
-        print("\n" + table)
-        return results
+            stages.run(f"{tag}.rl", f"seed {seed}, {method}: GRPO (System 2" + (", stage-2 mask)" if masks else ")"),
+                       lambda redo: self.grpo(inputs, labelled, method, seed, masks, redo))
+            stages.run(f"{tag}.rl.eval", f"seed {seed}, {method}: evaluate after GRPO",
+                       lambda redo: self.evaluate(inputs, run(method, "rl"), run(method, "eval_rl.json")))
+
+    def sweep_reuses_rows(self) -> bool:
+        """The theta of the main rows is a point of the curve: its seed's lorapar / random SFT runs."""
+        return self.cfg.theta in self.cfg.theta_sweep and {"lorapar", "random"} <= set(self.cfg.methods)
+
+    def run_sweep(self, stages: Stages, inputs: dict, labelled: str, seed: int) -> None:
+        """SFT-only theta curve for one seed: importance-selected vs random stage-1 masks of equal size.
+        Each theta's runs start from the adapter its score.py run scored (the same seed scores the same
+        examples on the same gaussian adapter, so between thetas only the partition changes)."""
+        cfg = self.cfg
+        for theta in cfg.theta_sweep:
+            if theta == cfg.theta and self.sweep_reuses_rows():
+                continue
+            out = self.dir("sweep", f"theta{theta}")
+            stages.run(f"sweep.theta{theta}.score", f"sweep: theta {theta} masks and random masks (seed {seed})",
+                       lambda redo: self.score(inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta))
+            for kind, masks in (("importance", "masks.safetensors"), ("random", "random_masks.safetensors")):
+                adapter = ["--init-adapter", os.path.join(out, "score", "adapter_init")]
+                stages.run(f"sweep.theta{theta}.{kind}.sft", f"sweep: theta {theta}, {kind} masks: SFT (System 1)",
+                           lambda redo: self.sft(inputs, labelled, os.path.join(out, kind), seed, adapter,
+                                                 os.path.join(out, "score", masks), redo))
+                stages.run(f"sweep.theta{theta}.{kind}.sft.eval", f"sweep: theta {theta}, {kind} masks: evaluate",
+                           lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
