@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -66,6 +67,7 @@ class PipelineConfig:
     seed: int = field(default=0, metadata={"help": "first training seed (and the seed of the embedded task and base)"})
     seeds: int = field(default=1, metadata={"help": "repeat every method with seeds seed..seed+N-1 (adapter init, data order, sampling); the embedded default uses 3"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; the embedded default uses 1)"})
+    workers: int = field(default=1, metadata={"help": "processes running seeds / the theta sweep at once (the embedded default uses 2)"})
     assets: str = field(default="", metadata={"help": "embedded default: where the built assets live (default OUT/assets)"})
     ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir or llama2.c .bin)"})
     tokenizer: str = field(default="", metadata={"help": "real inputs: SentencePiece tokenizer.model"})
@@ -139,12 +141,12 @@ class PipelineConfig:
 # lengths shrink. GRPO samples at temperature 0.7 so that a group of 8 holds both right and wrong
 # completions (pass@8 is reported). One thread: the tiny model's matmuls gain little from a second.
 EMBEDDED = dict(
-    seeds=3, threads=1, template="plain", rewards="correct=2.0", score_samples=100, theta_sweep=(0.3, 0.6, 0.8, 0.9, 1.0),
+    seeds=3, threads=1, workers=2, template="plain", rewards="correct=2.0", score_samples=100, theta_sweep=(0.3, 0.6, 0.8, 0.9, 1.0),
     sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
-    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=96, rl_max_completion_len=96,
+    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
     rl_micro_batch=32, rl_temperature=0.7, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
     dual_target_rank=4.0, dual_t_init=20, dual_t_final=40, dual_delta_t=10, eval_batch_size=100,
-    eval_max_new_tokens=96, save_every=50,
+    eval_max_new_tokens=64, save_every=50,
 )
 SMOKE = dict(
     EMBEDDED, seeds=2, score_samples=8, theta_sweep=(0.5, 0.9), sft_steps=4, sft_lr=2e-3, sft_batch_size=8,
@@ -206,7 +208,7 @@ class Stages:
         return record
 
 
-RESUMABLE_CHANGES = ("overwrite", "threads")  # fields that may differ between a run and its continuation
+RESUMABLE_CHANGES = ("overwrite", "threads", "workers")  # fields that may differ between a run and its continuation
 
 
 def check_same_config(path: str, cfg: PipelineConfig) -> None:
@@ -375,28 +377,51 @@ class Pipeline:
         return {"metrics": run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
 
     # ---- the whole run
-    def count_stages(self) -> int:
+    def jobs(self) -> list[tuple[str, int]]:
+        """Independent parts of the run, longest first: one per seed, the theta sweep, the base evaluation."""
         cfg = self.cfg
-        per_seed = sum(2 if m == "dmlora" else 4 for m in cfg.methods)
-        per_seed += (1 if set(cfg.methods) & {"lorapar", "random"} else 0) + (1 if "pissa" in cfg.methods else 0)
-        sweep = 5 * sum(not (t == cfg.theta and self.sweep_reuses_rows()) for t in cfg.theta_sweep)
-        return (0 if cfg.ckpt else 1) + 2 + cfg.seeds * per_seed + sweep
+        return [("seed", s) for s in cfg.seed_values()] + ([("sweep", cfg.seed)] if cfg.theta_sweep else []) + [("base", cfg.seed)]
+
+    def job_stages(self, kind: str) -> int:
+        cfg = self.cfg
+        if kind == "base":
+            return 1
+        if kind == "sweep":
+            return 5 * sum(not (t == cfg.theta and self.sweep_reuses_rows()) for t in cfg.theta_sweep)
+        scores = (1 if set(cfg.methods) & {"lorapar", "random"} else 0) + (1 if "pissa" in cfg.methods else 0)
+        return scores + sum(2 if m == "dmlora" else 4 for m in cfg.methods)
+
+    def run_job(self, job: tuple[str, int], inputs: dict) -> None:
+        kind, seed = job
+        stages = Stages(self.cfg.out, self.cfg.overwrite, total=self.job_stages(kind))
+        labelled = self.dir("classify", "labelled.jsonl")
+        if kind == "base":
+            stages.run("base.eval", "evaluate: the base model without an adapter",
+                       lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
+        elif kind == "sweep":
+            self.run_sweep(stages, inputs, labelled, seed)
+        else:
+            self.run_seed(stages, inputs, labelled, seed)
 
     def run(self) -> dict:
         cfg = self.cfg
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
-        stages = Stages(cfg.out, cfg.overwrite, total=self.count_stages())
+        stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1)
         inputs = self.inputs(stages)
         atomic_write_json(self.dir("inputs.json"), inputs)
-        labelled = self.dir("classify", "labelled.jsonl")
         stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
-        stages.run("base.eval", "evaluate: the base model without an adapter",
-                   lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
-        for seed in cfg.seed_values():
-            self.run_seed(stages, inputs, labelled, seed)
-        if cfg.theta_sweep:
-            self.run_sweep(stages, inputs, labelled, cfg.seed)
+        jobs = self.jobs()
+        if cfg.workers <= 1:
+            for job in jobs:
+                self.run_job(job, inputs)
+        else:
+            # The seeds and the sweep share nothing but the inputs and the labels: run them as separate
+            # processes (spawned, so no thread pool or tensor state is inherited), one core each.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(cfg.workers, len(jobs)), maxtasksperchild=1) as pool:
+                for job in pool.imap_unordered(run_job_in_worker, [(cfg, inputs, job) for job in jobs]):
+                    print(f"==== {job[0]} {job[1]}: done", flush=True)
         results = build_report(cfg.out)
         print("\n" + results["markdown"])
         return results
@@ -445,6 +470,15 @@ class Pipeline:
                                                  os.path.join(out, "score", masks), redo))
                 stages.run(f"sweep.theta{theta}.{kind}.sft.eval", f"sweep: theta {theta}, {kind} masks: evaluate",
                            lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
+
+
+def run_job_in_worker(task: tuple) -> tuple[str, int]:
+    """One job of Pipeline.jobs() in a worker process (module level: a spawned process imports it)."""
+    cfg, inputs, job = task
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    Pipeline(cfg).run_job(job, inputs)
+    return job
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
