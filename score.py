@@ -2,16 +2,20 @@
 
     python score.py --ckpt BASE --tokenizer tokenizer.model --data labelled.jsonl --out runs/score \
         [--theta 0.9 --alpha 1 --beta 1 --rank 8 --lora-alpha 64 --targets q,k,v,gate,up,down \
-         --samples 100 --random-baseline]
+         --init gaussian --seed 0 --samples 100 --random-baseline]
     torchrun --nproc_per_node=N score.py ...        (each rank scores a share; the sums are all-reduced)
 
 Writes into --out (each file atomically; report.json last, so its presence means the run finished):
   config.json             the resolved configuration
+  adapter_init/           the exact adapter that was scored, in peft's layout (for pissa/olora with the init
+                          factors of the residual base): train_sft.py --init-adapter OUT/adapter_init trains it
   importance.safetensors  raw scores, "system1.<peft_key>" and "system2.<peft_key>"
   masks.safetensors       stage masks "stage1.<peft_key>" / "stage2.<peft_key>" (lorapar.masks.load_masks)
-  random_masks.safetensors  with --random-baseline: random masks with the same per-tensor counts
+  random_masks.safetensors  with --random-baseline: random stage masks of the same sizes and stage overlap,
+                          drawn over the whole adapter (--random-scope per_tensor: each tensor's counts)
   report.json             region counts and fractions in total, per layer, per module, per A/B; overlap;
-                          active share per stage; what was scored per system
+                          active share per stage; what was scored per system (the 1-based lines of --data
+                          sampled) and the seed
   importance.png          S1 vs S2 importance on log axes by region (when matplotlib is installed)
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,13 +34,17 @@ from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_
 from lorapar.data import FORMATS, load_examples
 from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
 from lorapar.io import atomic_path, atomic_save_safetensors, atomic_write_json
-from lorapar.lora import apply_lora
+from lorapar.adapter import save_adapter
+from lorapar.lora import LoraArgs, apply_lora
 from lorapar.masks import save_masks
-from lorapar.partition import Partition, PartitionArgs, partition, partition_report, random_stage_masks
+from lorapar.partition import (
+    RANDOM_SCOPES, Partition, PartitionArgs, partition, partition_report, random_stage_masks, stage_overlap,
+)
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import load_base_model
 
-OUTPUTS = ("config.json", "importance.safetensors", "masks.safetensors", "random_masks.safetensors",
+ADAPTER_INIT_DIR = "adapter_init"  # the scored adapter, which train_sft.py --init-adapter starts from
+OUTPUTS = ("config.json", ADAPTER_INIT_DIR, "importance.safetensors", "masks.safetensors", "random_masks.safetensors",
            "report.json", "importance.png")  # fmt: skip
 PLOT_POINTS = 20_000
 
@@ -47,7 +56,13 @@ class ScoreArgs:
     data: str = field(default="", metadata={"help": "examples labelled with 'system' 1 or 2 (classify.py output)"})
     format: str = field(default="labelled", metadata={"help": "data format", "choices": FORMATS})
     out: str = field(default="", metadata={"help": "output directory"})
-    random_baseline: bool = field(default=False, metadata={"help": "also write random_masks.safetensors (same per-tensor counts)"})
+    random_baseline: bool = field(
+        default=False, metadata={"help": "also write random_masks.safetensors (the stages' sizes and overlap)"}
+    )
+    random_scope: str = field(default="global", metadata={
+        "help": "random baseline over the whole adapter (the paper) or with each tensor's count",
+        "choices": RANDOM_SCOPES,
+    })  # fmt: skip
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (None: cuda when available)"})
 
@@ -76,7 +91,8 @@ def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
             outcome = FileExistsError(f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
         else:
             for name in existing:  # only what a scoring run writes, never unrelated files
-                os.unlink(os.path.join(cfg.out, name))
+                path = os.path.join(cfg.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
             os.makedirs(cfg.out, exist_ok=True)
     outcome = dist.broadcast_object(outcome, info)
     if outcome is not None:
@@ -98,6 +114,7 @@ def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, i
             raise ValueError(f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len {args.max_len}")
         scores[system], moments = score_rows(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)
         stats[f"system{system}"] = dict(available=available, selected=len(chosen), scored=moments.count,
+                                        lines=[e.line for e in chosen],
                                         answer_tokens=moments.tokens, truncated=encoded.truncated,
                                         no_answer_tokens=encoded.no_answer_tokens)  # fmt: skip
         if len(chosen) < args.samples and info.is_main:
@@ -130,9 +147,21 @@ def plot_importance(path: str, p: Partition, scores1: dict, scores2: dict, seed:
     return os.path.basename(path)
 
 
-def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArgs, scores: dict, stats: dict) -> dict:
+def save_adapter_init(model, lora_args: LoraArgs, directory: str) -> None:
+    """The scored adapter, in peft's layout (for pissa/olora with its init factors, from which the
+    residual base is rebuilt exactly), written into a temporary directory renamed into place."""
+    tmp = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, lora_args)
+    os.replace(tmp, directory)
+
+
+def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArgs, scores: dict, stats: dict,
+                  model) -> dict:  # fmt: skip
     out = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     save_config(out("config.json"), cfg, importance, part)
+    # Scoring read the adapter and never wrote it: these are the values every score was taken at.
+    save_adapter_init(model, importance.lora_args(), out(ADAPTER_INIT_DIR))
     atomic_save_safetensors(
         out("importance.safetensors"),
         {f"system{s}.{key}": value for s in (1, 2) for key, value in scores[s].items()},
@@ -141,9 +170,15 @@ def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArg
     p = partition(scores[1], scores[2], part)
     stage_masks = p.stage_masks()
     save_masks(out("masks.safetensors"), stage_masks)
-    files = ["config.json", "importance.safetensors", "masks.safetensors"]
+    files = ["config.json", ADAPTER_INIT_DIR, "importance.safetensors", "masks.safetensors"]
+    random_baseline = None
     if cfg.random_baseline:
-        save_masks(out("random_masks.safetensors"), random_stage_masks(stage_masks, importance.seed))
+        random_masks = random_stage_masks(stage_masks, importance.seed, cfg.random_scope)
+        random_baseline = {"file": "random_masks.safetensors", "scope": cfg.random_scope, "seed": importance.seed,
+                           "counts": stage_overlap(random_masks),
+                           "importance_counts": stage_overlap(stage_masks)}  # fmt: skip
+        save_masks(out("random_masks.safetensors"), random_masks,
+                   metadata={"random_scope": cfg.random_scope, "seed": str(importance.seed)})
         files.append("random_masks.safetensors")
     plot = plot_importance(out("importance.png"), p, scores[1], scores[2], importance.seed)
     if plot is None:
@@ -151,6 +186,9 @@ def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArg
     else:
         files.append(plot)
     report = {"partition": partition_report(p), "scoring": stats, "files": files + ["report.json"],
+              "data": cfg.data, "seed": importance.seed,
+              "adapter_init": {"dir": ADAPTER_INIT_DIR, "init": importance.init, "seed": importance.seed},
+              "random_baseline": random_baseline or "not drawn: pass --random-baseline",
               "plot": plot or "not drawn: matplotlib is not installed"}  # fmt: skip
     atomic_write_json(out("report.json"), report)
     return report
@@ -165,7 +203,7 @@ def run_scoring(cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), p
     model = load_base_model(cfg.ckpt, "auto", info.device, tokenizer.vocab_size)
     apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
     scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info)
-    report = write_outputs(cfg, importance, part, scores, stats) if info.is_main else None
+    report = write_outputs(cfg, importance, part, scores, stats, model) if info.is_main else None
     dist.barrier(info)
     return {"out": cfg.out, "report": report}
 

@@ -1,11 +1,14 @@
 """Masked LoRA supervised fine-tuning: LoRA-PAR's stage 1 (System-1 data, stage-1 element mask).
 
     python train_sft.py --ckpt BASE --tokenizer tokenizer.model --data train.jsonl --out runs/sft \
-        [--system 1] [--masks masks.safetensors --stage 1] [--preset lorapar-sft]
+        [--system 1] [--init-adapter runs/score/adapter_init --masks runs/score/masks.safetensors --stage 1] \
+        [--preset lorapar-sft]
     torchrun --nproc_per_node=8 train_sft.py ...              (gloo on CPU, NCCL on CUDA)
 
 Reads top to bottom: configuration -> distributed init -> data -> model and adapter -> optimizer ->
-training loop -> save. The loss of an optimizer step is the sum of answer-token negative
+training loop -> save. With --init-adapter the adapter is the one score.py scored (its tensors and,
+for pissa/olora, the residual base rebuilt from its init factors), so the stage mask ranks the
+elements that train. The loss of an optimizer step is the sum of answer-token negative
 log-likelihoods over all its micro-batches and ranks divided by their total answer-token count (counted
 and all-reduced before the forward passes), so the update does not depend on how the step is split.
 """
@@ -27,7 +30,8 @@ from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_ar
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
 from lorapar.dual_training import DualTraining
-from lorapar.lora import LoraArgs, apply_lora
+from lorapar.adapter import load_adapter, read_adapter_args
+from lorapar.lora import LoraArgs, apply_lora, resolve_targets
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW
 from lorapar.model import eval_mode
@@ -44,6 +48,10 @@ class SFTArgs(InputArgs):
     adapter: str = field(
         default="lora", metadata={"choices": ["lora", "dual"], "help": "adapter type (dual: DM-LoRA, flags --dual-*)"}
     )
+    init_adapter: str = field(default="", metadata={
+        "help": "start from this LoRA adapter bit for bit (score.py's OUT/adapter_init); "
+                "rank, alpha, targets and init come from it"
+    })  # fmt: skip
     max_len: int = 512
     overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
     eval_data: str = field(default="", metadata={"help": "held-out file for the eval loss (same format)"})
@@ -78,11 +86,41 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
     if stray:
         parser.error(f"--adapter {sft.adapter} does not use {unused.__name__} flag(s) {stray}")
     if sft.adapter == "dual":
+        if sft.init_adapter:
+            parser.error(f"--init-adapter {sft.init_adapter} is a LoRA adapter; --adapter dual initialises its own")
         lora = dataclass_from_args(DualArgs, ns, DualArgs(dual_seed=train.seed))
+    elif sft.init_adapter:
+        try:
+            lora = init_adapter_args(ns, sft.init_adapter)
+        except (OSError, KeyError, ValueError) as error:
+            parser.error(str(error))
     else:
         lora = dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
     require_inputs(parser, sft)
     return sft, train, lora
+
+
+# The LoraArgs that decide the adapter's values (its shape and how it was drawn), each with its flag.
+INIT_FLAGS = {"r": "--rank", "alpha": "--lora-alpha", "targets": "--targets", "init": "--init",
+              "init_std": "--init-std", "use_rslora": "--use-rslora", "pissa_niter": "--pissa-niter"}  # fmt: skip
+
+
+def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:
+    """The LoraArgs of --init-adapter; an explicit flag that disagrees with the adapter is an error
+    naming both values. Only the dropout (a training setting, not a value of the adapter) may be set;
+    the LoRA seed stays the adapter's own (the one it was drawn with), --seed still seeds the data."""
+    stored = read_adapter_args(adapter_dir)
+    for name, flag in INIT_FLAGS.items():
+        given = getattr(ns, name, None)
+        if given is None:
+            continue
+        have = getattr(stored, name)
+        same = resolve_targets(given) == resolve_targets(have) if name == "targets" else given == have
+        if not same:
+            shown = ",".join(given) if name == "targets" else given
+            raise ValueError(f"{flag} {shown} conflicts with the adapter in --init-adapter {adapter_dir}, "
+                             f"which has {name}={have!r}; drop the flag (the adapter's configuration is used)")
+    return dataclasses.replace(stored, dropout=stored.dropout if ns.dropout is None else ns.dropout)
 
 
 def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs]
@@ -97,7 +135,10 @@ def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArg
             raise ValueError("--masks holds LoRA-PAR element masks; --adapter dual prunes its own expert components")
         dual = DualTraining(model, lora_args)
         return dual.save, dual
-    apply_lora(model, lora_args)
+    if cfg.init_adapter:  # the very tensors score.py scored (and, for pissa/olora, its residual base)
+        load_adapter(model, cfg.init_adapter, dropout=lora_args.dropout)
+    else:
+        apply_lora(model, lora_args)
     if cfg.masks:
         install_masks(model, cfg.masks, cfg.stage)
     return lora_file_writer(model, lora_args, bool(cfg.masks)), None

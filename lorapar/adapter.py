@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -163,14 +163,14 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
 
 
-def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
-    """Load an adapter written by save_adapter (or peft) onto `model`; returns its LoraArgs.
+def read_adapter_args(adapter_dir: str) -> LoraArgs:
+    """The LoraArgs of an adapter directory (lorapar's exact ones when stored, else from peft's config),
+    without loading its tensors: what train_sft.py --init-adapter checks its flags against."""
+    return _read_adapter(adapter_dir)[0]
 
-    Without LoRA modules the model must be the original base: LoRA is applied and, for pissa/olora,
-    the residual base W0 - s B0 A0 is rebuilt from adapter_init.safetensors exactly as at init. With
-    LoRA modules already present (e.g. resuming), their rank, scale and targets must match, and for
-    pissa/olora their initial factors must equal the saved ones (else the base would be wrong).
-    """
+
+def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], str]:
+    """(LoraArgs, tensors as stored, weights path); the config and the weights' metadata must agree."""
     config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"adapter config not found: {config_path}")
@@ -181,7 +181,6 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
         raise ValueError(f"{config_path}: invalid JSON ({error})") from error
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     tensors, metadata = read_safetensors(weights_path)
-    tensors = _peft_layout(tensors, model, to_hf=False, source=weights_path)
     args = _args_from_peft_config(config, config_path)
     if "lorapar_args" in metadata:
         args = LoraArgs(**json.loads(metadata["lorapar_args"]))
@@ -190,7 +189,22 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
         differing = [k for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in config and config[k] != stored[k]]
         if differing:
             raise ValueError(f"{config_path}: {differing} disagree with the LoraArgs stored in {weights_path}")
+    return args, tensors, weights_path
 
+
+def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = None) -> LoraArgs:
+    """Load an adapter written by save_adapter (or peft) onto `model`; returns its LoraArgs.
+
+    Without LoRA modules the model must be the original base: LoRA is applied and, for pissa/olora,
+    the residual base W0 - s B0 A0 is rebuilt from adapter_init.safetensors exactly as at init. With
+    LoRA modules already present (e.g. resuming), their rank, scale and targets must match, and for
+    pissa/olora their initial factors must equal the saved ones (else the base would be wrong).
+    `dropout` replaces the stored LoRA dropout (a training setting, no part of the adapter's values).
+    """
+    args, tensors, weights_path = _read_adapter(adapter_dir)
+    if dropout is not None:
+        args = dataclasses.replace(args, dropout=dropout)
+    tensors = _peft_layout(tensors, model, to_hf=False, source=weights_path)
     modules = lora_modules(model)
     fresh = not modules
     if fresh:
@@ -215,6 +229,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
                 )
         elif m.init in ("pissa", "olora"):
             raise ValueError(f"load_adapter: {name} holds a {m.init} residual base but the adapter was trained with init={args.init}")
+        m.dropout = args.dropout
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])
@@ -223,7 +238,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> LoraArgs:
 
 __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "ADAPTER_INIT", "peft_config", "check_tensors", "hf_output_rows",
-    "save_adapter", "read_safetensors", "load_adapter",
+    "save_adapter", "read_safetensors", "read_adapter_args", "load_adapter",
 ]
 
 

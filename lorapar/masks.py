@@ -31,8 +31,10 @@ from lorapar.io import atomic_save_safetensors
 # ---------------------------------------------------------------------- masks on disk
 
 
-def save_masks(path: str, masks: Mapping[str, Union[torch.Tensor, Mapping[str, torch.Tensor]]]) -> None:
-    """One safetensors file: {peft_key: mask}, or {"stage1": masks, "stage2": masks} stored as "stage1.<peft_key>"."""
+def save_masks(path: str, masks: Mapping[str, Union[torch.Tensor, Mapping[str, torch.Tensor]]],
+               metadata: Optional[Mapping[str, str]] = None) -> None:
+    """One safetensors file: {peft_key: mask}, or {"stage1": masks, "stage2": masks} stored as "stage1.<peft_key>";
+    `metadata` (strings) goes into the file's header beside "format"."""
     staged = {name: value for name, value in masks.items() if isinstance(value, Mapping)}
     if staged and len(staged) != len(masks):
         raise ValueError("save_masks: give either {peft_key: mask} or {stage: {peft_key: mask}}, not a mixture")
@@ -43,7 +45,7 @@ def save_masks(path: str, masks: Mapping[str, Union[torch.Tensor, Mapping[str, t
     for key, mask in flat.items():
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"save_masks: {key} must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
-    atomic_save_safetensors(path, {k: v.cpu() for k, v in flat.items()}, metadata={"format": "pt"})
+    atomic_save_safetensors(path, {k: v.cpu() for k, v in flat.items()}, metadata={**(metadata or {}), "format": "pt"})
 
 
 def load_masks(path: str, stage: Optional[str] = None) -> dict:

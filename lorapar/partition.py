@@ -220,6 +220,9 @@ def partition(
     )
 
 
+RANDOM_SCOPES = ("global", "per_tensor")
+
+
 def random_masks_like(masks: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Uniformly random masks with the same number of active elements as `masks`, tensor by tensor."""
     out = {}
@@ -229,10 +232,58 @@ def random_masks_like(masks: dict[str, torch.Tensor], generator: torch.Generator
     return out
 
 
-def random_stage_masks(stage_masks: dict[str, dict[str, torch.Tensor]], seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """The ablation baseline: each stage's masks redrawn at random with the same per-tensor counts
-    (stages drawn independently, in order, from one generator seeded with `seed`)."""
+def _random_subset(pool: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k positions drawn uniformly without replacement from the 1-D index tensor `pool`."""
+    return pool[torch.randperm(pool.numel(), generator=generator)[:k]]
+
+
+def global_random_stage_masks(stage_masks: dict[str, dict[str, torch.Tensor]], generator: torch.Generator
+                              ) -> dict[str, dict[str, torch.Tensor]]:
+    """The paper's random baseline over the whole adapter, with the importance partition's sizes and overlap:
+
+        random stage1 = |stage1| elements drawn uniformly from all adapter elements
+        random stage2 = |stage1 & stage2| elements drawn uniformly from random stage1
+                        + |stage2 - stage1| drawn uniformly from the elements outside it
+
+    so every tensor's share is left to chance (not inherited from the importance allocation) and the
+    two stages share exactly as many elements as the importance stages do.
+    """
+    layout = Layout.of(stage_masks["stage1"])
+    stage1 = layout.flatten(stage_masks["stage1"], "stage1 masks").bool()
+    stage2 = layout.flatten(stage_masks["stage2"], "stage2 masks").bool()
+    n1, overlap, n2_only = int(stage1.sum()), int((stage1 & stage2).sum()), int((stage2 & ~stage1).sum())
+    total = stage1.numel()
+    random1 = torch.zeros(total, dtype=torch.bool)
+    random1[_random_subset(torch.arange(total), n1, generator)] = True
+    random2 = torch.zeros(total, dtype=torch.bool)
+    random2[_random_subset(random1.nonzero().squeeze(1), overlap, generator)] = True
+    random2[_random_subset((~random1).nonzero().squeeze(1), n2_only, generator)] = True
+    return {"stage1": layout.unflatten(random1), "stage2": layout.unflatten(random2)}
+
+
+def stage_overlap(stage_masks: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
+    """{"stage1": |stage1|, "stage2": |stage2|, "overlap": |stage1 & stage2|} of a pair of stage masks."""
+    one, two = stage_masks["stage1"], stage_masks["stage2"]
+    return {"stage1": sum(int(m.sum()) for m in one.values()), "stage2": sum(int(m.sum()) for m in two.values()),
+            "overlap": sum(int((one[k] & two[k]).sum()) for k in one)}  # fmt: skip
+
+
+def random_stage_masks(stage_masks: dict[str, dict[str, torch.Tensor]], seed: int, scope: str = "global"
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+    """The ablation baseline, drawn from one generator seeded with `seed`.
+
+    scope "global" (default, the paper's): global_random_stage_masks. scope "per_tensor": each stage's
+    masks redrawn with the same per-tensor counts, the stages independently, in order (the earlier
+    lorapar baseline: it inherits the importance-derived allocation over tensors, and its stage overlap
+    is whatever chance gives).
+    """
+    if scope not in RANDOM_SCOPES:
+        raise ValueError(f"random baseline scope must be one of {RANDOM_SCOPES}, got {scope!r}")
     generator = torch.Generator().manual_seed(seed)
+    if scope == "global":
+        if set(stage_masks) != {"stage1", "stage2"}:
+            raise ValueError(f"the global random baseline needs masks for stage1 and stage2, got {sorted(stage_masks)}")
+        return global_random_stage_masks(stage_masks, generator)
     return {stage: random_masks_like(masks, generator) for stage, masks in stage_masks.items()}
 
 

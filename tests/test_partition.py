@@ -10,6 +10,7 @@ from lorapar.partition import (
     partition_report,
     random_stage_masks,
     round_half_up,
+    stage_overlap,
     top_count_mask,
     top_mass_mask,
 )
@@ -140,20 +141,65 @@ def test_report_counts_add_up():
     )
 
 
-def test_random_baseline_keeps_per_tensor_counts_and_is_seeded():
+def test_per_tensor_random_baseline_keeps_per_tensor_counts_and_is_seeded():
     g = torch.Generator().manual_seed(4)
     keys = [key(0, "k_proj", "A"), key(0, "k_proj", "B")]
     s1 = {k: torch.rand(8, 16, generator=g) for k in keys}
     s2 = {k: torch.rand(8, 16, generator=g) for k in keys}
     stages = partition(s1, s2).stage_masks()
-    rand = random_stage_masks(stages, seed=7)
-    assert torch.equal(rand["stage1"][keys[0]], random_stage_masks(stages, seed=7)["stage1"][keys[0]])
-    assert not torch.equal(rand["stage1"][keys[0]], random_stage_masks(stages, seed=8)["stage1"][keys[0]])
+    rand = random_stage_masks(stages, seed=7, scope="per_tensor")
+    assert torch.equal(rand["stage1"][keys[0]], random_stage_masks(stages, 7, "per_tensor")["stage1"][keys[0]])
+    assert not torch.equal(rand["stage1"][keys[0]], random_stage_masks(stages, 8, "per_tensor")["stage1"][keys[0]])
     for stage in ("stage1", "stage2"):
         for k in keys:
             assert rand[stage][k].shape == stages[stage][k].shape and rand[stage][k].dtype == torch.bool
             assert int(rand[stage][k].sum()) == int(stages[stage][k].sum())
         assert any(not torch.equal(rand[stage][k], stages[stage][k]) for k in keys)
+
+
+def lopsided_scores() -> tuple[list[str], dict, dict]:
+    """Importance concentrated in q_proj A: the importance stages take nearly all of it and little elsewhere."""
+    g = torch.Generator().manual_seed(3)
+    keys = [key(0, "q_proj", "A"), key(0, "q_proj", "B"), key(1, "down_proj", "A"), key(1, "down_proj", "B")]
+    shapes = [(4, 32), (32, 4), (4, 48), (32, 4)]
+    weight = [1000.0, 1.0, 1.0, 1.0]
+    s1 = {k: torch.rand(shape, generator=g) * w for k, shape, w in zip(keys, shapes, weight)}
+    s2 = {k: torch.rand(shape, generator=g) * w for k, shape, w in zip(keys, shapes, weight)}
+    return keys, s1, s2
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 0.25), (0.0, 1.0)])
+def test_global_random_baseline_has_the_partitions_sizes_and_overlap(alpha, beta):
+    keys, s1, s2 = lopsided_scores()
+    stages = partition(s1, s2, PartitionArgs(theta=0.9, alpha=alpha, beta=beta)).stage_masks()
+    want = stage_overlap(stages)
+    assert want["stage1"] > want["overlap"] < want["stage2"] and (want["overlap"] > 0) == (alpha > 0)
+    rand = random_stage_masks(stages, seed=11)  # scope "global" is the default
+    assert stage_overlap(rand) == want
+    for stage in ("stage1", "stage2"):
+        assert all(rand[stage][k].shape == stages[stage][k].shape and rand[stage][k].dtype == torch.bool for k in keys)
+    # the overlap is counted by hand too, not only by the helper under test
+    assert sum(int((rand["stage1"][k] & rand["stage2"][k]).sum()) for k in keys) == want["overlap"]
+
+
+def test_global_random_baseline_is_not_per_tensor_and_is_seeded():
+    keys, s1, s2 = lopsided_scores()
+    stages = partition(s1, s2, PartitionArgs(theta=0.9)).stage_masks()
+    counts = lambda masks: [int(masks[k].sum()) for k in keys]  # noqa: E731
+    importance_counts = counts(stages["stage1"])
+    assert importance_counts[0] > 0.7 * sum(importance_counts)  # the importance stage sits mostly in q_proj A
+    rand = random_stage_masks(stages, seed=11)
+    random_counts = counts(rand["stage1"])
+    # spread over the adapter like its sizes (q_proj A holds 128 of 576 elements), not like the importance
+    assert random_counts != importance_counts and random_counts[0] < 0.5 * sum(random_counts)
+    assert all(c > 0 for c in random_counts)
+    again = random_stage_masks(stages, seed=11)
+    other = random_stage_masks(stages, seed=12)
+    for stage in ("stage1", "stage2"):
+        assert all(torch.equal(again[stage][k], rand[stage][k]) for k in keys)
+    assert any(not torch.equal(other["stage1"][k], rand["stage1"][k]) for k in keys)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        random_stage_masks(stages, seed=11, scope="layer")
 
 
 @pytest.mark.parametrize(

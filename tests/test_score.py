@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import score
@@ -12,7 +13,10 @@ from lorapar.importance import ImportanceArgs
 from lorapar.lora import adapter_state_dict, apply_lora
 from lorapar.masks import load_masks
 from lorapar.model import Transformer
-from lorapar.partition import PartitionArgs, partition
+from lorapar.adapter import load_adapter
+from lorapar.data import load_examples
+from lorapar.importance import encode_for_scoring, score_rows, select_examples
+from lorapar.partition import PartitionArgs, partition, stage_overlap
 
 SMALL_LLAMA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=128)
 
@@ -71,11 +75,15 @@ def test_score_writes_consistent_outputs(inputs, tmp_path):
         assert all(torch.equal(stages[stage][k], expected[stage][k]) for k in adapter)
 
     random_stages = load_masks(str(out / "random_masks.safetensors"))
-    for stage in ("stage1", "stage2"):
-        assert all(int(random_stages[stage][k].sum()) == int(stages[stage][k].sum()) for k in adapter)
+    assert stage_overlap(random_stages) == stage_overlap(stages)  # global scope: sizes and overlap of the stages
+    assert safe_open(str(out / "random_masks.safetensors"), "pt").metadata()["random_scope"] == "global"
 
     report = json.loads((out / "report.json").read_text())
     assert report == result["report"]
+    assert report["random_baseline"]["scope"] == "global" and report["random_baseline"]["seed"] == 3
+    baseline = report["random_baseline"]
+    assert baseline["counts"] == baseline["importance_counts"] == stage_overlap(stages)
+    assert report["seed"] == 3 and report["adapter_init"] == {"dir": "adapter_init", "init": "gaussian", "seed": 3}
     total = report["partition"]["total"]
     assert total["elements"] == sum(v.numel() for v in adapter.values())
     c = total["count"]
@@ -131,3 +139,42 @@ def test_plot_when_matplotlib_is_installed(inputs, tmp_path):
     assert (out / "importance.png").read_bytes()[:4] == b"\x89PNG"
     assert "importance.png" in json.loads((out / "report.json").read_text())["files"]
     assert not math.isnan(json.loads((out / "report.json").read_text())["partition"]["active_fraction"]["stage1"])
+
+
+def test_adapter_init_is_the_scored_adapter_and_report_names_the_sampled_lines(inputs, tmp_path):
+    out = tmp_path / "score"
+    score.main(argv(inputs, out, "--seed", "4", "--samples", "2", "--random-baseline", "--random-scope", "per_tensor"))
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in open(inputs["data"])]
+    for system in (1, 2):
+        lines = report["scoring"][f"system{system}"]["lines"]
+        assert len(lines) == 2 == len(set(lines)) and lines == sorted(lines)
+        assert all(rows[n - 1]["system"] == system for n in lines), (system, lines)  # 1-based lines of --data
+
+    # the scores are reproduced, bit for bit, by scoring the saved adapter_init again on those lines
+    model = load_model(inputs["ckpt"])
+    lora_args = load_adapter(model, str(out / "adapter_init"))
+    assert (lora_args.r, lora_args.alpha, lora_args.init, lora_args.seed) == (2, 4.0, "gaussian", 4)
+    importance = ImportanceArgs(samples=2, max_len=48, template="plain", rank=2, lora_alpha=4.0, seed=4)
+    examples = load_examples(inputs["data"], "labelled")
+    raw = load_file(str(out / "importance.safetensors"))
+    for system in (1, 2):
+        chosen, _ = select_examples(examples, system, 2, 4)
+        assert [e.line for e in chosen] == report["scoring"][f"system{system}"]["lines"]
+        scores, _ = score_rows(model, encode_for_scoring(chosen, tokenizer_of(inputs), importance).rows,
+                               batch_size=importance.batch_size)  # fmt: skip
+        assert all(torch.equal(scores[k], raw[f"system{system}.{k}"]) for k in scores)
+
+    # --random-scope per_tensor: each tensor's count, recorded as such
+    stages = load_masks(str(out / "masks.safetensors"))
+    random_stages = load_masks(str(out / "random_masks.safetensors"))
+    for stage in ("stage1", "stage2"):
+        assert all(int(random_stages[stage][k].sum()) == int(stages[stage][k].sum()) for k in stages[stage])
+    assert safe_open(str(out / "random_masks.safetensors"), "pt").metadata()["random_scope"] == "per_tensor"
+    assert report["random_baseline"]["scope"] == "per_tensor"
+
+
+def tokenizer_of(inputs):
+    from lorapar.tokenizer import Tokenizer
+
+    return Tokenizer(inputs["tokenizer"])
