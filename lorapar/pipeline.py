@@ -312,8 +312,10 @@ class Pipeline:
                 "--random-baseline", "--overwrite", "--theta", str(theta), "--samples", str(cfg.score_samples),
                 "--template", cfg.template, "--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha),
                 "--targets", ",".join(cfg.targets), "--seed", str(seed), "--max-len", str(cfg.sft_max_len), "--init", init]
-        report = score.main(argv)["report"]["partition"]
-        return {"active_fraction": report["active_fraction"], "init": init, "theta": theta, "out": out}
+        report = score.main(argv)["report"]
+        baseline = report.get("random_baseline")
+        return {"active_fraction": report["partition"]["active_fraction"], "init": init, "theta": theta, "out": out,
+                "random_scope": baseline.get("scope") if isinstance(baseline, dict) else None}
 
     def start(self, method: str, seed: int) -> tuple[list[str], str]:
         """(train_sft.py adapter flags, stage masks or '') of a method's SFT run for one seed."""
@@ -408,10 +410,14 @@ class Pipeline:
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
         stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1)
+        if cfg.threads and cfg.workers > 1:  # pretraining and classify run alone: let them use every worker's core
+            torch.set_num_threads(cfg.threads * cfg.workers)
         inputs = self.inputs(stages)
         atomic_write_json(self.dir("inputs.json"), inputs)
         stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
         jobs = self.jobs()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         if cfg.workers <= 1:
             for job in jobs:
                 self.run_job(job, inputs)

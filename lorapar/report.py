@@ -259,6 +259,10 @@ def format_report(results: dict) -> str:
         ]))
     lines += ["", f"pass@G: share of GRPO prompts with a correct completion among their G = {cfg['rl_generations']} "
                   "samples, mean over steps and seeds. Times: mean seconds per seed."]
+    scopes = sorted({str(s.get("random_scope")) for s in results["score"].values()})
+    if scopes:
+        lines.append(f"Random masks: score.py's random baseline, scope {', '.join(scopes)} (global: a random subset of "
+                     "the whole adapter with each stage's size and the importance stages' overlap).")
     if results["comparisons"]:
         lines += ["", "## Paired differences", "",
                   f"Accuracy difference a - b in points, 95% bootstrap interval over test items and seeds "
