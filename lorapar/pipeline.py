@@ -142,11 +142,11 @@ class PipelineConfig:
 # completions (pass@8 is reported). One thread: the tiny model's matmuls gain little from a second.
 EMBEDDED = dict(
     seeds=3, threads=1, workers=2, template="plain", rewards="correct=2.0", score_samples=100, theta_sweep=(0.3, 0.6, 0.8, 0.9, 1.0),
-    sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
-    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
+    sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=192,
+    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=96,
     rl_micro_batch=32, rl_temperature=0.7, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
     dual_target_rank=4.0, dual_t_init=20, dual_t_final=40, dual_delta_t=10, eval_batch_size=100,
-    eval_max_new_tokens=64, save_every=50,
+    eval_max_new_tokens=96, save_every=50,
 )
 SMOKE = dict(
     EMBEDDED, seeds=2, score_samples=8, theta_sweep=(0.5, 0.9), sft_steps=4, sft_lr=2e-3, sft_batch_size=8,
@@ -288,8 +288,8 @@ class Pipeline:
         if self.cfg.ckpt:
             return ["rule:gsm8k-steps"]
         # The synthetic answers: System 1 has one or two step lines before '####', System 2 three or more
-        # (about 6 words a line); the local tiny base votes by the role-play likelihoods.
-        return ["rule:gsm8k-steps,threshold=3", "rule:length,threshold=16",
+        # (a line restates its event: S1 at most ~22 words, S2 at least ~31); the local tiny base votes by the role-play likelihoods.
+        return ["rule:gsm8k-steps,threshold=3", "rule:length,threshold=26",
                 f"local:{inputs['base']},tokenizer={inputs['tokenizer']}"]
 
     # ---- stages

@@ -52,7 +52,8 @@ class PretrainArgs:
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                         hidden_dim=self.hidden_dim, vocab_size=self.vocab_size, max_seq_len=512)
+                         hidden_dim=self.hidden_dim, vocab_size=self.vocab_size,
+                         max_seq_len=1024)  # the local teacher's role-play prompt is ~560 tokens
 
 
 # "full": ~2-3 minutes of pretraining on 2 CPU cores; "smoke": a few seconds, for CI's end-to-end run.

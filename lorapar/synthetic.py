@@ -2,8 +2,8 @@
 
 Every item is a little story about one person's count of things, changed by a chain of events, each
 event one arithmetic step ("Ana has 7 shells. Ana buys 5 more. Ana gives 3 to Ben. How many shells
-does Ana have now?"). The reference answer works one line per event (`Ana has 7+5=12 shells.`) and
-ends in `#### N`, GSM8K's final line, so both the `####` extraction after SFT and the `<answer>`
+does Ana have now?"). The reference answer works one line per event, restating it
+(`Ana buys 5 more, so Ana has 7+5=12 shells.`), and ends in `#### N`, GSM8K's final line, so both the `####` extraction after SFT and the `<answer>`
 extraction after RL (reasoning template) grade it. System 1 needs one or two steps, System 2 three or
 more (`SyntheticArgs.s1_steps` / `s2_steps`): the way LoRA-PAR splits GSM8K, from one family, so SFT
 on System 1 transfers in part to System 2 (same events, same step lines, only longer chains) and GRPO
@@ -86,8 +86,11 @@ def draw_story(rng: random.Random, n_steps: int) -> Story:
         n = rng.choice(_operands(op, x))
         phrasing = EVENTS[op][n - 2] if op == "*" else rng.choice(EVENTS[op])
         y = apply_step(x, op, n)
-        sentences.append(phrasing.format(a=a, b=b, n=n, item=item))
-        steps.append(f"{a} has {x}{op}{n}={y} {item}.")
+        event = phrasing.format(a=a, b=b, n=n, item=item)
+        sentences.append(event)
+        # The step restates its event, then computes: the k-th line copies the k-th event sentence, so
+        # finding the next event (and noticing there is none) is a copy, not a count the model must keep.
+        steps.append(f"{event[:-1]}, so {a} has {x}{op}{n}={y} {item}.")
         x = y
     return " ".join(sentences), f"How many {item} does {a} have now?", steps, x
 
