@@ -1,9 +1,9 @@
 """The embedded default task: one family of word problems, System 1 short and System 2 long.
 
 Every item is a little story about one person's count of things, changed by a chain of events, each
-event one arithmetic step ("Ana has 7 shells. Ana buys 5 more. Ana gives 3 to Ben. How many shells
-does Ana have now?"). The reference answer works one line per event, restating it
-(`Ana buys 5 more, so Ana has 7+5=12 shells.`), and ends in `#### N`, GSM8K's final line, so both the `####` extraction after SFT and the `<answer>`
+event one arithmetic step and introduced by its ordinal ("Ana has 7 shells. First, Ana buys 5 more.
+Second, Ana gives 3 to Ben. How many shells does Ana have now?"). The reference
+answer works one line per event, restating it (`First, Ana buys 5 more: 7+5=12.`), and ends in `#### N`, GSM8K's final line, so both the `####` extraction after SFT and the `<answer>`
 extraction after RL (reasoning template) grade it. System 1 needs one or two steps, System 2 three or
 more (`SyntheticArgs.s1_steps` / `s2_steps`): the way LoRA-PAR splits GSM8K, from one family, so SFT
 on System 1 transfers in part to System 2 (same events, same step lines, only longer chains) and GRPO
@@ -45,6 +45,7 @@ EVENTS = {
     "-": ("{a} gives {n} to {b}.", "{a} loses {n}.", "{a} sells {n}."),
     "*": ("{a} doubles them.", "{a} triples them."),  # n is 2 or 3, in the word
 }
+ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth")  # one per event, in order
 MAX_COUNT = 40  # every count of every story stays in 1..MAX_COUNT: a step table small enough to memorise
 
 
@@ -64,6 +65,8 @@ class SyntheticArgs:
         if not self.s1_steps or not self.s2_steps or max(self.s1_steps) >= min(self.s2_steps) or min(self.s1_steps) < 1:
             raise ValueError(f"SyntheticArgs: System-1 steps {self.s1_steps} must be >= 1 and all fewer than "
                              f"System-2 steps {self.s2_steps}")
+        if max(self.s2_steps) + 1 > len(ORDINALS):  # the corpus tells stories one step longer
+            raise ValueError(f"SyntheticArgs: System-2 steps {self.s2_steps} exceed {len(ORDINALS) - 1}")
 
 
 # ----------------------------------------------------------------------------- one problem
@@ -77,20 +80,23 @@ def apply_step(x: int, op: str, n: int) -> int:
 
 def draw_story(rng: random.Random, n_steps: int) -> Story:
     """A start count and n_steps events, each leaving the count in 1..MAX_COUNT."""
+    if not 1 <= n_steps <= len(ORDINALS):
+        raise ValueError(f"a story takes 1 to {len(ORDINALS)} steps, not {n_steps}")
     a, b = rng.sample(PEOPLE, 2)
     item, x = rng.choice(ITEMS), rng.randint(2, 15)
     sentences, steps = [f"{a} has {x} {item}."], []
-    for _ in range(n_steps):
+    for k in range(n_steps):
         choices = [op for op in "+-*" if _operands(op, x)]
         op = rng.choice(choices)
         n = rng.choice(_operands(op, x))
         phrasing = EVENTS[op][n - 2] if op == "*" else rng.choice(EVENTS[op])
         y = apply_step(x, op, n)
-        event = phrasing.format(a=a, b=b, n=n, item=item)
+        event = f"{ORDINALS[k]}, {phrasing.format(a=a, b=b, n=n, item=item)}"
         sentences.append(event)
-        # The step restates its event, then computes: the k-th line copies the k-th event sentence, so
-        # finding the next event (and noticing there is none) is a copy, not a count the model must keep.
-        steps.append(f"{event[:-1]}, so {a} has {x}{op}{n}={y} {item}.")
+        # The k-th line restates the k-th event, then computes it. The ordinal makes each event findable
+        # by one unique word (every event also starts with the person's name, which a tiny model cannot
+        # tell apart: without ordinals the SFT'd model wrote one line for most multi-step items).
+        steps.append(f"{event[:-1]}: {x}{op}{n}={y}.")
         x = y
     return " ".join(sentences), f"How many {item} does {a} have now?", steps, x
 

@@ -14,7 +14,7 @@ import torch
 from lorapar.data import load_examples
 from lorapar.pretrain import SCALES, PretrainArgs, build_default_assets, pretrain, token_stream
 from lorapar.synthetic import (
-    MAX_COUNT, SyntheticArgs, apply_step, count_steps, make_corpus, make_splits, read_corpus, single_steps, train_tokenizer,
+    MAX_COUNT, ORDINALS, SyntheticArgs, apply_step, count_steps, make_corpus, make_splits, read_corpus, single_steps, train_tokenizer,
     write_task,
 )
 from lorapar.tokenizer import Tokenizer
@@ -55,6 +55,11 @@ def test_system1_takes_one_or_two_steps_system2_three_or_more_and_every_step_is_
         for a, op, b, c in chain:  # each line continues from the previous line's result
             assert a == start and {"+": a + b, "-": a - b, "*": a * b}[op] == c and 1 <= c <= MAX_COUNT, row
             start = c
+        lines = row["answer"].split("\n")[:-1]
+        for k, line in enumerate(lines):  # the k-th line restates the question's k-th event, by its ordinal
+            event = line.split(": ", 1)[0] + "."
+            assert line.startswith(ORDINALS[k] + ", ") and f" {event} " in row["question"] + " ", row
+        assert f"{ORDINALS[steps]}," not in row["question"]
         assert row["answer"].endswith(f"#### {start}")
     for system, lengths in ((1, {1, 2}), (2, {3, 4})):  # both lengths of each system are drawn
         assert {r["steps"] for r in train if r["system"] == system} == lengths
