@@ -325,8 +325,6 @@ class Pipeline:
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
         stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1)
-        if cfg.threads and cfg.workers > 1:  # pretraining and classify run alone: let them use every worker's core
-            torch.set_num_threads(cfg.threads * cfg.workers)
         inputs = self.inputs(stages)
         atomic_write_json(self.dir("inputs.json"), inputs)
         stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
