@@ -133,17 +133,21 @@ class PipelineConfig:
 
 
 # The embedded default, chosen once for the task and used for every method alike (no per-method
-# tuning): sizes that fit the whole run in ~20 minutes on 2 CPU cores, spent on seeds and test items
-# first. The tiny base needs larger learning rates than a 7B model and the answers are short, so
-# lengths shrink. GRPO samples at temperature 0.7 so that a group of 8 holds both right and wrong
-# completions (pass@8 is reported). One thread: the tiny model's matmuls gain little from a second.
+# tuning), sized for 2 CPU cores with the time spent on seeds and test items first. The tiny base needs
+# larger learning rates than a 7B model and the answers are short, so lengths shrink. SFT runs 1,000
+# steps of 8 rows: full LoRA's System-2 accuracy after SFT was 5% after 200 steps of 16, 11% after 600
+# of 16, 31% after 1,000 of 8 and 42% after 1,000 of 16 (seed 0; multi-step copying appears late), and
+# 1,000 of 8 costs half of 1,000 of 16. GRPO samples at temperature 0.7 so that a group of 8 holds both
+# right and wrong completions (pass@8 is reported). One thread per process, two processes (seeds and
+# rows as separate jobs). The theta sweep (--theta-sweep 0.3,0.6,0.8,0.9,1.0) is off: its 8 extra SFT
+# runs would take the run past its 20 minutes.
 EMBEDDED = dict(
-    seeds=3, threads=1, workers=2, template="plain", rewards="correct=2.0", score_samples=100, theta_sweep=(0.3, 0.6, 0.8, 0.9, 1.0),
-    sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=192,
-    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=96,
+    seeds=3, threads=1, workers=2, template="plain", rewards="correct=2.0", score_samples=100, theta_sweep=(),
+    sft_steps=1000, sft_lr=3e-3, sft_batch_size=8, sft_global_batch=8, sft_max_len=192,
+    rl_steps=16, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=96,
     rl_micro_batch=32, rl_temperature=0.7, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
-    dual_target_rank=4.0, dual_t_init=20, dual_t_final=40, dual_delta_t=10, eval_batch_size=100,
-    eval_max_new_tokens=96, save_every=50,
+    dual_target_rank=4.0, dual_t_init=100, dual_t_final=200, dual_delta_t=50, eval_batch_size=100,
+    eval_max_new_tokens=96, save_every=250,
 )
 SMOKE = dict(
     EMBEDDED, seeds=2, score_samples=8, theta_sweep=(0.5, 0.9), sft_steps=4, sft_lr=2e-3, sft_batch_size=8,
@@ -294,23 +298,26 @@ class Pipeline:
         return {"metrics": run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
 
     # ---- the whole run
-    def jobs(self) -> list[tuple[str, int]]:
-        """Independent parts of the run, longest first: one per seed, the theta sweep, the base evaluation."""
+    def jobs(self) -> list[tuple[str, int, tuple[str, ...]]]:
+        """Independent parts of the run, longest first: per seed, the rows that share a score stage (LoRA-PAR
+        and its random masks; PiSSA) and each other row on its own; the theta sweep; the base evaluation."""
         cfg = self.cfg
-        return [("seed", s) for s in cfg.seed_values()] + ([("sweep", cfg.seed)] if cfg.theta_sweep else []) + [("base", cfg.seed)]
+        groups = [tuple(m for m in group if m in cfg.methods) for group in (("lorapar", "random"), ("pissa",), ("lora",), ("dmlora",))]
+        seeds = [("seed", s, g) for g in groups if g for s in cfg.seed_values()]
+        return seeds + ([("sweep", cfg.seed, ())] if cfg.theta_sweep else []) + [("base", cfg.seed, ())]
 
-    def job_stages(self, kind: str) -> int:
+    def job_stages(self, kind: str, methods: tuple[str, ...]) -> int:
         cfg = self.cfg
         if kind == "base":
             return 1
         if kind == "sweep":
             return 5 * sum(not (t == cfg.theta and self.sweep_reuses_rows()) for t in cfg.theta_sweep)
-        scores = (1 if set(cfg.methods) & {"lorapar", "random"} else 0) + (1 if "pissa" in cfg.methods else 0)
-        return scores + sum(2 if m == "dmlora" else 4 for m in cfg.methods)
+        scores = (1 if set(methods) & {"lorapar", "random"} else 0) + (1 if "pissa" in methods else 0)
+        return scores + sum(2 if m == "dmlora" else 4 for m in methods)
 
-    def run_job(self, job: tuple[str, int], inputs: dict) -> None:
-        kind, seed = job
-        stages = Stages(self.cfg.out, self.cfg.overwrite, total=self.job_stages(kind))
+    def run_job(self, job: tuple[str, int, tuple[str, ...]], inputs: dict) -> None:
+        kind, seed, methods = job
+        stages = Stages(self.cfg.out, self.cfg.overwrite, total=self.job_stages(kind, methods))
         labelled = self.dir("classify", "labelled.jsonl")
         if kind == "base":
             stages.run("base.eval", "evaluate: the base model without an adapter",
@@ -318,7 +325,7 @@ class Pipeline:
         elif kind == "sweep":
             self.run_sweep(stages, inputs, labelled, seed)
         else:
-            self.run_seed(stages, inputs, labelled, seed)
+            self.run_seed(stages, inputs, labelled, seed, methods)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -340,20 +347,20 @@ class Pipeline:
             context = multiprocessing.get_context("spawn")
             with context.Pool(min(cfg.workers, len(jobs)), maxtasksperchild=1) as pool:
                 for job in pool.imap_unordered(run_job_in_worker, [(cfg, inputs, job) for job in jobs]):
-                    print(f"==== {job[0]} {job[1]}: done", flush=True)
+                    print(f"==== {job[0]} {job[1]} {','.join(job[2])}: done", flush=True)
         results = build_report(cfg.out)
         print("\n" + results["markdown"])
         return results
 
-    def run_seed(self, stages: Stages, inputs: dict, labelled: str, seed: int) -> None:
+    def run_seed(self, stages: Stages, inputs: dict, labelled: str, seed: int, methods: tuple[str, ...]) -> None:
         cfg, run = self.cfg, lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
-        if set(cfg.methods) & {"lorapar", "random"}:
+        if set(methods) & {"lorapar", "random"}:
             stages.run(f"seed{seed}.score", f"seed {seed}: score at the gaussian init, theta {cfg.theta} masks, random masks",
                        lambda redo: self.score(inputs, labelled, seed, run("score"), "gaussian", cfg.theta))
-        if "pissa" in cfg.methods:
+        if "pissa" in methods:
             stages.run(f"seed{seed}.score_pissa", f"seed {seed}: score at the PiSSA init, theta {cfg.theta} masks",
                        lambda redo: self.score(inputs, labelled, seed, run("score_pissa"), "pissa", cfg.theta))
-        for method in cfg.methods:
+        for method in methods:
             adapter, masks = self.start(method, seed)
             tag = f"seed{seed}.{method}"
             stages.run(f"{tag}.sft", f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
@@ -391,7 +398,7 @@ class Pipeline:
                            lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
 
 
-def run_job_in_worker(task: tuple) -> tuple[str, int]:
+def run_job_in_worker(task: tuple) -> tuple[str, int, tuple[str, ...]]:
     """One job of Pipeline.jobs() in a worker process (module level: a spawned process imports it)."""
     cfg, inputs, job = task
     if cfg.threads:
