@@ -34,8 +34,8 @@ from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_
 from lorapar.data import FORMATS, load_examples
 from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
 from lorapar.io import atomic_path, atomic_save_safetensors, atomic_write_json
-from lorapar.adapter import save_adapter
-from lorapar.lora import LoraArgs, apply_lora
+from lorapar.adapter import adapter_fingerprint, save_adapter
+from lorapar.lora import LoraArgs, apply_lora, lora_modules
 from lorapar.masks import save_masks
 from lorapar.partition import (
     RANDOM_SCOPES, Partition, PartitionArgs, partition, partition_report, random_stage_masks, stage_overlap,
@@ -65,6 +65,11 @@ class ScoreArgs:
     })  # fmt: skip
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (None: cuda when available)"})
+    base_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the frozen base (auto: bf16 on CUDA, fp32 on the CPU); train in the same one, "
+                "since a pissa/olora residual base is formed in it",
+        "choices": ["auto", "float32", "bfloat16"],
+    })  # fmt: skip
 
 
 def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
@@ -92,7 +97,10 @@ def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
         else:
             for name in existing:  # only what a scoring run writes, never unrelated files
                 path = os.path.join(cfg.out, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+                if os.path.isdir(path):  # adapter_init/
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
             os.makedirs(cfg.out, exist_ok=True)
     outcome = dist.broadcast_object(outcome, info)
     if outcome is not None:
@@ -147,13 +155,16 @@ def plot_importance(path: str, p: Partition, scores1: dict, scores2: dict, seed:
     return os.path.basename(path)
 
 
-def save_adapter_init(model, lora_args: LoraArgs, directory: str) -> None:
+def save_adapter_init(model, lora_args: LoraArgs, directory: str) -> dict:
     """The scored adapter, in peft's layout (for pissa/olora with its init factors, from which the
-    residual base is rebuilt exactly), written into a temporary directory renamed into place."""
+    residual base is rebuilt exactly), written into a temporary directory renamed into place.
+    Returns what train_sft.py --init-adapter checks: the base dtype and the weights' sha256."""
+    base_dtype = str(next(iter(lora_modules(model).values())).weight.dtype).removeprefix("torch.")
     tmp = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, lora_args)
+    save_adapter(model, tmp, lora_args, metadata={"base_dtype": base_dtype})
     os.replace(tmp, directory)
+    return {"base_dtype": base_dtype, "sha256": adapter_fingerprint(directory)}
 
 
 def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArgs, scores: dict, stats: dict,
@@ -161,7 +172,8 @@ def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArg
     out = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     save_config(out("config.json"), cfg, importance, part)
     # Scoring read the adapter and never wrote it: these are the values every score was taken at.
-    save_adapter_init(model, importance.lora_args(), out(ADAPTER_INIT_DIR))
+    adapter_init = save_adapter_init(model, importance.lora_args(), out(ADAPTER_INIT_DIR))
+    stamp = {"adapter_init_sha256": adapter_init["sha256"]}  # the masks rank the elements of this adapter
     atomic_save_safetensors(
         out("importance.safetensors"),
         {f"system{s}.{key}": value for s in (1, 2) for key, value in scores[s].items()},
@@ -169,7 +181,7 @@ def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArg
     )
     p = partition(scores[1], scores[2], part)
     stage_masks = p.stage_masks()
-    save_masks(out("masks.safetensors"), stage_masks)
+    save_masks(out("masks.safetensors"), stage_masks, metadata=stamp)
     files = ["config.json", ADAPTER_INIT_DIR, "importance.safetensors", "masks.safetensors"]
     random_baseline = None
     if cfg.random_baseline:
@@ -178,7 +190,7 @@ def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArg
                            "counts": stage_overlap(random_masks),
                            "importance_counts": stage_overlap(stage_masks)}  # fmt: skip
         save_masks(out("random_masks.safetensors"), random_masks,
-                   metadata={"random_scope": cfg.random_scope, "seed": str(importance.seed)})
+                   metadata={"random_scope": cfg.random_scope, "seed": str(importance.seed), **stamp})
         files.append("random_masks.safetensors")
     plot = plot_importance(out("importance.png"), p, scores[1], scores[2], importance.seed)
     if plot is None:
@@ -187,7 +199,8 @@ def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArg
         files.append(plot)
     report = {"partition": partition_report(p), "scoring": stats, "files": files + ["report.json"],
               "data": cfg.data, "seed": importance.seed,
-              "adapter_init": {"dir": ADAPTER_INIT_DIR, "init": importance.init, "seed": importance.seed},
+              "adapter_init": {"dir": ADAPTER_INIT_DIR, "init": importance.init, "seed": importance.seed,
+                               **adapter_init},
               "random_baseline": random_baseline or "not drawn: pass --random-baseline",
               "plot": plot or "not drawn: matplotlib is not installed"}  # fmt: skip
     atomic_write_json(out("report.json"), report)
@@ -200,7 +213,7 @@ def run_scoring(cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), p
     prepare_out_dir(cfg, info)
     examples = load_examples(cfg.data, cfg.format)
     tokenizer = Tokenizer(cfg.tokenizer)
-    model = load_base_model(cfg.ckpt, "auto", info.device, tokenizer.vocab_size)
+    model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
     apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
     scores, stats = score_systems(model, tokenizer, examples, importance, cfg.data, info)
     report = write_outputs(cfg, importance, part, scores, stats, model) if info.is_main else None

@@ -26,11 +26,11 @@ import torch
 from tqdm import tqdm
 
 from lorapar import dist
+from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
 from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
 from lorapar.dual import DualArgs
 from lorapar.dual_training import DualTraining
-from lorapar.adapter import load_adapter, read_adapter_args
 from lorapar.lora import LoraArgs, apply_lora, resolve_targets
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW
@@ -38,8 +38,8 @@ from lorapar.model import eval_mode
 from lorapar.tokenizer import Tokenizer
 from lorapar.trainer import (
     InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, install_masks, load_base_model, lora_file_writer, lr_at,
-    make_checkpointer, prepare_run_dir, require_inputs, resolve_grad_accum, restore_training_state, seed_everything,
-    select_system, set_lr,
+    make_checkpointer, prepare_run_dir, require_inputs, resolve_base_dtype, resolve_grad_accum, restore_training_state,
+    seed_everything, select_system, set_lr,
 )
 
 
@@ -123,6 +123,27 @@ def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:
     return dataclasses.replace(stored, dropout=stored.dropout if ns.dropout is None else ns.dropout)
 
 
+def check_init_adapter(cfg: SFTArgs, lora_args: LoraArgs, base_dtype: torch.dtype) -> None:
+    """Before anything is written: --masks ranked on another adapter than --init-adapter are refused
+    (score.py stamps its masks with the sha256 of the adapter it scored), and a pissa/olora adapter
+    trains over a base of the dtype it was scored in (its residual base W0 - s B0 A0 is formed in it)."""
+    if cfg.masks:
+        stamped = safetensors_metadata(cfg.masks).get("adapter_init_sha256")
+        actual = adapter_fingerprint(cfg.init_adapter)
+        if stamped is not None and stamped != actual:
+            raise ValueError(f"--masks {cfg.masks} ranks the elements of another adapter than --init-adapter "
+                             f"{cfg.init_adapter} (sha256 {stamped[:12]}... vs {actual[:12]}...); "
+                             "pass the adapter_init/ of the score.py run that wrote the masks")  # fmt: skip
+    if lora_args.init in ("pissa", "olora"):
+        weights = os.path.join(cfg.init_adapter, ADAPTER_WEIGHTS)
+        scored_in = safetensors_metadata(weights).get("base_dtype")
+        training_in = str(base_dtype).removeprefix("torch.")
+        if scored_in is not None and scored_in != training_in:
+            raise ValueError(f"--init-adapter {cfg.init_adapter} was scored over a {scored_in} base, this run's "
+                             f"base is {training_in} (--base-dtype {cfg.base_dtype}); its {lora_args.init} residual "
+                             f"base would differ: pass --base-dtype {scored_in}")  # fmt: skip
+
+
 def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs]
                   ) -> tuple[Callable[[str], None], Optional[DualTraining]]:
     """Put the adapter on `model` (frozen base, masks installed); returns save(directory) and, for
@@ -190,6 +211,8 @@ def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dis
 def main(argv=None) -> dict:
     cfg, train, lora_args = parse_config(argv)
     info = dist.init_distributed(train.device)
+    if cfg.init_adapter:
+        check_init_adapter(cfg, lora_args, resolve_base_dtype(cfg.base_dtype, info.device))
     grad_accum = resolve_grad_accum(train, info.world_size)
     config = config_to_dict(cfg, train, lora_args)
     resume_from = prepare_run_dir(train, info)

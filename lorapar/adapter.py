@@ -10,6 +10,7 @@ adapter (lorapar.dual) shares the file names, the q/k row rule and the key/shape
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -133,15 +134,16 @@ def _peft_layout(tensors: dict[str, torch.Tensor], model: nn.Module, to_hf: bool
     return out
 
 
-def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs) -> None:
+def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs, metadata: Optional[dict[str, str]] = None) -> None:
     """Write adapter_model.safetensors (peft keys), adapter_config.json and, for pissa/olora, adapter_init.safetensors.
 
     The exact LoraArgs also go into the weights file's metadata, so load_adapter restores fields peft
-    has no name for (init_std, seed). Every file is written atomically; the config last.
+    has no name for (init_std, seed); `metadata` adds strings of the caller's. Every file is written
+    atomically; the config last.
     """
     modules = require_lora(model, "save_adapter")
     _check_matches(modules, args, "save_adapter")
-    metadata = {"format": "pt", "lorapar_args": json.dumps(dataclasses.asdict(args))}
+    metadata = {**(metadata or {}), "format": "pt", "lorapar_args": json.dumps(dataclasses.asdict(args))}
     weights = _peft_layout({k: v.float().cpu() for k, v in adapter_state_dict(model).items()}, model, to_hf=True)
     atomic_save_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), weights, metadata=metadata)
     if args.init in ("pissa", "olora"):
@@ -163,14 +165,19 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
 
 
+def adapter_fingerprint(adapter_dir: str) -> str:
+    """sha256 of the adapter's weights file: score.py stamps it into the masks it ranked on this adapter."""
+    digest = hashlib.sha256()
+    with open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_adapter_args(adapter_dir: str) -> LoraArgs:
     """The LoraArgs of an adapter directory (lorapar's exact ones when stored, else from peft's config),
-    without loading its tensors: what train_sft.py --init-adapter checks its flags against."""
-    return _read_adapter(adapter_dir)[0]
-
-
-def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], str]:
-    """(LoraArgs, tensors as stored, weights path); the config and the weights' metadata must agree."""
+    without reading its tensors: what train_sft.py --init-adapter checks its flags against. The
+    config and the LoraArgs in the weights' metadata must agree."""
     config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"adapter config not found: {config_path}")
@@ -180,7 +187,9 @@ def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], 
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path}: invalid JSON ({error})") from error
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    tensors, metadata = read_safetensors(weights_path)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"adapter file not found: {weights_path}")
+    metadata = safetensors_metadata(weights_path)
     args = _args_from_peft_config(config, config_path)
     if "lorapar_args" in metadata:
         args = LoraArgs(**json.loads(metadata["lorapar_args"]))
@@ -189,7 +198,15 @@ def _read_adapter(adapter_dir: str) -> tuple[LoraArgs, dict[str, torch.Tensor], 
         differing = [k for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in config and config[k] != stored[k]]
         if differing:
             raise ValueError(f"{config_path}: {differing} disagree with the LoraArgs stored in {weights_path}")
-    return args, tensors, weights_path
+    return args
+
+
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The header metadata of a safetensors file, without reading its tensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with safe_open(path, framework="pt") as handle:
+        return handle.metadata() or {}
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = None) -> LoraArgs:
@@ -201,10 +218,11 @@ def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = 
     pissa/olora their initial factors must equal the saved ones (else the base would be wrong).
     `dropout` replaces the stored LoRA dropout (a training setting, no part of the adapter's values).
     """
-    args, tensors, weights_path = _read_adapter(adapter_dir)
+    args = read_adapter_args(adapter_dir)
     if dropout is not None:
         args = dataclasses.replace(args, dropout=dropout)
-    tensors = _peft_layout(tensors, model, to_hf=False, source=weights_path)
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    tensors = _peft_layout(read_safetensors(weights_path)[0], model, to_hf=False, source=weights_path)
     modules = lora_modules(model)
     fresh = not modules
     if fresh:
@@ -238,7 +256,8 @@ def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = 
 
 __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "ADAPTER_INIT", "peft_config", "check_tensors", "hf_output_rows",
-    "save_adapter", "read_safetensors", "read_adapter_args", "load_adapter",
+    "save_adapter", "read_safetensors", "read_adapter_args", "adapter_fingerprint", "safetensors_metadata",
+    "load_adapter",
 ]
 
 

@@ -406,13 +406,17 @@ def install_masks(model: torch.nn.Module, path: str, stage: Optional[int]) -> No
         raise ValueError(f"{path}: the masks do not match the adapter ({error})") from None
 
 
+def resolve_base_dtype(base_dtype: str, device: torch.device) -> torch.dtype:
+    """--base-dtype as a torch dtype: "auto" is bf16 on CUDA, fp32 on the CPU."""
+    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+            "float32": torch.float32, "bfloat16": torch.bfloat16}[base_dtype]  # fmt: skip
+
+
 def load_base_model(ckpt: str, base_dtype: str, device: torch.device, vocab_size: int):
     """The frozen base in fp32 on the CPU, bf16 on CUDA ("auto"); its vocabulary must cover the tokenizer's."""
     from lorapar.checkpoint import load_model
 
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[base_dtype]
-    model = load_model(ckpt, device=device, dtype=dtype)
+    model = load_model(ckpt, device=device, dtype=resolve_base_dtype(base_dtype, device))
     if vocab_size > model.args.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} pieces but {ckpt} only {model.args.vocab_size} embeddings")
     return model

@@ -179,6 +179,19 @@ def test_a_flag_that_conflicts_with_the_init_adapter_names_both_values(inputs, a
     assert lora.r == 2 and lora.seed == 5 and cfg.init_adapter == str(init_dir)
 
 
+def test_masks_of_another_adapter_and_another_base_dtype_are_refused(inputs, asset, scored, tmp_path):
+    run_score(inputs, asset, tmp_path / "other", "--seed", "6", "--init", "pissa")
+    with pytest.raises(ValueError, match=r"other/masks.safetensors ranks the elements of another adapter than --init-adapter"):
+        train_sft.main(sft_argv(inputs, asset, scored / "adapter_init", tmp_path / "a",
+                                "--masks", str(tmp_path / "other" / "masks.safetensors"), "--stage", "1"))  # fmt: skip
+    with pytest.raises(ValueError, match="scored over a float32 base, this run's base is bfloat16.*--base-dtype float32"):
+        train_sft.main(sft_argv(inputs, asset, tmp_path / "other" / "adapter_init", tmp_path / "b",
+                                "--base-dtype", "bfloat16"))  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything was written
+    report = json.loads((tmp_path / "other" / "report.json").read_text())["adapter_init"]
+    assert report["base_dtype"] == "float32" and report["init"] == "pissa" and len(report["sha256"]) == 64
+
+
 def test_init_adapter_errors_before_anything_is_written(inputs, asset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_sft.parse_config(sft_argv(inputs, asset, tmp_path / "missing", tmp_path / "sft"))

@@ -13,7 +13,7 @@ from lorapar.importance import ImportanceArgs
 from lorapar.lora import adapter_state_dict, apply_lora
 from lorapar.masks import load_masks
 from lorapar.model import Transformer
-from lorapar.adapter import load_adapter
+from lorapar.adapter import adapter_fingerprint, load_adapter
 from lorapar.data import load_examples
 from lorapar.importance import encode_for_scoring, score_rows, select_examples
 from lorapar.partition import PartitionArgs, partition, stage_overlap
@@ -83,7 +83,11 @@ def test_score_writes_consistent_outputs(inputs, tmp_path):
     assert report["random_baseline"]["scope"] == "global" and report["random_baseline"]["seed"] == 3
     baseline = report["random_baseline"]
     assert baseline["counts"] == baseline["importance_counts"] == stage_overlap(stages)
-    assert report["seed"] == 3 and report["adapter_init"] == {"dir": "adapter_init", "init": "gaussian", "seed": 3}
+    assert report["seed"] == 3 and report["adapter_init"] == {
+        "dir": "adapter_init", "init": "gaussian", "seed": 3, "base_dtype": "float32",
+        "sha256": adapter_fingerprint(str(out / "adapter_init"))}
+    for name in ("masks.safetensors", "random_masks.safetensors"):  # the adapter whose elements the masks rank
+        assert safe_open(str(out / name), "pt").metadata()["adapter_init_sha256"] == report["adapter_init"]["sha256"]
     total = report["partition"]["total"]
     assert total["elements"] == sum(v.numel() for v in adapter.values())
     c = total["count"]
