@@ -272,6 +272,8 @@ def rollout_stats(rollouts, reward_fns, grpo: GRPOArgs, info: dist.DistInfo) -> 
     for column, (name, _, _) in enumerate(reward_fns):
         out[f"reward/{name}_mean"] = rewards[:, column].mean().item()
         out[f"reward/{name}_std"] = rewards[:, column].std().item() if rewards.shape[0] > 1 else 0.0
+        # share of prompts whose G samples hold one with a positive value (pass@G for the correctness reward)
+        out[f"reward/{name}_any"] = (rewards[:, column].view(-1, grpo.num_generations) > 0).any(1).float().mean().item()
     group_std = total.view(-1, grpo.num_generations).std(1)
     out["zero_std_groups"] = (group_std == 0).float().mean().item()
     out["completion_length_mean"] = lengths.mean().item()

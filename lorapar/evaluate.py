@@ -190,8 +190,8 @@ def evaluate_gsm8k(
     prompts = [encode_prompt(tokenizer, e, template, phase) for e in examples]
     outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, desc="gsm8k")
     result = score_gsm8k(examples, [text for text, _ in outputs], resolve_extraction(extraction, template, phase))
-    for record, (_, finished) in zip(result["records"], outputs):
-        record["finished"] = finished
+    for record, prompt, (_, finished) in zip(result["records"], prompts, outputs):
+        record["prompt"], record["finished"] = prompt, finished  # the exact text given to the model, for audits
     return result
 
 

@@ -1,22 +1,31 @@
-"""LoRA-PAR end to end, with its baselines on the same budget, in one command.
+"""LoRA-PAR end to end, with its baselines on the same budget, repeated over seeds, in one command.
 
-    python -m lorapar.pipeline                       # embedded default: synthetic task, tiny base (~15 min, 2 CPUs)
+    python -m lorapar.pipeline                       # embedded default: synthetic task, tiny base, 3 seeds
     python -m lorapar.pipeline --smoke --out /tmp/s  # every stage and row at toy size (~1 min; CI runs it)
     python -m lorapar.pipeline --ckpt llama-2-7b --tokenizer tokenizer.model \\
         --train-data gsm8k/train.jsonl --test-data gsm8k/test.jsonl [--teacher SPEC ...]   # the paper's recipe
+    python -m lorapar.report RUN_DIR                 # rebuild results.md / results.json from a run directory
 
 Stages (each writes into its own directory under --out and is skipped when a previous run completed it):
   assets    embedded default only: synthetic task, SentencePiece tokenizer, pretrained tiny base (pretrain.py)
-  classify  System 1 / 2 labels by the teachers' majority vote (classify.py)
-  score     element importance per system, theta partition, stage masks and random masks (score.py)
-  then per method an SFT run (train_sft.py), a GRPO run (train_rl.py) and greedy evaluation of each
-  adapter on the test split (lorapar.evaluate):
-    lora     LoRA, every element trained: SFT on all rows, then GRPO on System-2 rows
-    lorapar  LoRA-PAR: SFT on System-1 rows with the stage-1 mask, GRPO on System-2 rows with the stage-2 mask
-    random   LoRA-PAR's schedule with random masks of the same per-tensor sizes
-    pissa    LoRA-PAR with the adapter initialised by PiSSA
+  classify  System 1 / 2 labels by the teachers' majority vote (classify.py); once, the labels do not depend on seeds
+  base      greedy evaluation of the base model without an adapter
+  then for every seed S (--seeds N: S = seed, seed+1, ...; the task, the base and the labels stay fixed):
+  score     element importance per system on a gaussian-initialised adapter, theta partition, random masks
+            of equal size (score.py --init gaussian --seed S); its adapter_init/ starts the masked rows.
+            score_pissa: the same at the PiSSA init (--init pissa), which the PiSSA row starts from.
+  per method an SFT run (train_sft.py), a GRPO run (train_rl.py) and greedy evaluation of each adapter
+  on the test split (lorapar.evaluate), all with seed S (adapter init, data order, GRPO samples):
+    lora     LoRA+RL: every element trained, standard LoRA init; SFT on all rows, then GRPO on System-2 rows
+    lorapar  LoRA-PAR: from the scored adapter, SFT on System-1 rows with the stage-1 mask, GRPO on
+             System-2 rows with the stage-2 mask
+    random   LoRA-PAR's schedule from the same adapter with random masks of the same size
+    pissa    LoRA-PAR from the PiSSA-initialised scored adapter, with the masks scored on it
     dmlora   DM-LoRA (dual-module adapter) SFT on all rows (no GRPO: train_rl.py trains LoRA adapters)
-Results: results.json (atomic) and results.md, the table printed at the end (lorapar/report.py).
+  sweep     --theta-sweep: for the first seed, SFT with the stage-1 mask at each theta, importance-selected
+            and random of the same size (the paper's Table 3), each evaluated on the test split
+Results: results.json and results.md (mean +- std over seeds, paired bootstrap intervals, the theta
+curve and theta.png; lorapar/report.py rebuilds them from the run directory alone).
 
 A stage is complete when its record OUT/stages/NAME.json exists (written last, with its timing); an
 interrupted training stage resumes from its latest checkpoint (the scripts' --resume), any other
@@ -28,21 +37,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
+import multiprocessing
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
-from lorapar.io import atomic_write_json, atomic_write_text
-from lorapar.report import format_report, summarise
+from lorapar.io import atomic_write_json
+from lorapar.report import build_report
+from lorapar.stages import Stages, active_fraction, check_same_config, read_metrics, run_dir_flags, script
 from lorapar.tokenizer import checkpoint_tokenizer
 
 METHODS = ("lora", "lorapar", "random", "pissa", "dmlora")
@@ -55,8 +63,10 @@ class PipelineConfig:
     out: str = field(default="runs/default", metadata={"help": "run directory (one subdirectory per stage)"})
     smoke: bool = field(default=False, metadata={"help": "toy sizes for a ~1-minute run of every stage (CI)"})
     overwrite: bool = field(default=False, metadata={"help": "redo every stage instead of skipping completed ones"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "first training seed (and the seed of the embedded task and base)"})
+    seeds: int = field(default=1, metadata={"help": "repeat every method with seeds seed..seed+N-1 (adapter init, data order, sampling); the embedded default uses 3"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; the embedded default uses 1)"})
+    workers: int = field(default=1, metadata={"help": "processes running seeds / the theta sweep at once (the embedded default uses 2)"})
     assets: str = field(default="", metadata={"help": "embedded default: where the built assets live (default OUT/assets)"})
     ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir, .gguf or llama2.c .bin)"})
     tokenizer: str = field(default="", metadata={"help": "real inputs: tokenizer.model, tokenizer.json or .gguf (default: the one --ckpt carries)"})
@@ -70,6 +80,7 @@ class PipelineConfig:
                          metadata={"help": "GRPO rewards (lorapar/rewards.py spec)"})
     # score (importance + partition)
     theta: float = field(default=0.9, metadata={"help": "cumulative-importance threshold per system"})
+    theta_sweep: tuple[float, ...] = field(default=(), metadata={"help": "thetas of the SFT-only curve, importance vs random masks, first seed (empty: none)"})
     score_samples: int = field(default=100, metadata={"help": "examples scored per system"})
     # the adapter
     rank: int = 8
@@ -88,7 +99,7 @@ class PipelineConfig:
     rl_generations: int = 8
     rl_max_prompt_len: int = 128
     rl_max_completion_len: int = 256
-    rl_beta: float = 0.04
+    rl_beta: float = field(default=0.0, metadata={"help": "GRPO KL coefficient (0 as TRL v0.19.1, the preset's release)"})
     rl_temperature: float = field(default=1.0, metadata={"help": "GRPO sampling temperature"})
     rl_top_p: float = field(default=1.0, metadata={"help": "GRPO nucleus sampling"})
     rl_micro_batch: int = 8
@@ -105,15 +116,17 @@ class PipelineConfig:
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 256
     eval_limit: int = field(default=0, metadata={"help": "evaluate the first N test items (0: all)"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap replicates of every paired interval"})
     save_every: int = field(default=0, metadata={"help": "training checkpoint interval (0: only at the end); resume granularity"})
 
     def __post_init__(self) -> None:
         self.methods, self.targets, self.teachers = tuple(self.methods), tuple(self.targets), tuple(self.teachers)
+        self.theta_sweep = tuple(float(t) for t in self.theta_sweep)
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; expected among {METHODS}")
         check_fields(  # the stages' own dataclasses check these again; here they fail before any stage runs
-            self, positive=("teacher_batch_size", "score_samples", "rank", "sft_batch_size", "sft_max_len",
+            self, positive=("seeds", "workers", "bootstrap", "teacher_batch_size", "score_samples", "rank", "sft_batch_size", "sft_max_len",
                             "rl_prompts_per_step", "rl_max_prompt_len", "rl_max_completion_len", "rl_micro_batch",
                             "dual_rank", "dual_delta_t", "eval_batch_size", "eval_max_new_tokens"),
             positive_float=("lora_alpha", "sft_lr", "rl_lr", "dual_alpha"), open_unit_interval=(),
@@ -123,26 +136,35 @@ class PipelineConfig:
             raise FlagError(f"--theta {self.theta} / --rl-top-p {self.rl_top_p}: expected values in (0, 1]")
         if self.rl_generations < 2:
             raise FlagError(f"--rl-generations {self.rl_generations}: expected >= 2 (GRPO needs a group to compare)")
+        bad = [t for t in self.theta_sweep if not 0.0 < t <= 1.0]
+        if bad:
+            raise FlagError(f"--theta-sweep: every theta must be in (0, 1]; got {bad}")
+
+    def seed_values(self) -> list[int]:
+        return [self.seed + k for k in range(self.seeds)]
 
 
-# The embedded default: sizes chosen so the whole run fits ~15 minutes on 2 CPU cores and still shows
-# the method's effects. The tiny base needs larger learning rates than a 7B model and the answers are
-# short, so lengths shrink. GRPO samples cold (temperature 0.3, top-p 0.9): on this tiny policy, 30 steps
-# at 0.7 or 1.0 gave LoRA-PAR no System-2 gain (3% -> 2-3%), at 0.3 it rose (3% -> 4%; LoRA 4% -> 8%).
-# One thread: the tiny model's matmuls gain little from a second, and two threads on a machine busy
-# with other work ran 25x slower.
+# The embedded default, chosen once for the task and used for every method alike (no per-method
+# tuning), sized for 2 CPU cores with the time spent on seeds and test items first. The tiny base needs
+# larger learning rates than a 7B model and the answers are short, so lengths shrink. SFT runs 1,000
+# steps of 8 rows: full LoRA's System-2 accuracy after SFT was 5% after 200 steps of 16, 11% after 600
+# of 16, 31% after 1,000 of 8 and 42% after 1,000 of 16 (seed 0; multi-step copying appears late), and
+# 1,000 of 8 costs half of 1,000 of 16. GRPO samples at temperature 0.7 so that a group of 8 holds both
+# right and wrong completions (pass@8 is reported). One thread per process, two processes (seeds and
+# rows as separate jobs). The theta sweep (--theta-sweep 0.3,0.6,0.8,0.9,1.0) is off: its 8 extra SFT
+# runs would take the run past its 20 minutes.
 EMBEDDED = dict(
-    threads=1, template="plain", rewards="correct_lenient=2.0", score_samples=100,
-    sft_steps=200, sft_lr=3e-3, sft_batch_size=16, sft_global_batch=16, sft_max_len=128,
-    rl_steps=30, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=64,
-    rl_micro_batch=32, rl_temperature=0.3, rl_top_p=0.9, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
-    dual_target_rank=4.0, dual_t_init=0.1, dual_t_final=0.2, dual_delta_t=10, eval_batch_size=50,
-    eval_max_new_tokens=64, save_every=25,
+    seeds=3, threads=1, workers=2, template="plain", rewards="correct_lenient=2.0", score_samples=100, theta_sweep=(),
+    sft_steps=1000, sft_lr=3e-3, sft_batch_size=8, sft_global_batch=8, sft_max_len=192,
+    rl_steps=16, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=96,
+    rl_micro_batch=32, rl_temperature=0.7, rl_beta=0.04, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
+    dual_target_rank=4.0, dual_t_init=100, dual_t_final=200, dual_delta_t=50, eval_batch_size=100,
+    eval_max_new_tokens=96, save_every=250,
 )
 SMOKE = dict(
-    EMBEDDED, score_samples=8, sft_steps=4, sft_lr=2e-3, sft_batch_size=8, sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2,
-    rl_generations=4, rl_max_completion_len=24, dual_t_init=0.25, dual_t_final=0.25, dual_delta_t=1, eval_limit=16,
-    eval_max_new_tokens=24, save_every=2,
+    EMBEDDED, seeds=2, score_samples=8, theta_sweep=(0.5, 0.9), sft_steps=4, sft_lr=2e-3, sft_batch_size=8,
+    sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2, rl_generations=4, rl_max_completion_len=24,
+    dual_t_init=1, dual_t_final=1, dual_delta_t=1, eval_limit=16, eval_max_new_tokens=24, save_every=2, bootstrap=200,
 )
 
 
@@ -150,7 +172,7 @@ def parse_config(argv: Optional[list[str]] = None) -> PipelineConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", dest="teachers", action="append", default=None, metavar="SPEC",
                         help="classify teacher (repeat; an odd number): rule:..., local:CKPT[,tokenizer=PATH], http:URL#MODEL "
-                             "(default: real inputs rule:gsm8k-steps; embedded: two rules and the local base model)")
+                             "(default: real inputs rule:gsm8k-steps; embedded: three rules, see Pipeline.teachers)")
     add_dataclass_args(parser, PipelineConfig, skip=("teachers",))
     ns = parser.parse_args(argv)
     if ns.ckpt and not ns.tokenizer:  # a GGUF file or a model directory may carry its own tokenizer
@@ -168,89 +190,6 @@ def parse_config(argv: Optional[list[str]] = None) -> PipelineConfig:
     except ValueError as error:
         parser.error(str(error))
     return dataclasses.replace(cfg, teachers=tuple(ns.teachers or ()))
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-class Stages:
-    """Runs named stages once: a stage whose record OUT/stages/NAME.json exists is skipped (unless
-    --overwrite); otherwise it runs with a banner and its record (seconds, result) is written last."""
-
-    def __init__(self, out: str, overwrite: bool, total: int):
-        self.dir, self.overwrite, self.total, self.number = os.path.join(out, "stages"), overwrite, total, 0
-        self.records: dict[str, dict] = {}
-
-    def run(self, name: str, title: str, fn: Callable[[bool], dict]) -> dict:
-        """fn(redo) -> JSON-able result; redo is True when the stage's own outputs must be replaced."""
-        self.number += 1
-        path = os.path.join(self.dir, name + ".json")
-        if os.path.exists(path) and not self.overwrite:
-            with open(path, encoding="utf-8") as handle:
-                record = json.load(handle)
-            print(f"==== [{self.number}/{self.total}] {title}: done in an earlier run ({record['seconds']:.1f}s), skipped", flush=True)
-        else:
-            print(f"\n==== [{self.number}/{self.total}] {title}", flush=True)
-            started = time.perf_counter()
-            result = fn(self.overwrite)
-            record = {"name": name, "title": title, "seconds": time.perf_counter() - started, "result": result}
-            atomic_write_json(path, record)
-            print(f"==== {title}: {record['seconds']:.1f}s", flush=True)
-        self.records[name] = record
-        return record
-
-
-RESUMABLE_CHANGES = ("overwrite", "threads")  # fields that may differ between a run and its continuation
-
-
-def check_same_config(path: str, cfg: PipelineConfig) -> None:
-    """Completed stages are only reused by a run with the same configuration (or --overwrite)."""
-    if cfg.overwrite or not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle).get("PipelineConfig", {})
-    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-    if changed:
-        raise SystemExit(f"{path}: this run directory was made with another configuration ({'; '.join(changed)}); "
-                         "pass --overwrite to redo it or choose another --out")
-
-
-def run_dir_flags(out: str, redo: bool) -> list[str]:
-    """--resume when a checkpoint of an interrupted run exists, --overwrite when the directory holds
-    anything else of an earlier run (or the stage is redone), nothing for a fresh directory."""
-    from lorapar.trainer import RUN_FILES, latest_checkpoint
-
-    if os.path.isdir(out) and not redo and latest_checkpoint(out) is not None:
-        return ["--resume"]
-    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
-        return ["--overwrite"]
-    return []
-
-
-def script(name: str):
-    """A command-line script of the repository (classify.py, score.py, ...) as a module: they live
-    beside the lorapar package, so the pipeline works from any working directory."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(name)
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def active_fraction(adapter_dir: str) -> float:
-    """Share of the adapter's elements its masks let train (1.0 without a masks file)."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(adapter_dir, "masks.safetensors")
-    if not os.path.exists(path):
-        return 1.0
-    masks = load_file(path)
-    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
 
 class Pipeline:
@@ -279,10 +218,12 @@ class Pipeline:
             return list(self.cfg.teachers)
         if self.cfg.ckpt:
             return ["rule:gsm8k-steps"]
-        # The synthetic answers: System 1 has one line and a few words before '####', System 2 two or three
-        # lines and ten or more words; the local tiny base votes by the role-play likelihoods.
-        return ["rule:gsm8k-steps,threshold=2", "rule:length,threshold=10",
-                f"local:{inputs['base']},tokenizer={inputs['tokenizer']}"]
+        # The synthetic answers: System 1 has one or two step lines before '####', System 2 three or more
+        # (a line restates its event: S1 at most ~16 words, S2 at least ~17), and the rows carry their
+        # ground truth. The tiny base as a local role-play teacher (--teacher local:OUT/assets/base) is
+        # left out: it has never seen the role-play prompt, its votes carried no signal (183 of 200 rows
+        # System 1) and its ~560-token prompts cost ~200 CPU seconds, time the seeds need more.
+        return ["rule:gsm8k-steps,threshold=3", "rule:length,threshold=18", "rule:oracle"]
 
     # ---- stages
     def classify(self, inputs: dict, redo: bool) -> dict:
@@ -296,44 +237,54 @@ class Pipeline:
         summary = classify.main(argv)
         return {k: summary.get(k) for k in ("rows", "system_1", "system_2", "fleiss_kappa", "reference_accuracy", "teachers")}
 
-    def score(self, inputs: dict, labelled: str) -> dict:
+    def score(self, inputs: dict, labelled: str, seed: int, out: str, init: str, theta: float) -> dict:
+        """score.py at one init and theta: importance, masks, random masks and the scored adapter_init/."""
         score = script("score")
         cfg = self.cfg
-        argv = ["--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled, "--out", self.dir("score"),
-                "--random-baseline", "--overwrite", "--theta", str(cfg.theta), "--samples", str(cfg.score_samples),
+        argv = ["--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled, "--out", out,
+                "--random-baseline", "--overwrite", "--theta", str(theta), "--samples", str(cfg.score_samples),
                 "--template", cfg.template, "--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha),
-                "--targets", ",".join(cfg.targets), "--seed", str(cfg.seed), "--max-len", str(cfg.sft_max_len)]
-        report = score.main(argv)["report"]["partition"]
-        return {"active_fraction": report["active_fraction"]}
+                "--targets", ",".join(cfg.targets), "--seed", str(seed), "--max-len", str(cfg.sft_max_len), "--init", init]
+        report = score.main(argv)["report"]
+        baseline = report.get("random_baseline")
+        return {"active_fraction": report["partition"]["active_fraction"], "init": init, "theta": theta, "out": out,
+                "random_scope": baseline.get("scope") if isinstance(baseline, dict) else None}
 
-    def sft(self, inputs: dict, labelled: str, method: str, masks: str, redo: bool) -> dict:
+    def start(self, method: str, seed: int) -> tuple[list[str], str]:
+        """(train_sft.py adapter flags, stage masks or '') of a method's SFT run for one seed."""
+        cfg, run = self.cfg, self.dir(f"seed{seed}")
+        if method == "dmlora":
+            return ["--adapter", "dual", "--dual-rank", str(cfg.dual_rank), "--dual-shared-rank", str(cfg.dual_shared_rank),
+                    "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.dual_targets),
+                    "--dual-target-rank", str(cfg.dual_target_rank), "--dual-t-init", str(cfg.dual_t_init),
+                    "--dual-t-final", str(cfg.dual_t_final), "--dual-delta-t", str(cfg.dual_delta_t)], ""
+        if method == "lora":
+            return ["--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha), "--targets", ",".join(cfg.targets),
+                    "--init", "lora"], ""
+        score = os.path.join(run, "score_pissa" if method == "pissa" else "score")
+        masks = os.path.join(score, "random_masks.safetensors" if method == "random" else "masks.safetensors")
+        return ["--init-adapter", os.path.join(score, "adapter_init")], masks
+
+    def sft(self, inputs: dict, labelled: str, out: str, seed: int, adapter: list[str], masks: str, redo: bool) -> dict:
         train_sft = script("train_sft")
-        cfg, out = self.cfg, self.dir(method, "sft")
+        cfg = self.cfg
         argv = ["--preset", "lorapar-sft", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled,
-                "--format", "labelled", "--template", cfg.template, "--out", out, "--seed", str(cfg.seed),
+                "--format", "labelled", "--template", cfg.template, "--out", out, "--seed", str(seed),
                 "--max-steps", str(cfg.sft_steps), "--lr", str(cfg.sft_lr), "--batch-size", str(cfg.sft_batch_size),
                 "--global-batch", str(cfg.sft_global_batch), "--max-len", str(cfg.sft_max_len),
-                "--save-every", str(cfg.save_every), *run_dir_flags(out, redo)]
-        if method == "dmlora":
-            argv += ["--adapter", "dual", "--dual-rank", str(cfg.dual_rank), "--dual-shared-rank", str(cfg.dual_shared_rank),
-                     "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.dual_targets),
-                     "--dual-target-rank", str(cfg.dual_target_rank), "--dual-t-init", str(cfg.dual_t_init),
-                     "--dual-t-final", str(cfg.dual_t_final), "--dual-delta-t", str(cfg.dual_delta_t)]
-        else:
-            argv += ["--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha), "--targets", ",".join(cfg.targets),
-                     "--init", "pissa" if method == "pissa" else "lora"]
+                "--save-every", str(cfg.save_every), *adapter, *run_dir_flags(out, redo)]
         if masks:
             argv += ["--system", "1", "--masks", masks, "--stage", "1"]
         train_sft.main(argv)
         losses = [m["loss"] for m in read_metrics(out) if "loss" in m]  # the log survives a resume, unlike main's return
         return {"steps": len(losses), "loss_first": losses[0], "loss": losses[-1], "active_fraction": active_fraction(out)}
 
-    def grpo(self, inputs: dict, labelled: str, method: str, masks: str, redo: bool) -> dict:
+    def grpo(self, inputs: dict, labelled: str, method: str, seed: int, masks: str, redo: bool) -> dict:
         train_rl = script("train_rl")
-        cfg, out = self.cfg, self.dir(method, "rl")
+        cfg, out = self.cfg, self.dir(f"seed{seed}", method, "rl")
         argv = ["--preset", "lorapar-grpo", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"],
-                "--adapter", self.dir(method, "sft"), "--data", labelled, "--format", "labelled", "--system", "2",
-                "--template", cfg.template, "--rewards", cfg.rewards, "--out", out, "--seed", str(cfg.seed),
+                "--adapter", self.dir(f"seed{seed}", method, "sft"), "--data", labelled, "--format", "labelled",
+                "--system", "2", "--template", cfg.template, "--rewards", cfg.rewards, "--out", out, "--seed", str(seed),
                 "--max-steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--prompts-per-step", str(cfg.rl_prompts_per_step),
                 "--num-generations", str(cfg.rl_generations), "--max-prompt-len", str(cfg.rl_max_prompt_len),
                 "--max-completion-len", str(cfg.rl_max_completion_len), "--beta", str(cfg.rl_beta),
@@ -342,9 +293,15 @@ class Pipeline:
         if masks:
             argv += ["--masks", masks, "--stage", "2"]
         train_rl.main(argv)
-        rewards = [m["reward_mean"] for m in read_metrics(out) if "reward_mean" in m]
+        steps = [m for m in read_metrics(out) if "reward_mean" in m]
+        rewards = [m["reward_mean"] for m in steps]
+        # pass@G: the share of a step's prompts with at least one correct completion among their G samples
+        solved = [next(v for k, v in m.items() if k.startswith("reward/correct") and k.endswith("_any"))
+                  for m in steps if any(k.startswith("reward/correct") and k.endswith("_any") for k in m)]
         return {"steps": len(rewards), "reward_first": rewards[0], "reward_last": rewards[-1],
-                "reward_mean": sum(rewards) / len(rewards), "active_fraction": active_fraction(out)}
+                "reward_mean": sum(rewards) / len(rewards), "active_fraction": active_fraction(out),
+                "pass_at_g": sum(solved) / len(solved) if solved else None,
+                "pass_at_g_first": solved[0] if solved else None, "generations": cfg.rl_generations}
 
     def evaluate(self, inputs: dict, adapter: str, out: str) -> dict:
         from lorapar.evaluate import EvalArgs, run
@@ -353,41 +310,116 @@ class Pipeline:
         args = EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
                         out=out, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
                         max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template, overwrite=True)
-        return run(args)["metrics"]
+        return {"metrics": run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
 
     # ---- the whole run
+    def jobs(self) -> list[tuple[str, int, tuple[str, ...]]]:
+        """Independent parts of the run, longest first: per seed, the rows that share a score stage (LoRA-PAR
+        and its random masks; PiSSA) and each other row on its own; the theta sweep; the base evaluation."""
+        cfg = self.cfg
+        groups = [tuple(m for m in group if m in cfg.methods) for group in (("lorapar", "random"), ("pissa",), ("lora",), ("dmlora",))]
+        seeds = [("seed", s, g) for g in groups if g for s in cfg.seed_values()]
+        return seeds + ([("sweep", cfg.seed, ())] if cfg.theta_sweep else []) + [("base", cfg.seed, ())]
+
+    def job_stages(self, kind: str, methods: tuple[str, ...]) -> int:
+        cfg = self.cfg
+        if kind == "base":
+            return 1
+        if kind == "sweep":
+            return 5 * sum(not (t == cfg.theta and self.sweep_reuses_rows()) for t in cfg.theta_sweep)
+        scores = (1 if set(methods) & {"lorapar", "random"} else 0) + (1 if "pissa" in methods else 0)
+        return scores + sum(2 if m == "dmlora" else 4 for m in methods)
+
+    def run_job(self, job: tuple[str, int, tuple[str, ...]], inputs: dict) -> None:
+        kind, seed, methods = job
+        stages = Stages(self.cfg.out, self.cfg.overwrite, total=self.job_stages(kind, methods))
+        labelled = self.dir("classify", "labelled.jsonl")
+        if kind == "base":
+            stages.run("base.eval", "evaluate: the base model without an adapter",
+                       lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
+        elif kind == "sweep":
+            self.run_sweep(stages, inputs, labelled, seed)
+        else:
+            self.run_seed(stages, inputs, labelled, seed, methods)
+
     def run(self) -> dict:
         cfg = self.cfg
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
-        per_method = {m: (4 if m != "dmlora" else 2) for m in cfg.methods}
-        stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 3 + sum(per_method.values()))
+        stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1)
         inputs = self.inputs(stages)
-        labelled = self.dir("classify", "labelled.jsonl")
+        atomic_write_json(self.dir("inputs.json"), inputs)
         stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
-        stages.run("score", f"score: element importance, theta {cfg.theta} masks, random masks",
-                   lambda redo: self.score(inputs, labelled))
-        stages.run("base.eval", "evaluate: the base model without an adapter",
-                   lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
-        masks = {"lora": "", "dmlora": "", "lorapar": self.dir("score", "masks.safetensors"),
-                 "pissa": self.dir("score", "masks.safetensors"), "random": self.dir("score", "random_masks.safetensors")}
-        for method in cfg.methods:
-            stages.run(f"{method}.sft", f"{method}: SFT" + (" (System 1, stage-1 mask)" if masks[method] else " (all rows)"),
-                       lambda redo: self.sft(inputs, labelled, method, masks[method], redo))
-            stages.run(f"{method}.sft.eval", f"{method}: evaluate after SFT",
-                       lambda redo: self.evaluate(inputs, self.dir(method, "sft"), self.dir(method, "eval_sft.json")))
+        jobs = self.jobs()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.workers <= 1:
+            for job in jobs:
+                self.run_job(job, inputs)
+        else:
+            # The seeds and the sweep share nothing but the inputs and the labels: run them as separate
+            # processes (spawned, so no thread pool or tensor state is inherited), one core each.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(cfg.workers, len(jobs)), maxtasksperchild=1) as pool:
+                for job in pool.imap_unordered(run_job_in_worker, [(cfg, inputs, job) for job in jobs]):
+                    print(f"==== {job[0]} {job[1]} {','.join(job[2])}: done", flush=True)
+        results = build_report(cfg.out)
+        print("\n" + results["markdown"])
+        return results
+
+    def run_seed(self, stages: Stages, inputs: dict, labelled: str, seed: int, methods: tuple[str, ...]) -> None:
+        cfg, run = self.cfg, lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
+        if set(methods) & {"lorapar", "random"}:
+            stages.run(f"seed{seed}.score", f"seed {seed}: score at the gaussian init, theta {cfg.theta} masks, random masks",
+                       lambda redo: self.score(inputs, labelled, seed, run("score"), "gaussian", cfg.theta))
+        if "pissa" in methods:
+            stages.run(f"seed{seed}.score_pissa", f"seed {seed}: score at the PiSSA init, theta {cfg.theta} masks",
+                       lambda redo: self.score(inputs, labelled, seed, run("score_pissa"), "pissa", cfg.theta))
+        for method in methods:
+            adapter, masks = self.start(method, seed)
+            tag = f"seed{seed}.{method}"
+            stages.run(f"{tag}.sft", f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
+                       lambda redo: self.sft(inputs, labelled, run(method, "sft"), seed, adapter, masks, redo))
+            stages.run(f"{tag}.sft.eval", f"seed {seed}, {method}: evaluate after SFT",
+                       lambda redo: self.evaluate(inputs, run(method, "sft"), run(method, "eval_sft.json")))
             if method == "dmlora":
                 continue
-            stages.run(f"{method}.rl", f"{method}: GRPO (System 2" + (", stage-2 mask)" if masks[method] else ")"),
-                       lambda redo: self.grpo(inputs, labelled, method, masks[method], redo))
-            stages.run(f"{method}.rl.eval", f"{method}: evaluate after GRPO",
-                       lambda redo: self.evaluate(inputs, self.dir(method, "rl"), self.dir(method, "eval_rl.json")))
-        results = summarise(cfg, stages.records, inputs)
-        atomic_write_json(self.dir("results.json"), results)
-        table = format_report(results)
-        atomic_write_text(self.dir("results.md"), table)
-        print("\n" + table)
-        return results
+            stages.run(f"{tag}.rl", f"seed {seed}, {method}: GRPO (System 2" + (", stage-2 mask)" if masks else ")"),
+                       lambda redo: self.grpo(inputs, labelled, method, seed, masks, redo))
+            stages.run(f"{tag}.rl.eval", f"seed {seed}, {method}: evaluate after GRPO",
+                       lambda redo: self.evaluate(inputs, run(method, "rl"), run(method, "eval_rl.json")))
+
+    def sweep_reuses_rows(self) -> bool:
+        """The theta of the main rows is a point of the curve: its seed's lorapar / random SFT runs."""
+        return self.cfg.theta in self.cfg.theta_sweep and {"lorapar", "random"} <= set(self.cfg.methods)
+
+    def run_sweep(self, stages: Stages, inputs: dict, labelled: str, seed: int) -> None:
+        """SFT-only theta curve for one seed: importance-selected vs random stage-1 masks of equal size.
+        Each theta's runs start from the adapter its score.py run scored (the same seed scores the same
+        examples on the same gaussian adapter, so between thetas only the partition changes)."""
+        cfg = self.cfg
+        for theta in cfg.theta_sweep:
+            if theta == cfg.theta and self.sweep_reuses_rows():
+                continue
+            out = self.dir("sweep", f"theta{theta}")
+            stages.run(f"sweep.theta{theta}.score", f"sweep: theta {theta} masks and random masks (seed {seed})",
+                       lambda redo: self.score(inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta))
+            for kind, masks in (("importance", "masks.safetensors"), ("random", "random_masks.safetensors")):
+                adapter = ["--init-adapter", os.path.join(out, "score", "adapter_init")]
+                stages.run(f"sweep.theta{theta}.{kind}.sft", f"sweep: theta {theta}, {kind} masks: SFT (System 1)",
+                           lambda redo: self.sft(inputs, labelled, os.path.join(out, kind), seed, adapter,
+                                                 os.path.join(out, "score", masks), redo))
+                stages.run(f"sweep.theta{theta}.{kind}.sft.eval", f"sweep: theta {theta}, {kind} masks: evaluate",
+                           lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
+
+
+def run_job_in_worker(task: tuple) -> tuple[str, int, tuple[str, ...]]:
+    """One job of Pipeline.jobs() in a worker process (module level: a spawned process imports it)."""
+    cfg, inputs, job = task
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    Pipeline(cfg).run_job(job, inputs)
+    return job
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -43,7 +43,7 @@ class PretrainArgs:
     n_heads: int = 4
     n_kv_heads: int = 2
     hidden_dim: int = 352  # about 8/3 * dim, as LLaMA's SwiGLU rule gives
-    vocab_size: int = field(default=1024, metadata={"help": "SentencePiece pieces trained on the corpus"})
+    vocab_size: int = field(default=512, metadata={"help": "SentencePiece pieces trained on the corpus (the task has few words)"})
     seq_len: int = field(default=128, metadata={"help": "tokens per training window"})
     batch_size: int = 32
     steps: int = field(default=700, metadata={"help": "optimizer steps (deterministic, unlike a time budget)"})
@@ -56,14 +56,15 @@ class PretrainArgs:
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                         hidden_dim=self.hidden_dim, vocab_size=self.vocab_size, max_seq_len=512)
+                         hidden_dim=self.hidden_dim, vocab_size=self.vocab_size,
+                         max_seq_len=1024)  # the local teacher's role-play prompt is ~560 tokens
 
 
 # "full": ~2-3 minutes of pretraining on 2 CPU cores; "smoke": a few seconds, for CI's end-to-end run.
 SCALES: dict[str, tuple[SyntheticArgs, PretrainArgs]] = {
     "full": (SyntheticArgs(), PretrainArgs()),
     "smoke": (
-        SyntheticArgs(n_planets=16, n_train=200, n_test=40, fact_repeats=6, n_stories=800, n_table_docs=200),
+        SyntheticArgs(n_train=200, n_test=40, n_stories=800, n_table_docs=200),
         PretrainArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=512, batch_size=16,
                      steps=120, warmup_steps=10),
     ),
@@ -123,8 +124,9 @@ def pretrain(stream: torch.Tensor, args: PretrainArgs, progress: bool = True) ->
 
 def _spec(scale: str, seed: int) -> dict:
     task, train = SCALES[scale]
-    return {"scale": scale, "seed": seed, "SyntheticArgs": dataclasses.asdict(dataclasses.replace(task, seed=seed)),
+    spec = {"scale": scale, "seed": seed, "SyntheticArgs": dataclasses.asdict(dataclasses.replace(task, seed=seed)),
             "PretrainArgs": dataclasses.asdict(dataclasses.replace(train, seed=seed))}
+    return json.loads(json.dumps(spec))  # as read back from assets.json (tuples become lists)
 
 
 def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progress: bool = True) -> dict:

@@ -18,6 +18,7 @@ COMMANDS = [
     ["-m", "lorapar.evaluate"],
     ["-m", "lorapar.pipeline"],
     ["-m", "lorapar.pretrain"],
+    ["-m", "lorapar.report"],
     ["-m", "lorapar.serve"],
 ]
 HEADER = (

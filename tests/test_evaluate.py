@@ -99,7 +99,7 @@ def test_evaluation_reads_the_template_and_stage_from_the_adapter_run_config(tmp
 def tokenizer(tmp_path_factory):
     from lorapar.synthetic import SyntheticArgs, make_corpus, train_tokenizer
 
-    docs = make_corpus(SyntheticArgs(n_planets=4, fact_repeats=3, n_stories=50, n_table_docs=20), set())
+    docs = make_corpus(SyntheticArgs(n_train=40, n_test=10, n_stories=50, n_table_docs=20), set())
     path = tmp_path_factory.mktemp("tok") / "t.model"
     return Tokenizer(train_tokenizer(docs + ["Question: Answer: A B C D"], str(path), vocab_size=384))
 

@@ -1,4 +1,5 @@
-"""The pipeline's --smoke run end to end: every stage, every row of the table, then a resumed run."""
+"""The pipeline's --smoke run end to end: every stage, every row over two seeds, the theta sweep, the
+statistics, a resumed run, and the report rebuilt from the run directory alone."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import math
 import os
 
 import pytest
+import torch
 
-from lorapar import pipeline
+from lorapar import pipeline, report
 from lorapar.config import save_config
-from lorapar.report import format_report
 
 
 def _stage_files(out: str) -> dict[str, float]:
@@ -26,45 +27,114 @@ def _stage_files(out: str) -> dict[str, float]:
     return found
 
 
-def test_smoke_run_writes_every_row_then_resumes(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    results = pipeline.main(["--smoke", "--threads", "1", "--out", out])
+def _read(path: str):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
-    methods = [row["method"] for row in results["rows"]]
-    assert methods == ["base", *pipeline.METHODS]
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pipeline") / "run")
+    return out, pipeline.main(["--smoke", "--threads", "1", "--out", out])
+
+
+def test_smoke_run_writes_every_row_over_every_seed(smoke):
+    out, results = smoke
+    assert results["seeds"] == [0, 1]
+    assert [row["method"] for row in results["rows"]] == ["base", *pipeline.METHODS]
     for row in results["rows"]:
-        evaluated = [row["after_sft"]] + ([row["after_rl"]] if row["method"] not in ("base", "dmlora") else [])
-        for acc in evaluated:
+        phases = [row["after_sft"]] + ([row["after_rl"]] if row["method"] not in ("base", "dmlora") else [])
+        for acc in phases:
             for key in ("system1", "system2", "overall"):
-                assert 0.0 <= acc[key] <= 1.0, (row["method"], key, acc)
+                per_seed = acc[key]["per_seed"]
+                assert len(per_seed) == (1 if row["method"] == "base" else 2) and all(0 <= v <= 1 for v in per_seed)
+                assert acc[key]["mean"] == pytest.approx(sum(per_seed) / len(per_seed))
         if row["method"] not in ("base", "dmlora"):
             assert math.isfinite(row["sft_loss"]) and row["sft_seconds"] > 0 and row["rl_seconds"] > 0
+            assert 0.0 <= row["pass_at_g"] <= 1.0
     by_method = {row["method"]: row for row in results["rows"]}
     assert by_method["lora"]["active_sft"] == by_method["lora"]["active_rl"] == 1.0
     for method in ("lorapar", "random", "pissa"):  # masked: strictly fewer elements train
         assert 0.0 < by_method[method]["active_sft"] < 1.0 and 0.0 < by_method[method]["active_rl"] < 1.0
-    # the random masks have the partition's per-tensor sizes, hence the same active share
+    # the random masks are as large as the partition's
     assert by_method["random"]["active_sft"] == pytest.approx(by_method["lorapar"]["active_sft"])
     assert by_method["random"]["active_rl"] == pytest.approx(by_method["lorapar"]["active_rl"])
     assert 0.0 < by_method["dmlora"]["active_sft"] < 1.0  # pruned expert components
 
-    with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
-        assert json.load(handle)["rows"] == json.loads(json.dumps(results["rows"]))
+    names = {(c["name"], c["subset"]) for c in results["comparisons"]}
+    assert ("LoRA-PAR vs LoRA+RL, after RL", "overall") in names
+    assert ("importance vs random masks, after SFT", "overall") in names
+    assert ("GRPO vs SFT on S2: LoRA-PAR", "system2") in names
+    for c in results["comparisons"]:
+        assert c["low"] <= c["diff"] + 1e-12 and c["diff"] <= c["high"] + 1e-12 and c["seeds"] == 2
+    assert [p["theta"] for p in results["theta_curve"]] == [0.5, 0.9]
+    small, large = results["theta_curve"]
+    assert 0 < small["active_stage1"] < large["active_stage1"] < 1
+
+
+def test_seeds_change_the_adapter_init_and_the_data_order(smoke):
+    out, _ = smoke
+    from safetensors.torch import load_file
+
+    inits = [load_file(os.path.join(out, f"seed{s}", "score", "adapter_init", "adapter_model.safetensors")) for s in (0, 1)]
+    assert inits[0].keys() == inits[1].keys()
+    assert all(not torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+    for method in ("lora", "lorapar"):
+        seeds = [_read(os.path.join(out, f"seed{s}", method, "sft", "config.json"))["TrainArgs"]["seed"] for s in (0, 1)]
+        assert seeds == [0, 1]
+    # the training seed sets the order of the SFT batches (as train_sft.py builds its sampler)
+    from lorapar.data import LengthGroupedSampler
+
+    lengths = [5] * 64
+    orders = [list(LengthGroupedSampler(lengths, batch_size=8, seed=s)) for s in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+    # and the evaluations of the two seeds differ somewhere: they are separate runs, not copies
+    evals = [_read(os.path.join(out, f"seed{s}", "lora", "eval_sft.json"))["records"] for s in (0, 1)]
+    assert [r["completion"] for r in evals[0]] != [r["completion"] for r in evals[1]]
+
+
+def test_records_keep_the_exact_prompts_and_the_report_rebuilds_from_the_files(smoke):
+    out, results = smoke
+    records = _read(os.path.join(out, "seed0", "lorapar", "eval_rl.json"))["records"]
+    test_rows = [json.loads(line) for line in open(os.path.join(out, "assets", "test.jsonl"), encoding="utf-8")]
+    assert [r["prompt"] for r in records] == [f"Question: {row['question']}\nAnswer:" for row in test_rows[: len(records)]]
     with open(os.path.join(out, "results.md"), encoding="utf-8") as handle:
         table = handle.read()
-    assert table == format_report(results) and table in capsys.readouterr().out
-    for label in ("LoRA-PAR (theta 0.9)", "random masks", "PiSSA", "DM-LoRA", "Base model"):
+    for label in ("LoRA+RL", "LoRA-PAR (theta 0.9)", "random masks", "PiSSA", "DM-LoRA", "Base model", "theta curve",
+                  "Paired differences", "This run cannot resolve"):
         assert label in table
-    with open(os.path.join(out, "config.json"), encoding="utf-8") as handle:
-        assert json.load(handle)["PipelineConfig"]["smoke"] is True
+    os.remove(os.path.join(out, "results.md"))
+    os.remove(os.path.join(out, "results.json"))
+    rebuilt = report.main([out])
+    with open(os.path.join(out, "results.md"), encoding="utf-8") as handle:
+        assert handle.read() == table == rebuilt["markdown"]
+    assert _read(os.path.join(out, "results.json"))["rows"] == json.loads(json.dumps(results["rows"]))
+    # a changed per-item record changes the table: it is computed from the files, not remembered
+    path = os.path.join(out, "seed0", "lora", "eval_sft.json")
+    saved = _read(path)
+    edited = json.loads(json.dumps(saved))
+    for r in edited["records"]:
+        r["correct"] = True
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(edited, handle)
+    try:
+        row = next(r for r in report.build_results(out)["rows"] if r["method"] == "lora")
+        assert row["after_sft"]["overall"]["per_seed"][0] == 1.0
+    finally:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(saved, handle)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        report.main([os.path.join(out, "seed0")])
 
-    # A second run finds every stage complete: nothing is recomputed, no stage output is touched.
+
+def test_a_second_run_skips_every_completed_stage(smoke, capsys):
+    out, results = smoke
     before = _stage_files(out)
     again = pipeline.main(["--smoke", "--threads", "1", "--out", out])
     after = _stage_files(out)
-    changed = sorted(p for p in before if after.get(p) != before[p] and p not in ("results.json", "results.md", "config.json"))
-    assert changed == []
-    assert again["rows"] == results["rows"]
+    rebuilt = ("results.json", "results.md", "config.json", "inputs.json", "theta.png")
+    assert sorted(p for p in before if after.get(p) != before[p] and p not in rebuilt) == []
+    assert again["rows"] == json.loads(json.dumps(results["rows"]))
     assert "skipped" in capsys.readouterr().out
 
 
@@ -73,9 +143,10 @@ def test_real_inputs_must_come_together():
         pipeline.parse_config(["--ckpt", "some/model"])
 
 
-def test_unknown_method_is_an_error():
-    with pytest.raises(SystemExit):
-        pipeline.parse_config(["--methods", "lora,qlora"])
+def test_bad_methods_seeds_and_thetas_are_errors():
+    for argv in (["--methods", "lora,qlora"], ["--seeds", "0"], ["--theta-sweep", "0.5,1.5"]):
+        with pytest.raises(SystemExit):
+            pipeline.parse_config(argv)
 
 
 def test_a_changed_configuration_is_refused(tmp_path):

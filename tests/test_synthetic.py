@@ -1,5 +1,6 @@
-"""The embedded default task: determinism, parseable answers, disjoint splits, steps per system,
-a working tokenizer, a pretraining run that learns, and resumable asset building."""
+"""The embedded default task: determinism, parseable answers, disjoint splits, steps per system (one
+family: System 1 one or two steps, System 2 three or more), a working tokenizer, a pretraining run
+that learns, and resumable asset building."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import torch
 
 from lorapar.data import load_examples
 from lorapar.pretrain import SCALES, PretrainArgs, build_default_assets, pretrain, token_stream
-from lorapar.synthetic import SyntheticArgs, count_steps, make_corpus, make_splits, read_corpus, train_tokenizer, write_task
+from lorapar.synthetic import (
+    MAX_COUNT, ORDINALS, SyntheticArgs, apply_step, count_steps, make_corpus, make_splits, read_corpus, single_steps, train_tokenizer,
+    write_task,
+)
 from lorapar.tokenizer import Tokenizer
 
-SMALL = SyntheticArgs(n_planets=16, n_train=200, n_test=40, fact_repeats=2, n_stories=200, n_table_docs=50)
+SMALL = SyntheticArgs(n_train=200, n_test=40, n_stories=200, n_table_docs=50)
 
 
 def test_generator_is_deterministic_given_a_seed():
@@ -39,15 +43,33 @@ def test_splits_are_disjoint_balanced_and_every_answer_parses(tmp_path):
             assert e.answer.endswith(f"#### {e.final}")
 
 
-def test_system2_items_take_more_steps_and_check_their_arithmetic():
-    train, _ = make_splits(SMALL)
-    for row in train:
+def test_system1_takes_one_or_two_steps_system2_three_or_more_and_every_step_is_right():
+    train, test = make_splits(SMALL)
+    for row in train + test:
         steps = count_steps(row["answer"])
-        assert (steps == 1) if row["system"] == 1 else (steps >= 2), row
-        for a, op, b, c in _equations(row["answer"]):
-            assert {"+": a + b, "-": a - b, "*": a * b}[op] == c, row
-    kinds = {r["kind"] for r in train}
-    assert kinds == {"fact", "operation", "steps"}
+        assert steps == row["steps"] and row["kind"] == f"{steps}-step"
+        assert (steps in (1, 2)) if row["system"] == 1 else (steps in (3, 4)), row
+        chain = _equations(row["answer"])
+        assert len(chain) == steps, row
+        start = int(row["question"].split(" has ", 1)[1].split(" ", 1)[0])
+        for a, op, b, c in chain:  # each line continues from the previous line's result
+            assert a == start and {"+": a + b, "-": a - b, "*": a * b}[op] == c and 1 <= c <= MAX_COUNT, row
+            start = c
+        lines = row["answer"].split("\n")[:-1]
+        for k, line in enumerate(lines):  # the k-th line restates the question's k-th event, by its ordinal
+            event = line.split(": ", 1)[0] + "."
+            assert line.startswith(ORDINALS[k] + ", ") and f" {event} " in row["question"] + " ", row
+        assert f"{ORDINALS[steps]}," not in row["question"]
+        assert row["answer"].endswith(f"#### {start}")
+    for system, lengths in ((1, {1, 2}), (2, {3, 4})):  # both lengths of each system are drawn
+        assert {r["steps"] for r in train if r["system"] == system} == lengths
+
+
+def test_steps_per_system_are_configurable_and_must_not_overlap():
+    longer = dataclasses.replace(SMALL, s2_steps=(5,))
+    assert {r["steps"] for r in make_splits(longer)[0] if r["system"] == 2} == {5}
+    with pytest.raises(ValueError, match="fewer than"):
+        SyntheticArgs(s1_steps=(1, 3), s2_steps=(3, 4))
 
 
 def _equations(text):
@@ -56,19 +78,20 @@ def _equations(text):
     return [(int(a), op, int(b), int(c)) for a, op, b, c in re.findall(r"(\d+)([-+*])(\d+)=(\d+)", text)]
 
 
-def test_corpus_states_the_facts_but_never_the_task_format():
+def test_corpus_teaches_the_steps_but_never_the_task_format():
     train, test = make_splits(SMALL)
-    corpus = make_corpus(SMALL, {r["question"] for r in train + test})
+    tables = dataclasses.replace(SMALL, n_table_docs=len(single_steps()) // 8 + 1)  # one round of every step
+    corpus = make_corpus(tables, {r["question"] for r in train + test})
     text = "\n".join(corpus)
     assert "?" not in text and "Question" not in text and "Answer" not in text
     marked = [doc for doc in corpus if "####" in doc]
     assert marked and all(doc.count("####") == 1 and doc.split("\n")[-1].startswith("#### ") for doc in marked)
-    facts = [r for r in test if r["kind"] == "fact"]
-    assert facts
-    for row in facts:  # held-out facts are learnable: the corpus states them, in the answer's words too
-        assert row["answer"].split("\n")[0] in text
-    premises = {r["question"].rsplit(". ", 1)[0] + "." for r in train + test if r["system"] == 2}
+    for x, op, n in single_steps():  # every step a task item can take is in the corpus's tables
+        assert f"{x}{op}{n}={apply_step(x, op, n)}" in text
+    premises = {r["question"].rsplit(". ", 1)[0] + "." for r in train + test}
     assert not any(doc.split("\n")[0] in premises for doc in corpus)
+    lengths = {len(doc.split("\n")) - ("####" in doc) - 1 for doc in corpus if " has " in doc.split("\n")[0]}
+    assert lengths == {1, 2, 3, 4, 5}  # stories up to one step longer than the longest System-2 item
 
 
 def test_tokenizer_training_is_deterministic_and_round_trips(tmp_path):
