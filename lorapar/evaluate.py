@@ -40,7 +40,9 @@ from tqdm import tqdm
 
 from lorapar.config import add_dataclass_args, dataclass_from_args, field
 from lorapar.answers import final_answer, hash_answer, last_answer_integer, last_hash_integer
-from lorapar.data import LETTERS, PHASES, TEMPLATES, DataError, Example, encode_prompt, load_examples
+from lorapar.data import (
+    LETTERS, PHASES, TEMPLATES, DataError, Example, chat_format, encode_prompt, format_prompt, load_examples,
+)
 from lorapar.generate import generate
 from lorapar.errors import FlagError, check_fields, check_output_file, run_main
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
@@ -190,8 +192,11 @@ def evaluate_gsm8k(
     prompts = [encode_prompt(tokenizer, e, template, phase) for e in examples]
     outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, desc="gsm8k")
     result = score_gsm8k(examples, [text for text, _ in outputs], resolve_extraction(extraction, template, phase))
-    for record, prompt, (_, finished) in zip(result["records"], prompts, outputs):
-        record["prompt"], record["finished"] = prompt, finished  # the exact text given to the model, for audits
+    for record, example, ids, (_, finished) in zip(result["records"], examples, prompts, outputs):
+        # For audits: the prompt's text and the exact token ids given to the model (lorapar's SFT prompt ends
+        # with an EOS token, which is no text).
+        record["prompt"] = format_prompt(example, template, phase, chat_format(tokenizer))
+        record["prompt_ids"], record["finished"] = ids, finished
     return result
 
 
