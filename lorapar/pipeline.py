@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 
+from lorapar import runlock
 from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
 from lorapar.io import atomic_write_json
@@ -343,6 +344,13 @@ class Pipeline:
             self.run_seed(stages, inputs, labelled, seed, methods)
 
     def run(self) -> dict:
+        runlock.acquire(self.cfg.out)  # a second pipeline into this --out is refused, naming this process
+        try:
+            return self._run()
+        finally:
+            runlock.release(self.cfg.out)
+
+    def _run(self) -> dict:
         cfg = self.cfg
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)

@@ -79,3 +79,17 @@ def test_score_overwrite_with_bad_data_keeps_the_previous_results(tmp_path):
     with pytest.raises(DataError, match="bad.jsonl:2"):
         score.run_scoring(cfg)
     assert all((out / n).read_text() == f"previous {n}\n" for n in ("config.json", "masks.safetensors", "report.json"))
+
+
+def test_the_pipeline_refuses_an_out_directory_in_use_and_writes_nothing(tmp_path):
+    from lorapar import pipeline
+
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(runlock.RunLocked, match=f"in use by process {holder.pid}"):
+            pipeline.main(["--smoke", "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [runlock.LOCK_NAME]
