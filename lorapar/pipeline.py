@@ -47,8 +47,8 @@ from typing import Optional
 import torch
 
 from lorapar import runlock
-from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
+from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.io import atomic_write_json
 from lorapar.report import build_report
 from lorapar.stages import Stages, active_fraction, check_same_config, read_metrics, run_dir_flags, script
