@@ -11,7 +11,8 @@ What `--fsdp` changes, and why:
   forward (lorapar/loss.py), and the root holds only the embedding, the norm and the head.
 - Loading. The model is built on the meta device (no storage), sharded, then materialised rank-locally;
   each rank reads only the rows of its shards from the checkpoint (safetensors slices, memory-mapped
-  Meta shards and llama2.c files), so the full model never exists in one process.
+  Meta shards and llama2.c files, GGUF rows dequantized rank by rank), so the full model never exists in
+  one process.
 - Gradients. FSDP reduce-scatters the gradients with a sum (divide factor 1), as `dist.all_reduce_grads`
   does without FSDP: the trainers already divide the loss by the global token count.
 - Optimizer. MaskedAdamW sees DTensor parameters and updates each rank's local shard with the matching

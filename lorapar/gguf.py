@@ -133,18 +133,51 @@ def gguf_to_meta_name(name: str) -> str:
     return f"layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}"
 
 
-def dequantize(tensor, path: str) -> torch.Tensor:
-    """One GGUF tensor as an fp32 (or the file's f16) torch tensor of shape (rows, columns) = reversed GGUF dims."""
+def dequantize(tensor, path: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) (default all) of one GGUF tensor as an fp32 (or the file's f16) torch tensor; its
+    shape is (rows, columns) = reversed GGUF dims.
+
+    A quant block runs along a row (GGUF's first dim, the innermost) and never crosses into the next, and
+    gguf's reader shapes a quantized tensor's bytes as (rows, bytes per row), so a row range of that raw
+    array dequantizes on its own: only those rows' bytes are read from the memory map (what each FSDP
+    rank does, lorapar/shard_reader.py). A 1-D quantized tensor's blocks run across its elements, so it
+    is dequantized whole and sliced (1-D tensors are norms and biases: small).
+    """
     gguf = import_gguf()
     kind = tensor.tensor_type.name
     if kind not in SUPPORTED_TYPES:
         raise GGUFError(f"{path}: tensor {tensor.name!r} has type {kind}; supported: {', '.join(SUPPORTED_TYPES)}")
     shape = tuple(int(d) for d in reversed(tensor.shape))
+    stop = shape[0] if stop is None else stop
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"{path}: rows [{start}, {stop}) of tensor {tensor.name!r} with {shape[0]} rows")
+    if start == stop:  # gguf's dequantize cannot reshape an empty array; FSDP asks for one past the last rank's rows
+        return torch.empty((0, *shape[1:]), dtype=torch.float16 if kind == "F16" else torch.float32)
+    whole_first = len(shape) == 1 and kind not in ("F32", "F16")
+    raw = tensor.data if whole_first else tensor.data[start:stop]
     if kind in ("F32", "F16"):
-        array = np.array(tensor.data)  # a copy: the memory map is read-only
+        array = np.array(raw)  # a copy: the memory map is read-only
     else:
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(array).reshape(shape))
+        array = gguf.quants.dequantize(raw, tensor.tensor_type)
+    array = np.ascontiguousarray(array).reshape(shape if whole_first else (stop - start, *shape[1:]))
+    return torch.from_numpy(array[start:stop] if whole_first else array)
+
+
+def gguf_tensors(reader, path: str) -> dict[str, Any]:
+    """{Meta name: gguf's ReaderTensor} of the file; a tensor lorapar does not know is an error naming it."""
+    tensors = {}
+    for tensor in reader.tensors:
+        try:
+            tensors[gguf_to_meta_name(tensor.name)] = tensor
+        except KeyError:
+            raise GGUFError(f"{path}: unknown tensor {tensor.name!r} (not a LLaMA/Qwen2 weight)") from None
+    return tensors
+
+
+def stores_hf_rope_order(reader, path: str) -> bool:
+    """Whether the q/k rows (and biases) are in Hugging Face's order, to be un-permuted with
+    checkpoint._hf_rows_to_meta: Qwen2's are (llama.cpp's NEOX rope), LLaMA's are already Meta's."""
+    return metadata(reader, path, "general.architecture") == "qwen2"
 
 
 def open_gguf(path: str) -> tuple[ModelArgs, dict[str, tuple[str, Callable[[], torch.Tensor]]]]:
@@ -153,17 +186,10 @@ def open_gguf(path: str) -> tuple[ModelArgs, dict[str, tuple[str, Callable[[], t
 
     reader = read_gguf(path)
     args = gguf_model_args(reader, path)
-    hf_rope_order = metadata(reader, path, "general.architecture") == "qwen2"
-    entries = {}
-    for tensor in reader.tensors:
-        try:
-            name = gguf_to_meta_name(tensor.name)
-        except KeyError:
-            raise GGUFError(f"{path}: unknown tensor {tensor.name!r} (not a LLaMA/Qwen2 weight)") from None
+    hf_rope_order = stores_hf_rope_order(reader, path)
 
-        def read(tensor=tensor, name=name) -> torch.Tensor:
-            w = dequantize(tensor, path)
-            return _hf_rows_to_meta(name, w, args) if hf_rope_order else w
+    def read(tensor, name: str) -> torch.Tensor:
+        w = dequantize(tensor, path)
+        return _hf_rows_to_meta(name, w, args) if hf_rope_order else w
 
-        entries[name] = (tensor.name, read)
-    return args, entries
+    return args, {name: (t.name, functools.partial(read, t, name)) for name, t in gguf_tensors(reader, path).items()}

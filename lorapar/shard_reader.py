@@ -2,6 +2,8 @@
 
 The full readers (lorapar/checkpoint.py) return whole tensors; this reads rows [start, stop) of one
 tensor, in Meta's names and layout, touching only the bytes of those rows where the format allows.
+GGUF tensors are dequantized row range by row range (lorapar.gguf.dequantize), so a rank dequantizes
+only its own rows.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +23,8 @@ class ShardReader:
     """rows(name, start, stop): rows [start, stop) of a base tensor (Meta name, Meta layout) without reading the rest.
 
     Meta's consolidated.NN.pth are memory-mapped (a slice touches only its pages); safetensors are read
-    through get_slice; llama2.c files through numpy's memmap. Hugging Face's q/k rows are a per-head
+    through get_slice; llama2.c files through numpy's memmap; GGUF files (memory-mapped by gguf's reader)
+    are dequantized for those rows only. Hugging Face's q/k rows (and Qwen2's in GGUF) are a per-head
     permutation of Meta's, so those are read head by head: the whole heads covering the rows.
     """
 
@@ -30,7 +33,14 @@ class ShardReader:
 
         self.path = str(path)
         self.args: ModelArgs = read_model_args(self.path)  # validates the config and names the file on error
-        if os.path.isfile(self.path):
+        if os.path.isfile(self.path) and self.path.endswith(".gguf"):  # checkpoint._open's rule
+            self.kind = "gguf"
+            from lorapar.gguf import gguf_tensors, read_gguf, stores_hf_rope_order
+
+            reader = read_gguf(self.path)  # the one read_model_args parsed (cached): nothing is read again
+            self._gguf = gguf_tensors(reader, self.path)
+            self._gguf_hf_rope_order = stores_hf_rope_order(reader, self.path)
+        elif os.path.isfile(self.path):
             self.kind = "llama2c"
             from lorapar.checkpoint import _open_llama2c
 
@@ -59,6 +69,8 @@ class ShardReader:
 
         if self.kind == "llama2c":
             return set(self._entries)
+        if self.kind == "gguf":
+            return set(self._gguf)
         if self.kind == "meta":
             return set(self._meta[0]) - META_IGNORED_KEYS
         return set(self._hf)
@@ -67,6 +79,8 @@ class ShardReader:
         """The whole tensor's shape, read from the file's header (nothing else is read)."""
         if self.kind == "llama2c":
             return tuple(self._entries[name].read().shape)
+        if self.kind == "gguf":
+            return tuple(int(d) for d in reversed(self._gguf[name].shape))  # GGUF lists dims innermost first
         if self.kind == "meta":
             from lorapar.checkpoint import META_SHARD_DIM
 
@@ -88,7 +102,10 @@ class ShardReader:
                 return self._entries[name].read()[start:stop]
             if self.kind == "meta":
                 return self._meta_rows(name, start, stop)
-            return self._hf_rows(name, start, stop)
+            if self.kind == "gguf":
+                return self._gguf_rows(name, start, stop)
+            file, key = self._hf[name]
+            return self._rope_rows(name, start, stop, lambda lo, hi: self._hf_slice(file, key, lo, hi))
         except KeyError:
             raise CheckpointError(f"{self.path}: missing key {name!r} (Meta name) for this model "
                                   "configuration") from None
@@ -110,16 +127,25 @@ class ShardReader:
             offset += part.shape[0]
         return torch.cat(pieces) if pieces else parts[0][:0]
 
-    def _hf_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def _gguf_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from lorapar.gguf import dequantize
+
+        tensor = self._gguf[name]
+        read = lambda lo, hi: dequantize(tensor, self.path, lo, hi)  # noqa: E731
+        return self._rope_rows(name, start, stop, read) if self._gguf_hf_rope_order else read(start, stop)
+
+    def _rope_rows(self, name: str, start: int, stop: int,
+                   read_hf_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """Rows [start, stop) in Meta's order of a tensor stored in Hugging Face's (read_hf_rows(lo, hi) reads
+        stored rows): q/k are un-permuted over the whole heads covering the rows; other tensors read as stored."""
         from lorapar.checkpoint import _hf_rows_to_meta, _rope_heads
 
-        file, key = self._hf[name]
         heads = _rope_heads(name, self.args)
         if not heads or start == stop:
-            return self._hf_slice(file, key, start, stop)
+            return read_hf_rows(start, stop)
         head_dim = self.args.head_dim
         first, last = start // head_dim, -(-stop // head_dim)
-        block = self._hf_slice(file, key, first * head_dim, last * head_dim)
+        block = read_hf_rows(first * head_dim, last * head_dim)
         subset = SimpleNamespace(n_heads=last - first, n_kv_heads=last - first)  # permute these heads only
         meta = _hf_rows_to_meta(name, block, subset)
         return meta[start - first * head_dim : stop - first * head_dim]

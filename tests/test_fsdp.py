@@ -1,4 +1,4 @@
-"""--fsdp on two gloo ranks: per-rank shard reading, lockstep generation, SFT and GRPO equal to one process,
+"""--fsdp on two gloo ranks: per-rank shard reading (also GGUF), lockstep generation, SFT and GRPO equal to one process,
 frozen elements bit-exact, a halted and resumed FSDP run equal to an uninterrupted one.
 
 Everything distributed runs inside ONE two-process spawn (the machine has two cores shared with others);
@@ -7,11 +7,13 @@ the single-process references run in the test process.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as torch_dist
@@ -20,10 +22,12 @@ import torch.multiprocessing as mp
 import score
 import train_rl
 import train_sft
-from lorapar.checkpoint import META_SHARD_DIM, base_state_dict, load_model, meta_params, save_model
+from lorapar.checkpoint import (META_SHARD_DIM, base_state_dict, load_model, meta_params, meta_to_hf_state_dict,
+                                save_model)
 from lorapar.config import ModelArgs
 from lorapar.masks import save_masks
 from lorapar.model import Transformer
+from test_gguf import _random_k_blocks, gguf_name, write_gguf
 from test_sft import TINY, adapter, arithmetic_rows, initial_adapter, run as run_sft, write_jsonl
 from test_score import argv as score_argv, write_checkpoint, write_labelled
 from test_train_rl import build_sft, rl_argv
@@ -48,6 +52,47 @@ def write_meta_two_shards(model: Transformer, path: Path) -> None:
             part[name] = tensor.clone() if dim is None else tensor.chunk(2, dim=dim)[rank].clone()
         torch.save(part, path / f"consolidated.0{rank}.pth")
     (path / "params.json").write_text(json.dumps(meta_params(model.args)))
+
+
+def write_model_gguf(model: Transformer, path: Path, arch: str, kinds: dict | None = None) -> None:
+    """`model` as llama.cpp's converter stores it (a tied head once; Qwen2's q/k rows in Hugging Face's order),
+    each tensor of type kinds.get(GGUF name, F32); Q4_K / Q6_K get random valid blocks (gguf cannot quantize them)."""
+    from conftest import require
+
+    gguf = require("gguf")
+    Q = gguf.GGMLQuantizationType
+    state = base_state_dict(model)
+    if arch == "qwen2":
+        hf = meta_to_hf_state_dict(state, model.args)
+        state = {name: hf[key] for name, key in zip(state, hf)}
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, value in state.items():
+        key, data = gguf_name(name), value.numpy()
+        kind = (kinds or {}).get(key, Q.F32)
+        if kind in (Q.Q4_K, Q.Q6_K):
+            tensors[key] = (_random_k_blocks(*data.shape, kind, rng), kind)
+        elif kind in (Q.F32, Q.F16):
+            tensors[key] = (data.astype(np.float16 if kind == Q.F16 else np.float32), None)
+        else:
+            tensors[key] = (gguf.quants.quantize(data, kind), kind)
+    write_gguf(path, arch, model.args, tensors)
+
+
+def quantized_gguf(path: Path) -> str:
+    """A Qwen2 GGUF holding every supported type (row lengths of 256, as Q4_K needs); q/k are quantized in
+    Hugging Face's row order, so a row range that cuts a head must dequantize, then un-permute, whole heads."""
+    from conftest import require
+
+    Q = require("gguf").GGMLQuantizationType
+    model = Transformer(ModelArgs(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=51, hidden_dim=256,
+                                  qkv_bias=True))
+    model.init_weights(seed=7)
+    kinds = {"token_embd.weight": Q.Q8_0, "blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q4_1,
+             "blk.0.attn_v.weight": Q.Q4_K, "blk.0.attn_output.weight": Q.Q6_K, "blk.0.ffn_gate.weight": Q.F16,
+             "blk.0.ffn_up.weight": Q.BF16, "blk.0.ffn_down.weight": Q.F32, "output.weight": Q.Q8_0}
+    write_model_gguf(model, path, "qwen2", kinds)
+    return str(path)
 
 
 def check_shard_reading(rank: int, checkpoints: dict[str, str]) -> None:
@@ -162,6 +207,12 @@ def build_runs(tmp_path_factory, asset) -> dict:
     write_meta_two_shards(reader_model, root / "reader-meta")
     checkpoints = {"hf": str(root / "reader-hf"), "meta": str(root / "reader-meta"),
                    "llama2c": str(asset("models/stories260K.bin"))}
+    if importlib.util.find_spec("gguf"):  # test-only dependency: without it the rest still runs
+        gguf_model = Transformer(ModelArgs(**READER_ARGS, qkv_bias=True, tie_embeddings=True))
+        gguf_model.init_weights(seed=4)
+        write_model_gguf(gguf_model, root / "reader-f32.gguf", "qwen2")
+        checkpoints["gguf-f32"] = str(root / "reader-f32.gguf")
+        checkpoints["gguf-quantized"] = quantized_gguf(root / "reader-quantized.gguf")
     generations = [generate(load_model(checkpoints["hf"]), [[1, 5, 9], [1, 7]], n).tokens for n in (2, 5)]
 
     # SFT: the one-process reference, with masks and weight decay, then the same under --fsdp
@@ -297,3 +348,22 @@ def test_shard_reader_rows_and_shapes_match_the_full_loader(tmp_path):
     save_file(extra, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="unknown key 'model.layers.0.mlp.extra.weight'"):
         ShardReader(str(tmp_path / "hf"))
+
+
+def test_shard_reader_reads_gguf_row_ranges_as_the_full_loader(tmp_path):
+    """Every supported GGUF type, in row ranges that start mid-tensor and cut a q/k head: each range,
+    dequantized on its own, equals those rows of the whole-model loader's tensor bit for bit."""
+    from lorapar.shard_reader import ShardReader
+
+    path = quantized_gguf(tmp_path / "q.gguf")
+    full = dict(load_model(path).named_parameters())
+    reader = ShardReader(path)
+    assert reader.kind == "gguf" and reader.names() == set(full)
+    for name, tensor in full.items():
+        assert reader.shape(name) == tuple(tensor.shape), name
+        rows = tensor.shape[0]
+        for start, stop in ((0, 1), (3, 13), (100, 200), (5, rows), (rows, rows)):
+            start, stop = min(start, rows), min(stop, rows)
+            got = reader.rows(name, start, stop)
+            assert got.shape == tensor[start:stop].shape, (name, start, stop)
+            assert torch.equal(got.float(), tensor.detach()[start:stop]), (name, start, stop)
