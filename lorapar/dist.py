@@ -82,8 +82,14 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], info: DistInfo) -> No
         return
     from torch.distributed.tensor import DTensor
 
-    # FSDP's parameters (DTensors) have had their gradients reduce-scattered already; summing them again
-    # would add different ranks' rows together.
+    # FSDP's parameters (DTensors) have had their gradients reduce-scattered already, as a mean over the
+    # ranks (its default: torch 2.13 applies a divide factor set on the root to the root's own parameters
+    # only, and gloo has no pre-multiplied sum); the losses are divided by the global token count, so the
+    # step needs the sum: scale by the world size. Summing them again would add different ranks' rows.
+    params = list(params)
+    for p in params:
+        if isinstance(p, DTensor) and p.grad is not None:
+            p.grad.mul_(info.world_size)
     params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
     if not params:
         return

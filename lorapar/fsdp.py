@@ -13,8 +13,9 @@ What `--fsdp` changes, and why:
   each rank reads only the rows of its shards from the checkpoint (safetensors slices, memory-mapped
   Meta shards and llama2.c files, GGUF rows dequantized rank by rank), so the full model never exists in
   one process.
-- Gradients. FSDP reduce-scatters the gradients with a sum (divide factor 1), as `dist.all_reduce_grads`
-  does without FSDP: the trainers already divide the loss by the global token count.
+- Gradients. FSDP reduce-scatters the gradients as a mean over the ranks; `dist.all_reduce_grads` scales
+  them by the world size into the sum it forms without FSDP (the trainers already divide the loss by the
+  global token count).
 - Optimizer. MaskedAdamW sees DTensor parameters and updates each rank's local shard with the matching
   rows of the (replicated) mask; clipping all-reduces the squared norm (lorapar/masks.py).
 - Collectives in lockstep. Every forward all-gathers, so all ranks must run the same number of forwards.
@@ -72,8 +73,7 @@ def shard_model(model: Transformer) -> Transformer:
 
     for block in model.layers:
         fully_shard(block)
-    fully_shard(model, reshard_after_forward=False)
-    model.set_gradient_divide_factor(1.0)  # a sum over ranks: the losses are divided by the global count
+    fully_shard(model, reshard_after_forward=False)  # gradients come back as a mean over ranks: see dist
     return model
 
 

@@ -254,8 +254,12 @@ def build_runs(tmp_path_factory, asset) -> dict:
     return {"root": root, "start": start, "masks": masks, "rl": rl}
 
 
+def metric(out: Path, name: str) -> list[float]:
+    return [m[name] for m in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if name in m]
+
+
 def losses(out: Path) -> list[float]:
-    return [m["loss"] for m in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    return metric(out, "loss")
 
 
 def test_fsdp_sft_equals_one_process_and_frozen_elements_are_bit_exact(fsdp_runs):
@@ -266,6 +270,8 @@ def test_fsdp_sft_equals_one_process_and_frozen_elements_are_bit_exact(fsdp_runs
         assert torch.equal(sharded[key][~mask], start[key][~mask]), f"{key}: a frozen element moved under FSDP"
         assert (sharded[key][mask] != start[key][mask]).all(), key
     assert losses(root / "sft-fsdp") == pytest.approx(losses(root / "sft-one"), rel=1e-5)
+    # the gradient is the one process's sum, not a mean over the ranks (clipping and Adam would hide a 1/N)
+    assert metric(root / "sft-fsdp", "grad_norm") == pytest.approx(metric(root / "sft-one", "grad_norm"), rel=1e-5)
     step = root / "sft-fsdp" / "checkpoints" / "step-000004"
     assert sorted(p.name for p in step.glob("shard-rank*.pt")) == ["shard-rank0.pt", "shard-rank1.pt"]
     assert (step / "COMPLETE").exists() and (step / "adapter_model.safetensors").exists()
@@ -291,6 +297,7 @@ def test_fsdp_grpo_equals_one_process(fsdp_runs):
     for a, b in zip(records(root / "rl-one"), records(root / "rl-fsdp"), strict=True):
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-6)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path, asset):
