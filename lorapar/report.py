@@ -166,7 +166,7 @@ def build_results(run_dir: str) -> dict:
             ci = paired_bootstrap(outcomes.subset(ma, subset), outcomes.subset(mb, subset), cfg["bootstrap"], seed=k)
             found = verdict(ci)
             comparisons.append({"name": name, "subset": subset, **ci, "verdict": found, "paper_direction": direction,
-                                "paper": paper, "reading": reading(direction, found)})
+                                "paper": paper, "reading": claim_reading(direction, subset, subsets, found)})
 
     sweep = theta_curve(cfg, records, outcomes, seeds[0])
     stages = [{"name": n, "title": r["title"], "seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds")}
@@ -178,6 +178,14 @@ def build_results(run_dir: str) -> dict:
             "score": {str(s): result(f"seed{s}.score") for s in seeds if result(f"seed{s}.score")},
             "test_items": n_items, "test_items_by_system": by_system,
             "total_seconds": sum(s["seconds"] for s in stages)}
+
+
+def claim_reading(direction: Optional[str], subset: str, subsets: tuple[str, ...], found: str) -> str:
+    """A claim is read on one subset: all test items where the comparison has them (the papers report
+    overall accuracy; a per-system row then says where a difference comes from and is no verdict), else
+    its only subset (GRPO vs SFT is about System 2)."""
+    claimed = "overall" if "overall" in subsets else subsets[0]
+    return reading(direction if subset == claimed else None, found)
 
 
 def reading(direction: Optional[str], found: str) -> str:

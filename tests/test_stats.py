@@ -65,3 +65,19 @@ def test_a_constant_difference_has_a_point_interval_and_bad_shapes_are_refused()
     assert (result["diff"], result["low"], result["high"]) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="same"):
         paired_bootstrap(np.ones((3, 10)), np.ones((2, 10)))
+
+
+def test_only_the_all_items_comparison_is_a_verdict_on_a_claim():
+    """A per-system difference explains an overall one; reading it as the paper's claim would let a run
+    'support' and 'contradict' one claim at once (as a first version of the report did). A comparison
+    made on System 2 alone (GRPO vs SFT) is read there."""
+    from lorapar.report import claim_reading
+
+    every = ("overall", "system1", "system2")
+    assert claim_reading("higher", "overall", every, "higher") == "supports"
+    assert claim_reading("higher", "overall", every, "lower") == "contradicts"
+    assert claim_reading("higher", "overall", every, "unresolved") == "not resolved"
+    assert claim_reading("higher", "system1", every, "higher") == "no claim"
+    assert claim_reading("higher", "system2", every, "lower") == "no claim"
+    assert claim_reading("higher", "system2", ("system2",), "higher") == "supports"
+    assert claim_reading(None, "overall", every, "higher") == "no claim"
