@@ -229,13 +229,27 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def masked_sft_step(model, optimizer, ids, labels, device):
+    """One SFT optimizer step (answer-token mean NLL, clip 1.0, MaskedAdamW); returns the loss tensor."""
+    from lorapar.loss import answer_nll
+    from lorapar.trainer import autocast
+
+    with autocast(device):
+        nll, n = answer_nll(model, ids, labels)
+    loss = nll / n
+    loss.backward()
+    optimizer.clip_grad_norm_(1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_steps(out: str, dry_run: bool, limit: float) -> None:
     import torch
 
     from lorapar import dist
     from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts
     from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters, set_masks
-    from lorapar.loss import answer_nll
     from lorapar.masks import MaskedAdamW
     from lorapar.model import Transformer
     from lorapar.trainer import autocast
@@ -266,12 +280,7 @@ def run_steps(out: str, dry_run: bool, limit: float) -> None:
     labels[:, : length // 4] = -100  # a prompt without loss, as in SFT
 
     def sft_step():
-        with autocast(device):
-            nll, n = answer_nll(model, ids, labels)
-        (nll / n).backward()
-        optimizer.clip_grad_norm_(1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        masked_sft_step(model, optimizer, ids, labels, device)
 
     model.train()
     reset_peak()
@@ -368,10 +377,8 @@ def run_fsdp(out: str, dry_run: bool, limit: float) -> None:
     from lorapar.config import ModelArgs
     from lorapar.fsdp import full_adapter, init_sharded_lora, load_sharded_model
     from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, replace_linears, set_masks
-    from lorapar.loss import answer_nll
     from lorapar.masks import MaskedAdamW
     from lorapar.model import Transformer
-    from lorapar.trainer import autocast
 
     log = PartLog(os.path.join(out, "fsdp.json"), "fsdp")
     device = torch.device("cpu" if dry_run else "cuda")
@@ -405,13 +412,7 @@ def run_fsdp(out: str, dry_run: bool, limit: float) -> None:
             net.train()
             losses = []
             for _ in range(3):
-                with autocast(device):
-                    nll, n = answer_nll(net, ids, ids)
-                (nll / n).backward()
-                optimizer.clip_grad_norm_(1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(nll / n))
+                losses.append(float(masked_sft_step(net, optimizer, ids, ids, device)))
             with full_adapter(net) if name == "fsdp" else contextlib.nullcontext():
                 end = {k: p.detach().float().cpu().clone() for k, p in named_lora_parameters(net)}
             frozen = all(torch.equal(end[k][~m], start[k][~m]) for k, m in masks.items())
