@@ -40,6 +40,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 from dataclasses import dataclass
 from typing import Optional
@@ -146,19 +147,18 @@ class PipelineConfig:
 
 
 # The embedded default, chosen once for the task and used for every method alike (no per-method
-# tuning), sized for 2 CPU cores with the time spent on seeds and test items first. The tiny base needs
-# larger learning rates than a 7B model and the answers are short, so lengths shrink. SFT runs 1,000
-# steps of 8 rows: full LoRA's System-2 accuracy after SFT was 5% after 200 steps of 16, 11% after 600
-# of 16, 31% after 1,000 of 8 and 42% after 1,000 of 16 (seed 0; multi-step copying appears late), and
-# 1,000 of 8 costs half of 1,000 of 16. GRPO samples at temperature 0.7 so that a group of 8 holds both
-# right and wrong completions (pass@8 is reported). One thread per process, two processes (seeds and
-# rows as separate jobs). The theta sweep (--theta-sweep 0.3,0.6,0.8,0.9,1.0) is off: its 8 extra SFT
-# runs would take the run past its 20 minutes.
+# tuning), sized for 20 minutes on 2 CPU cores with the time spent on seeds and test items first (the
+# README gives the measurements behind each size). The tiny base needs larger learning rates than a 7B
+# model and the answers are short, so lengths shrink. SFT steps set whether multi-step answers are
+# learnt at all in so small a model; GRPO samples at temperature 0.7 so that a group of 8 holds both
+# right and wrong completions (pass@8 is reported); its KL coefficient is the preset's (0). One thread
+# per process, two processes. The theta sweep (--theta-sweep 0.3,0.6,0.8,0.9,1.0) is off: its 8 extra
+# SFT runs would take the run past its 20 minutes.
 EMBEDDED = dict(
     seeds=3, threads=1, workers=2, template="plain", rewards="correct_lenient=2.0", score_samples=100, theta_sweep=(),
-    sft_steps=1000, sft_lr=3e-3, sft_batch_size=8, sft_global_batch=8, sft_max_len=192,
-    rl_steps=16, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=96,
-    rl_micro_batch=32, rl_temperature=0.7, rl_beta=0.04, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
+    sft_steps=800, sft_lr=3e-3, sft_batch_size=8, sft_global_batch=8, sft_max_len=192,
+    rl_steps=10, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=96,
+    rl_micro_batch=32, rl_temperature=0.7, rl_beta=0.0, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
     dual_target_rank=4.0, dual_t_init=100, dual_t_final=200, dual_delta_t=50, eval_batch_size=100,
     eval_max_new_tokens=96, save_every=250,
 )
@@ -314,34 +314,37 @@ class Pipeline:
         return {"metrics": run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
 
     # ---- the whole run
-    def jobs(self) -> list[tuple[str, int, tuple[str, ...]]]:
-        """Independent parts of the run, longest first: per seed, the rows that share a score stage (LoRA-PAR
-        and its random masks; PiSSA) and each other row on its own; the theta sweep; the base evaluation."""
+    def jobs(self) -> list[tuple[tuple[str, int, tuple], Optional[tuple]]]:
+        """The run's independent parts as (job, the job it waits for), longest first after the short score
+        jobs that the masked rows wait for, so that the workers finish together: every seed's score stages,
+        the theta sweep's points (each trains twice), every (seed, row) (rows trained on all examples are
+        the longest; DM-LoRA has no GRPO) and the base evaluation."""
         cfg = self.cfg
-        groups = [tuple(m for m in group if m in cfg.methods) for group in (("lorapar", "random"), ("pissa",), ("lora",), ("dmlora",))]
-        seeds = [("seed", s, g) for g in groups if g for s in cfg.seed_values()]
-        return seeds + ([("sweep", cfg.seed, ())] if cfg.theta_sweep else []) + [("base", cfg.seed, ())]
+        inits = tuple(init for init, rows in (("gaussian", {"lorapar", "random"}), ("pissa", {"pissa"}))
+                      if rows & set(cfg.methods))
+        scores = {s: ("score", s, inits) for s in cfg.seed_values()} if inits else {}
+        sweep = [("sweep", cfg.seed, (theta,)) for theta in cfg.theta_sweep
+                 if not (theta == cfg.theta and self.sweep_reuses_rows())]
+        order = [m for m in ("lora", "random", "lorapar", "pissa", "dmlora") if m in cfg.methods]
+        rows = [(("row", s, (m,)), scores[s] if m in ("lorapar", "random", "pissa") else None)
+                for m in order for s in cfg.seed_values()]
+        return ([(job, None) for job in scores.values()] + [(job, None) for job in sweep] + rows
+                + [(("base", cfg.seed, ()), None)])
 
-    def job_stages(self, kind: str, methods: tuple[str, ...]) -> int:
-        cfg = self.cfg
-        if kind == "base":
-            return 1
-        if kind == "sweep":
-            return 5 * sum(not (t == cfg.theta and self.sweep_reuses_rows()) for t in cfg.theta_sweep)
-        scores = (1 if set(methods) & {"lorapar", "random"} else 0) + (1 if "pissa" in methods else 0)
-        return scores + sum(2 if m == "dmlora" else 4 for m in methods)
-
-    def run_job(self, job: tuple[str, int, tuple[str, ...]], inputs: dict) -> None:
-        kind, seed, methods = job
-        stages = Stages(self.cfg.out, self.cfg.overwrite, total=self.job_stages(kind, methods))
+    def run_job(self, job: tuple[str, int, tuple], inputs: dict) -> None:
+        kind, seed, what = job
+        total = {"score": len(what), "sweep": 5, "base": 1}.get(kind, 2 if what == ("dmlora",) else 4)
+        stages = Stages(self.cfg.out, self.cfg.overwrite, total=total)
         labelled = self.dir("classify", "labelled.jsonl")
         if kind == "base":
             stages.run("base.eval", "evaluate: the base model without an adapter",
                        lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
+        elif kind == "score":
+            self.run_scores(stages, inputs, labelled, seed, what)
         elif kind == "sweep":
-            self.run_sweep(stages, inputs, labelled, seed)
+            self.run_sweep_point(stages, inputs, labelled, seed, what[0])
         else:
-            self.run_seed(stages, inputs, labelled, seed, methods)
+            self.run_row(stages, inputs, labelled, seed, what[0])
 
     def run(self) -> dict:
         runlock.acquire(self.cfg.out)  # a second pipeline into this --out is refused, naming this process
@@ -355,6 +358,8 @@ class Pipeline:
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
         stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1)
+        if cfg.threads:  # the serial stages (assets, classify) run alone: they get every core the workers share
+            torch.set_num_threads(cfg.threads * cfg.workers)
         inputs = self.inputs(stages)
         atomic_write_json(self.dir("inputs.json"), inputs)
         stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
@@ -362,66 +367,87 @@ class Pipeline:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.workers <= 1:
-            for job in jobs:
+            for job, _ in jobs:
                 self.run_job(job, inputs)
         else:
-            # The seeds and the sweep share nothing but the inputs and the labels: run them as separate
-            # processes (spawned, so no thread pool or tensor state is inherited), one core each.
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(min(cfg.workers, len(jobs)), maxtasksperchild=1) as pool:
-                for job in pool.imap_unordered(run_job_in_worker, [(cfg, inputs, job) for job in jobs]):
-                    print(f"==== {job[0]} {job[1]} {','.join(job[2])}: done", flush=True)
+            run_in_workers(jobs, cfg, inputs, cfg.workers)
         results = build_report(cfg.out)
         print("\n" + results["markdown"])
         return results
 
-    def run_seed(self, stages: Stages, inputs: dict, labelled: str, seed: int, methods: tuple[str, ...]) -> None:
-        cfg, run = self.cfg, lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
-        if set(methods) & {"lorapar", "random"}:
-            stages.run(f"seed{seed}.score", f"seed {seed}: score at the gaussian init, theta {cfg.theta} masks, random masks",
-                       lambda redo: self.score(inputs, labelled, seed, run("score"), "gaussian", cfg.theta))
-        if "pissa" in methods:
-            stages.run(f"seed{seed}.score_pissa", f"seed {seed}: score at the PiSSA init, theta {cfg.theta} masks",
-                       lambda redo: self.score(inputs, labelled, seed, run("score_pissa"), "pissa", cfg.theta))
-        for method in methods:
-            adapter, masks = self.start(method, seed)
-            tag = f"seed{seed}.{method}"
-            stages.run(f"{tag}.sft", f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
-                       lambda redo: self.sft(inputs, labelled, run(method, "sft"), seed, adapter, masks, redo))
-            stages.run(f"{tag}.sft.eval", f"seed {seed}, {method}: evaluate after SFT",
-                       lambda redo: self.evaluate(inputs, run(method, "sft"), run(method, "eval_sft.json")))
-            if method == "dmlora":
-                continue
-            stages.run(f"{tag}.rl", f"seed {seed}, {method}: GRPO (System 2" + (", stage-2 mask)" if masks else ")"),
-                       lambda redo: self.grpo(inputs, labelled, method, seed, masks, redo))
-            stages.run(f"{tag}.rl.eval", f"seed {seed}, {method}: evaluate after GRPO",
-                       lambda redo: self.evaluate(inputs, run(method, "rl"), run(method, "eval_rl.json")))
+    def run_scores(self, stages: Stages, inputs: dict, labelled: str, seed: int, inits: tuple[str, ...]) -> None:
+        """score.py for one seed at each init the rows start from: gaussian (LoRA-PAR, random masks), pissa."""
+        theta, run = self.cfg.theta, lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
+        if "gaussian" in inits:
+            stages.run(f"seed{seed}.score", f"seed {seed}: score at the gaussian init, theta {theta} masks, random masks",
+                       lambda redo: self.score(inputs, labelled, seed, run("score"), "gaussian", theta))
+        if "pissa" in inits:
+            stages.run(f"seed{seed}.score_pissa", f"seed {seed}: score at the PiSSA init, theta {theta} masks",
+                       lambda redo: self.score(inputs, labelled, seed, run("score_pissa"), "pissa", theta))
+
+    def run_row(self, stages: Stages, inputs: dict, labelled: str, seed: int, method: str) -> None:
+        """One row of the table for one seed: SFT and its evaluation, then GRPO and its evaluation."""
+        run = lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
+        adapter, masks = self.start(method, seed)
+        tag = f"seed{seed}.{method}"
+        stages.run(f"{tag}.sft", f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
+                   lambda redo: self.sft(inputs, labelled, run(method, "sft"), seed, adapter, masks, redo))
+        stages.run(f"{tag}.sft.eval", f"seed {seed}, {method}: evaluate after SFT",
+                   lambda redo: self.evaluate(inputs, run(method, "sft"), run(method, "eval_sft.json")))
+        if method == "dmlora":
+            return
+        stages.run(f"{tag}.rl", f"seed {seed}, {method}: GRPO (System 2" + (", stage-2 mask)" if masks else ")"),
+                   lambda redo: self.grpo(inputs, labelled, method, seed, masks, redo))
+        stages.run(f"{tag}.rl.eval", f"seed {seed}, {method}: evaluate after GRPO",
+                   lambda redo: self.evaluate(inputs, run(method, "rl"), run(method, "eval_rl.json")))
 
     def sweep_reuses_rows(self) -> bool:
         """The theta of the main rows is a point of the curve: its seed's lorapar / random SFT runs."""
         return self.cfg.theta in self.cfg.theta_sweep and {"lorapar", "random"} <= set(self.cfg.methods)
 
-    def run_sweep(self, stages: Stages, inputs: dict, labelled: str, seed: int) -> None:
-        """SFT-only theta curve for one seed: importance-selected vs random stage-1 masks of equal size.
-        Each theta's runs start from the adapter its score.py run scored (the same seed scores the same
-        examples on the same gaussian adapter, so between thetas only the partition changes)."""
-        cfg = self.cfg
-        for theta in cfg.theta_sweep:
-            if theta == cfg.theta and self.sweep_reuses_rows():
-                continue
-            out = self.dir("sweep", f"theta{theta}")
-            stages.run(f"sweep.theta{theta}.score", f"sweep: theta {theta} masks and random masks (seed {seed})",
-                       lambda redo: self.score(inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta))
-            for kind, masks in (("importance", "masks.safetensors"), ("random", "random_masks.safetensors")):
-                adapter = ["--init-adapter", os.path.join(out, "score", "adapter_init")]
-                stages.run(f"sweep.theta{theta}.{kind}.sft", f"sweep: theta {theta}, {kind} masks: SFT (System 1)",
-                           lambda redo: self.sft(inputs, labelled, os.path.join(out, kind), seed, adapter,
-                                                 os.path.join(out, "score", masks), redo))
-                stages.run(f"sweep.theta{theta}.{kind}.sft.eval", f"sweep: theta {theta}, {kind} masks: evaluate",
-                           lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
+    def run_sweep_point(self, stages: Stages, inputs: dict, labelled: str, seed: int, theta: float) -> None:
+        """One point of the SFT-only theta curve for one seed: importance-selected vs random stage-1 masks
+        of equal size. Both runs start from the adapter its score.py run scored (the same seed scores the
+        same examples on the same gaussian adapter, so between thetas only the partition changes)."""
+        out = self.dir("sweep", f"theta{theta}")
+        stages.run(f"sweep.theta{theta}.score", f"sweep: theta {theta} masks and random masks (seed {seed})",
+                   lambda redo: self.score(inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta))
+        for kind, masks in (("importance", "masks.safetensors"), ("random", "random_masks.safetensors")):
+            adapter = ["--init-adapter", os.path.join(out, "score", "adapter_init")]
+            stages.run(f"sweep.theta{theta}.{kind}.sft", f"sweep: theta {theta}, {kind} masks: SFT (System 1)",
+                       lambda redo: self.sft(inputs, labelled, os.path.join(out, kind), seed, adapter,
+                                             os.path.join(out, "score", masks), redo))
+            stages.run(f"sweep.theta{theta}.{kind}.sft.eval", f"sweep: theta {theta}, {kind} masks: evaluate",
+                       lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
 
 
-def run_job_in_worker(task: tuple) -> tuple[str, int, tuple[str, ...]]:
+def run_in_workers(jobs: list[tuple[tuple, Optional[tuple]]], cfg: PipelineConfig, inputs: dict, workers: int) -> None:
+    """Run Pipeline.jobs() on `workers` processes, in their order, each once the job it waits for is done.
+
+    The jobs share nothing but the inputs, the labels and the files of the jobs they wait for. The workers
+    are spawned (no thread pool or tensor state inherited), one core each, and kept from job to job: a
+    job depends on no process state (every stage seeds itself), and each new process would import torch again."""
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    pending, running, done = list(jobs), 0, set()
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        while pending or running:
+            ready = [entry for entry in pending if entry[1] is None or entry[1] in done]
+            for entry in ready[: workers - running]:
+                pending.remove(entry)
+                running += 1
+                pool.apply_async(run_job_in_worker, ((cfg, inputs, entry[0]),),
+                                 callback=finished.put, error_callback=finished.put)
+            if not running:
+                raise RuntimeError(f"pipeline jobs wait for jobs that are not in the run: {pending}")
+            outcome = finished.get()
+            running -= 1
+            if isinstance(outcome, BaseException):
+                raise outcome  # the pool's exit terminates the other workers
+            done.add(outcome)
+            print(f"==== {outcome[0]} {outcome[1]} {','.join(map(str, outcome[2]))}: done", flush=True)
+
+
+def run_job_in_worker(task: tuple) -> tuple[str, int, tuple]:
     """One job of Pipeline.jobs() in a worker process (module level: a spawned process imports it)."""
     cfg, inputs, job = task
     if cfg.threads:
@@ -431,10 +457,7 @@ def run_job_in_worker(task: tuple) -> tuple[str, int, tuple[str, ...]]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    cfg = parse_config(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return Pipeline(cfg).run()
+    return Pipeline(parse_config(argv)).run()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,13 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -47,6 +50,8 @@ class PretrainArgs:
     seq_len: int = field(default=128, metadata={"help": "tokens per training window"})
     batch_size: int = 32
     steps: int = field(default=700, metadata={"help": "optimizer steps (deterministic, unlike a time budget)"})
+    ranks: int = field(default=2, metadata={"help": "data-parallel processes, each one thread on its half of every batch "
+                                                    "(the base depends on it only through float rounding)"})
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 30
@@ -66,7 +71,7 @@ SCALES: dict[str, tuple[SyntheticArgs, PretrainArgs]] = {
     "smoke": (
         SyntheticArgs(n_train=200, n_test=40, n_stories=800, n_table_docs=200),
         PretrainArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=512, batch_size=16,
-                     steps=120, warmup_steps=10),
+                     steps=120, warmup_steps=10, ranks=1),
     ),
 }
 
@@ -87,9 +92,32 @@ def lr_at(step: int, args: PretrainArgs) -> float:
 
 
 def pretrain(stream: torch.Tensor, args: PretrainArgs, progress: bool = True) -> tuple[Transformer, list[float]]:
-    """Train a fresh model on random windows of `stream`; returns it (eval mode) and the loss per step."""
+    """Train a fresh model on random windows of `stream`; returns it (eval mode) and the loss per step.
+
+    With args.ranks > 1 the steps run data-parallel in that many spawned processes (gloo, one thread
+    each: this model is too small for threads to help, while two processes nearly halve the time): every
+    rank draws the same windows, takes its share of them and the ranks average their gradients, so each
+    step is the one-process step up to float rounding."""
     if stream.numel() <= args.seq_len + 1:
         raise ValueError(f"pretraining stream has {stream.numel()} tokens, fewer than seq_len+1={args.seq_len + 1}")
+    if args.batch_size % args.ranks:
+        raise ValueError(f"pretraining batch_size {args.batch_size} does not split over {args.ranks} ranks")
+    if args.ranks == 1:
+        return _pretrain_rank(0, stream, args, progress, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(_pretrain_rank, args=(stream, args, progress, tmp), nprocs=args.ranks)
+        result = torch.load(os.path.join(tmp, "result.pt"))
+    model = Transformer(args.model_args())
+    model.load_state_dict(result["model"])
+    return model.eval(), result["losses"]
+
+
+def _pretrain_rank(rank: int, stream: torch.Tensor, args: PretrainArgs, progress: bool, tmp: Optional[str]):
+    """The training loop of one rank (tmp: the rendezvous and result directory of a multi-rank run)."""
+    if tmp is not None:
+        torch.set_num_threads(1)
+        torch_dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}",
+                                      rank=rank, world_size=args.ranks)
     model = Transformer(args.model_args())
     model.init_weights(args.seed)
     model.train()
@@ -99,24 +127,39 @@ def pretrain(stream: torch.Tensor, args: PretrainArgs, progress: bool = True) ->
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95),
     )
+    params = list(model.parameters())
     gen = torch.Generator().manual_seed(args.seed)
     offsets = torch.arange(args.seq_len + 1)
+    share = args.batch_size // args.ranks
     losses = []
-    bar = tqdm(range(args.steps), desc="pretrain", disable=not progress)
+    bar = tqdm(range(args.steps), desc="pretrain", disable=not progress or rank != 0)
     for step in bar:
         starts = torch.randint(0, stream.numel() - args.seq_len - 1, (args.batch_size,), generator=gen)
-        window = stream[starts[:, None] + offsets]
+        window = stream[starts[rank * share:(rank + 1) * share, None] + offsets]
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        loss = loss.detach()
+        if tmp is not None:  # the mean over the whole batch: every rank holds an equal share of it
+            flat = torch.cat([loss.reshape(1)] + [p.grad.reshape(-1) for p in params]).div_(args.ranks)
+            torch_dist.all_reduce(flat)
+            loss, offset = flat[0], 1
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval(), losses
+    if tmp is None:
+        return model.eval(), losses
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "losses": losses}, os.path.join(tmp, "result.pt"))
+    torch_dist.destroy_process_group()
+    return None
 
 
 # ----------------------------------------------------------------------------- the default assets

@@ -158,3 +158,20 @@ def test_a_changed_configuration_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="sft_lr"):
         pipeline.check_same_config(path, dataclasses.replace(cfg, sft_lr=1.0))
     pipeline.check_same_config(path, dataclasses.replace(cfg, sft_lr=1.0, overwrite=True))
+
+
+def test_masked_rows_wait_for_their_seeds_score_job_and_other_jobs_wait_for_none():
+    jobs = pipeline.Pipeline(pipeline.parse_config(["--theta-sweep", "0.3,0.9"])).jobs()
+    order = [job for job, _ in jobs]
+    assert len(order) == len(set(order))
+    rows = [job for job in order if job[0] == "row"]
+    assert sorted((seed, what[0]) for _, seed, what in rows) == sorted(
+        (seed, method) for seed in (0, 1, 2) for method in pipeline.METHODS)
+    assert [job for job in order if job[0] == "sweep"] == [("sweep", 0, (0.3,))]  # 0.9 is the LoRA-PAR/random rows
+    for job, after in jobs:
+        if job[0] == "row" and job[2][0] in ("lorapar", "random", "pissa"):
+            assert after == ("score", job[1], ("gaussian", "pissa")) and order.index(after) < order.index(job)
+        else:
+            assert after is None, job
+    only_lora = pipeline.Pipeline(pipeline.parse_config(["--methods", "lora,dmlora"])).jobs()
+    assert not [job for job, _ in only_lora if job[0] == "score"]  # nothing to score for rows without masks

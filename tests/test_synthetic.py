@@ -125,6 +125,22 @@ def test_a_short_pretraining_run_lowers_the_loss(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
 
 
+def test_data_parallel_pretraining_takes_the_one_process_steps(tmp_path):
+    docs = make_corpus(SMALL, set())
+    train_tokenizer(docs, str(tmp_path / "t.model"), vocab_size=384)
+    stream = token_stream(docs, Tokenizer(tmp_path / "t.model"))
+    args = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=384, seq_len=32,
+                        batch_size=8, steps=6, warmup_steps=2, lr=1e-2, ranks=1)
+    one, one_losses = pretrain(stream, args, progress=False)
+    two, two_losses = pretrain(stream, dataclasses.replace(args, ranks=2), progress=False)
+    # each rank takes half of the same windows and the gradients are averaged: the same steps up to rounding
+    assert one_losses == pytest.approx(two_losses, rel=1e-5)
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    with pytest.raises(ValueError, match="does not split over 3 ranks"):
+        pretrain(stream, dataclasses.replace(args, ranks=3), progress=False)
+
+
 def test_build_default_assets_is_resumable(tmp_path, monkeypatch):
     task, train = SCALES["smoke"]
     tiny = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=train.vocab_size,
