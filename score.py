@@ -4,6 +4,8 @@
         [--theta 0.9 --alpha 1 --beta 1 --rank 8 --lora-alpha 64 --targets q,k,v,gate,up,down \
          --init gaussian --seed 0 --samples 100 --random-baseline]
     torchrun --nproc_per_node=N score.py ...        (each rank scores a share; the sums are all-reduced)
+    torchrun --nproc_per_node=N score.py --fsdp ... (the base sharded; each rank keeps its rows of the sums,
+                                                     the whole scores are gathered to rank 0 once)
 
 Writes into --out (each file atomically; report.json last, so its presence means the run finished):
   config.json             the resolved configuration
@@ -122,7 +124,7 @@ def clear_old_outputs(cfg: ScoreArgs) -> None:
 
 def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo, scorer=score_rows):
     """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2
-    (scorer: importance.score_rows, or fsdp.score_rows_sharded under --fsdp)."""
+    (scorer: importance.score_rows, or fsdp.score_rows_sharded under --fsdp, whose scores are on rank 0 only)."""
     for system in (1, 2):
         if not any(e.system == system for e in examples):
             unlabelled = sum(e.system is None for e in examples)

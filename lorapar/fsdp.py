@@ -48,6 +48,14 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def shard_rows(rows: int, ranks: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the rows that rank `rank` of `ranks` holds of a `rows`-row tensor (torch.chunk's split,
+    as FSDP2's: ceil(rows / ranks) each, the last ranks fewer or none)."""
+    per_rank = math.ceil(rows / ranks)
+    start = min(rows, rank * per_rank)
+    return start, min(rows, start + per_rank)
+
+
 def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
     """[start, stop) of the dim-0 rows this rank holds of a DTensor sharded by FSDP2 (torch.chunk's split)."""
     from torch.distributed.tensor import Shard
@@ -55,10 +63,7 @@ def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
     placements = tensor.placements
     if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
         raise ValueError(f"expected a tensor sharded along dim 0 on a 1-D mesh, got placements {placements}")
-    rows, ranks = tensor.shape[0], tensor.device_mesh.size()
-    per_rank = math.ceil(rows / ranks)
-    start = min(rows, tensor.device_mesh.get_local_rank() * per_rank)
-    stop = min(rows, start + per_rank)
+    start, stop = shard_rows(tensor.shape[0], tensor.device_mesh.size(), tensor.device_mesh.get_local_rank())
     if stop - start != tensor.to_local().shape[0]:
         raise RuntimeError(f"FSDP's local shard has {tensor.to_local().shape[0]} rows, expected {stop - start}")
     return start, stop
@@ -267,27 +272,93 @@ def build_lora_model(ckpt: str, base_dtype: str, masks: str, stage: Optional[int
 # ----------------------------------------------------------------------------- importance scoring (score.py)
 
 
+class ShardedMomentSums:
+    """sum_i g_i and sum_i g_i^2 over every rank's examples, for this rank's rows of each LoRA tensor only.
+
+    accumulate_batch's hooks see the gathered A and B, so they form each tensor's per-example gradients of
+    this rank's batch whole; `add` sums them over the batch and reduce-scatters the two sums at once (a
+    DTensor Partial -> Shard(0) redistribution: the sum over the ranks, each rank receiving its own rows,
+    split unevenly as FSDP2 splits the parameter). So what lives through the scoring is 1/N of the
+    adapter's two moments on each rank, and only one tensor's batch sums exist whole, for one collective.
+    Every rank must add the same tensors in the same order: the same number of batches (score_rows_sharded).
+    """
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], device: torch.device):
+        self.keys = [key for key, _ in named]
+        self.rows = [local_rows(p) for _, p in named]
+        self.shapes = [torch.Size((stop - start, *p.shape[1:])) for (start, stop), (_, p) in zip(self.rows, named)]
+        self.mesh = named[0][1].device_mesh
+        sizes = [shape.numel() for shape in self.shapes]
+        self.sum_grad = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        self.sum_grad_sq = torch.zeros_like(self.sum_grad)
+        self.views = {key: (total.view(shape), total_sq.view(shape)) for key, shape, total, total_sq
+                      in zip(self.keys, self.shapes, self.sum_grad.split(sizes), self.sum_grad_sq.split(sizes))}
+
+    def add(self, key: str, g: torch.Tensor, counted: bool = True) -> None:
+        """Add the per-example gradients g (b, *shape) of this rank's batch; counted=False adds zeros (a stand-in
+        batch, which joins the collective all the same)."""
+        from torch.distributed.tensor import DTensor, Partial, Shard
+
+        sums = torch.stack([g.sum(0), g.square().sum(0)], dim=1)  # (rows, 2, ...): dim 0 is the sharded one
+        if not counted:
+            sums.zero_()
+        mine = DTensor.from_local(sums, self.mesh, [Partial()], run_check=False).redistribute(self.mesh, [Shard(0)])
+        mine = mine.to_local()
+        total, total_sq = self.views[key]
+        if mine.shape[0] != total.shape[0]:  # a (1, ...) block would broadcast silently into more rows
+            raise RuntimeError(f"{key}: reduce-scatter gave {mine.shape[0]} rows, the shard has {total.shape[0]}")
+        total.add_(mine[:, 0])
+        total_sq.add_(mine[:, 1])
+
+    def add_zeros(self, key: str, g: torch.Tensor) -> None:
+        self.add(key, g, counted=False)
+
+
+def gather_to_main(local: torch.Tensor, named: list[tuple[str, torch.Tensor]],
+                   info: dist.DistInfo) -> Optional[dict[str, torch.Tensor]]:
+    """{peft key: whole tensor} on rank 0 (on the CPU) from every rank's flat rows of each tensor in `named`
+    order (`local`), in one gather padded to the largest rank's share; None on the other ranks."""
+    shapes = [p.shape for _, p in named]
+
+    def held(rank: int) -> list[int]:  # the elements of each tensor that `rank` holds
+        spans = [shard_rows(shape[0], info.world_size, rank) for shape in shapes]
+        return [(stop - start) * shape[1:].numel() for (start, stop), shape in zip(spans, shapes)]
+
+    sizes = [held(rank) for rank in range(info.world_size)]
+    if sum(sizes[info.rank]) != local.numel():
+        raise RuntimeError(f"rank {info.rank} holds {local.numel()} elements, its rows are {sum(sizes[info.rank])}")
+    padded = torch.zeros(max(map(sum, sizes)), dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)] if info.is_main else None
+    torch_dist.gather(padded, parts, dst=0)
+    if not info.is_main:
+        return None
+    pieces = [part[: sum(own)].cpu().split(own) for part, own in zip(parts, sizes)]
+    return {key: torch.cat([rank_pieces[j].view(-1, *shape[1:]) for rank_pieces in pieces])
+            for j, ((key, _), shape) in enumerate(zip(named, shapes))}
+
+
 def score_rows_sharded(model: nn.Module, rows, order: str = "second", info: dist.DistInfo = dist.DistInfo(),
                        progress: Optional[str] = None, batch_size: int = 1):
-    """importance.score_rows for an FSDP-sharded model: (scores {peft key: whole tensor}, moments).
+    """importance.score_rows for an FSDP-sharded model: (scores {peft key: whole tensor} on rank 0, None on
+    the other ranks; this rank's moments, which hold its rows of each tensor).
 
-    The per-example gradients are formed by lorapar.importance.accumulate_batch's output-gradient hooks;
-    under FSDP they see the gathered A and B of the block being differentiated. torch.autograd.grad
-    cannot reach FSDP's sharded parameters, so the hooks run through loss.backward() and the
-    reduce-scattered gradients are dropped. Every rank runs the same number of
-    batches (collectives pair up); a rank with fewer rows runs its last batches on a stand-in row whose
-    gradients are not counted. The sums of g and g^2 are adapter-sized (small next to the base): they are
-    summed over the ranks whole, and the importance, like the partition after it, sees the whole vector.
+    Each rank takes every world_size-th row. The per-example gradients are formed by
+    lorapar.importance.accumulate_batch's output-gradient hooks, which under FSDP see the gathered A and B of
+    the block being differentiated; each rank keeps the moments of its own rows of every tensor, summed over
+    all ranks' examples (ShardedMomentSums), and the importance of those rows, an element-wise formula, from
+    its local adapter rows. The whole scores are gathered to rank 0 once, at the end: the partition sees the
+    whole vector and rank 0 writes the files. torch.autograd.grad cannot reach FSDP's sharded parameters, so
+    the hooks run through loss.backward() and FSDP's reduce-scattered gradients are dropped. Every rank runs
+    the same number of batches (collectives pair up); a rank with fewer rows runs its last batches on a
+    stand-in row whose gradients add zeros.
     """
-    from lorapar.importance import GradientMoments, accumulate_batch, importance_from_moments
+    from lorapar.importance import GradientMoments, accumulate_batch, importance_scores
     from lorapar.lora import named_lora_parameters
     from lorapar.model import eval_mode
 
     named = named_lora_parameters(model)
-    device = info.device
-    zeros = lambda: {key: (torch.zeros(p.shape, device=device), torch.zeros(p.shape, device=device))  # noqa: E731
-                     for key, p in named}
-    sums, discarded = zeros(), zeros()
+    sums = ShardedMomentSums(named, info.device)
     share = list(rows[info.rank :: info.world_size])
     n_batches = -(-(-(-len(rows) // info.world_size)) // batch_size)  # the largest share's batches
 
@@ -300,15 +371,14 @@ def score_rows_sharded(model: nn.Module, rows, order: str = "second", info: dist
         for index in range(n_batches):
             batch = share[index * batch_size : (index + 1) * batch_size]
             if batch:
-                tokens += accumulate_batch(model, batch, sums, backward)
-            else:  # a stand-in so that every rank joins the same collectives; not counted
-                accumulate_batch(model, [rows[0]], discarded, backward)
+                tokens += accumulate_batch(model, batch, sums.add, backward)
+            else:  # a stand-in so that every rank joins the same collectives; adds zeros
+                accumulate_batch(model, [rows[0]], sums.add_zeros, backward)
             if progress and info.is_main:
                 print(f"{progress}: batch {index + 1}/{n_batches}", flush=True)
-    keys, shapes = [k for k, _ in named], [p.shape for _, p in named]
-    moments = GradientMoments(keys, shapes, torch.cat([sums[k][0].reshape(-1) for k in keys]),
-                              torch.cat([sums[k][1].reshape(-1) for k in keys]), len(share), tokens)
-    moments.all_reduce(info)
-    with full_adapter(model):
-        scores = importance_from_moments(model, moments, order)
-    return scores, moments
+    totals = dist.all_reduce_sum(torch.tensor([len(share), tokens], dtype=torch.float64, device=info.device), info)
+    moments = GradientMoments(sums.keys, sums.shapes, sums.sum_grad, sums.sum_grad_sq, int(totals[0]), int(totals[1]),
+                              rows=sums.rows)
+    phi = torch.cat([p.to_local().detach().float().reshape(-1) for _, p in named])  # this rank's rows, in `named` order
+    local_scores = importance_scores(moments.sum_grad, moments.sum_grad_sq, moments.count, phi, order)
+    return gather_to_main(local_scores, named, info), moments

@@ -11,7 +11,8 @@ Only the running sums sum_i g_i and sum_i g_i^2 (and the example count) are kept
 copies of the adapter whatever the number of examples. Per-example gradients come either from one
 backward pass per example (batch_size 1, the reference) or from one per batch, formed from each LoRA
 module's input and output gradient (`accumulate_batch`); the two agree to float rounding. Under torchrun each rank takes every
-world_size-th example and the sums are all-reduced before the scores are formed.
+world_size-th example and the sums are all-reduced before the scores are formed; under --fsdp each rank keeps
+the sums of its own rows of every tensor only, and the whole scores are gathered once (lorapar/fsdp.py).
 
 The adapter must be non-degenerate: with the usual LoRA init (B = 0) every gradient of A is zero,
 so the scoring adapter draws both A and B from N(0, init_std^2) (the authors use 0.01).
@@ -108,7 +109,10 @@ def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceA
 
 @dataclass
 class GradientMoments:
-    """sum_i g_i and sum_i g_i^2 per LoRA element (flat, in `keys` order), over `count` examples."""
+    """sum_i g_i and sum_i g_i^2 per LoRA element (flat, in `keys` order), over `count` examples.
+
+    `shapes` are those of the sums held: whole tensors, or under --fsdp this rank's dim-0 `rows` [start, stop)
+    of each (lorapar/fsdp.py; count and tokens are then the totals over all ranks)."""
 
     keys: list[str]
     shapes: list[torch.Size]
@@ -116,6 +120,7 @@ class GradientMoments:
     sum_grad_sq: torch.Tensor
     count: int
     tokens: int  # answer tokens seen
+    rows: Optional[list[tuple[int, int]]] = None  # None: the sums cover whole tensors
 
     def all_reduce(self, info: DistInfo) -> None:
         """Sum over ranks: every rank ends with the moments of all examples."""
@@ -134,10 +139,24 @@ def example_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     return total / count, count
 
 
-def accumulate_batch(model: nn.Module, batch, sums: dict[str, tuple[torch.Tensor, torch.Tensor]],
+MomentAdder = Callable[[str, torch.Tensor], None]  # (peft key, fp32 per-example gradients (b, *shape)) -> None
+
+
+def add_into(sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> MomentAdder:
+    """The MomentAdder of whole tensors: the batch's sum g and sum g^2 added into sums[peft key]."""
+
+    def add(key: str, g: torch.Tensor) -> None:
+        total, total_sq = sums[key]
+        total.add_(g.sum(0))
+        total_sq.add_(g.square().sum(0))
+
+    return add
+
+
+def accumulate_batch(model: nn.Module, batch, add_moments: MomentAdder,
                       backward: Optional[Callable[[torch.Tensor], None]] = None) -> int:
-    """Per-example gradients of a right-padded batch, added into sums[peft_key] = (sum g, sum g^2);
-    returns the batch's answer-token count.
+    """Per-example gradients of a right-padded batch, handed to add_moments(peft key, g) per tensor (add_into:
+    summed into whole tensors; under FSDP into this rank's rows); returns the batch's answer-token count.
 
     The backward pass runs once on the sum of the per-example mean losses; a hook on each LoRA
     module's output receives dy (b, T, out) and, since example b's loss reaches only row b, forms
@@ -168,10 +187,7 @@ def accumulate_batch(model: nn.Module, batch, sums: dict[str, tuple[torch.Tensor
                     "B": module.scale * torch.einsum("bto,btr->bor", dy, x @ A.T),
                 }
                 for which, g in per_example.items():
-                    total, total_sq = sums[peft_key(name, which)]
-                    g = g.float()
-                    total.add_(g.sum(0))
-                    total_sq.add_(g.square().sum(0))
+                    add_moments(peft_key(name, which), g.float())
 
             output.register_hook(on_output_grad)
 
@@ -226,16 +242,29 @@ def accumulate_moments(
                 torch._foreach_addcmul_(grad_sq_views, grads, grads)
                 tokens += count
             else:
-                sums = {k: pair for k, pair in zip(keys, zip(grad_views, grad_sq_views))}
-                tokens += accumulate_batch(model, batch, sums)
+                tokens += accumulate_batch(model, batch, add_into(dict(zip(keys, zip(grad_views, grad_sq_views)))))
             bar.update(len(batch))
     return GradientMoments(keys, [p.shape for p in params], sum_grad, sum_grad_sq, len(rows), tokens)
 
 
+def importance_scores(sum_grad: torch.Tensor, sum_grad_sq: torch.Tensor, count: int, phi: torch.Tensor,
+                      order: str = "second") -> torch.Tensor:
+    """I(phi) element by element (see the module docstring) from the moment sums over `count` examples."""
+    if count == 0:
+        raise ValueError("no examples were scored; importance is undefined")
+    mean_grad_phi = sum_grad / count * phi
+    if order == "second":
+        return (mean_grad_phi - 0.5 * (sum_grad_sq / count) * phi.square()).abs_()
+    if order == "first":
+        return mean_grad_phi.abs_()
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
 def importance_from_moments(model: nn.Module, moments: GradientMoments, order: str = "second") -> dict[str, torch.Tensor]:
     """{peft key: I(phi)} from the moments and the adapter's current values (see the module docstring)."""
-    if moments.count == 0:
-        raise ValueError("no examples were scored; importance is undefined")
+    if moments.rows is not None:
+        raise ValueError("importance_from_moments: these moments hold one rank's rows; "
+                         "lorapar.fsdp.score_rows_sharded forms and gathers sharded scores")
     named = named_lora_parameters(model)
     keys = [k for k, _ in named]
     if keys != moments.keys:
@@ -243,13 +272,7 @@ def importance_from_moments(model: nn.Module, moments: GradientMoments, order: s
         raise ValueError(f"importance_from_moments: the model's LoRA parameters differ from those the moments were taken on "
                          f"({len(keys)} vs {len(moments.keys)} tensors; differing keys: {differing})")
     phi = torch.cat([p.detach().float().reshape(-1) for _, p in named])
-    mean_grad_phi = moments.sum_grad / moments.count * phi
-    if order == "second":
-        scores = (mean_grad_phi - 0.5 * (moments.sum_grad_sq / moments.count) * phi.square()).abs_()
-    elif order == "first":
-        scores = mean_grad_phi.abs_()
-    else:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    scores = importance_scores(moments.sum_grad, moments.sum_grad_sq, moments.count, phi, order)
     sizes = [s.numel() for s in moments.shapes]
     return {k: v.view(s) for k, s, v in zip(moments.keys, moments.shapes, scores.cpu().split(sizes))}
 

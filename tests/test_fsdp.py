@@ -1,5 +1,6 @@
 """--fsdp on two gloo ranks: per-rank shard reading (also GGUF), lockstep generation, SFT and GRPO equal to one process,
-frozen elements bit-exact, a halted and resumed FSDP run equal to an uninterrupted one.
+frozen elements bit-exact, a halted and resumed FSDP run equal to an uninterrupted one, importance scoring equal to
+one process with each rank's moment state its own rows.
 
 Everything distributed runs inside ONE two-process spawn (the machine has two cores shared with others);
 the single-process references run in the test process.
@@ -28,6 +29,7 @@ from lorapar.config import ModelArgs
 from lorapar.masks import save_masks
 from lorapar.model import Transformer
 from test_gguf import _random_k_blocks, gguf_name, write_gguf
+from test_importance import random_rows
 from test_sft import TINY, adapter, arithmetic_rows, initial_adapter, run as run_sft, write_jsonl
 from test_score import argv as score_argv, write_checkpoint, write_labelled
 from test_train_rl import build_sft, rl_argv
@@ -161,6 +163,31 @@ def check_sharded_optimizer(rank: int, base: str) -> None:
     assert int(packed) == active  # the ranks' packed states together hold every active element once
 
 
+# Sharded scoring: r 3 splits A's rows 2/1 over 2 ranks; r 1 leaves rank 1 no rows of A at all.
+SCORING_CASES = [dict(r=3, targets=("q", "v", "down")), dict(r=1, targets=("k", "up"))]
+
+
+def scoring_lora(case: dict):
+    from lorapar.lora import LoraArgs
+
+    return LoraArgs(**case, alpha=4.0, init="gaussian", init_std=0.05, seed=2)
+
+
+def run_sharded_scoring(rank: int, base: str, rows: list, out: str) -> None:
+    """fsdp.score_rows_sharded one row at a time (rank 1 runs a stand-in batch); what each rank holds goes
+    to out/scoring-case{i}-rank{rank}.pt for the test to check."""
+    from lorapar.dist import DistInfo
+    from lorapar.fsdp import build_lora_model, score_rows_sharded
+
+    info = DistInfo(rank=rank, world_size=2)
+    for i, case in enumerate(SCORING_CASES):
+        model, _, _ = build_lora_model(base, "float32", "", None, scoring_lora(case), info, 0)
+        scores, moments = score_rows_sharded(model, rows, "second", info, None, batch_size=1)
+        torch.save({"scores": scores, "rows": moments.rows, "keys": moments.keys, "shapes": moments.shapes,
+                    "sum_grad": moments.sum_grad, "sum_grad_sq": moments.sum_grad_sq, "count": moments.count,
+                    "tokens": moments.tokens}, os.path.join(out, f"scoring-case{i}-rank{rank}.pt"))
+
+
 def worker(rank: int, store: str, jobs: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -169,6 +196,7 @@ def worker(rank: int, store: str, jobs: dict) -> None:
         check_shard_reading(rank, jobs["checkpoints"])
         check_lockstep_generation(rank, jobs["checkpoints"]["hf"], jobs["generations"])
         check_sharded_optimizer(rank, jobs["checkpoints"]["hf"])
+        run_sharded_scoring(rank, jobs["checkpoints"]["hf"], jobs["scoring_rows"], jobs["scoring_out"])
         for argv in jobs["sft"]:
             train_sft.main(argv)
         for argv in jobs["rl"]:
@@ -246,10 +274,12 @@ def build_runs(tmp_path_factory, asset) -> dict:
     score_inputs = dict(ckpt=write_checkpoint(root / "score" / "base", 32000), tokenizer=tokenizer,
                         data=write_labelled(root / "score" / "labelled.jsonl"))
     score.main(score_argv(score_inputs, root / "score-one", "--device", "cpu"))
-    score_jobs = [score_argv(score_inputs, root / "score-fsdp", "--device", "cpu", "--fsdp")]
+    score_jobs = [score_argv(score_inputs, root / "score-fsdp", "--device", "cpu", "--fsdp", "--batch-size", "1")]
+    (root / "sharded-scoring").mkdir()
 
     jobs = {"checkpoints": checkpoints, "generations": generations, "sft": sft_jobs, "rl": rl_jobs,
-            "score": score_jobs}
+            "score": score_jobs, "scoring_rows": random_rows(3, vocab=READER_ARGS["vocab_size"]),
+            "scoring_out": str(root / "sharded-scoring")}
     mp.spawn(worker, args=(str(root / "store"), jobs), nprocs=2, join=True)
     return {"root": root, "start": start, "masks": masks, "rl": rl}
 
@@ -319,7 +349,7 @@ def test_fsdp_scoring_equals_one_process(fsdp_runs):
     one, sharded = (load_file(str(root / out / "importance.safetensors")) for out in ("score-one", "score-fsdp"))
     assert one.keys() == sharded.keys()
     for key in one:
-        torch.testing.assert_close(sharded[key], one[key], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(sharded[key], one[key], rtol=1e-5, atol=1e-9)
     masks_one, masks_sharded = (load_file(str(root / out / "masks.safetensors")) for out in ("score-one", "score-fsdp"))
     assert all(torch.equal(masks_one[k], masks_sharded[k]) for k in masks_one)
     report = json.loads((root / "score-fsdp" / "report.json").read_text())
@@ -328,6 +358,52 @@ def test_fsdp_scoring_equals_one_process(fsdp_runs):
     init_one, init_sharded = (load_file(str(root / out / "adapter_init" / "adapter_model.safetensors"))
                               for out in ("score-one", "score-fsdp"))
     assert init_one.keys() == init_sharded.keys() and all(torch.equal(init_one[k], init_sharded[k]) for k in init_one)
+
+
+def test_fsdp_scoring_keeps_each_ranks_rows_of_the_moments(fsdp_runs):
+    """Each rank's moment state is its shard's rows of every tensor (1/N of the adapter), summed over both ranks'
+    examples; the scores gathered to rank 0 equal one process's, rank 1 holds none."""
+    from lorapar.importance import score_rows
+    from lorapar.lora import apply_lora
+
+    root = fsdp_runs["root"]
+    rows = random_rows(3, vocab=READER_ARGS["vocab_size"])
+    for i, case in enumerate(SCORING_CASES):
+        model = load_model(str(root / "reader-hf"))
+        apply_lora(model, scoring_lora(case))
+        scores, moments = score_rows(model, rows, "second", batch_size=2)
+        sizes = [shape.numel() for shape in moments.shapes]
+        whole = {key: (g.view(shape), g2.view(shape)) for key, shape, g, g2 in
+                 zip(moments.keys, moments.shapes, moments.sum_grad.split(sizes), moments.sum_grad_sq.split(sizes))}
+        held = [torch.load(root / "sharded-scoring" / f"scoring-case{i}-rank{rank}.pt") for rank in range(2)]
+        for rank, got in enumerate(held):
+            assert got["keys"] == moments.keys and (got["count"], got["tokens"]) == (3, moments.tokens)
+            expected_numel = 0
+            for key, shape, (start, stop), local_shape in zip(moments.keys, moments.shapes, got["rows"],
+                                                              got["shapes"]):
+                per_rank = -(-shape[0] // 2)
+                assert (start, stop) == (min(rank * per_rank, shape[0]), min((rank + 1) * per_rank, shape[0])), key
+                assert tuple(local_shape) == (stop - start, *shape[1:]), key
+                expected_numel += local_shape.numel()
+            assert got["sum_grad"].numel() == got["sum_grad_sq"].numel() == expected_numel
+            offset = 0
+            for key, (start, stop), local_shape in zip(moments.keys, got["rows"], got["shapes"]):
+                n = local_shape.numel()
+                for name, flat, ref in (("sum g", got["sum_grad"], whole[key][0]),
+                                        ("sum g^2", got["sum_grad_sq"], whole[key][1])):
+                    # a sum over examples cancels: an element far below the tensor's scale keeps fewer digits
+                    torch.testing.assert_close(flat[offset : offset + n].view(local_shape), ref[start:stop],
+                                               rtol=1e-5, atol=1e-6 * float(ref.abs().max()),
+                                               msg=lambda m: f"{key} {name}: {m}")
+                offset += n
+        assert held[0]["sum_grad"].numel() + held[1]["sum_grad"].numel() == moments.sum_grad.numel()
+        assert held[0]["sum_grad"].numel() < moments.sum_grad.numel()
+        if case["r"] == 1:  # rank 1 holds no row of any A: its reduce-scatter share is empty
+            assert all(stop == start for key, (start, stop) in zip(moments.keys, held[1]["rows"]) if "lora_A" in key)
+        assert held[1]["scores"] is None and held[0]["scores"].keys() == scores.keys()
+        for key in scores:
+            torch.testing.assert_close(held[0]["scores"][key], scores[key], rtol=1e-5,
+                                       atol=1e-6 * float(scores[key].abs().max()), msg=lambda m: f"{key}: {m}")
 
 
 def test_shard_reader_rows_and_shapes_match_the_full_loader(tmp_path):
