@@ -13,26 +13,12 @@ import pytest  # noqa: E402
 
 from kernels.function import triton_kernels  # noqa: E402
 from lorapar.adapter import load_adapter as lora_load_adapter  # noqa: E402
-from lorapar.budget import (  # noqa: E402
-    ExpertScreener,
-    SensitivityEMA,
-    budget_at,
-    component_scores,
-    schedule_steps,
-    select_survivors,
-)
-from lorapar.dual import (  # noqa: E402
-    ORTH_EPS,
-    DualArgs,
-    adapter_key,
-    apply_dual,
-    dual_modules,
-    get_dual_masks,
-    is_dual_adapter,
-    load_dual_adapter,
-    orthogonality_loss,
-    save_dual_adapter,
-)
+from lorapar.dmlora.args import DualArgs  # noqa: E402
+from lorapar.dmlora.budget import budget_at, schedule_steps  # noqa: E402
+from lorapar.dmlora.files import is_dual_adapter, load_dual_adapter, save_dual_adapter  # noqa: E402
+from lorapar.dmlora.modules import adapter_key, apply_dual, dual_modules, get_dual_masks  # noqa: E402
+from lorapar.dmlora.screening import ExpertScreener, SensitivityEMA, component_scores, select_survivors  # noqa: E402
+from lorapar.dmlora.training import ORTH_EPS, orthogonality_loss  # noqa: E402
 from lorapar.lora import disable_adapter, merge, unmerge  # noqa: E402
 
 SMALL = dict(dual_rank=12, dual_shared_rank=4, dual_alpha=12.0, dual_target_rank=5.0)  # r_e = 8, s = 1
@@ -143,7 +129,7 @@ def test_every_part_gets_gradient_after_the_first_step(tiny_model):
 
 @pytest.mark.skipif(triton_kernels() is None, reason="triton is not importable")
 def test_triton_path_matches_reference_with_pruned_components(monkeypatch):
-    from lorapar.dual import DualLoRALinear
+    from lorapar.dmlora.layer import DualLoRALinear
 
     torch.manual_seed(0)
     module = DualLoRALinear(torch.randn(24, 40) / 40**0.5, shared_rank=4, expert_rank=8, alpha=12.0)
@@ -281,7 +267,7 @@ def _dual_run(model, steps: int, t_init: float, t_final: float, delta_t: int, we
     `args` (if given) replaces SMALL; the schedule arguments apply on top."""
     import dataclasses
 
-    from lorapar.dual_training import DualTraining
+    from lorapar.dmlora.training import DualTraining
     from lorapar.masks import MaskedAdamW
 
     args = dataclasses.replace(args or DualArgs(**SMALL), dual_t_init=t_init, dual_t_final=t_final,
@@ -387,7 +373,7 @@ def test_short_training_run_lowers_the_loss(tiny_model):
 def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path, pruning):
     from lorapar.masks import MaskedAdamW
     from lorapar.model import Transformer
-    from lorapar.dual_training import DualTraining
+    from lorapar.dmlora.training import DualTraining
 
     run = _dual_run(tiny_model, steps=14, t_init=2, t_final=4, delta_t=3, pruning=pruning)
     for step, _, _, dual in run:
