@@ -29,7 +29,8 @@ from tqdm import tqdm
 from lorapar import dist, fsdp, fsdp_checkpoint, runlock
 from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
-from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
+from lorapar.batching import LengthGroupedSampler, SFTDataset, collate
+from lorapar.data import load_examples
 from lorapar.dmlora.args import DualArgs  # the --dual-* flags; the rest of DM-LoRA loads with --adapter dual
 from lorapar.errors import FlagError, check_fields, run_main
 from lorapar.lora import LoraArgs, apply_lora, resolve_targets
