@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from lorapar.checkpoint import hf_to_meta_state_dict, load_model, meta_to_hf_name, meta_to_hf_state_dict
+from lorapar.checkpoint import load_model
+from lorapar.checkpoint.names import hf_to_meta_state_dict, meta_to_hf_name, meta_to_hf_state_dict
 from lorapar.config import ModelArgs
 from lorapar.errors import InputError
 from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors

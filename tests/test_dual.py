@@ -183,7 +183,7 @@ def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model, tmp_pat
 def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_path):
     from safetensors.torch import load_file
 
-    from lorapar.checkpoint import meta_to_hf_state_dict
+    from lorapar.checkpoint.names import meta_to_hf_state_dict
     from lorapar.model import Transformer
 
     args = DualArgs(**SMALL, dual_seed=3)

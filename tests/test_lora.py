@@ -283,8 +283,8 @@ def test_adapter_round_trip_onto_the_original_base(tiny_args, tmp_path, init):
 
 
 def test_q_and_k_lora_b_rows_are_stored_in_hf_order(tiny_args, tmp_path):
-    """HF permutes q/k rows for its rotary layout; the stored lora_B must follow (checkpoint.py's rule)."""
-    from lorapar.checkpoint import meta_to_hf_state_dict
+    """HF permutes q/k rows for its rotary layout; the stored lora_B must follow (checkpoint/names.py's rule)."""
+    from lorapar.checkpoint.names import meta_to_hf_state_dict
 
     model = fresh_model(tiny_args)
     args = LoraArgs(init="gaussian", targets=("q", "v"), r=2, alpha=2.0)
