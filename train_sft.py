@@ -33,7 +33,8 @@ from lorapar.batching import LengthGroupedSampler, SFTDataset, collate
 from lorapar.data import load_examples
 from lorapar.dmlora.args import DualArgs  # the --dual-* flags; the rest of DM-LoRA loads with --adapter dual
 from lorapar.errors import FlagError, check_fields, run_main
-from lorapar.lora import LoraArgs, apply_lora, resolve_targets
+from lorapar.lora import LoraArgs, apply_lora
+from lorapar.lora_names import resolve_targets
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW
 from lorapar.model import eval_mode

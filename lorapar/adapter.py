@@ -27,9 +27,10 @@ from lorapar.config import ModelArgs
 from lorapar.errors import InputError
 from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors
 from lorapar.lora import (
-    META_TO_HF, LoraArgs, LoRALinear, adapter_state_dict, lora_modules, module_name_of, named_lora_parameters, peft_key,
-    merge, replace_linears, require_lora, resolve_targets, target_of, unwrap_model,
+    LoraArgs, LoRALinear, adapter_state_dict, lora_modules, merge, named_lora_parameters, replace_linears, require_lora,
+    unwrap_model,
 )
+from lorapar.lora_names import META_TO_HF, module_name_of, peft_key, resolve_targets, target_of
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -31,7 +31,8 @@ from lorapar.batching import collate, encode_example
 from lorapar.data import Example
 from lorapar.dist import DistInfo, all_reduce_sum
 from lorapar.errors import check_fields
-from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters, peft_key
+from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters
+from lorapar.lora_names import peft_key
 from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
 from lorapar.model import eval_mode
 from lorapar.templates import TEMPLATES, chat_format, format_prompt, format_response, prompt_ends_with_eos

@@ -13,8 +13,9 @@ from lorapar import lora
 from lorapar.adapter import load_adapter, save_adapter
 from lorapar.lora import (
     LoraArgs, LoRALinear, adapter_state_dict, apply_lora, disable_adapter, get_masks, lora_modules,
-    merge, module_name_of, named_lora_parameters, peft_key, set_masks, unmerge,
+    merge, named_lora_parameters, set_masks, unmerge,
 )
+from lorapar.lora_names import module_name_of, peft_key, resolve_targets
 from lorapar.model import Transformer
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
@@ -131,7 +132,7 @@ def test_target_spellings_map_to_the_same_modules(tiny_args):
     assert names[0] == names[1] == names[2]
     assert "layers.0.feed_forward.w1" in names[0] and "layers.0.feed_forward.w3" in names[0]  # gate = w1, up = w3
     assert "layers.0.attention.wk" not in names[0]
-    assert lora.resolve_targets("down,gate") == ["w1", "w2"]
+    assert resolve_targets("down,gate") == ["w1", "w2"]
 
 
 def test_unknown_target_lists_the_valid_ones(tiny_args):

@@ -10,13 +10,16 @@ import os
 import torch
 import torch.nn as nn
 
-from lorapar.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_type, check_tensors, hf_output_rows, read_safetensors
+from lorapar.adapter import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_type, check_tensors, hf_output_rows, read_safetensors,
+)
 from lorapar.dmlora.args import DualArgs
 from lorapar.dmlora.modules import (
     PARAMS, adapter_key, apply_dual, dual_modules, get_dual_masks, require_dual, set_dual_masks,
 )
 from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors
-from lorapar.lora import peft_key, unwrap_model
+from lorapar.lora import unwrap_model
+from lorapar.lora_names import peft_key
 
 MASKS_FILE = "masks.safetensors"  # next to lorapar.adapter's ADAPTER_WEIGHTS and ADAPTER_CONFIG
 B_TENSORS = ("lora_B", "expert_B", "init_B")  # (out, r): their rows follow the base weight's output rows

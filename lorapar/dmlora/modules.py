@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from lorapar.dmlora.args import DualArgs
 from lorapar.dmlora.layer import DualLoRALinear
-from lorapar.lora import lora_modules, peft_key, resolve_targets, unwrap_model
+from lorapar.lora import lora_modules, unwrap_model
+from lorapar.lora_names import peft_key, resolve_targets
 
 PARAMS = ("lora_A", "lora_B", "expert_A", "expert_B", "expert_E")
 
