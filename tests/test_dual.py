@@ -545,3 +545,44 @@ def test_released_shared_init_factors_a_random_matrix_and_leaves_w0(tiny_model, 
     assert torch.equal(fresh.layers[0].attention.wq.weight, w0)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), tiny_model(x), atol=0, rtol=0)
+
+
+def test_load_merged_tells_a_dual_adapter_from_a_lora_one_by_its_config(tiny_model, tiny_args, tmp_path):
+    """lorapar.adapter.load_merged (evaluation, the server) loads either kind through ADAPTER_LOADERS."""
+    from lorapar.adapter import adapter_type, load_merged, save_adapter
+    from lorapar.checkpoint import save_model
+    from lorapar.lora import LoraArgs, apply_lora
+    from lorapar.model import Transformer
+
+    save_model(tiny_model, tmp_path / "base")
+    x = tokens(seed=4)
+    args = DualArgs(**SMALL)
+    apply_dual(tiny_model, args)
+    _train_a_little(tiny_model)
+    save_dual_adapter(tiny_model, str(tmp_path / "dual"), args)
+    lora_model = Transformer(tiny_args)
+    lora_model.init_weights(seed=0)
+    lora_args = LoraArgs(r=4, init="gaussian", targets=("q", "v"))
+    apply_lora(lora_model, lora_args)
+    save_adapter(lora_model, str(tmp_path / "lora"), lora_args)
+    assert (adapter_type(str(tmp_path / "dual")), adapter_type(str(tmp_path / "lora"))) == ("dual_lora", "lora")
+    with torch.no_grad():
+        for trained, adapter in ((tiny_model, "dual"), (lora_model, "lora")):
+            merged = load_merged(str(tmp_path / "base"), str(tmp_path / adapter))
+            torch.testing.assert_close(merged(x), trained.eval()(x), atol=2e-5, rtol=1e-5)
+
+
+def test_lora_code_never_loads_dmlora():
+    """train_sft.py (parsing the --dual-* flags included), adapters, evaluation and the server import
+    no DM-LoRA code beyond its settings: a LoRA-PAR run does not depend on the second method."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, train_sft, lorapar.adapter, lorapar.evaluate, lorapar.serve; train_sft.parse_config(["
+            "'--ckpt', 'c', '--tokenizer', 't', '--data', 'd', '--out', 'o']); "
+            "print(sorted(m for m in sys.modules if m.startswith('lorapar.dmlora')))")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['lorapar.dmlora',", "'lorapar.dmlora.args',", "'lorapar.dmlora.budget']"]

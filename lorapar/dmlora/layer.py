@@ -10,7 +10,7 @@ B_e (out, r_e) ~ N(0, init_std^2), gates E (r_e,) = 0, so B_e diag(E) A_e = 0 at
 gradient at the first step and A_e, B_e from the second. One scale s for both modules: the paper's
 r = 128 and alpha = 128 give s = 1, the same as a rank-128 LoRA.
 
-Component i of the expert module is (row i of A_e, E_i, column i of B_e); budget.py screens
+Component i of the expert module is (row i of A_e, E_i, column i of B_e); screening.py screens
 components. Between screenings a losing component only has its gate zeroed (`gate_experts`, AdaLoRA's
 rule); a pruned one (the final mask, or every screening with --dual-pruning freeze) is held by element
 masks, the single truth the kernel (gradients) and MaskedAdamW (updates, weight decay, state) read:
