@@ -32,7 +32,8 @@ from tqdm import tqdm
 from lorapar import dist, fsdp, fsdp_checkpoint, runlock
 from lorapar.adapter import load_adapter
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
-from lorapar.data import encode_prompt, load_examples
+from lorapar.data import load_examples
+from lorapar.templates import encode_prompt
 from lorapar.errors import FlagError, run_main
 from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts
 from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -29,11 +29,12 @@ from tqdm import tqdm
 from lorapar import dist, fsdp, fsdp_checkpoint, runlock
 from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
 from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
-from lorapar.data import LengthGroupedSampler, SFTDataset, collate, load_examples
-from lorapar.dual import DualArgs
-from lorapar.dual_training import DualTraining
+from lorapar.batching import LengthGroupedSampler, SFTDataset, collate
+from lorapar.data import load_examples
+from lorapar.dmlora.args import DualArgs  # the --dual-* flags; the rest of DM-LoRA loads with --adapter dual
 from lorapar.errors import FlagError, check_fields, run_main
-from lorapar.lora import LoraArgs, apply_lora, resolve_targets
+from lorapar.lora import LoraArgs, apply_lora
+from lorapar.lora_names import resolve_targets
 from lorapar.loss import IGNORE_INDEX, answer_nll
 from lorapar.masks import MaskedAdamW
 from lorapar.model import eval_mode
@@ -43,6 +44,9 @@ from lorapar.trainer import (
     load_base_model, lora_file_writer, lr_at, make_checkpointer, prepare_run_dir, require_inputs, resolve_base_dtype,
     resolve_grad_accum, restore_training_state, seed_everything, select_system, set_lr,
 )
+
+if TYPE_CHECKING:
+    from lorapar.dmlora.training import DualTraining
 
 
 @dataclass
@@ -178,6 +182,8 @@ def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArg
     if cfg.adapter == "dual":
         if cfg.masks:
             raise ValueError("--masks holds LoRA-PAR element masks; --adapter dual prunes its own expert components")
+        from lorapar.dmlora.training import DualTraining
+
         dual = DualTraining(model, lora_args)
         return dual.save, dual
     if cfg.init_adapter:  # the very tensors score.py scored (and, for pissa/olora, its residual base)

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from lorapar.config import ModelArgs, add_dataclass_args, dataclass_from_args  # noqa: E402
-from lorapar.dual import DualArgs, orthogonality_loss  # noqa: E402
-from lorapar.dual_training import DualTraining  # noqa: E402
+from lorapar.dmlora.args import DualArgs  # noqa: E402
+from lorapar.dmlora.training import DualTraining, orthogonality_loss  # noqa: E402
 from lorapar.lora import LoraArgs, apply_lora  # noqa: E402
 from lorapar.masks import MaskedAdamW  # noqa: E402
 from lorapar.model import Transformer  # noqa: E402

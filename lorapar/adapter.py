@@ -2,15 +2,16 @@
 
 Keys are peft's ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and tensors are in
 Hugging Face's layout: the rows of q_proj / k_proj lora_B are permuted as lorapar.checkpoint permutes
-q/k weights, so that peft on a transformers LLaMA computes exactly the same function (tested). In
+q/k weights (lorapar/checkpoint/names.py), so that peft on a transformers LLaMA computes exactly the same function (tested). In
 memory everything stays in the model's (Meta) layout; only these files are in HF's. The dual-LoRA
-adapter (lorapar.dual) shares the file names, the q/k row rule and the key/shape check.
+adapter (lorapar/dmlora/files.py) shares the file names, the q/k row rule and the key/shape check.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -20,14 +21,16 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from lorapar.checkpoint import hf_to_meta_state_dict, load_model, meta_to_hf_name, meta_to_hf_state_dict
+from lorapar.checkpoint import load_model
+from lorapar.checkpoint.names import hf_to_meta_state_dict, meta_to_hf_name, meta_to_hf_state_dict
 from lorapar.config import ModelArgs
 from lorapar.errors import InputError
 from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors
 from lorapar.lora import (
-    META_TO_HF, LoraArgs, LoRALinear, adapter_state_dict, lora_modules, module_name_of, named_lora_parameters, peft_key,
-    merge, replace_linears, require_lora, resolve_targets, target_of, unwrap_model,
+    LoraArgs, LoRALinear, adapter_state_dict, lora_modules, merge, named_lora_parameters, replace_linears, require_lora,
+    unwrap_model,
 )
+from lorapar.lora_names import META_TO_HF, module_name_of, peft_key, resolve_targets, target_of
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -261,17 +264,39 @@ def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = 
 __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "ADAPTER_INIT", "peft_config", "check_tensors", "hf_output_rows",
     "save_adapter", "read_safetensors", "read_adapter_args", "adapter_fingerprint", "safetensors_metadata",
-    "load_adapter",
+    "load_adapter", "adapter_type", "load_any_adapter", "load_merged",
 ]
+
+
+# Loaders of the adapter types that are not LoRA, by the "adapter" key of their adapter_config.json,
+# as "module:function". DM-LoRA builds on this module, so it is named here and imported only when such
+# an adapter is loaded: no import cycle, and LoRA-PAR code never loads DM-LoRA.
+ADAPTER_LOADERS = {"dual_lora": "lorapar.dmlora.files:load_dual_adapter"}
+
+
+def adapter_type(adapter_dir: str) -> str:
+    """The "adapter" key of the directory's adapter_config.json: "lora" when absent (peft's own files)."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    with named_errors(path, "an adapter_config.json (a JSON object)"), open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    kind = config.get("adapter", "lora") if isinstance(config, dict) else "lora"
+    return kind if isinstance(kind, str) else "lora"
+
+
+def load_any_adapter(model: nn.Module, adapter_dir: str):
+    """Load a LoRA adapter (load_adapter) or one of ADAPTER_LOADERS' types, told apart by its config."""
+    kind = adapter_type(adapter_dir)
+    if kind not in ADAPTER_LOADERS:
+        return load_adapter(model, adapter_dir)
+    module, _, function = ADAPTER_LOADERS[kind].partition(":")
+    return getattr(importlib.import_module(module), function)(model, adapter_dir)
 
 
 def load_merged(ckpt: str, adapter_dir: str = "", device: str = "cpu") -> nn.Module:
     """The base model with an adapter (LoRA or DM-LoRA, told apart by its config) loaded and merged,
     in eval mode: inference then costs what the base costs. Used by evaluation and the server."""
-    from lorapar.dual import is_dual_adapter, load_dual_adapter  # dual builds on this module
-
     model = load_model(ckpt, device=device)
     if adapter_dir:
-        (load_dual_adapter if is_dual_adapter(adapter_dir) else load_adapter)(model, adapter_dir)
+        load_any_adapter(model, adapter_dir)
         merge(model)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Dataset readers, prompt templates, label masking and batching for supervised fine-tuning.
+"""Dataset readers: JSON-lines files of the supported formats -> Example records.
 
 Formats (`load_examples(path, format)`), every one a JSON-lines file (`.jsonl` or `.jsonl.gz`):
   gsm8k        `question`, `answer` ending in "#### N"; `final` is N, normalised.
@@ -9,27 +9,8 @@ Formats (`load_examples(path, format)`), every one a JSON-lines file (`.jsonl` o
                `response`).
   labelled     what classify.py writes: the input row plus `format` (one of the above) and `system` (1 or 2).
 Any format may carry an optional `system` field (1 or 2): a known label, e.g. the synthetic task's ground truth.
-
-Templates (`format_prompt` / `format_response`):
-  plain        "Question: ...\\nAnswer:" (MMLU and HumanEval prompts are used as they are); the reference verbatim.
-  chat         LLaMA-2's "[INST] ... [/INST]"; the reference verbatim.
-  reasoning    the chat prompt with REASONING_SYSTEM_PROMPT; the response in LoRA-PAR's GRPO format
-               "<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n". For GSM8K the worked steps go in
-               the reasoning (calculator annotations <<a*b=c>> removed) and the number in the answer.
-  lorapar      the authors' example.py, which formats each stage differently (`phase`):
-               sft  prompt = the question followed by the EOS token (the authors write a literal "</s>", which
-                    LLaMA-2's HF tokenizer turns into id 2), response = the answer as written. SFT and
-                    evaluation add BOS and append EOS to the response; importance scoring adds neither
-                    (example.py's collate_fn). `encode_prompt` puts the EOS token in: it is not text.
-               rl   the chat prompt with LORAPAR_SYSTEM_PROMPT (example.py's SYSTEM_PROMPT, leading and
-                    trailing newlines included); GRPO and evaluation after GRPO.
-  alpaca       the DM-LoRA supplement's: ALPACA_PROMPT around the question; response = the answer + "\n"
-               (then EOS, as every SFT target), as its train.py builds the target.
-How answers are read back (rewards, evaluation): lorapar/answers.py.
-
-Tokenisation: prompt and response are encoded separately (BOS + prompt, response + EOS) and concatenated,
-so the boundary is exact and matches generation, which continues from the prompt's tokens. SentencePiece
-puts a word-start marker on the response's first piece, which stands for the space after "Answer:".
+How the records become prompts and responses: lorapar/templates.py; token batches for training:
+lorapar/batching.py; how answers are read back (rewards, evaluation): lorapar/answers.py.
 """
 
 from __future__ import annotations
@@ -37,36 +18,17 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import math
-import random
 import re
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-import torch
-from torch.utils.data import Dataset, Sampler
-
-from lorapar.answers import extract_gsm8k_number, final_answer  # noqa: F401 (re-exported)
+from lorapar.answers import extract_gsm8k_number
 from lorapar.errors import InputError
 from lorapar.io import named_errors
-from lorapar.loss import IGNORE_INDEX
-from lorapar.tokenizer import chat_prompt
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("gsm8k", "mmlu", "humaneval", "instruction", "labelled")
-TEMPLATES = ("plain", "chat", "reasoning", "lorapar", "alpaca")
-PHASES = ("sft", "rl")  # which stage a prompt is for; only the lorapar template tells them apart
-REASONING_SYSTEM_PROMPT = (
-    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
-)
-# example.py's SYSTEM_PROMPT verbatim (a triple-quoted string: it starts and ends with a newline).
-LORAPAR_SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
-# The DM-LoRA supplement's prompt (PiSSA's train.py, which it was derived from): Alpaca's no-input form.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{question}\n\n### Response:"
-)
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -92,9 +54,6 @@ class Examples(list):
         super().__init__(items)
         self.skipped = skipped
         self.path = path
-
-
-# ----------------------------------------------------------------------------- reading
 
 
 def _open_bytes(path: str):
@@ -227,190 +186,3 @@ def load_examples(path: str, format: str, skip_bad: bool = False) -> Examples:
             log.warning("skipping %s", err)
             skipped += 1
     return Examples(examples, skipped, path)
-
-
-# ----------------------------------------------------------------------------- templates
-
-
-def gsm8k_reasoning(answer: str) -> str:
-    """The worked steps of a GSM8K reference: no "#### N" line, no calculator annotations <<...>>."""
-    steps = answer.rsplit("####", 1)[0]
-    return re.sub(r"<<[^>]*>>", "", steps).strip()
-
-
-def reasoning_response(reasoning: str, answer: str) -> str:
-    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
-
-
-def format_prompt(example: Example, template: str = "plain", phase: str = "sft", chat: str = "llama2") -> str:
-    """The prompt text of `example`; `phase` ("sft" or "rl") matters only to the lorapar template, whose
-    SFT prompt also ends with an EOS token that `encode_prompt` adds (it is a token, not text). `chat` is the
-    model family's chat format (tokenizer.py: llama2, chatml, llama3; `Tokenizer.template`) that the chat,
-    reasoning and lorapar-rl templates wrap the question in."""
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
-    if template == "lorapar":
-        if phase == "sft":
-            return example.question
-        return chat_prompt(chat, example.question, system=LORAPAR_SYSTEM_PROMPT)
-    if template == "plain":
-        if example.format in ("mmlu", "humaneval"):
-            return example.question  # already a prompt that ends where the answer starts
-        return f"Question: {example.question}\nAnswer:"
-    if template == "chat":
-        return chat_prompt(chat, example.question)
-    if template == "reasoning":
-        return chat_prompt(chat, example.question, system=REASONING_SYSTEM_PROMPT)
-    if template == "alpaca":
-        return ALPACA_PROMPT.format(question=example.question)
-    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
-
-
-def format_response(example: Example, template: str = "plain") -> str:
-    if template in ("plain", "chat", "lorapar"):
-        return example.answer
-    if template == "alpaca":
-        return example.answer + "\n"
-    if template == "reasoning":
-        if example.format == "gsm8k":
-            return reasoning_response(gsm8k_reasoning(example.answer), example.final)
-        if example.final is not None:  # MMLU: nothing to reason with in the reference, only the letter
-            return reasoning_response("", example.final)
-        return reasoning_response("", example.answer)
-    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
-
-
-# ----------------------------------------------------------------------------- tokenisation and batching
-
-
-def prompt_ends_with_eos(template: str, phase: str = "sft") -> bool:
-    """Whether the template's prompt ends with the EOS token (example.py's "{question}</s>")."""
-    return template == "lorapar" and phase == "sft"
-
-
-def chat_format(tokenizer) -> str:
-    """The chat format of the tokenizer's model family (LLaMA-2's for SentencePiece and for stand-ins)."""
-    return getattr(tokenizer, "template", "llama2")
-
-
-def encode_prompt(tokenizer, example: Example, template: str, phase: str = "sft", bos: bool = True) -> list[int]:
-    """Token ids of the prompt of `example`: [BOS] + format_prompt(...) [+ EOS for lorapar's SFT prompt]."""
-    ids = tokenizer.encode(format_prompt(example, template, phase, chat_format(tokenizer)), bos=bos)
-    return ids + [tokenizer.eos_id] if prompt_ends_with_eos(template, phase) else ids
-
-
-def encode_example(tokenizer, prompt: str, response: str, max_len: int, *, bos: bool = True,
-                   prompt_eos: bool = False, response_eos: bool = True) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) for [BOS] + prompt [+ EOS] + response [+ EOS], loss on the response
-    (and its EOS) only. SFT: BOS and a final EOS; lorapar's prompt also ends with EOS (prompt_eos);
-    importance scoring under lorapar has neither BOS nor a final EOS, as example.py's collate_fn.
-
-    Longer than max_len: cut from the right (the prompt stays whole, the response loses its tail and EOS)
-    and report truncated=True; SFTDataset decides whether to keep or drop such an example.
-    """
-    prompt_ids = tokenizer.encode(prompt, bos=bos) + ([tokenizer.eos_id] if prompt_eos else [])
-    response_ids = tokenizer.encode(response, eos=response_eos)
-    input_ids = prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    truncated = len(input_ids) > max_len
-    return input_ids[:max_len], labels[:max_len], truncated
-
-
-class SFTDataset(Dataset):
-    """Examples encoded once up front; items are {"input_ids": list, "labels": list}.
-
-    overflow="drop" (default) leaves out examples longer than max_len: a cut response teaches an answer
-    that stops mid-way and never ends. overflow="truncate" keeps them cut from the right, as long as at
-    least one response token survives (a prompt that fills max_len has nothing to learn and is dropped).
-    Both are counted in `.dropped` / `.truncated` and logged.
-    """
-
-    def __init__(self, examples: Sequence[Example], tokenizer, template: str = "plain", max_len: int = 512,
-                 overflow: str = "drop"):
-        if overflow not in ("drop", "truncate"):
-            raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
-        self.items: list[dict[str, list[int]]] = []
-        self.examples: list[Example] = []
-        self.dropped = self.truncated = 0
-        for example in examples:
-            ids, labels, cut = encode_example(
-                tokenizer, format_prompt(example, template, chat=chat_format(tokenizer)), format_response(example, template),
-                max_len,
-                prompt_eos=prompt_ends_with_eos(template),
-            )
-            if cut and (overflow == "drop" or all(y == IGNORE_INDEX for y in labels[1:])):
-                self.dropped += 1
-                continue
-            self.truncated += cut
-            self.items.append({"input_ids": ids, "labels": labels})
-            self.examples.append(example)
-        if self.dropped or self.truncated:
-            log.warning("SFTDataset: %d of %d examples longer than max_len=%d: %d dropped, %d truncated",
-                        self.dropped + self.truncated, len(examples), max_len, self.dropped, self.truncated)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.items[index]
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(item["input_ids"]) for item in self.items]
-
-
-def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row: input_ids with pad_id, labels with -100 (B, T) int64."""
-    width = max(len(item["input_ids"]) for item in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for row, item in enumerate(batch):
-        n = len(item["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.as_tensor(item["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels}
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Distributed, length-grouped sampling: batches of similar lengths waste less padding.
-
-    Each epoch (seeded by seed + epoch, so every rank draws the same order) shuffles all indices, cuts
-    them into mega-batches of `mega_batches` global batches, sorts each mega-batch by length (longest
-    first) and deals every global batch of batch_size * num_replicas indices round-robin to the ranks.
-    Each rank yields batch_size indices per step: use it with DataLoader(batch_size=batch_size) in place
-    of DistributedSampler. Like DistributedSampler, the index list is padded by repeating indices to a
-    multiple of num_replicas (or cut with drop_last) so every rank takes the same number of steps.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, mega_batches: int = 50):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
-        if len(lengths) < num_replicas:
-            raise ValueError(f"{len(lengths)} examples cannot feed {num_replicas} replicas")
-        self.lengths, self.batch_size = list(lengths), batch_size
-        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
-        self.shuffle, self.drop_last, self.mega_batches = shuffle, drop_last, mega_batches
-        self.epoch = 0
-        n = len(self.lengths)
-        self.total = (n // num_replicas if drop_last else math.ceil(n / num_replicas)) * num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.total // self.num_replicas
-
-    def __iter__(self) -> Iterator[int]:
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(order)
-        order = (order * math.ceil(self.total / len(order)))[: self.total]
-        step = self.batch_size * self.num_replicas
-        mega = step * self.mega_batches
-        mine: list[int] = []
-        for start in range(0, self.total, mega):
-            group = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
-            for batch_start in range(0, len(group), step):
-                mine.extend(group[batch_start : batch_start + step][self.rank :: self.num_replicas])
-        return iter(mine)

@@ -40,15 +40,14 @@ from tqdm import tqdm
 
 from lorapar.config import add_dataclass_args, dataclass_from_args, field
 from lorapar.answers import final_answer, hash_answer, last_answer_integer, last_hash_integer
-from lorapar.data import (
-    LETTERS, PHASES, TEMPLATES, DataError, Example, chat_format, encode_prompt, format_prompt, load_examples,
-)
+from lorapar.data import LETTERS, DataError, Example, load_examples
 from lorapar.generate import generate
 from lorapar.errors import FlagError, check_fields, check_output_file, run_main
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
 from lorapar.io import atomic_write_json
 from lorapar.model import eval_mode
 from lorapar.sandbox import MODES as SANDBOX_MODES
+from lorapar.templates import PHASES, TEMPLATES, chat_format, encode_prompt, format_prompt
 
 TASKS = ("gsm8k", "mmlu", "humaneval")
 EXTRACTIONS = ("auto", "last_hash", "last_answer", "lenient")
@@ -69,7 +68,7 @@ class EvalArgs:
     max_new_tokens: int = field(default=256, metadata={"help": "generated tokens per answer (GSM8K, HumanEval)"})
     template: str = field(
         default="", metadata={"choices": ("",) + TEMPLATES,
-                              "help": "prompt template (data.py); empty: the adapter's run config, else plain"}
+                              "help": "prompt template (templates.py); empty: the adapter's run config, else plain"}
     )
     phase: str = field(
         default="", metadata={"choices": ("",) + PHASES,
@@ -214,7 +213,7 @@ def evaluate_mmlu(model, tokenizer, examples: Sequence[Example], template: str =
                   progress: bool = True) -> dict:
     """Pick the letter whose token has the highest log-probability right after the prompt.
 
-    Letters are encoded on their own, the way data.encode_example encodes a response, and each must be a
+    Letters are encoded on their own, the way batching.encode_example encodes a response, and each must be a
     single token; then one forward pass per question scores every option at once.
     """
     options = [option_letters(e) for e in examples]

@@ -103,7 +103,7 @@ def load_sharded_model(ckpt: str, dtype: torch.dtype, device: torch.device, voca
             with_adapter(model)
     from lorapar.lora import named_lora_parameters
 
-    from lorapar.checkpoint import CheckpointError
+    from lorapar.checkpoint.common import CheckpointError
 
     adapter = {id(p) for _, p in named_lora_parameters(model)}
     base_names = {name for name, p in model.named_parameters() if id(p) not in adapter}

@@ -44,9 +44,9 @@ def decode_step(
 def prepacked_linears(model: Transformer, rows: int) -> Iterator[None]:
     """While inside, each plain nn.Linear multiplies `rows`-row inputs with a weight MKL packed in advance.
 
-    A small-batch fp32 sgemm on the CPU re-packs the whole weight matrix on every call, which costs more
-    than streaming it once (about 3x at batch 8 for the 640 x 32000 output layer); decoding repeats the
-    same product every step, so the packing is paid once here. Costs a second copy of the weights while
+    A small-batch fp32 sgemm on the CPU re-packs the whole weight matrix on every call, which costs
+    several times streaming it once (bench/bench_decode.py measures it; figures in the README); decoding
+    repeats the same product every step, so the packing is paid once here. Costs a second copy of the weights while
     inside. Inputs with another row count (the prefill, a batch shrunk by finished rows) use the plain
     weight; LoRA modules keep their own forward. A no-op for one row (a matrix-vector product packs
     nothing and is faster unpacked), off the CPU, for other dtypes or without MKL.

@@ -176,13 +176,13 @@ def gguf_tensors(reader, path: str) -> dict[str, Any]:
 
 def stores_hf_rope_order(reader, path: str) -> bool:
     """Whether the q/k rows (and biases) are in Hugging Face's order, to be un-permuted with
-    checkpoint._hf_rows_to_meta: Qwen2's are (llama.cpp's NEOX rope), LLaMA's are already Meta's."""
+    checkpoint.names.hf_rows_to_meta: Qwen2's are (llama.cpp's NEOX rope), LLaMA's are already Meta's."""
     return metadata(reader, path, "general.architecture") == "qwen2"
 
 
 def open_gguf(path: str) -> tuple[ModelArgs, dict[str, tuple[str, Callable[[], torch.Tensor]]]]:
     """(ModelArgs, {Meta name: (GGUF tensor name, reader)}): what checkpoint.load_model needs."""
-    from lorapar.checkpoint import _hf_rows_to_meta
+    from lorapar.checkpoint.names import hf_rows_to_meta
 
     reader = read_gguf(path)
     args = gguf_model_args(reader, path)
@@ -190,6 +190,6 @@ def open_gguf(path: str) -> tuple[ModelArgs, dict[str, tuple[str, Callable[[], t
 
     def read(tensor, name: str) -> torch.Tensor:
         w = dequantize(tensor, path)
-        return _hf_rows_to_meta(name, w, args) if hf_rope_order else w
+        return hf_rows_to_meta(name, w, args) if hf_rope_order else w
 
     return args, {name: (t.name, functools.partial(read, t, name)) for name, t in gguf_tensors(reader, path).items()}

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from lorapar import dist
+from lorapar.batching import collate
 from lorapar.config import field
 from lorapar.errors import FlagError, check_fields
 from lorapar.generate import generate
@@ -195,13 +196,9 @@ class Rollouts:
 
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int):
     """Rows prompt + completion, right-padded; labels mark the completion tokens only."""
-    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[row, : len(p) + len(c)] = torch.as_tensor(list(p) + list(c), dtype=torch.long)
-        labels[row, len(p) : len(p) + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
-    return input_ids, labels
+    rows = [{"input_ids": [*p, *c], "labels": [IGNORE_INDEX] * len(p) + [*c]} for p, c in zip(prompts, completions)]
+    batch = collate(rows, pad_id)
+    return batch["input_ids"], batch["labels"]
 
 
 def _logprobs(model, rollouts: Rollouts, args: GRPOArgs, autocast: Callable[[], ContextManager]) -> torch.Tensor:

@@ -28,14 +28,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from lorapar.data import (
-    TEMPLATES, Example, chat_format, encode_example, format_prompt, format_response, prompt_ends_with_eos,
-)
+from lorapar.batching import collate, encode_example
+from lorapar.data import Example
 from lorapar.dist import DistInfo, all_reduce_sum
 from lorapar.errors import check_fields
-from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters, peft_key
+from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters
+from lorapar.lora_names import peft_key
 from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
 from lorapar.model import eval_mode
+from lorapar.templates import TEMPLATES, chat_format, format_prompt, format_response, prompt_ends_with_eos
 
 ORDERS = ("second", "first")
 
@@ -196,9 +197,8 @@ def accumulate_batch(model: nn.Module, batch, add_moments: MomentAdder,
     device = model.tok_embeddings.weight.device
     handles = [m.register_forward_hook(hook(name, m)) for name, m in modules.items()]
     try:
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-        labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device)
+        padded = collate([{"input_ids": ids, "labels": lab} for ids, lab in batch], pad_id=0)  # pads carry no loss
+        input_ids, labels = padded["input_ids"].to(device), padded["labels"].to(device)
         logp, mask = target_logprobs(model, input_ids, labels)
         counts = mask.sum(1)
         backward((-logp.sum(1) / counts).sum())

@@ -21,17 +21,17 @@ For pissa/olora the initial A0, B0 are kept (non-persistent buffers) so that an 
 onto the original base: the residual is rebuilt as W0 - s B0 A0 by the same code, bit for bit.
 
 Names: modules are keyed by Meta names ("layers.0.attention.wq"); parameters and masks by peft keys
-("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"). In memory and in mask and
-importance files tensors are in the model's (Meta) layout; adapter files are lorapar.adapter's.
+("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), both in lorapar/lora_names.py. In
+memory and in mask and importance files tensors are in the model's (Meta) layout; adapter files are
+lorapar.adapter's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -39,17 +39,9 @@ import torch.nn.functional as F
 
 from kernels import masked_lora_linear
 from lorapar.errors import check_fields
+from lorapar.lora_names import MODULE_NAME_RE, peft_key, resolve_targets
 
-# One canonical spelling (Meta's leaf name) per target, reachable from every accepted spelling.
-SHORT_TO_META = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
-META_TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-HF_TO_META = {h: m for m, h in META_TO_HF.items()}
-_HF_BLOCK = {"attention": "self_attn", "feed_forward": "mlp"}
-_META_BLOCK = {h: m for m, h in _HF_BLOCK.items()}
 INITS = ("lora", "gaussian", "pissa", "olora")
-
-_MODULE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])$")
-_PEFT_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 
 
 @dataclass
@@ -83,48 +75,6 @@ class LoraArgs:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def resolve_targets(targets: Union[str, Sequence[str]]) -> list[str]:
-    """Meta leaf names ("wq", "w1", ...) for targets in any accepted spelling ("q,gate" too), in canonical order."""
-    if isinstance(targets, str):
-        targets = [t for t in targets.split(",") if t]
-    if not targets:
-        raise ValueError("LoRA targets are empty; expected some of q,k,v,o,gate,up,down")
-    resolved = set()
-    for t in targets:
-        meta = SHORT_TO_META.get(t) or HF_TO_META.get(t) or (t if t in META_TO_HF else None)
-        if meta is None:
-            valid = ", ".join(f"{s}/{m}/{META_TO_HF[m]}" for s, m in SHORT_TO_META.items())
-            raise ValueError(f"unknown LoRA target {t!r}; valid targets (short/Meta/HF spelling): {valid}")
-        resolved.add(meta)
-    return [m for m in META_TO_HF if m in resolved]
-
-
-def peft_key(module_name: str, which: str) -> str:
-    """"layers.0.attention.wq", "A" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
-    match = _MODULE_RE.search(module_name)
-    if match is None or which not in ("A", "B"):
-        raise ValueError(f"peft_key: expected a 'layers.N.attention|feed_forward.wX' module and 'A'|'B', got {module_name!r}, {which!r}")
-    layer, block, leaf = match.groups()
-    return f"base_model.model.model.layers.{layer}.{_HF_BLOCK[block]}.{META_TO_HF[leaf]}.lora_{which}.weight"
-
-
-def target_of(module_name: str) -> str:
-    """"layers.0.attention.wq" -> "wq": the Meta leaf name of a module LoRA can target."""
-    match = _MODULE_RE.search(module_name)
-    if match is None:
-        raise ValueError(f"target_of: expected a 'layers.N.attention|feed_forward.wX' module, got {module_name!r}")
-    return match.group(3)
-
-
-def module_name_of(key: str) -> tuple[str, str]:
-    """Inverse of peft_key: a peft key -> (Meta module name, "A"|"B")."""
-    match = _PEFT_RE.match(key)
-    if match is None or match.group(2) not in _META_BLOCK or match.group(3) not in HF_TO_META:
-        raise ValueError(f"{key!r} is not a peft LoRA key like 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'")
-    layer, block, proj, which = match.groups()
-    return f"layers.{layer}.{_META_BLOCK[block]}.{HF_TO_META[proj]}", which
 
 
 class LoRALinear(nn.Module):
@@ -172,6 +122,11 @@ class LoRALinear(nn.Module):
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             A, B = A.to(x.dtype), B.to(x.dtype)  # e.g. a bf16 base on the CPU; the grads flow back to fp32
+        #   y = x W0^T + s * (dropout(x) A^T) B^T,   dA = 0 where not mask_A,   dB = 0 where not mask_B
+        # in one autograd Function (kernels/): the fused Triton kernels on CUDA, elsewhere the PyTorch
+        # reference (kernels/reference.py, whose docstring writes the backward out once). Not autograd over
+        # these ops: it would keep dropout(x) in fp32 rather than a bool mask for backward and apply s before
+        # the dX and dA products, which rounds differently unless s is a power of two.
         return masked_lora_linear(
             x, self.weight, A, B, self.scale, self.mask_A, self.mask_B, dropout_p=self.dropout, training=self.training
         )
@@ -316,7 +271,7 @@ def replace_linears(model: nn.Module, args: LoraArgs) -> dict[str, LoRALinear]:
     wanted = set(resolve_targets(args.targets))
     found: dict[str, LoRALinear] = {}
     for name, module in list(root.named_modules()):
-        match = _MODULE_RE.search(name)
+        match = MODULE_NAME_RE.search(name)
         if match is None or match.group(3) not in wanted:
             continue
         if not isinstance(module, nn.Linear) or module.bias is not None:
@@ -431,7 +386,7 @@ def export_merged(model: nn.Module, path: str, format: str = "hf") -> None:
 
 
 __all__ = [
-    "LoraArgs", "LoRALinear", "apply_lora", "lora_modules", "peft_key", "module_name_of", "target_of", "resolve_targets",
+    "LoraArgs", "LoRALinear", "apply_lora", "lora_modules",
     "adapter_state_dict", "named_lora_parameters", "set_masks", "get_masks", "merge", "unmerge",
     "disable_adapter", "export_merged", "principal_factors", "INITS", "unwrap_model", "replace_linears", "require_lora",
 ]

@@ -78,7 +78,7 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
     This is Meta's convention, a complex multiply on adjacent pairs (one fused kernel, several times
     faster in decoding than the same rotation spelled with cos/sin). Hugging Face checkpoints rotate
-    half-split pairs instead, which checkpoint.py absorbs by permuting the rows of wq and wk.
+    half-split pairs instead, which lorapar/checkpoint/names.py absorbs by permuting the rows of wq and wk.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
@@ -119,7 +119,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        if args.qkv_bias:  # Qwen2; rows in Meta's rotary order like wq/wk's (checkpoint.py permutes them alike)
+        if args.qkv_bias:  # Qwen2; rows in Meta's rotary order like wq/wk's (checkpoint/names.py permutes them alike)
             self.wq_bias = nn.Parameter(torch.zeros(args.n_heads * args.head_dim))
             self.wk_bias = nn.Parameter(torch.zeros(args.n_kv_heads * args.head_dim))
             self.wv_bias = nn.Parameter(torch.zeros(args.n_kv_heads * args.head_dim))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lorapar.config import ModelArgs, field, save_config
-from lorapar.data import format_prompt, format_response, load_examples
+from lorapar.data import load_examples
+from lorapar.templates import format_prompt, format_response
 from lorapar.io import atomic_write_json
 from lorapar.model import Transformer
 from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task

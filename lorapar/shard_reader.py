@@ -1,6 +1,6 @@
 """Read only some rows of a base checkpoint's tensors: what each FSDP rank loads of its shards (lorapar/fsdp.py).
 
-The full readers (lorapar/checkpoint.py) return whole tensors; this reads rows [start, stop) of one
+The full readers (lorapar/checkpoint/) return whole tensors; this reads rows [start, stop) of one
 tensor, in Meta's names and layout, touching only the bytes of those rows where the format allows.
 GGUF tensors are dequantized row range by row range (lorapar.gguf.dequantize), so a rank dequantizes
 only its own rows.
@@ -33,7 +33,7 @@ class ShardReader:
 
         self.path = str(path)
         self.args: ModelArgs = read_model_args(self.path)  # validates the config and names the file on error
-        if os.path.isfile(self.path) and self.path.endswith(".gguf"):  # checkpoint._open's rule
+        if os.path.isfile(self.path) and self.path.endswith(".gguf"):  # lorapar.checkpoint._open's rule
             self.kind = "gguf"
             from lorapar.gguf import gguf_tensors, read_gguf, stores_hf_rope_order
 
@@ -42,19 +42,21 @@ class ShardReader:
             self._gguf_hf_rope_order = stores_hf_rope_order(reader, self.path)
         elif os.path.isfile(self.path):
             self.kind = "llama2c"
-            from lorapar.checkpoint import _open_llama2c
+            from lorapar.checkpoint.llama2c import open_llama2c
 
-            _, self._entries = _open_llama2c(self.path)  # memmap views: nothing is read until sliced
+            _, self._entries = open_llama2c(self.path)  # memmap views: nothing is read until sliced
         elif os.path.isfile(os.path.join(self.path, "params.json")):
             self.kind = "meta"
             files = sorted(glob.glob(os.path.join(self.path, "consolidated.*.pth")))
             self._meta = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
         else:
             self.kind = "hf"
-            from lorapar.checkpoint import HF_IGNORED_SUFFIX, CheckpointError, _hf_weight_map, hf_to_meta_name
+            from lorapar.checkpoint.common import CheckpointError
+            from lorapar.checkpoint.hf import hf_weight_map
+            from lorapar.checkpoint.names import HF_IGNORED_SUFFIX, hf_to_meta_name
 
             self._hf = {}
-            for key, file in _hf_weight_map(self.path).items():
+            for key, file in hf_weight_map(self.path).items():
                 if key.endswith(HF_IGNORED_SUFFIX):
                     continue  # rotary frequencies, recomputed (as the full loader does)
                 try:
@@ -65,7 +67,7 @@ class ShardReader:
 
     def names(self) -> set[str]:
         """Every tensor the checkpoint holds, by Meta name."""
-        from lorapar.checkpoint import META_IGNORED_KEYS
+        from lorapar.checkpoint.meta import META_IGNORED_KEYS
 
         if self.kind == "llama2c":
             return set(self._entries)
@@ -82,7 +84,7 @@ class ShardReader:
         if self.kind == "gguf":
             return tuple(int(d) for d in reversed(self._gguf[name].shape))  # GGUF lists dims innermost first
         if self.kind == "meta":
-            from lorapar.checkpoint import META_SHARD_DIM
+            from lorapar.checkpoint.meta import META_SHARD_DIM
 
             parts = [tuple(shard[name].shape) for shard in self._meta]
             dim = META_SHARD_DIM.get(name.split(".")[-2])
@@ -95,7 +97,7 @@ class ShardReader:
         return tuple(handle[key].shape) if isinstance(handle, dict) else tuple(handle.get_slice(key).get_shape())
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from lorapar.checkpoint import CheckpointError
+        from lorapar.checkpoint.common import CheckpointError
 
         try:
             if self.kind == "llama2c":
@@ -111,7 +113,7 @@ class ShardReader:
                                   "configuration") from None
 
     def _meta_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from lorapar.checkpoint import META_SHARD_DIM
+        from lorapar.checkpoint.meta import META_SHARD_DIM
 
         parts = [shard[name] for shard in self._meta]
         dim = META_SHARD_DIM.get(name.split(".")[-2])
@@ -138,16 +140,16 @@ class ShardReader:
                    read_hf_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
         """Rows [start, stop) in Meta's order of a tensor stored in Hugging Face's (read_hf_rows(lo, hi) reads
         stored rows): q/k are un-permuted over the whole heads covering the rows; other tensors read as stored."""
-        from lorapar.checkpoint import _hf_rows_to_meta, _rope_heads
+        from lorapar.checkpoint.names import hf_rows_to_meta, rope_heads
 
-        heads = _rope_heads(name, self.args)
+        heads = rope_heads(name, self.args)
         if not heads or start == stop:
             return read_hf_rows(start, stop)
         head_dim = self.args.head_dim
         first, last = start // head_dim, -(-stop // head_dim)
         block = read_hf_rows(first * head_dim, last * head_dim)
         subset = SimpleNamespace(n_heads=last - first, n_kv_heads=last - first)  # permute these heads only
-        meta = _hf_rows_to_meta(name, block, subset)
+        meta = hf_rows_to_meta(name, block, subset)
         return meta[start - first * head_dim : stop - first * head_dim]
 
     def _hf_slice(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:

@@ -36,8 +36,10 @@ import torch
 
 from lorapar.errors import check_fields
 from lorapar.checkpoint import load_model
-from lorapar.data import Example, collate, gsm8k_reasoning
+from lorapar.batching import collate
+from lorapar.data import Example
 from lorapar.loss import IGNORE_INDEX, target_logprobs
+from lorapar.templates import gsm8k_reasoning
 from lorapar.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

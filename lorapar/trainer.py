@@ -25,7 +25,8 @@ import torch
 
 from lorapar import dist, runlock
 from lorapar.config import add_dataclass_args, field
-from lorapar.data import FORMATS, TEMPLATES
+from lorapar.data import FORMATS
+from lorapar.templates import TEMPLATES
 from lorapar.errors import FlagError, InputError, check_fields
 from lorapar.io import atomic_torch_save, atomic_write_json, atomic_write_text
 

@@ -9,21 +9,10 @@ from decimal import Decimal
 import pytest
 import torch
 
-from lorapar.data import (
-    LORAPAR_SYSTEM_PROMPT,
-    REASONING_SYSTEM_PROMPT,
-    DataError,
-    LengthGroupedSampler,
-    SFTDataset,
-    collate,
-    encode_example,
-    encode_prompt,
-    extract_gsm8k_number,
-    format_prompt,
-    format_response,
-    load_examples,
-    read_jsonl,
-)
+from lorapar.answers import extract_gsm8k_number
+from lorapar.batching import LengthGroupedSampler, SFTDataset, collate, encode_example
+from lorapar.data import DataError, load_examples, read_jsonl
+from lorapar.templates import LORAPAR_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, encode_prompt, format_prompt, format_response
 from lorapar.tokenizer import Tokenizer
 
 
@@ -201,7 +190,8 @@ LLAMA2_CHAT_TEMPLATE = (
 
 def test_lorapar_rl_prompt_is_what_the_llama2_chat_template_renders():
     jinja2 = pytest.importorskip("jinja2")
-    from lorapar.data import LORAPAR_SYSTEM_PROMPT, Example
+    from lorapar.data import Example
+    from lorapar.templates import LORAPAR_SYSTEM_PROMPT
 
     question = "  Janet has 3 apples.\nHow many?  "
     messages = [{"role": "system", "content": LORAPAR_SYSTEM_PROMPT}, {"role": "user", "content": question}]

@@ -51,7 +51,8 @@ def test_fp32_gradients_on_the_device_match_the_cpu_and_respect_the_masks(tiny_m
 
 
 def _key_modules(model):
-    from lorapar.lora import lora_modules, peft_key
+    from lorapar.lora import lora_modules
+    from lorapar.lora_names import peft_key
 
     for name in lora_modules(model):
         yield peft_key(name, "A"), name

@@ -13,26 +13,12 @@ import pytest  # noqa: E402
 
 from kernels.function import triton_kernels  # noqa: E402
 from lorapar.adapter import load_adapter as lora_load_adapter  # noqa: E402
-from lorapar.budget import (  # noqa: E402
-    ExpertScreener,
-    SensitivityEMA,
-    budget_at,
-    component_scores,
-    schedule_steps,
-    select_survivors,
-)
-from lorapar.dual import (  # noqa: E402
-    ORTH_EPS,
-    DualArgs,
-    adapter_key,
-    apply_dual,
-    dual_modules,
-    get_dual_masks,
-    is_dual_adapter,
-    load_dual_adapter,
-    orthogonality_loss,
-    save_dual_adapter,
-)
+from lorapar.dmlora.args import DualArgs  # noqa: E402
+from lorapar.dmlora.budget import budget_at, schedule_steps  # noqa: E402
+from lorapar.dmlora.files import is_dual_adapter, load_dual_adapter, save_dual_adapter  # noqa: E402
+from lorapar.dmlora.modules import adapter_key, apply_dual, dual_modules, get_dual_masks  # noqa: E402
+from lorapar.dmlora.screening import ExpertScreener, SensitivityEMA, component_scores, select_survivors  # noqa: E402
+from lorapar.dmlora.training import ORTH_EPS, orthogonality_loss  # noqa: E402
 from lorapar.lora import disable_adapter, merge, unmerge  # noqa: E402
 
 SMALL = dict(dual_rank=12, dual_shared_rank=4, dual_alpha=12.0, dual_target_rank=5.0)  # r_e = 8, s = 1
@@ -143,7 +129,7 @@ def test_every_part_gets_gradient_after_the_first_step(tiny_model):
 
 @pytest.mark.skipif(triton_kernels() is None, reason="triton is not importable")
 def test_triton_path_matches_reference_with_pruned_components(monkeypatch):
-    from lorapar.dual import DualLoRALinear
+    from lorapar.dmlora.layer import DualLoRALinear
 
     torch.manual_seed(0)
     module = DualLoRALinear(torch.randn(24, 40) / 40**0.5, shared_rank=4, expert_rank=8, alpha=12.0)
@@ -197,7 +183,7 @@ def test_merged_forward_equals_unmerged_and_unmerge_is_exact(tiny_model, tmp_pat
 def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_path):
     from safetensors.torch import load_file
 
-    from lorapar.checkpoint import meta_to_hf_state_dict
+    from lorapar.checkpoint.names import meta_to_hf_state_dict
     from lorapar.model import Transformer
 
     args = DualArgs(**SMALL, dual_seed=3)
@@ -281,7 +267,7 @@ def _dual_run(model, steps: int, t_init: float, t_final: float, delta_t: int, we
     `args` (if given) replaces SMALL; the schedule arguments apply on top."""
     import dataclasses
 
-    from lorapar.dual_training import DualTraining
+    from lorapar.dmlora.training import DualTraining
     from lorapar.masks import MaskedAdamW
 
     args = dataclasses.replace(args or DualArgs(**SMALL), dual_t_init=t_init, dual_t_final=t_final,
@@ -387,7 +373,7 @@ def test_short_training_run_lowers_the_loss(tiny_model):
 def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path, pruning):
     from lorapar.masks import MaskedAdamW
     from lorapar.model import Transformer
-    from lorapar.dual_training import DualTraining
+    from lorapar.dmlora.training import DualTraining
 
     run = _dual_run(tiny_model, steps=14, t_init=2, t_final=4, delta_t=3, pruning=pruning)
     for step, _, _, dual in run:
@@ -559,3 +545,44 @@ def test_released_shared_init_factors_a_random_matrix_and_leaves_w0(tiny_model, 
     assert torch.equal(fresh.layers[0].attention.wq.weight, w0)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), tiny_model(x), atol=0, rtol=0)
+
+
+def test_load_merged_tells_a_dual_adapter_from_a_lora_one_by_its_config(tiny_model, tiny_args, tmp_path):
+    """lorapar.adapter.load_merged (evaluation, the server) loads either kind through ADAPTER_LOADERS."""
+    from lorapar.adapter import adapter_type, load_merged, save_adapter
+    from lorapar.checkpoint import save_model
+    from lorapar.lora import LoraArgs, apply_lora
+    from lorapar.model import Transformer
+
+    save_model(tiny_model, tmp_path / "base")
+    x = tokens(seed=4)
+    args = DualArgs(**SMALL)
+    apply_dual(tiny_model, args)
+    _train_a_little(tiny_model)
+    save_dual_adapter(tiny_model, str(tmp_path / "dual"), args)
+    lora_model = Transformer(tiny_args)
+    lora_model.init_weights(seed=0)
+    lora_args = LoraArgs(r=4, init="gaussian", targets=("q", "v"))
+    apply_lora(lora_model, lora_args)
+    save_adapter(lora_model, str(tmp_path / "lora"), lora_args)
+    assert (adapter_type(str(tmp_path / "dual")), adapter_type(str(tmp_path / "lora"))) == ("dual_lora", "lora")
+    with torch.no_grad():
+        for trained, adapter in ((tiny_model, "dual"), (lora_model, "lora")):
+            merged = load_merged(str(tmp_path / "base"), str(tmp_path / adapter))
+            torch.testing.assert_close(merged(x), trained.eval()(x), atol=2e-5, rtol=1e-5)
+
+
+def test_lora_code_never_loads_dmlora():
+    """train_sft.py (parsing the --dual-* flags included), adapters, evaluation and the server import
+    no DM-LoRA code beyond its settings: a LoRA-PAR run does not depend on the second method."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, train_sft, lorapar.adapter, lorapar.evaluate, lorapar.serve; train_sft.parse_config(["
+            "'--ckpt', 'c', '--tokenizer', 't', '--data', 'd', '--out', 'o']); "
+            "print(sorted(m for m in sys.modules if m.startswith('lorapar.dmlora')))")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['lorapar.dmlora',", "'lorapar.dmlora.args',", "'lorapar.dmlora.budget']"]

@@ -12,7 +12,8 @@ import uuid
 import pytest
 import torch
 
-from lorapar.data import Example, final_answer, load_examples
+from lorapar.answers import final_answer
+from lorapar.data import Example, load_examples
 from lorapar.evaluate import (
     EvalArgs, decode_continuation, evaluate_gsm8k, evaluate_mmlu, run, score_gsm8k,
 )

@@ -13,7 +13,8 @@ import torch
 
 from conftest import require
 from lorapar.adapter import load_adapter, save_adapter
-from lorapar.checkpoint import load_model, meta_params, read_model_args, save_model
+from lorapar.checkpoint import load_model, read_model_args, save_model
+from lorapar.checkpoint.meta import meta_params
 from lorapar.config import ModelArgs
 from lorapar.lora import LoraArgs, apply_lora, lora_modules
 from lorapar.model import Transformer, rope_frequencies

@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 import score
 import train_rl
 import train_sft
-from lorapar.checkpoint import (META_SHARD_DIM, base_state_dict, load_model, meta_params, meta_to_hf_state_dict,
-                                save_model)
+from lorapar.checkpoint import base_state_dict, load_model, save_model
+from lorapar.checkpoint.meta import META_SHARD_DIM, meta_params
+from lorapar.checkpoint.names import meta_to_hf_state_dict
 from lorapar.config import ModelArgs
 from lorapar.masks import save_masks
 from lorapar.model import Transformer

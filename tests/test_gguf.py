@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import require
-from lorapar.checkpoint import load_model, meta_to_hf_state_dict
+from lorapar.checkpoint import load_model
+from lorapar.checkpoint.names import meta_to_hf_state_dict
 from lorapar.config import ModelArgs
 from lorapar.gguf import GGUFError, SUPPORTED_TYPES
 from lorapar.model import Transformer

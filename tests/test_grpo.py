@@ -332,3 +332,12 @@ def test_derived_seeds_differ_for_distinct_tuples():
     for a, b in pairs:
         assert grpo.derive_seed(*a) != grpo.derive_seed(*b), (a, b)
     assert grpo.derive_seed(1, 2) == grpo.derive_seed(1, 2) < 2**64
+
+
+def test_pack_right_pads_prompt_and_completion_with_loss_on_the_completion_only():
+    """GRPO's rollout rows go through the one collator: prompt + completion, right-padded with pad_id,
+    labels -100 on the prompt and the padding."""
+    input_ids, labels = grpo.pack([[1, 5], [1, 6, 7]], [[8, 9, 2], [3]], pad_id=0)
+    assert input_ids.dtype == labels.dtype == torch.long
+    assert input_ids.tolist() == [[1, 5, 8, 9, 2], [1, 6, 7, 3, 0]]
+    assert labels.tolist() == [[-100, -100, 8, 9, 2], [-100, -100, -100, 3, -100]]

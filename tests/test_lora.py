@@ -13,8 +13,9 @@ from lorapar import lora
 from lorapar.adapter import load_adapter, save_adapter
 from lorapar.lora import (
     LoraArgs, LoRALinear, adapter_state_dict, apply_lora, disable_adapter, get_masks, lora_modules,
-    merge, module_name_of, named_lora_parameters, peft_key, set_masks, unmerge,
+    merge, named_lora_parameters, set_masks, unmerge,
 )
+from lorapar.lora_names import module_name_of, peft_key, resolve_targets
 from lorapar.model import Transformer
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
@@ -131,7 +132,7 @@ def test_target_spellings_map_to_the_same_modules(tiny_args):
     assert names[0] == names[1] == names[2]
     assert "layers.0.feed_forward.w1" in names[0] and "layers.0.feed_forward.w3" in names[0]  # gate = w1, up = w3
     assert "layers.0.attention.wk" not in names[0]
-    assert lora.resolve_targets("down,gate") == ["w1", "w2"]
+    assert resolve_targets("down,gate") == ["w1", "w2"]
 
 
 def test_unknown_target_lists_the_valid_ones(tiny_args):
@@ -283,8 +284,8 @@ def test_adapter_round_trip_onto_the_original_base(tiny_args, tmp_path, init):
 
 
 def test_q_and_k_lora_b_rows_are_stored_in_hf_order(tiny_args, tmp_path):
-    """HF permutes q/k rows for its rotary layout; the stored lora_B must follow (checkpoint.py's rule)."""
-    from lorapar.checkpoint import meta_to_hf_state_dict
+    """HF permutes q/k rows for its rotary layout; the stored lora_B must follow (checkpoint/names.py's rule)."""
+    from lorapar.checkpoint.names import meta_to_hf_state_dict
 
     model = fresh_model(tiny_args)
     args = LoraArgs(init="gaussian", targets=("q", "v"), r=2, alpha=2.0)

@@ -83,7 +83,7 @@ def test_seeds_change_the_adapter_init_and_the_data_order(smoke):
         seeds = [_read(os.path.join(out, f"seed{s}", method, "sft", "config.json"))["TrainArgs"]["seed"] for s in (0, 1)]
         assert seeds == [0, 1]
     # the training seed sets the order of the SFT batches (as train_sft.py builds its sampler)
-    from lorapar.data import LengthGroupedSampler
+    from lorapar.batching import LengthGroupedSampler
 
     lengths = [5] * 64
     orders = [list(LengthGroupedSampler(lengths, batch_size=8, seed=s)) for s in (0, 1)]

@@ -23,11 +23,35 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from lorapar.budget import ExpertScreener
-from lorapar.dual import DualArgs, apply_dual, load_dual_adapter, orthogonality_loss, save_dual_adapter
+from lorapar.dmlora.args import DualArgs
+from lorapar.dmlora.files import load_dual_adapter, save_dual_adapter
+from lorapar.dmlora.modules import apply_dual, require_dual
+from lorapar.dmlora.screening import ExpertScreener
 from lorapar.io import atomic_save_safetensors
 
+ORTH_EPS = 1e-6  # the supplement's ||A A^T + eps I - I||_F
 SCREENER_FILE = "dual_screener.safetensors"
+
+
+def orthogonality_loss(model: nn.Module) -> torch.Tensor:
+    """The supplement's regulariser (the caller multiplies by lambda): the mean over the 2 * modules
+    matrices of ||A_e A_e^T + eps I - I||_F and ||B_e^T B_e + eps I - I||_F, eps = ORTH_EPS, non-squared
+    Frobenius norms in fp32, as peft's AdaLoRA (whose mean is also per matrix) restricted to the expert.
+
+    Gradients, with M = A A^T - (1 - eps) I and N = B^T B - (1 - eps) I (both symmetric), n = 2 * modules:
+        dL/dA = 2 M A / (n ||M||_F),    dL/dB = 2 B N / (n ||N||_F)     (0 where the norm is 0).
+    Pruned rows / columns stay in the sum, as in AdaLoRA; their own gradients are ignored by the masks.
+    """
+    modules = list(require_dual(model, "orthogonality_loss").values())
+    total = 0.0
+    with torch.autocast(device_type=modules[0].expert_A.device.type, enabled=False):
+        for m in modules:
+            dtype = torch.promote_types(m.expert_A.dtype, torch.float32)  # at least fp32
+            A, B = m.expert_A.to(dtype), m.expert_B.to(dtype)
+            eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device) * (1.0 - ORTH_EPS)
+            total = total + torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
+    return total / (2 * len(modules))
+
 
 
 class DualTraining:
