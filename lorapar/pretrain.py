@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from lorapar.config import ModelArgs, field, save_config
 from lorapar.data import format_prompt, format_response, load_examples
 from lorapar.io import atomic_write_json
 from lorapar.model import Transformer
+from lorapar.optim import learning_rate
 from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task
 
 # The templates whose spellings the embedded tokenizer learns; lorapar's texts (the question, the answer as
@@ -79,13 +79,6 @@ def token_stream(docs: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def lr_at(step: int, args: PretrainArgs) -> float:
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def pretrain(stream: torch.Tensor, args: PretrainArgs, progress: bool = True) -> tuple[Transformer, list[float]]:
     """Train a fresh model on random windows of `stream`; returns it (eval mode) and the loss per step."""
     if stream.numel() <= args.seq_len + 1:
@@ -109,7 +102,7 @@ def pretrain(stream: torch.Tensor, args: PretrainArgs, progress: bool = True) ->
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup_steps, "cosine", args.min_lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
