@@ -37,7 +37,7 @@ from lorapar.optim import lr_at
 from lorapar.precision import autocast
 from lorapar.rewards import parse_spec
 from lorapar.run import prepare_run_dir, seed_everything
-from lorapar.script_args import PINNED_TRL, RLArgs, TrainArgs, require_inputs  # noqa: F401 (PINNED_TRL: the presets' TRL)
+from lorapar.script_args import PINNED_TRL, RLArgs, TrainArgs, require_inputs  # noqa: F401 (train_rl.PINNED_TRL)
 from lorapar.script_args import RL_PRESETS as PRESETS
 from lorapar.tokenizer import Tokenizer
 
@@ -50,9 +50,10 @@ def parse_config(argv=None) -> tuple[RLArgs, GRPOArgs, TrainArgs, Optional[LoraA
     add_lora_flags(parser)
     ns = parser.parse_args(argv)
     preset = PRESETS.get(ns.preset, {})
-    rl, grpo, train = from_preset(RLArgs, ns, preset), from_preset(GRPOArgs, ns, preset), from_preset(TrainArgs, ns, preset)
+    rl, grpo = from_preset(RLArgs, ns, preset), from_preset(GRPOArgs, ns, preset)
+    train = from_preset(TrainArgs, ns, preset)
     require_inputs(parser, rl)
-    lora_flags = list(lora_flags_given(ns).values())
+    lora_flags = [flag for flag, _ in lora_flags_given(ns).values()]
     if rl.adapter and lora_flags:
         parser.error(f"{', '.join(lora_flags)}: the LoRA configuration comes from --adapter {rl.adapter}")
     lora = None if rl.adapter else lora_args_from_flags(ns, seed=train.seed)
@@ -146,7 +147,8 @@ def main(argv=None) -> dict:
         batch_examples = [kept[i][0] for _, i in mine]
         with fsdp.lockstep(model, info, enabled=train.fsdp):  # ranks' decode steps differ (early stops)
             rollouts = make_rollouts(
-                model, [kept[i][1] for _, i in mine], lambda idx, comps: score(tokenizer, reward_fns, idx, comps, batch_examples), weights, grpo,
+                model, [kept[i][1] for _, i in mine],
+                lambda idx, comps: score(tokenizer, reward_fns, idx, comps, batch_examples), weights, grpo,
                 seeds=[derive_seed(train.seed, step, j) for j, _ in mine], eos_id=tokenizer.eos_id,
                 pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
             )

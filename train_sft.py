@@ -59,10 +59,11 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
     if preset_adapter != sft.adapter:
         parser.error(f"--preset {ns.preset} is for --adapter {preset_adapter}, not --adapter {sft.adapter}")
     if sft.adapter == "lora":  # seeds: --seed
-        stray = [f.name for f in dataclasses.fields(DualArgs) if f.name != "dual_seed" and getattr(ns, f.name) is not None]
+        stray = [f.name for f in dataclasses.fields(DualArgs)
+                 if f.name != "dual_seed" and getattr(ns, f.name) is not None]
         unused = "DualArgs"
     else:
-        stray, unused = list(lora_flags_given(ns).values()), "LoRA"
+        stray, unused = [flag for flag, _ in lora_flags_given(ns).values()], "LoRA"
     if stray:
         parser.error(f"--adapter {sft.adapter} does not use {unused} flag(s) {stray}")
     if sft.adapter == "dual":
@@ -91,11 +92,8 @@ def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:
     the LoRA seed stays the adapter's own (the one it was drawn with), --seed still seeds the data."""
     stored = read_adapter_args(adapter_dir)
     given = lora_flags_given(ns)
-    for name in INIT_FIELDS:
-        if name not in given:
-            continue
-        flag = given[name]
-        value, have = getattr(ns, flag[2:].replace("-", "_")), getattr(stored, name)
+    for name in (n for n in INIT_FIELDS if n in given):
+        (flag, value), have = given[name], getattr(stored, name)
         same = resolve_targets(value) == resolve_targets(have) if name == "targets" else value == have
         if not same:
             shown = ",".join(value) if name == "targets" else value

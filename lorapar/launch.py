@@ -33,7 +33,8 @@ from lorapar.script_args import InputArgs, TrainArgs
 
 def script_parser(doc: str, presets: dict) -> argparse.ArgumentParser:
     """A training script's parser: its docstring's first paragraph and --preset (paper hyper-parameters)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(presets), default=None, help="paper hyper-parameters")
     return parser
 

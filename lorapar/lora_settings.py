@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 from lorapar.config import add_dataclass_args, dataclass_from_args, field
 from lorapar.errors import check_fields
@@ -53,12 +54,12 @@ def lora_args_from_flags(ns: argparse.Namespace, seed: int) -> LoraArgs:
     return settings.to_lora_args(**{k: v for k, v in vars(rest).items() if k not in ("r", "alpha", "targets")})
 
 
-def lora_flags_given(ns: argparse.Namespace) -> dict[str, str]:
-    """{LoraArgs field: its flag} of every LoRA flag given on the command line (seed excluded: --seed)."""
-    names = {"r": "rank", "alpha": "lora_alpha"}  # LoraArgs field -> LoraSettings field (its flag's dest)
+def lora_flags_given(ns: argparse.Namespace) -> dict[str, tuple[str, Any]]:
+    """{LoraArgs field: (its flag, the value given)} of every LoRA flag on the command line (the seed is --seed's)."""
+    dests = {"r": "rank", "alpha": "lora_alpha"}  # LoraArgs field -> LoraSettings field (its flag's dest)
     given = {}
     for name in LoraArgs.__dataclass_fields__:
-        dest = names.get(name, name)
+        dest = dests.get(name, name)
         if name != "seed" and getattr(ns, dest, None) is not None:
-            given[name] = "--" + dest.replace("_", "-")
+            given[name] = ("--" + dest.replace("_", "-"), getattr(ns, dest))
     return given

@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from lorapar.io import atomic_save_safetensors, named_errors
 from lorapar.lora import set_masks
@@ -38,8 +39,6 @@ def save_masks(path: str, masks: Mapping[str, Union[torch.Tensor, Mapping[str, t
 
 def load_masks(path: str, stage: Optional[str] = None) -> dict:
     """{peft_key: mask} of one stage (or of an unstaged file); with stage=None a staged file gives {stage: masks}."""
-    from safetensors.torch import load_file
-
     try:
         with named_errors(str(path), "a safetensors file of bool element masks (score.py's masks.safetensors)"):
             tensors = load_file(str(path))

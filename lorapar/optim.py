@@ -27,9 +27,11 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 import torch.nn as nn
 
 from lorapar import dist
+from lorapar.fsdp import local_rows
 from lorapar.masks import param_masks
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -183,8 +185,6 @@ class MaskedAdamW(torch.optim.Optimizer):
         ]
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         if sharded:
-            import torch.distributed as torch_dist
-
             squared = total.square()
             torch_dist.all_reduce(squared, group=sharded[0].device_mesh.get_group())
             total = squared.sqrt()
@@ -279,7 +279,7 @@ def _active_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: a second's import that only --fsdp runs need
 
     return isinstance(t, DTensor)
 
@@ -293,8 +293,6 @@ def _local_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch
     """The rows of a whole mask that match this rank's shard of p (the mask itself when p is not sharded)."""
     if mask is None or not _is_dtensor(p):
         return mask
-    from lorapar.fsdp import local_rows
-
     start, stop = local_rows(p)
     return mask[start:stop]
 

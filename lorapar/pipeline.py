@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from lorapar import pipeline_config, runlock
+from lorapar import evaluate, pipeline_config, runlock
 from lorapar.config import save_config, to_argv
 from lorapar.dual import DualArgs
 from lorapar.errors import run_main
@@ -53,6 +53,7 @@ from lorapar.io import atomic_write_json
 from lorapar.lora_settings import LoraSettings
 from lorapar.partition import PartitionArgs
 from lorapar.pipeline_config import EMBEDDED, METHODS, SMOKE, PipelineConfig  # noqa: F401 (the command's settings)
+from lorapar.pretrain import build_default_assets
 from lorapar.report import build_report
 from lorapar.script_args import (
     RL_PRESETS, SFT_PRESETS, ClassifyArgs, RLArgs, ScoreArgs, SFTArgs, TrainArgs, classify_summary_path, over_preset,
@@ -71,8 +72,6 @@ class Pipeline:
         cfg = self.cfg
         if cfg.ckpt:
             return {"train": cfg.train_data, "test": cfg.test_data, "tokenizer": cfg.tokenizer, "base": cfg.ckpt}
-        from lorapar.pretrain import build_default_assets
-
         assets = cfg.assets or self.dir("assets")
         scale = "smoke" if cfg.smoke else "full"
         stages.run("assets", f"assets: synthetic task, tokenizer, tiny base ({scale})",
@@ -172,13 +171,11 @@ class Pipeline:
                 "pass_at_g_first": solved[0] if solved else None, "generations": cfg.rl_generations}
 
     def evaluate(self, inputs: dict, adapter: str, out: str) -> dict:
-        from lorapar.evaluate import EvalArgs, run
-
         cfg = self.cfg
-        args = EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
+        args = evaluate.EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
                         out=out, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
                         max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template, overwrite=True)
-        return {"metrics": run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
+        return {"metrics": evaluate.run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
 
     # ---- the whole run
     def jobs(self) -> list[tuple[str, int, tuple[str, ...]]]:

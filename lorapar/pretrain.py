@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lorapar.checkpoint import load_model, save_model
 from lorapar.config import ModelArgs, field, save_config
 from lorapar.data import format_prompt, format_response, load_examples
 from lorapar.io import atomic_write_json
 from lorapar.model import Transformer
 from lorapar.optim import learning_rate
 from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task
+from lorapar.tokenizer import Tokenizer
 
 # The templates whose spellings the embedded tokenizer learns; lorapar's texts (the question, the answer as
 # written, the chat prompt) add none, and listing them would change the embedded default's tokenizer.
@@ -128,9 +130,6 @@ def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progr
     Returns {"train", "test", "corpus", "tokenizer", "base"} paths plus "seconds" spent per part
     (0 for a part that already existed).
     """
-    from lorapar.checkpoint import load_model, save_model
-    from lorapar.tokenizer import Tokenizer
-
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
     os.makedirs(out_dir, exist_ok=True)

@@ -83,7 +83,8 @@ def test_to_argv_gives_back_every_field_through_its_flag(cls):
     assert to_argv(cls()) == []  # the defaults need no flag
     changed = _changed_values(cls)
     # every field of a script's settings can be changed and written, or the pipeline could not run it
-    assert len(changed) >= len(dataclasses.fields(cls)) - 1, sorted(set(f.name for f in dataclasses.fields(cls)) - set(changed))
+    names = {f.name for f in dataclasses.fields(cls)}
+    assert len(changed) >= len(names) - 1, sorted(names - set(changed))
     for name, value in changed.items():  # one field at a time: that flag and no other
         config = dataclasses.replace(cls(), **{name: value})
         argv = to_argv(config)
@@ -111,8 +112,8 @@ def test_to_argv_writes_floats_exactly_and_refuses_what_no_flag_can_say():
 def test_the_pipelines_commands_give_the_scripts_the_settings_it_built():
     """What Pipeline.sft / .grpo build, over their presets, is what train_sft.py / train_rl.py parse."""
     preset = SFT_PRESETS["lorapar-sft"]
-    sft = over_preset(SFTArgs, preset, ckpt="base", tokenizer="tok", data="l.jsonl", format="labelled", template="plain",
-                      max_len=192, system=1, masks="m.safetensors", stage=1)
+    sft = over_preset(SFTArgs, preset, ckpt="base", tokenizer="tok", data="l.jsonl", format="labelled",
+                      template="plain", max_len=192, system=1, masks="m.safetensors", stage=1)
     train = over_preset(TrainArgs, preset, out="o", seed=3, max_steps=4, lr=2e-3, batch_size=8, global_batch=8,
                         save_every=2, resume=True)
     lora = LoraSettings(rank=4, lora_alpha=16.0, targets=("q", "v"))
@@ -169,7 +170,8 @@ def test_a_launched_script_gets_the_threads_and_its_command_is_recorded(tmp_path
 
     monkeypatch.setattr(stages_module.subprocess, "Popen", popen)
     stages = Stages(str(tmp_path), overwrite=False, total=1, threads=1)
-    argv = [*to_argv(ClassifyArgs(data=str(data), out=str(tmp_path / "labelled.jsonl"))), "--teacher", "rule:gsm8k-steps"]
+    labels = ClassifyArgs(data=str(data), out=str(tmp_path / "labelled.jsonl"))
+    argv = [*to_argv(labels), "--teacher", "rule:gsm8k-steps"]
     stages.run("classify", "classify", lambda redo: stages.launch("classify.py", argv) or {})
     assert seen[0]["OMP_NUM_THREADS"] == "1"
     record = json.loads((tmp_path / "stages" / "classify.json").read_text())
@@ -181,7 +183,8 @@ def test_a_launched_script_gets_the_threads_and_its_command_is_recorded(tmp_path
 def test_one_schedule_for_training_and_pretraining():
     # pretrain.py's cosine with an absolute floor, written as it was before the schedules were one
     old = [3e-3 * (s + 1) / 30 if s < 30 else
-           3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * min(1.0, (s - 30) / max(1, 700 - 30)))) for s in range(700)]
+           3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * min(1.0, (s - 30) / max(1, 700 - 30))))
+           for s in range(700)]
     assert [learning_rate(s, 700, 3e-3, 30, "cosine", 3e-4) for s in range(700)] == old  # bit for bit
     assert [learning_rate(s, 10, 1.0, 0, "linear") for s in (0, 5)] == [1.0, 0.5]
     assert learning_rate(9, 10, 1.0, 2, "constant") == 1.0
