@@ -24,7 +24,6 @@ import logging
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Optional
 
 from tqdm import tqdm
@@ -34,33 +33,12 @@ from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_ar
 from lorapar.data import DataError, Example, load_examples
 from lorapar.errors import run_main
 from lorapar.io import atomic_write_json
+from lorapar.script_args import ClassifyArgs, classify_summary_path
 from lorapar.teachers import REFUSED, TeacherArgs, fleiss_kappa, majority_vote, make_teacher
 
 log = logging.getLogger("classify")
 
 ADDED_KEYS = ("system", "votes", "replies", "teachers", "decided_by", "format", "row_id")
-
-
-@dataclass
-class ClassifyArgs:
-    data: str = field(default="", metadata={"help": "input jsonl / jsonl.gz (required)"})
-    format: str = field(
-        default="gsm8k",
-        metadata={"help": "input format", "choices": ["gsm8k", "mmlu", "humaneval", "instruction"]},
-    )
-    out: str = field(default="", metadata={"help": "output jsonl, appended to and resumed (required)"})
-    default_system: int = field(
-        default=2,
-        metadata={"help": "label when every teacher abstains or the votes tie (2: when in doubt, assume "
-                          "the item needs deliberate reasoning)", "choices": [1, 2]},
-    )
-    limit: int = field(default=0, metadata={"help": "label only the first N input rows (0: all)"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip and count malformed input lines instead of failing"})
-    allow_even: bool = field(default=False, metadata={"help": "allow an even number of teachers (ties possible)"})
-
-    def __post_init__(self) -> None:
-        if self.limit < 0:
-            raise ValueError(f"--limit must be >= 0, got {self.limit}")
 
 
 def row_id(example: Example) -> str:
@@ -195,15 +173,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     summary = summarise(args.out, specs)
     summary.update(skipped_input_lines=skipped, config={"teachers": specs, **config_to_dict(args, targs)})
-    atomic_write_json(summary_path(args.out), summary)
+    atomic_write_json(classify_summary_path(args.out), summary)
     log.info("System 1: %d, System 2: %d, abstentions: %d, Fleiss' kappa: %s -> %s",
              summary["system_1"], summary["system_2"], summary["abstentions"], summary["fleiss_kappa"], args.out)
     runlock.release(args.out, is_dir=False)
     return summary
-
-
-def summary_path(out: str) -> str:
-    return os.path.splitext(out)[0] + ".summary.json"
 
 
 if __name__ == "__main__":

@@ -27,55 +27,31 @@ import argparse
 import contextlib
 import os
 import shutil
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from lorapar import dist, fsdp, runlock
-from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
-from lorapar.data import FORMATS, load_examples
+from lorapar.config import add_dataclass_args, dataclass_from_args, save_config
+from lorapar.data import load_examples
 from lorapar.errors import run_main
 from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
 from lorapar.io import atomic_path, atomic_save_safetensors, atomic_write_json
 from lorapar.adapter import adapter_fingerprint, save_adapter
+from lorapar.launch import load_base_model
 from lorapar.lora import LoraArgs, apply_lora, lora_modules
 from lorapar.masks import save_masks
 from lorapar.partition import (
-    RANDOM_SCOPES, Partition, PartitionArgs, partition, partition_report, random_stage_masks, stage_overlap,
+    Partition, PartitionArgs, partition, partition_report, random_stage_masks, stage_overlap,
 )
+from lorapar.run import claim_out_dir
+from lorapar.script_args import ScoreArgs
 from lorapar.tokenizer import Tokenizer
-from lorapar.trainer import load_base_model
 
 ADAPTER_INIT_DIR = "adapter_init"  # the scored adapter, which train_sft.py --init-adapter starts from
 OUTPUTS = ("config.json", ADAPTER_INIT_DIR, "importance.safetensors", "masks.safetensors", "random_masks.safetensors",
            "report.json", "importance.png")  # fmt: skip
 PLOT_POINTS = 20_000
-
-
-@dataclass
-class ScoreArgs:
-    ckpt: str = field(default="", metadata={"help": "base model (Meta dir, HF dir or llama2.c .bin)"})
-    tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
-    data: str = field(default="", metadata={"help": "examples labelled with 'system' 1 or 2 (classify.py output)"})
-    format: str = field(default="labelled", metadata={"help": "data format", "choices": FORMATS})
-    out: str = field(default="", metadata={"help": "output directory"})
-    random_baseline: bool = field(
-        default=False, metadata={"help": "also write random_masks.safetensors (the stages' sizes and overlap)"}
-    )
-    random_scope: str = field(default="global", metadata={
-        "help": "random baseline over the whole adapter (the paper) or with each tensor's count",
-        "choices": RANDOM_SCOPES,
-    })  # fmt: skip
-    overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
-    skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
-    device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (None: cuda when available)"})
-    base_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the frozen base (auto: bf16 on CUDA, fp32 on the CPU); train in the same one, "
-                "since a pissa/olora residual base is formed in it",
-        "choices": ["auto", "float32", "bfloat16"],
-    })  # fmt: skip
-    fsdp: bool = field(default=False, metadata={"help": "shard the base over the ranks with FSDP2 (lorapar/fsdp.py)"})
 
 
 def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
@@ -97,19 +73,14 @@ def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
     """Lock --out and refuse to replace earlier results without --overwrite (rank 0 decides, every rank raises).
 
     Nothing is deleted here: `clear_old_outputs` removes the old results once the new ones are computed."""
-    outcome = None
-    if info.is_main:
-        try:
-            runlock.acquire(cfg.out)
-            existing = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out, name))]
-            if existing and not cfg.overwrite:
-                outcome = FileExistsError(
-                    f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
-        except Exception as error:  # every rank must raise, not only rank 0
-            outcome = error
-    outcome = dist.broadcast_object(outcome, info)
-    if outcome is not None:
-        raise outcome
+
+    def refuse_earlier_results() -> None:
+        existing = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out, name))]
+        if existing and not cfg.overwrite:
+            raise FileExistsError(
+                f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+
+    claim_out_dir(cfg.out, info, refuse_earlier_results)
 
 
 def clear_old_outputs(cfg: ScoreArgs) -> None:

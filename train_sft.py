@@ -20,117 +20,74 @@ import argparse
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
-from tqdm import tqdm
 
-from lorapar import dist, fsdp, fsdp_checkpoint, runlock
-from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_args, safetensors_metadata
-from lorapar.config import add_dataclass_args, config_to_dict, dataclass_from_args, field, save_config
+from lorapar import dist, fsdp
+from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, read_adapter_args, safetensors_metadata
+from lorapar.config import add_dataclass_args
 from lorapar.batching import LengthGroupedSampler, SFTDataset, collate
 from lorapar.data import load_examples
 from lorapar.dmlora.args import DualArgs  # the --dual-* flags; the rest of DM-LoRA loads with --adapter dual
-from lorapar.errors import FlagError, check_fields, run_main
-from lorapar.lora import LoraArgs, apply_lora
-from lorapar.lora_names import resolve_targets
-from lorapar.loss import IGNORE_INDEX, answer_nll
-from lorapar.masks import MaskedAdamW
-from lorapar.model import eval_mode
-from lorapar.tokenizer import Tokenizer
-from lorapar.trainer import (
-    InputArgs, MetricsLog, TrainArgs, add_lora_flags, autocast, check_finite, clear_previous_run, install_masks,
-    load_base_model, lora_file_writer, lr_at, make_checkpointer, prepare_run_dir, require_inputs, resolve_base_dtype,
-    resolve_grad_accum, restore_training_state, seed_everything, select_system, set_lr,
+from lorapar.errors import FlagError, run_main
+from lorapar.launch import (
+    finish_run, from_preset, load_base_model, load_lora_model, script_parser, select_system, start_run,
 )
+from lorapar.lora import LoraArgs
+from lorapar.lora_names import resolve_targets
+from lorapar.lora_settings import add_lora_flags, lora_args_from_flags, lora_flags_given
+from lorapar.loss import IGNORE_INDEX, answer_nll
+from lorapar.model import eval_mode
+from lorapar.optim import lr_at, optimizer_step
+from lorapar.precision import autocast, resolve_base_dtype
+from lorapar.run import prepare_run_dir, seed_everything
+from lorapar.script_args import SFT_PRESETS as PRESETS
+from lorapar.script_args import SFTArgs, TrainArgs, require_inputs, resolve_grad_accum
+from lorapar.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from lorapar.dmlora.training import DualTraining
 
 
-@dataclass
-class SFTArgs(InputArgs):
-    adapter: str = field(
-        default="lora", metadata={"choices": ["lora", "dual"], "help": "adapter type (dual: DM-LoRA, flags --dual-*)"}
-    )
-    init_adapter: str = field(default="", metadata={
-        "help": "start from this LoRA adapter bit for bit (score.py's OUT/adapter_init); "
-                "rank, alpha, targets and init come from it"
-    })  # fmt: skip
-    max_len: int = 512
-    overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
-    eval_data: str = field(default="", metadata={"help": "held-out file for the eval loss (same format)"})
-    eval_fraction: float = field(default=0.0, metadata={"help": "or hold out this share of --data (0 = none)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_fields(self, positive=("max_len",))
-        if not 0 <= self.eval_fraction < 1:
-            raise FlagError(f"--eval-fraction {self.eval_fraction}: expected a share in [0, 1)")
-
-
-PRESETS = {
-    # LoRA-PAR's SFT: lr 2e-4, cosine, warm-up 0.03, effective batch 32, max length 512, one epoch;
-    # example.py's text format: question + EOS, then the answer as written + EOS.
-    "lorapar-sft": {
-        "TrainArgs": dict(lr=2e-4, schedule="cosine", warmup_ratio=0.03, global_batch=32, batch_size=4, epochs=1),
-        "SFTArgs": dict(max_len=512, template="lorapar"),
-    },
-    # DM-LoRA's supplement (train.sh, code task): lr 1e-5, cosine, warm-up 0.03, no weight decay, batch 4 x 16 = 64,
-    # max length 380 (the tokenizer truncates), one epoch, the Alpaca prompt; r 128 = 32 shared + 96 expert,
-    # alpha 128, target rank 80, pruning from step 235 to 1562 - 780 of 1562 (as fractions), delta T 10,
-    # lambda 0.1, beta 0.85 / 0.85.
-    "dmlora": {
-        "TrainArgs": dict(lr=1e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, global_batch=64,
-                          batch_size=4, epochs=1),
-        "SFTArgs": dict(adapter="dual", max_len=380, overflow="truncate", template="alpaca"),
-        "DualArgs": dict(dual_rank=128, dual_shared_rank=32, dual_alpha=128.0, dual_dropout=0.0, dual_target_rank=80.0,
-                         dual_t_init=235 / 1562, dual_t_final=780 / 1562, dual_delta_t=10, dual_orth_lambda=0.1,
-                         dual_beta1=0.85, dual_beta2=0.85, dual_budget_power=2.0, dual_pruning="regrow"),
-    },
-}
-
-
 def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArgs]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="paper hyper-parameters")
+    parser = script_parser(__doc__, PRESETS)
     add_dataclass_args(parser, SFTArgs)
     add_dataclass_args(parser, TrainArgs)
     add_lora_flags(parser)
     add_dataclass_args(parser, DualArgs, skip=("dual_seed",))
     ns = parser.parse_args(argv)
     preset = PRESETS.get(ns.preset, {})
-    sft = dataclass_from_args(SFTArgs, ns, SFTArgs(**preset.get("SFTArgs", {})))
-    train = dataclass_from_args(TrainArgs, ns, TrainArgs(**preset.get("TrainArgs", {})))
+    sft, train = from_preset(SFTArgs, ns, preset), from_preset(TrainArgs, ns, preset)
     preset_adapter = preset.get("SFTArgs", {}).get("adapter", sft.adapter)
     if preset_adapter != sft.adapter:
         parser.error(f"--preset {ns.preset} is for --adapter {preset_adapter}, not --adapter {sft.adapter}")
-    unused = DualArgs if sft.adapter == "lora" else LoraArgs
-    stray = [f.name for f in dataclasses.fields(unused)
-             if f.name not in ("seed", "dual_seed") and getattr(ns, f.name, None) is not None]  # seeds: --seed
+    if sft.adapter == "lora":  # seeds: --seed
+        stray = [f.name for f in dataclasses.fields(DualArgs)
+                 if f.name != "dual_seed" and getattr(ns, f.name) is not None]
+        unused = "DualArgs"
+    else:
+        stray, unused = [flag for flag, _ in lora_flags_given(ns).values()], "LoRA"
     if stray:
-        parser.error(f"--adapter {sft.adapter} does not use {unused.__name__} flag(s) {stray}")
+        parser.error(f"--adapter {sft.adapter} does not use {unused} flag(s) {stray}")
     if sft.adapter == "dual":
         if sft.init_adapter:
             parser.error(f"--init-adapter {sft.init_adapter} is a LoRA adapter; --adapter dual initialises its own")
-        lora = dataclass_from_args(DualArgs, ns, DualArgs(**preset.get("DualArgs", {}), dual_seed=train.seed))
+        lora = from_preset(DualArgs, ns, preset, dual_seed=train.seed)
     elif sft.init_adapter:
         try:
             lora = init_adapter_args(ns, sft.init_adapter)
         except (OSError, KeyError, ValueError) as error:
             parser.error(str(error))
     else:
-        lora = dataclass_from_args(LoraArgs, ns, LoraArgs(seed=train.seed))
+        lora = lora_args_from_flags(ns, seed=train.seed)
     require_inputs(parser, sft)
     return sft, train, lora
 
 
-# The LoraArgs that decide the adapter's values (its shape and how it was drawn), each with its flag.
-INIT_FLAGS = {"r": "--rank", "alpha": "--lora-alpha", "targets": "--targets", "init": "--init",
-              "init_std": "--init-std", "use_rslora": "--use-rslora", "pissa_niter": "--pissa-niter"}  # fmt: skip
+# The LoraArgs that decide the adapter's values (its shape and how it was drawn); the dropout is a
+# training setting and may be given.
+INIT_FIELDS = ("r", "alpha", "targets", "init", "init_std", "use_rslora", "pissa_niter")
 
 
 def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:
@@ -138,14 +95,12 @@ def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:
     naming both values. Only the dropout (a training setting, not a value of the adapter) may be set;
     the LoRA seed stays the adapter's own (the one it was drawn with), --seed still seeds the data."""
     stored = read_adapter_args(adapter_dir)
-    for name, flag in INIT_FLAGS.items():
-        given = getattr(ns, name, None)
-        if given is None:
-            continue
-        have = getattr(stored, name)
-        same = resolve_targets(given) == resolve_targets(have) if name == "targets" else given == have
+    given = lora_flags_given(ns)
+    for name in (n for n in INIT_FIELDS if n in given):
+        (flag, value), have = given[name], getattr(stored, name)
+        same = resolve_targets(value) == resolve_targets(have) if name == "targets" else value == have
         if not same:
-            shown = ",".join(given) if name == "targets" else given
+            shown = ",".join(value) if name == "targets" else value
             raise ValueError(f"{flag} {shown} conflicts with the adapter in --init-adapter {adapter_dir}, "
                              f"which has {name}={have!r}; drop the flag (the adapter's configuration is used)")
     return dataclasses.replace(stored, dropout=stored.dropout if ns.dropout is None else ns.dropout)
@@ -172,27 +127,26 @@ def check_init_adapter(cfg: SFTArgs, lora_args: LoraArgs, base_dtype: torch.dtyp
                              f"base would differ: pass --base-dtype {scored_in}")  # fmt: skip
 
 
-def build_adapter(model: torch.nn.Module, cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs]
-                  ) -> tuple[Callable[[str], None], Optional[DualTraining]]:
-    """Put the adapter on `model` (frozen base, masks installed); returns save(directory) and, for
-    --adapter dual, DM-LoRA's training hooks (regulariser, screening, resume).
+def build_model(cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs], train: TrainArgs, info: dist.DistInfo,
+                vocab_size: int) -> tuple[torch.nn.Module, Callable[[str], None], Optional[DualTraining]]:
+    """The frozen base with the adapter (--adapter) on it and the masks installed; returns the model,
+    save(directory) and, for --adapter dual, DM-LoRA's training hooks (regulariser, screening, resume).
 
-    One place per adapter type (--adapter), so another adapter plugs in here.
+    One place per adapter type, so another adapter plugs in here.
     """
     if cfg.adapter == "dual":
+        if train.fsdp:
+            raise FlagError("--fsdp supports --adapter lora only (DM-LoRA's screening reads whole tensors)")
         if cfg.masks:
             raise ValueError("--masks holds LoRA-PAR element masks; --adapter dual prunes its own expert components")
+        model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, vocab_size)
         from lorapar.dmlora.training import DualTraining
 
         dual = DualTraining(model, lora_args)
-        return dual.save, dual
-    if cfg.init_adapter:  # the very tensors score.py scored (and, for pissa/olora, its residual base)
-        load_adapter(model, cfg.init_adapter, dropout=lora_args.dropout)
-    else:
-        apply_lora(model, lora_args)
-    if cfg.masks:
-        install_masks(model, cfg.masks, cfg.stage)
-    return lora_file_writer(model, lora_args, bool(cfg.masks)), None
+        return model, dual.save, dual
+    # --init-adapter: the very tensors score.py scored (and, for pissa/olora, its residual base)
+    model, _, save_files = load_lora_model(cfg, lora_args, cfg.init_adapter, info, vocab_size, train.fsdp)
+    return model, save_files, None
 
 
 def load_sft_data(cfg: SFTArgs, tokenizer: Tokenizer, seed: int) -> tuple[SFTDataset, Optional[SFTDataset]]:
@@ -246,7 +200,6 @@ def main(argv=None) -> dict:
     if cfg.init_adapter:
         check_init_adapter(cfg, lora_args, resolve_base_dtype(cfg.base_dtype, info.device))
     grad_accum = resolve_grad_accum(train, info.world_size)
-    config = config_to_dict(cfg, train, lora_args)
     resume_from = prepare_run_dir(train, info)
     seed_everything(train.seed)
 
@@ -263,58 +216,22 @@ def main(argv=None) -> dict:
         )
     total_steps = train.max_steps or train.epochs * steps_per_epoch
 
-    # ---- model and adapter
-    if train.fsdp:  # the base sharded over the ranks, each reading only its rows (lorapar/fsdp.py)
-        if cfg.adapter != "lora":
-            raise FlagError("--fsdp supports --adapter lora only (DM-LoRA's screening reads whole tensors)")
-        model, _, save_adapter_files = fsdp.build_lora_model(cfg.ckpt, cfg.base_dtype, cfg.masks, cfg.stage, lora_args,
-                                                          info, tokenizer.vocab_size, adapter_dir=cfg.init_adapter)
-        dual = None
-    else:
-        model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
-        save_adapter_files, dual = build_adapter(model, cfg, lora_args)
+    # ---- model and adapter; optimizer, resume, metrics and checkpoints (lorapar/launch.py)
+    model, save_files, dual = build_model(cfg, lora_args, train, info, tokenizer.vocab_size)
     if cfg.max_len > model.args.max_seq_len:  # past the context the positions are ones the base never saw
         raise FlagError(f"--max-len {cfg.max_len}: above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not train.fsdp:  # FSDP's ranks initialise identically from the seed and hold different rows
-        dist.broadcast_params(params, info)
-    optimizer = MaskedAdamW.for_model(
-        model, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
-    )
-
-    # ---- resume: adapter, optimizer, schedule and data position, RNG of this rank
-    if dual is not None:
-        dual.start(optimizer, total_steps)
-    clear_previous_run(train, info)  # --overwrite: only now, with every input loaded
-    start_step = 0
-    if resume_from is not None:
-        if dual is not None:  # adapter, pruned masks and EMAs, before the optimizer state laid out by them
-            dual.resume(resume_from, optimizer)
-        restore = fsdp_checkpoint.restore_sharded_checkpoint if train.fsdp else restore_training_state
-        start_step = restore(resume_from, model, optimizer, config, info)
-    elif info.is_main:
-        save_config(os.path.join(train.out, "config.json"), cfg, train, lora_args,
-                    extra={"world_size": info.world_size, "grad_accum": grad_accum, "total_steps": total_steps})
-    metrics = MetricsLog(
-        os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None
-    )
-    if info.is_main and start_step == 0:
-        dropped = len(train_set) - steps_per_epoch * per_rank_step * info.world_size
-        metrics.log({"step": 0, "examples": len(train_set), "dropped_over_max_len": train_set.dropped,
-                     "truncated": train_set.truncated, "unused_per_epoch": max(0, dropped),
-                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": info.world_size})
-
-    checkpointer = fsdp_checkpoint.make_sharded_checkpointer if train.fsdp else make_checkpointer
-    checkpoint = checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_adapter_files)
+    unused = len(train_set) - steps_per_epoch * per_rank_step * info.world_size
+    run = start_run(model, train, info, resume_from, (cfg, train, lora_args), save_files, total_steps, steps_per_epoch,
+                    first_record={"examples": len(train_set), "dropped_over_max_len": train_set.dropped,
+                                  "truncated": train_set.truncated, "unused_per_epoch": max(0, unused)},
+                    extra={"grad_accum": grad_accum}, desc="sft", adapter_hooks=dual)
 
     # ---- training loop
     model.train()
     epoch_order: tuple[int, list[int]] = (-1, [])
-    last_step = min(total_steps, train.halt_at) if train.halt_at else total_steps
-    bar = tqdm(total=total_steps, initial=start_step, disable=not info.is_main, desc="sft", dynamic_ncols=True)
     loss_value = float("nan")
-    for step in range(start_step, last_step):
+    for step in range(run.start_step, run.last_step):
         started = time.perf_counter()
         epoch, position = divmod(step, steps_per_epoch)
         if epoch_order[0] != epoch:
@@ -325,8 +242,6 @@ def main(argv=None) -> dict:
                          for k in range(0, len(mine), train.batch_size)]
         local_tokens = sum(count_answer_tokens(b["labels"]) for b in micro_batches)
         step_tokens = dist.all_reduce_sum(torch.tensor(float(local_tokens), dtype=torch.float64), info).item()
-        lr = lr_at(step, total_steps, train)
-        set_lr(optimizer, lr)
         nll_sum = 0.0
         for batch in micro_batches:
             with autocast(info.device):
@@ -335,37 +250,26 @@ def main(argv=None) -> dict:
             nll_sum += nll.item()
         if dual is not None:
             (dual.regulariser() / info.world_size).backward()  # the all-reduce below sums the ranks' copies
-        dist.all_reduce_grads(params, info)  # a no-op for FSDP's parameters, reduced by FSDP itself
-        grad_norm = optimizer.clip_grad_norm_(train.max_grad_norm) if train.max_grad_norm > 0 else None
-        optimizer.step()
-        dual_record = dual.after_step(step + 1) if dual is not None else {}  # reads this step's gradients
-        optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(step, total_steps, train)
+        grad_norm = optimizer_step(run.optimizer, run.params, info, lr=lr, max_grad_norm=train.max_grad_norm,
+                                   zero_grad=dual is None)
+        dual_record = {}
+        if dual is not None:
+            dual_record = dual.after_step(step + 1)  # reads this step's gradients, then releases them
+            run.optimizer.zero_grad(set_to_none=True)
         loss_value = dist.all_reduce_sum(torch.tensor(nll_sum, dtype=torch.float64), info).item() / step_tokens
         done = step + 1
-        check_finite(done, train.out, loss=loss_value, grad_norm=None if grad_norm is None else float(grad_norm))
         record = {"step": done, "epoch": epoch, "lr": lr, "loss": loss_value, "answer_tokens": int(step_tokens),
                   "seconds": time.perf_counter() - started, **dual_record}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if eval_set is not None and (done == total_steps or (train.eval_every and done % train.eval_every == 0)):
             record["eval_loss"] = evaluate(model, eval_set, train.batch_size, tokenizer.pad_id, info, train.fsdp)
-        if done % train.log_every == 0 or "eval_loss" in record or done == last_step:
-            metrics.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if done == last_step or (train.save_every and done % train.save_every == 0):
-            checkpoint(done)
-    bar.close()
+        run.end_step(record, force_log="eval_loss" in record, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
 
     # ---- save the final adapter beside the run's config (rank 0)
-    finished = last_step == total_steps
-    if finished and train.fsdp:
-        fsdp_checkpoint.save_final(model, save_adapter_files, train.out, info)  # gathered to rank 0, peft layout
-    elif finished and info.is_main:
-        save_adapter_files(train.out)
-    dist.barrier(info)
-    runlock.release(train.out)
-    return {"out": train.out, "steps": last_step, "finished": finished, "loss": loss_value}
+    finished = finish_run(run, model)
+    return {"out": train.out, "steps": run.last_step, "finished": finished, "loss": loss_value}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from lorapar.config import ModelArgs, add_dataclass_args, dataclass_from_args  #
 from lorapar.dmlora.args import DualArgs  # noqa: E402
 from lorapar.dmlora.training import DualTraining, orthogonality_loss  # noqa: E402
 from lorapar.lora import LoraArgs, apply_lora  # noqa: E402
-from lorapar.masks import MaskedAdamW  # noqa: E402
+from lorapar.optim import MaskedAdamW  # noqa: E402
 from lorapar.model import Transformer  # noqa: E402
 
 

@@ -54,7 +54,7 @@ def rank_main(rank: int, world: int, store: str, ckpt: str, tokens: int, results
         from lorapar.fsdp import init_sharded_lora, load_sharded_model, score_rows_sharded
         from lorapar.lora import LoraArgs, replace_linears
         from lorapar.loss import answer_nll
-        from lorapar.masks import MaskedAdamW
+        from lorapar.optim import MaskedAdamW
 
         lora = LoraArgs(r=8, init="gaussian")
         before = status_kb("RssAnon")

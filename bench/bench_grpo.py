@@ -23,7 +23,7 @@ from lorapar import dist  # noqa: E402
 from lorapar.config import ModelArgs  # noqa: E402
 from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts  # noqa: E402
 from lorapar.lora import LoraArgs, apply_lora, disable_adapter  # noqa: E402
-from lorapar.masks import MaskedAdamW  # noqa: E402
+from lorapar.optim import MaskedAdamW  # noqa: E402
 from lorapar.model import Transformer  # noqa: E402
 
 

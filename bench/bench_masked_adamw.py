@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lorapar.masks import MaskedAdamW  # noqa: E402
+from lorapar.optim import MaskedAdamW  # noqa: E402
 
 DIM, HIDDEN, RANK = 4096, 11008, 8
 # (in, out) of each adapted projection of one LLaMA-2-7B layer

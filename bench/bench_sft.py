@@ -59,7 +59,7 @@ def lorapar_step_fn(ckpt: str, checkpointing: bool):
     from lorapar.checkpoint import load_model
     from lorapar.lora import LoraArgs, apply_lora
     from lorapar.loss import answer_nll
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
 
     model = load_model(ckpt)
     apply_lora(model, LoraArgs())

@@ -232,7 +232,7 @@ def reset_peak() -> None:
 def masked_sft_step(model, optimizer, ids, labels, device):
     """One SFT optimizer step (answer-token mean NLL, clip 1.0, MaskedAdamW); returns the loss tensor."""
     from lorapar.loss import answer_nll
-    from lorapar.trainer import autocast
+    from lorapar.precision import autocast
 
     with autocast(device):
         nll, n = answer_nll(model, ids, labels)
@@ -250,9 +250,9 @@ def run_steps(out: str, dry_run: bool, limit: float) -> None:
     from lorapar import dist
     from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts
     from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters, set_masks
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
     from lorapar.model import Transformer
-    from lorapar.trainer import autocast
+    from lorapar.precision import autocast
 
     log = PartLog(os.path.join(out, "steps.json"), "steps")
     deadline = time.monotonic() + limit - 5
@@ -377,7 +377,7 @@ def run_fsdp(out: str, dry_run: bool, limit: float) -> None:
     from lorapar.config import ModelArgs
     from lorapar.fsdp import full_adapter, init_sharded_lora, load_sharded_model
     from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, replace_linears, set_masks
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
     from lorapar.model import Transformer
 
     log = PartLog(os.path.join(out, "fsdp.json"), "fsdp")

@@ -2,7 +2,8 @@
 
 Every concern has one dataclass with defaults; a script builds its parser with `add_dataclass_args`
 and reads the values back with `dataclass_from_args`, so a flag `--lora-alpha` is the field
-`lora_alpha` and nothing else. `save_config` writes the resolved values beside every output.
+`lora_alpha` and nothing else; `to_argv` turns values back into the flags that give them (the pipeline
+runs the scripts with it). `save_config` writes the resolved values beside every output.
 """
 
 from __future__ import annotations
@@ -179,6 +180,38 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any = None) -
     return dataclasses.replace(obj, **changes)
 
 
+def to_argv(config: Any, base: Any = None, skip: tuple[str, ...] = ()) -> list[str]:
+    """The inverse of `add_dataclass_args` + `dataclass_from_args`: the flags that rebuild `config` from
+    `base` (a preset's values; the dataclass's defaults when None), one `--flag value` per field whose
+    value differs from base's (a field in `skip` is not a flag). Values are written so that the flag's
+    parser gives them back exactly (floats by repr, booleans as true / false, sequences comma-joined)."""
+    base = type(config)() if base is None else base
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in skip or not f.init or _same(value, getattr(base, f.name)):
+            continue
+        where = f"{type(config).__name__}.{f.name}"
+        if value is None:
+            raise ValueError(f"{where}: None is no flag value (it stands for the flag not given)")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            if any("," in str(item) for item in value):
+                raise ValueError(f"{where}: {value!r} has an item with a comma, which its flag splits at")
+            text = ",".join(str(item) for item in value)
+        else:
+            text = repr(value) if isinstance(value, float) else str(value)
+        argv += [_flag(f.name), text]
+    return argv
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
 def config_to_dict(*configs: Any) -> dict[str, Any]:
     return {type(c).__name__: dataclasses.asdict(c) for c in configs}
 
@@ -196,6 +229,7 @@ __all__ = [
     "MODEL_PRESETS",
     "add_dataclass_args",
     "dataclass_from_args",
+    "to_argv",
     "config_to_dict",
     "save_config",
     "field",

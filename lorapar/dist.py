@@ -80,7 +80,7 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], info: DistInfo) -> No
     """
     if not info.enabled:
         return
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: a second's import that only --fsdp runs need
 
     # FSDP's parameters (DTensors) have had their gradients reduce-scattered already, as a mean over the
     # ranks (its default: torch 2.13 applies a divide factor set on the root to the root's own parameters

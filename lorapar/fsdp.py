@@ -240,7 +240,8 @@ def build_lora_model(ckpt: str, base_dtype: str, masks: str, stage: Optional[int
     """
     from lorapar.adapter import load_adapter
     from lorapar.lora import replace_linears
-    from lorapar.trainer import install_masks, lora_file_writer
+    from lorapar.launch import lora_file_writer
+    from lorapar.masks import install_masks
 
     dtype = {"auto": torch.bfloat16 if info.device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[base_dtype]

@@ -1,6 +1,6 @@
 """Sharded checkpoints for --fsdp: every rank writes its share, rank 0 the gathered adapter; resume reads it back.
 
-Same directory scheme as lorapar/trainer.py (OUT/checkpoints/step-NNNNNN, renamed into place, `latest`),
+Same directory scheme as lorapar/run.py (OUT/checkpoints/step-NNNNNN, renamed into place, `latest`),
 so prepare_run_dir and --resume find these checkpoints unchanged.
 """
 
@@ -31,9 +31,9 @@ def save_sharded_checkpoint(out: str, step: int, info: dist.DistInfo, model: nn.
                             state: dict, write_files, keep: int = 1) -> str:
     """Checkpoint `step` as OUT/checkpoints/step-NNNNNN: shard-rank{r}.pt per rank (adapter rows, optimizer,
     RNG), rank 0's trainer state and adapter files (gathered, peft layout), then COMPLETE, then the rename
-    into place and `latest` (as trainer.save_checkpoint, so prepare_run_dir / --resume find it)."""
+    into place and `latest` (as run.save_checkpoint, so prepare_run_dir / --resume find it)."""
     from lorapar.io import atomic_torch_save
-    from lorapar.trainer import begin_checkpoint, publish_checkpoint, rng_state
+    from lorapar.run import begin_checkpoint, publish_checkpoint, rng_state
 
     tmp, name = begin_checkpoint(out, step, info)
     atomic_torch_save(os.path.join(tmp, f"shard-rank{info.rank}.pt"), {**shard_state(model, optimizer),
@@ -49,7 +49,7 @@ def save_sharded_checkpoint(out: str, step: int, info: dist.DistInfo, model: nn.
 def restore_sharded_checkpoint(path: str, model: nn.Module, optimizer, config: dict, info: dist.DistInfo) -> int:
     """Load this rank's shard of checkpoint `path` (adapter rows, optimizer, RNG); returns its step."""
     from lorapar.lora import named_lora_parameters
-    from lorapar.trainer import check_resumable, set_rng_state
+    from lorapar.run import check_resumable, set_rng_state
 
     if not os.path.exists(os.path.join(path, COMPLETE_MARKER)):
         raise FileNotFoundError(f"{path}: no {COMPLETE_MARKER} marker; the checkpoint was not finished")
@@ -76,7 +76,7 @@ def restore_sharded_checkpoint(path: str, model: nn.Module, optimizer, config: d
 
 def make_sharded_checkpointer(train, info: dist.DistInfo, model: nn.Module, optimizer, total_steps: int,
                               steps_per_epoch: int, config: dict, save_files):
-    """checkpoint(step) for --fsdp: as trainer.make_checkpointer, written by every rank."""
+    """checkpoint(step) for --fsdp: as run.make_checkpointer, written by every rank."""
     from lorapar.io import atomic_write_json
 
     def checkpoint(step: int) -> None:

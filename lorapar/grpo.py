@@ -42,6 +42,7 @@ from lorapar.errors import FlagError, check_fields
 from lorapar.generate import generate
 from lorapar.loss import IGNORE_INDEX, target_logprobs
 from lorapar.model import eval_mode
+from lorapar.optim import optimizer_step
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
@@ -303,8 +304,6 @@ def grpo_update(
     grad_norm = 0.0
     model.train()
     for k in range(args.mu):
-        for group in optimizer.param_groups:
-            group["lr"] = lrs[k]
         for start in range(0, n, args.micro_batch):
             rows = order[start : start + args.micro_batch]
             ids, labels = rollouts.input_ids[rows].to(device), rollouts.labels[rows].to(device)
@@ -322,11 +321,8 @@ def grpo_update(
             sums["loss"] += loss.item()
             for key, value in stats.items():
                 sums[key] += value.item()
-        dist.all_reduce_grads(params, info)
-        if max_grad_norm > 0:
-            grad_norm = float(optimizer.clip_grad_norm_(max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(optimizer, params, info, lr=lrs[k], max_grad_norm=max_grad_norm)
+        grad_norm = grad_norm if norm is None else float(norm)
     reduced = dist.all_reduce_sum(torch.tensor([sums[k] for k in ("loss", "tokens", "kl_sum", "clipped")]), info)
     loss_sum, tokens, kl_sum, clipped = reduced.tolist()
     return {

@@ -34,6 +34,7 @@ from lorapar.dist import DistInfo, all_reduce_sum
 from lorapar.errors import check_fields
 from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters
 from lorapar.lora_names import peft_key
+from lorapar.lora_settings import LoraSettings
 from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
 from lorapar.model import eval_mode
 from lorapar.templates import TEMPLATES, chat_format, format_prompt, format_response, prompt_ends_with_eos
@@ -42,21 +43,20 @@ ORDERS = ("second", "first")
 
 
 @dataclass
-class ImportanceArgs:
+class ImportanceArgs(LoraSettings):
+    """How score.py scores: the scored adapter's shape (LoraSettings: --rank, --lora-alpha, --targets) and init."""
+
     samples: int = field(default=100, metadata={"help": "examples scored per system (the paper: 100); fewer if fewer exist"})
     order: str = field(default="second", metadata={"help": "second: |E[g phi] - E[g^2] phi^2 / 2| (paper); first: |E[g phi]|", "choices": ORDERS})
     template: str = field(default="lorapar", metadata={"help": "prompt/response template (as train_sft.py: score the responses that are trained)", "choices": TEMPLATES})
     max_len: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut from the right"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank of the scored adapter (OUT/adapter_init)"})
-    lora_alpha: float = field(default=64.0, metadata={"help": "lora_alpha of the scored adapter"})
-    targets: tuple[str, ...] = field(default=("q", "k", "v", "gate", "up", "down"), metadata={"help": "adapted projections"})
     init: str = field(default="gaussian", metadata={"help": "init of the scored adapter; gaussian draws A and B (B = 0: zero A-scores)", "choices": INITS})
     init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (the authors: 0.01)"})
     seed: int = field(default=0, metadata={"help": "seed of the example sampling and of the adapter init"})
     batch_size: int = field(default=4, metadata={"help": "examples per forward/backward (1 = the one-at-a-time reference); per-example gradients either way"})
 
     def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
+        super().__post_init__()
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.order not in ORDERS:
@@ -65,11 +65,10 @@ class ImportanceArgs:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
-        check_fields(self, positive=("rank",), positive_float=("lora_alpha",), non_negative=("init_std", "seed"))
+        check_fields(self, non_negative=("init_std", "seed"))
 
     def lora_args(self) -> LoraArgs:
-        return LoraArgs(r=self.rank, alpha=self.lora_alpha, targets=self.targets, init=self.init,
-                        init_std=self.init_std, seed=self.seed)  # fmt: skip
+        return self.to_lora_args(init=self.init, init_std=self.init_std, seed=self.seed)
 
 
 @dataclass

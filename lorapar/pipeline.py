@@ -35,162 +35,32 @@ deterministic; delete OUT/assets to rebuild them).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import multiprocessing
 import os
 import queue
 import shutil
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from lorapar import runlock
-from lorapar.config import add_dataclass_args, dataclass_from_args, field, save_config
-from lorapar.errors import FlagError, check_fields, run_main
+from lorapar import evaluate, pipeline_config, runlock
+from lorapar.config import save_config, to_argv
+from lorapar.dmlora.args import DualArgs
+from lorapar.errors import run_main
+from lorapar.grpo import GRPOArgs
+from lorapar.importance import ImportanceArgs
 from lorapar.io import atomic_write_json
+from lorapar.lora_settings import LoraSettings
+from lorapar.partition import PartitionArgs
+from lorapar.pipeline_config import EMBEDDED, METHODS, SMOKE, PipelineConfig  # noqa: F401 (the command's settings)
+from lorapar.pretrain import build_default_assets
 from lorapar.report import build_report
-from lorapar.stages import Stages, active_fraction, check_same_config, read_metrics, run_dir_flags, script
-from lorapar.tokenizer import checkpoint_tokenizer
-
-METHODS = ("lora", "lorapar", "random", "pissa", "dmlora")
-
-
-@dataclass
-class PipelineConfig:
-    """Defaults are the paper's recipe (real inputs); EMBEDDED and SMOKE below scale it to the tiny task."""
-
-    out: str = field(default="runs/default", metadata={"help": "run directory (one subdirectory per stage)"})
-    smoke: bool = field(default=False, metadata={"help": "toy sizes for a ~1-minute run of every stage (CI)"})
-    overwrite: bool = field(default=False, metadata={"help": "redo every stage instead of skipping completed ones"})
-    seed: int = field(default=0, metadata={"help": "first training seed (and the seed of the embedded task and base)"})
-    seeds: int = field(default=1, metadata={"help": "repeat every method with seeds seed..seed+N-1 (adapter init, data order, sampling); the embedded default uses 3"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; the embedded default uses 1)"})
-    workers: int = field(default=1, metadata={"help": "processes running seeds / the theta sweep at once (the embedded default uses 2)"})
-    assets: str = field(default="", metadata={"help": "embedded default: where the built assets live (default OUT/assets)"})
-    ckpt: str = field(default="", metadata={"help": "real inputs: base model (Meta dir, HF dir, .gguf or llama2.c .bin)"})
-    tokenizer: str = field(default="", metadata={"help": "real inputs: tokenizer.model, tokenizer.json or .gguf (default: the one --ckpt carries)"})
-    train_data: str = field(default="", metadata={"help": "real inputs: GSM8K-format training jsonl"})
-    test_data: str = field(default="", metadata={"help": "real inputs: GSM8K-format test jsonl ('system' field: per-system accuracy)"})
-    teachers: tuple[str, ...] = ()  # --teacher SPEC, repeatable (specs contain commas, so not a list flag)
-    teacher_batch_size: int = 16
-    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"rows of the table, among {METHODS}"})
-    template: str = field(default="lorapar", metadata={"choices": ["plain", "chat", "reasoning", "lorapar"], "help": "prompt/response template of every stage"})
-    rewards: str = field(default="correct=2.0,integer=0.5,strict_format=0.5,soft_format=0.5,xml_count=0.5",
-                         metadata={"help": "GRPO rewards (lorapar/rewards.py spec)"})
-    # score (importance + partition)
-    theta: float = field(default=0.9, metadata={"help": "cumulative-importance threshold per system"})
-    theta_sweep: tuple[float, ...] = field(default=(), metadata={"help": "thetas of the SFT-only curve, importance vs random masks, first seed (empty: none)"})
-    score_samples: int = field(default=100, metadata={"help": "examples scored per system"})
-    # the adapter
-    rank: int = 8
-    lora_alpha: float = 64.0
-    targets: tuple[str, ...] = ("q", "k", "v", "gate", "up", "down")
-    # SFT (train_sft.py --preset lorapar-sft, these fields on top)
-    sft_steps: int = field(default=0, metadata={"help": "optimizer steps of every SFT run (0: one epoch of its data)"})
-    sft_lr: float = 2e-4
-    sft_batch_size: int = 4
-    sft_global_batch: int = 32
-    sft_max_len: int = 512
-    # GRPO (train_rl.py --preset lorapar-grpo, these fields on top)
-    rl_steps: int = field(default=0, metadata={"help": "GRPO steps of every RL run (0: one epoch of the System-2 prompts)"})
-    rl_lr: float = 5e-6
-    rl_prompts_per_step: int = 4
-    rl_generations: int = 8
-    rl_max_prompt_len: int = 128
-    rl_max_completion_len: int = 256
-    rl_beta: float = field(default=0.0, metadata={"help": "GRPO KL coefficient (0 as TRL v0.19.1, the preset's release)"})
-    rl_temperature: float = field(default=1.0, metadata={"help": "GRPO sampling temperature"})
-    rl_top_p: float = field(default=1.0, metadata={"help": "GRPO nucleus sampling"})
-    rl_micro_batch: int = 8
-    # DM-LoRA (train_sft.py --adapter dual)
-    dual_rank: int = 128
-    dual_shared_rank: int = 32
-    dual_alpha: float = 128.0
-    dual_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # the supplement's
-    dual_target_rank: float = 80.0
-    dual_t_init: float = field(default=235 / 1562, metadata={"help": "fraction of the SFT steps (< 1) or steps"})
-    dual_t_final: float = field(default=780 / 1562, metadata={"help": "fraction of the SFT steps (< 1) or steps"})
-    dual_delta_t: int = 10
-    # evaluation
-    eval_batch_size: int = 16
-    eval_max_new_tokens: int = 256
-    eval_limit: int = field(default=0, metadata={"help": "evaluate the first N test items (0: all)"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap replicates of every paired interval"})
-    save_every: int = field(default=0, metadata={"help": "training checkpoint interval (0: only at the end); resume granularity"})
-
-    def __post_init__(self) -> None:
-        self.methods, self.targets, self.teachers = tuple(self.methods), tuple(self.targets), tuple(self.teachers)
-        self.theta_sweep = tuple(float(t) for t in self.theta_sweep)
-        unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown:
-            raise ValueError(f"--methods: unknown {unknown}; expected among {METHODS}")
-        check_fields(  # the stages' own dataclasses check these again; here they fail before any stage runs
-            self, positive=("seeds", "workers", "bootstrap", "teacher_batch_size", "score_samples", "rank", "sft_batch_size", "sft_max_len",
-                            "rl_prompts_per_step", "rl_max_prompt_len", "rl_max_completion_len", "rl_micro_batch",
-                            "dual_rank", "dual_delta_t", "eval_batch_size", "eval_max_new_tokens"),
-            positive_float=("lora_alpha", "sft_lr", "rl_lr", "dual_alpha"), open_unit_interval=(),
-            non_negative=("seed", "threads", "sft_steps", "sft_global_batch", "rl_steps", "rl_beta", "rl_temperature",
-                          "dual_target_rank", "dual_t_init", "dual_t_final", "eval_limit", "save_every"))
-        if not 0 < self.theta <= 1 or not 0 < self.rl_top_p <= 1:
-            raise FlagError(f"--theta {self.theta} / --rl-top-p {self.rl_top_p}: expected values in (0, 1]")
-        if self.rl_generations < 2:
-            raise FlagError(f"--rl-generations {self.rl_generations}: expected >= 2 (GRPO needs a group to compare)")
-        bad = [t for t in self.theta_sweep if not 0.0 < t <= 1.0]
-        if bad:
-            raise FlagError(f"--theta-sweep: every theta must be in (0, 1]; got {bad}")
-
-    def seed_values(self) -> list[int]:
-        return [self.seed + k for k in range(self.seeds)]
-
-
-# The embedded default, chosen once for the task and used for every method alike (no per-method
-# tuning), sized for 20 minutes on 2 CPU cores with the time spent on seeds and test items first (the
-# README gives the measurements behind each size). The tiny base needs larger learning rates than a 7B
-# model and the answers are short, so lengths shrink. SFT steps set whether multi-step answers are
-# learnt at all in so small a model; GRPO samples at temperature 0.7 so that a group of 8 holds both
-# right and wrong completions (pass@8 is reported); its KL coefficient is the preset's (0). One thread
-# per process, two processes. The theta sweep (--theta-sweep 0.3,0.6,0.8,0.9,1.0) is off: its 8 extra
-# SFT runs would take the run past its 20 minutes.
-EMBEDDED = dict(
-    seeds=3, threads=1, workers=2, template="plain", rewards="correct_lenient=2.0", score_samples=100, theta_sweep=(),
-    sft_steps=800, sft_lr=3e-3, sft_batch_size=8, sft_global_batch=8, sft_max_len=192,
-    rl_steps=10, rl_lr=1e-4, rl_prompts_per_step=8, rl_generations=8, rl_max_prompt_len=64, rl_max_completion_len=96,
-    rl_micro_batch=32, rl_temperature=0.7, rl_beta=0.0, rl_top_p=1.0, dual_rank=8, dual_shared_rank=2, dual_alpha=64.0,
-    dual_target_rank=4.0, dual_t_init=100, dual_t_final=200, dual_delta_t=50, eval_batch_size=100,
-    eval_max_new_tokens=96, save_every=250,
+from lorapar.script_args import (
+    RL_PRESETS, SFT_PRESETS, ClassifyArgs, RLArgs, ScoreArgs, SFTArgs, TrainArgs, classify_summary_path, over_preset,
 )
-SMOKE = dict(
-    EMBEDDED, seeds=2, score_samples=8, theta_sweep=(0.5, 0.9), sft_steps=4, sft_lr=2e-3, sft_batch_size=8,
-    sft_global_batch=8, rl_steps=2, rl_prompts_per_step=2, rl_generations=4, rl_max_completion_len=24,
-    dual_t_init=1, dual_t_final=1, dual_delta_t=1, eval_limit=16, eval_max_new_tokens=24, save_every=2, bootstrap=200,
-)
-
-
-def parse_config(argv: Optional[list[str]] = None) -> PipelineConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", dest="teachers", action="append", default=None, metavar="SPEC",
-                        help="classify teacher (repeat; an odd number): rule:..., local:CKPT[,tokenizer=PATH], http:URL#MODEL "
-                             "(default: real inputs rule:gsm8k-steps; embedded: three rules, see Pipeline.teachers)")
-    add_dataclass_args(parser, PipelineConfig, skip=("teachers",))
-    ns = parser.parse_args(argv)
-    if ns.ckpt and not ns.tokenizer:  # a GGUF file or a model directory may carry its own tokenizer
-        ns.tokenizer = checkpoint_tokenizer(ns.ckpt)
-    real = [name for name in ("ckpt", "tokenizer", "train_data", "test_data") if getattr(ns, name)]
-    if real and len(real) < 4:
-        parser.error(f"real inputs need --ckpt, --tokenizer, --train-data and --test-data; got only {['--' + n.replace('_', '-') for n in real]}")
-    base = PipelineConfig()
-    if not real:
-        base = dataclasses.replace(base, **(SMOKE if ns.smoke else EMBEDDED))
-    elif ns.smoke:
-        base = dataclasses.replace(base, **{k: v for k, v in SMOKE.items() if k not in ("template", "rewards")})
-    try:
-        cfg = dataclass_from_args(PipelineConfig, ns, base)
-    except ValueError as error:
-        parser.error(str(error))
-    return dataclasses.replace(cfg, teachers=tuple(ns.teachers or ()))
+from lorapar.stages import Stages, active_fraction, check_same_config, read_json, read_metrics, run_dir_state
+from lorapar.teachers import TeacherArgs
 
 
 class Pipeline:
@@ -203,8 +73,6 @@ class Pipeline:
         cfg = self.cfg
         if cfg.ckpt:
             return {"train": cfg.train_data, "test": cfg.test_data, "tokenizer": cfg.tokenizer, "base": cfg.ckpt}
-        from lorapar.pretrain import build_default_assets
-
         assets = cfg.assets or self.dir("assets")
         scale = "smoke" if cfg.smoke else "full"
         stages.run("assets", f"assets: synthetic task, tokenizer, tiny base ({scale})",
@@ -226,27 +94,27 @@ class Pipeline:
         # System 1) and its ~560-token prompts cost ~200 CPU seconds, time the seeds need more.
         return ["rule:gsm8k-steps,threshold=3", "rule:length,threshold=18", "rule:oracle"]
 
-    # ---- stages
-    def classify(self, inputs: dict, redo: bool) -> dict:
-        classify = script("classify")
+    # ---- stages: each script run as a user runs it (Stages.launch), its results read from the files it wrote
+    def classify(self, stages: Stages, inputs: dict, redo: bool) -> dict:
         out = self.dir("classify", "labelled.jsonl")
         if redo:
             shutil.rmtree(self.dir("classify"), ignore_errors=True)
-        argv = ["--data", inputs["train"], "--format", "gsm8k", "--out", out, "--batch-size", str(self.cfg.teacher_batch_size)]
-        for spec in self.teachers(inputs):
-            argv += ["--teacher", spec]
-        summary = classify.main(argv)
+        args = ClassifyArgs(data=inputs["train"], format="gsm8k", out=out)
+        teachers = [flag for spec in self.teachers(inputs) for flag in ("--teacher", spec)]
+        stages.launch("classify.py", [*to_argv(args), *to_argv(TeacherArgs(batch_size=self.cfg.teacher_batch_size)),
+                                      *teachers])
+        summary = read_json(classify_summary_path(out))
         return {k: summary.get(k) for k in ("rows", "system_1", "system_2", "fleiss_kappa", "reference_accuracy", "teachers")}
 
-    def score(self, inputs: dict, labelled: str, seed: int, out: str, init: str, theta: float) -> dict:
+    def score(self, stages: Stages, inputs: dict, labelled: str, seed: int, out: str, init: str, theta: float) -> dict:
         """score.py at one init and theta: importance, masks, random masks and the scored adapter_init/."""
-        score = script("score")
         cfg = self.cfg
-        argv = ["--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled, "--out", out,
-                "--random-baseline", "--overwrite", "--theta", str(theta), "--samples", str(cfg.score_samples),
-                "--template", cfg.template, "--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha),
-                "--targets", ",".join(cfg.targets), "--seed", str(seed), "--max-len", str(cfg.sft_max_len), "--init", init]
-        report = score.main(argv)["report"]
+        args = ScoreArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], data=labelled, out=out, random_baseline=True,
+                         overwrite=True)
+        importance = ImportanceArgs(rank=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets, samples=cfg.score_samples,
+                                    template=cfg.template, max_len=cfg.sft_max_len, init=init, seed=seed)
+        stages.launch("score.py", [*to_argv(args), *to_argv(importance), *to_argv(PartitionArgs(theta=theta))])
+        report = read_json(os.path.join(out, "report.json"))
         baseline = report.get("random_baseline")
         return {"active_fraction": report["partition"]["active_fraction"], "init": init, "theta": theta, "out": out,
                 "random_scope": baseline.get("scope") if isinstance(baseline, dict) else None}
@@ -255,45 +123,44 @@ class Pipeline:
         """(train_sft.py adapter flags, stage masks or '') of a method's SFT run for one seed."""
         cfg, run = self.cfg, self.dir(f"seed{seed}")
         if method == "dmlora":
-            return ["--adapter", "dual", "--dual-rank", str(cfg.dual_rank), "--dual-shared-rank", str(cfg.dual_shared_rank),
-                    "--dual-alpha", str(cfg.dual_alpha), "--dual-targets", ",".join(cfg.dual_targets),
-                    "--dual-target-rank", str(cfg.dual_target_rank), "--dual-t-init", str(cfg.dual_t_init),
-                    "--dual-t-final", str(cfg.dual_t_final), "--dual-delta-t", str(cfg.dual_delta_t)], ""
+            dual = DualArgs(dual_rank=cfg.dual_rank, dual_shared_rank=cfg.dual_shared_rank, dual_alpha=cfg.dual_alpha,
+                            dual_targets=cfg.dual_targets, dual_target_rank=cfg.dual_target_rank,
+                            dual_t_init=cfg.dual_t_init, dual_t_final=cfg.dual_t_final, dual_delta_t=cfg.dual_delta_t)
+            return ["--adapter", "dual", *to_argv(dual, skip=("dual_seed",))], ""
         if method == "lora":
-            return ["--rank", str(cfg.rank), "--lora-alpha", str(cfg.lora_alpha), "--targets", ",".join(cfg.targets),
-                    "--init", "lora"], ""
+            return [*to_argv(LoraSettings(rank=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets))], ""
         score = os.path.join(run, "score_pissa" if method == "pissa" else "score")
         masks = os.path.join(score, "random_masks.safetensors" if method == "random" else "masks.safetensors")
         return ["--init-adapter", os.path.join(score, "adapter_init")], masks
 
-    def sft(self, inputs: dict, labelled: str, out: str, seed: int, adapter: list[str], masks: str, redo: bool) -> dict:
-        train_sft = script("train_sft")
-        cfg = self.cfg
-        argv = ["--preset", "lorapar-sft", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"], "--data", labelled,
-                "--format", "labelled", "--template", cfg.template, "--out", out, "--seed", str(seed),
-                "--max-steps", str(cfg.sft_steps), "--lr", str(cfg.sft_lr), "--batch-size", str(cfg.sft_batch_size),
-                "--global-batch", str(cfg.sft_global_batch), "--max-len", str(cfg.sft_max_len),
-                "--save-every", str(cfg.save_every), *adapter, *run_dir_flags(out, redo)]
-        if masks:
-            argv += ["--system", "1", "--masks", masks, "--stage", "1"]
-        train_sft.main(argv)
-        losses = [m["loss"] for m in read_metrics(out) if "loss" in m]  # the log survives a resume, unlike main's return
+    def sft(self, stages: Stages, inputs: dict, labelled: str, out: str, seed: int, adapter: list[str], masks: str,
+            redo: bool) -> dict:
+        cfg, preset = self.cfg, SFT_PRESETS["lorapar-sft"]
+        masked = dict(system=1, masks=masks, stage=1) if masks else {}
+        args = over_preset(SFTArgs, preset, ckpt=inputs["base"], tokenizer=inputs["tokenizer"], data=labelled,
+                       format="labelled", template=cfg.template, max_len=cfg.sft_max_len, **masked)
+        train = over_preset(TrainArgs, preset, out=out, seed=seed, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
+                          batch_size=cfg.sft_batch_size, global_batch=cfg.sft_global_batch, save_every=cfg.save_every,
+                          **run_dir_state(out, redo))
+        stages.launch("train_sft.py", ["--preset", "lorapar-sft", *to_argv(args, over_preset(SFTArgs, preset)),
+                                       *to_argv(train, over_preset(TrainArgs, preset)), *adapter])
+        losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
         return {"steps": len(losses), "loss_first": losses[0], "loss": losses[-1], "active_fraction": active_fraction(out)}
 
-    def grpo(self, inputs: dict, labelled: str, method: str, seed: int, masks: str, redo: bool) -> dict:
-        train_rl = script("train_rl")
-        cfg, out = self.cfg, self.dir(f"seed{seed}", method, "rl")
-        argv = ["--preset", "lorapar-grpo", "--ckpt", inputs["base"], "--tokenizer", inputs["tokenizer"],
-                "--adapter", self.dir(f"seed{seed}", method, "sft"), "--data", labelled, "--format", "labelled",
-                "--system", "2", "--template", cfg.template, "--rewards", cfg.rewards, "--out", out, "--seed", str(seed),
-                "--max-steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--prompts-per-step", str(cfg.rl_prompts_per_step),
-                "--num-generations", str(cfg.rl_generations), "--max-prompt-len", str(cfg.rl_max_prompt_len),
-                "--max-completion-len", str(cfg.rl_max_completion_len), "--beta", str(cfg.rl_beta),
-                "--temperature", str(cfg.rl_temperature), "--top-p", str(cfg.rl_top_p),
-                "--micro-batch", str(cfg.rl_micro_batch), "--save-every", str(cfg.save_every), *run_dir_flags(out, redo)]
-        if masks:
-            argv += ["--masks", masks, "--stage", "2"]
-        train_rl.main(argv)
+    def grpo(self, stages: Stages, inputs: dict, labelled: str, method: str, seed: int, masks: str, redo: bool) -> dict:
+        cfg, preset, out = self.cfg, RL_PRESETS["lorapar-grpo"], self.dir(f"seed{seed}", method, "rl")
+        masked = dict(masks=masks, stage=2) if masks else {}
+        args = over_preset(RLArgs, preset, ckpt=inputs["base"], tokenizer=inputs["tokenizer"], data=labelled,
+                      adapter=self.dir(f"seed{seed}", method, "sft"), format="labelled", system=2, template=cfg.template,
+                      rewards=cfg.rewards, **masked)
+        grpo = over_preset(GRPOArgs, preset, prompts_per_step=cfg.rl_prompts_per_step, num_generations=cfg.rl_generations,
+                        max_prompt_len=cfg.rl_max_prompt_len, max_completion_len=cfg.rl_max_completion_len,
+                        beta=cfg.rl_beta, temperature=cfg.rl_temperature, top_p=cfg.rl_top_p, micro_batch=cfg.rl_micro_batch)
+        train = over_preset(TrainArgs, preset, out=out, seed=seed, max_steps=cfg.rl_steps, lr=cfg.rl_lr,
+                          save_every=cfg.save_every, **run_dir_state(out, redo))
+        stages.launch("train_rl.py", ["--preset", "lorapar-grpo", *to_argv(args, over_preset(RLArgs, preset)),
+                                      *to_argv(grpo, over_preset(GRPOArgs, preset)),
+                                      *to_argv(train, over_preset(TrainArgs, preset))])
         steps = [m for m in read_metrics(out) if "reward_mean" in m]
         rewards = [m["reward_mean"] for m in steps]
         # pass@G: the share of a step's prompts with at least one correct completion among their G samples
@@ -305,13 +172,11 @@ class Pipeline:
                 "pass_at_g_first": solved[0] if solved else None, "generations": cfg.rl_generations}
 
     def evaluate(self, inputs: dict, adapter: str, out: str) -> dict:
-        from lorapar.evaluate import EvalArgs, run
-
         cfg = self.cfg
-        args = EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
+        args = evaluate.EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
                         out=out, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
                         max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template, overwrite=True)
-        return {"metrics": run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
+        return {"metrics": evaluate.run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
 
     # ---- the whole run
     def jobs(self) -> list[tuple[tuple[str, int, tuple], Optional[tuple]]]:
@@ -334,7 +199,7 @@ class Pipeline:
     def run_job(self, job: tuple[str, int, tuple], inputs: dict) -> None:
         kind, seed, what = job
         total = {"score": len(what), "sweep": 5, "base": 1}.get(kind, 2 if what == ("dmlora",) else 4)
-        stages = Stages(self.cfg.out, self.cfg.overwrite, total=total)
+        stages = Stages(self.cfg.out, self.cfg.overwrite, total=total, threads=self.cfg.threads)
         labelled = self.dir("classify", "labelled.jsonl")
         if kind == "base":
             stages.run("base.eval", "evaluate: the base model without an adapter",
@@ -357,12 +222,10 @@ class Pipeline:
         cfg = self.cfg
         check_same_config(self.dir("config.json"), cfg)
         save_config(self.dir("config.json"), cfg)
-        stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1)
-        if cfg.threads:  # the serial stages (assets, classify) run alone: they get every core the workers share
-            torch.set_num_threads(cfg.threads * cfg.workers)
+        stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1, threads=cfg.threads)
         inputs = self.inputs(stages)
         atomic_write_json(self.dir("inputs.json"), inputs)
-        stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(inputs, redo))
+        stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(stages, inputs, redo))
         jobs = self.jobs()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -380,10 +243,10 @@ class Pipeline:
         theta, run = self.cfg.theta, lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
         if "gaussian" in inits:
             stages.run(f"seed{seed}.score", f"seed {seed}: score at the gaussian init, theta {theta} masks, random masks",
-                       lambda redo: self.score(inputs, labelled, seed, run("score"), "gaussian", theta))
+                       lambda redo: self.score(stages, inputs, labelled, seed, run("score"), "gaussian", theta))
         if "pissa" in inits:
             stages.run(f"seed{seed}.score_pissa", f"seed {seed}: score at the PiSSA init, theta {theta} masks",
-                       lambda redo: self.score(inputs, labelled, seed, run("score_pissa"), "pissa", theta))
+                       lambda redo: self.score(stages, inputs, labelled, seed, run("score_pissa"), "pissa", theta))
 
     def run_row(self, stages: Stages, inputs: dict, labelled: str, seed: int, method: str) -> None:
         """One row of the table for one seed: SFT and its evaluation, then GRPO and its evaluation."""
@@ -391,13 +254,13 @@ class Pipeline:
         adapter, masks = self.start(method, seed)
         tag = f"seed{seed}.{method}"
         stages.run(f"{tag}.sft", f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
-                   lambda redo: self.sft(inputs, labelled, run(method, "sft"), seed, adapter, masks, redo))
+                   lambda redo: self.sft(stages, inputs, labelled, run(method, "sft"), seed, adapter, masks, redo))
         stages.run(f"{tag}.sft.eval", f"seed {seed}, {method}: evaluate after SFT",
                    lambda redo: self.evaluate(inputs, run(method, "sft"), run(method, "eval_sft.json")))
         if method == "dmlora":
             return
         stages.run(f"{tag}.rl", f"seed {seed}, {method}: GRPO (System 2" + (", stage-2 mask)" if masks else ")"),
-                   lambda redo: self.grpo(inputs, labelled, method, seed, masks, redo))
+                   lambda redo: self.grpo(stages, inputs, labelled, method, seed, masks, redo))
         stages.run(f"{tag}.rl.eval", f"seed {seed}, {method}: evaluate after GRPO",
                    lambda redo: self.evaluate(inputs, run(method, "rl"), run(method, "eval_rl.json")))
 
@@ -411,11 +274,11 @@ class Pipeline:
         same examples on the same gaussian adapter, so between thetas only the partition changes)."""
         out = self.dir("sweep", f"theta{theta}")
         stages.run(f"sweep.theta{theta}.score", f"sweep: theta {theta} masks and random masks (seed {seed})",
-                   lambda redo: self.score(inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta))
+                   lambda redo: self.score(stages, inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta))
         for kind, masks in (("importance", "masks.safetensors"), ("random", "random_masks.safetensors")):
             adapter = ["--init-adapter", os.path.join(out, "score", "adapter_init")]
             stages.run(f"sweep.theta{theta}.{kind}.sft", f"sweep: theta {theta}, {kind} masks: SFT (System 1)",
-                       lambda redo: self.sft(inputs, labelled, os.path.join(out, kind), seed, adapter,
+                       lambda redo: self.sft(stages, inputs, labelled, os.path.join(out, kind), seed, adapter,
                                              os.path.join(out, "score", masks), redo))
             stages.run(f"sweep.theta{theta}.{kind}.sft.eval", f"sweep: theta {theta}, {kind} masks: evaluate",
                        lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
@@ -456,8 +319,15 @@ def run_job_in_worker(task: tuple) -> tuple[str, int, tuple]:
     return job
 
 
+def parse_config(argv: Optional[list[str]] = None) -> PipelineConfig:
+    return pipeline_config.parse_config(argv, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
-    return Pipeline(parse_config(argv)).run()
+    cfg = parse_config(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return Pipeline(cfg).run()
 
 
 if __name__ == "__main__":

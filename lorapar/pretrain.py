@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -28,12 +27,15 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lorapar.checkpoint import load_model, save_model
 from lorapar.config import ModelArgs, field, save_config
 from lorapar.data import load_examples
 from lorapar.templates import format_prompt, format_response
 from lorapar.io import atomic_write_json
 from lorapar.model import Transformer
+from lorapar.optim import learning_rate
 from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task
+from lorapar.tokenizer import Tokenizer
 
 # The templates whose spellings the embedded tokenizer learns; lorapar's texts (the question, the answer as
 # written, the chat prompt) add none, and listing them would change the embedded default's tokenizer.
@@ -85,13 +87,6 @@ def token_stream(docs: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def lr_at(step: int, args: PretrainArgs) -> float:
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def pretrain(stream: torch.Tensor, args: PretrainArgs, progress: bool = True) -> tuple[Transformer, list[float]]:
     """Train a fresh model on random windows of `stream`; returns it (eval mode) and the loss per step.
 
@@ -140,7 +135,7 @@ def _pretrain_rank(rank: int, stream: torch.Tensor, args: PretrainArgs, progress
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup_steps, "cosine", args.min_lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loss = loss.detach()
@@ -179,9 +174,6 @@ def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progr
     Returns {"train", "test", "corpus", "tokenizer", "base"} paths plus "seconds" spent per part
     (0 for a part that already existed).
     """
-    from lorapar.checkpoint import load_model, save_model
-    from lorapar.tokenizer import Tokenizer
-
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
     os.makedirs(out_dir, exist_ok=True)

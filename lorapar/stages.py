@@ -1,30 +1,50 @@
-"""The pipeline's stage machinery: run-once stages with completion records, resumable run directories,
-and the small readers the stages share.
+"""The pipeline's stage machinery: run-once stages with completion records, the scripts run as a user
+runs them, resumable run directories, and the small readers the stages share.
 
 A stage is complete when its record OUT/stages/NAME.json exists (written last, atomically, with its
-wall and CPU seconds and its JSON result); a run skips it then, unless --overwrite. Training stages
-resume from their latest checkpoint (`run_dir_flags`).
+wall and CPU seconds, the command lines it ran and its JSON result); a run skips it then, unless
+--overwrite. Training stages resume from their latest checkpoint (`run_dir_state`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import importlib
 import json
 import os
+import shlex
+import subprocess
 import sys
+import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
+from safetensors.torch import load_file
+
+from lorapar.errors import InputError
 from lorapar.io import atomic_write_json
+from lorapar.run import RESUMABLE_CHANGES, RUN_FILES, latest_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train_sft.py and the others live
+STDERR_TAIL = 4000  # characters of a failed script's stderr quoted in the error
+
+
+class StageFailed(InputError):
+    """A script a stage ran exited with an error; the message names the stage, the exit code and stderr's end."""
+
 
 class Stages:
     """Runs named stages once: a stage whose record OUT/stages/NAME.json exists is skipped (unless
-    --overwrite); otherwise it runs with a banner and its record (seconds, result) is written last."""
+    --overwrite); otherwise it runs with a banner and its record (seconds, commands, result) is written last.
 
-    def __init__(self, out: str, overwrite: bool, total: int):
+    `threads` (the pipeline's --threads; 0 = torch's default) is every launched script's thread count."""
+
+    def __init__(self, out: str, overwrite: bool, total: int, threads: int = 0):
         self.dir, self.overwrite, self.total, self.number = os.path.join(out, "stages"), overwrite, total, 0
+        self.threads = threads
         self.records: dict[str, dict] = {}
+        self.current: Optional[str] = None
+        self.commands: list[str] = []
 
     def run(self, name: str, title: str, fn: Callable[[bool], dict]) -> dict:
         """fn(redo) -> JSON-able result; redo is True when the stage's own outputs must be replaced."""
@@ -36,17 +56,60 @@ class Stages:
             print(f"==== [{self.number}/{self.total}] {title}: done in an earlier run ({record['seconds']:.1f}s), skipped", flush=True)
         else:
             print(f"\n==== [{self.number}/{self.total}] {title}", flush=True)
-            started, cpu = time.perf_counter(), time.process_time()
+            self.current, self.commands = name, []
+            started, cpu = time.perf_counter(), cpu_seconds()
             result = fn(self.overwrite)
             record = {"name": name, "title": title, "finished_at": time.time(), "seconds": time.perf_counter() - started,
-                      "cpu_seconds": time.process_time() - cpu, "result": result}
+                      "cpu_seconds": cpu_seconds() - cpu, "result": result}
+            if self.commands:
+                record["commands"] = self.commands
             atomic_write_json(path, record)
             print(f"==== {title}: {record['seconds']:.1f}s", flush=True)
         self.records[name] = record
         return record
 
+    def launch(self, script: str, argv: list[str]) -> None:
+        """Run ROOT/script with `argv` as a user would (`python script ARGV`, in a process of its own),
+        its output streamed through this process's; a failure raises StageFailed."""
+        command = [sys.executable, os.path.join(ROOT, script), *argv]
+        self.commands.append(shlex.join(command))
+        env = dict(os.environ)
+        if self.threads:  # torch's intra-op pool follows OMP_NUM_THREADS at start-up
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        tail: collections.deque = collections.deque()
+        pumps = [threading.Thread(target=_pump, args=(process.stdout, sys.stdout, None)),
+                 threading.Thread(target=_pump, args=(process.stderr, sys.stderr, tail))]
+        for pump in pumps:
+            pump.start()
+        code = process.wait()
+        for pump in pumps:
+            pump.join()
+        if code != 0:
+            text = "".join(tail)[-STDERR_TAIL:]
+            raise StageFailed(f"stage {self.current}: {script} exited with code {code}\n"
+                              f"command: {shlex.join(command)}\nstderr (end):\n{text}")
 
-RESUMABLE_CHANGES = ("overwrite", "threads", "workers")  # fields that may differ between a run and its continuation
+
+def _pump(source, sink, tail: Optional[collections.deque]) -> None:
+    """Copy a child's output to `sink` as it comes (tqdm's bars redraw without newlines), keeping its end."""
+    kept = 0
+    for chunk in iter(lambda: source.read1(4096), b""):
+        text = chunk.decode("utf-8", errors="replace")
+        sink.write(text)
+        sink.flush()
+        if tail is not None:
+            tail.append(text)
+            kept += len(text)
+            while kept - len(tail[0]) > STDERR_TAIL:
+                kept -= len(tail.popleft())
+    source.close()
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of the scripts it has run (waited-for children)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def check_same_config(path: str, cfg) -> None:
@@ -62,25 +125,17 @@ def check_same_config(path: str, cfg) -> None:
                          "pass --overwrite to redo it or choose another --out")
 
 
-def run_dir_flags(out: str, redo: bool) -> list[str]:
-    """--resume when a checkpoint of an interrupted run exists, --overwrite when the directory holds
-    anything else of an earlier run (or the stage is redone), nothing for a fresh directory."""
-    from lorapar.trainer import RUN_FILES, latest_checkpoint
-
+def run_dir_state(out: str, redo: bool) -> dict[str, bool]:
+    """A training stage's TrainArgs resume / overwrite: resume when a checkpoint of an interrupted run
+    exists, overwrite when the directory holds anything else of an earlier run (or the stage is redone)."""
     if os.path.isdir(out) and not redo and latest_checkpoint(out) is not None:
-        return ["--resume"]
-    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
-        return ["--overwrite"]
-    return []
+        return {"resume": True, "overwrite": False}
+    return {"resume": False, "overwrite": any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES)}
 
 
-def script(name: str):
-    """A command-line script of the repository (classify.py, score.py, ...) as a module: they live
-    beside the lorapar package, so the pipeline works from any working directory."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(name)
+def read_json(path: str):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -90,8 +145,6 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def active_fraction(adapter_dir: str) -> float:
     """Share of the adapter's elements its masks let train (1.0 without a masks file)."""
-    from safetensors.torch import load_file
-
     path = os.path.join(adapter_dir, "masks.safetensors")
     if not os.path.exists(path):
         return 1.0

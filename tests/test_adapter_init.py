@@ -12,6 +12,7 @@ import torch
 import score
 import train_rl
 import train_sft
+from lorapar import launch
 from lorapar.checkpoint import load_model, save_model
 from lorapar.config import ModelArgs
 from lorapar.lora import lora_modules
@@ -129,14 +130,13 @@ def test_masked_sft_and_grpo_leave_the_rest_of_adapter_init_untouched(inputs, as
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_the_residual_base_is_the_scored_one_through_sft_and_grpo(inputs, asset, tmp_path, monkeypatch, init):
     scored = capture_models(monkeypatch, score, "apply_lora")
-    trained = capture_models(monkeypatch, train_sft, "load_adapter")
-    reinforced = capture_models(monkeypatch, train_rl, "load_adapter")
+    loaded = capture_models(monkeypatch, launch, "load_adapter")  # both scripts load through lorapar.launch
     run_score(inputs, asset, tmp_path / "score", "--init", init)
     init_dir = tmp_path / "score" / "adapter_init"
     assert (init_dir / "adapter_init.safetensors").is_file()
     train_sft.main(sft_argv(inputs, asset, init_dir, tmp_path / "sft", "--max-steps", "2"))
     train_rl.main(rl_argv(inputs, asset, tmp_path / "sft", tmp_path / "rl", "--max-steps", "1"))
-    (scored,), (trained,), (reinforced,) = scored, trained, reinforced
+    (scored,), (trained, reinforced) = scored, loaded
     residual = bases(scored)
     original = load_model(inputs["base"]).state_dict()
     assert all(not torch.equal(w, original[f"{name}.weight"]) for name, w in residual.items())  # a real residual

@@ -13,8 +13,8 @@ import torch
 from lorapar.generate import generate
 from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, set_masks
 from lorapar.loss import answer_nll
-from lorapar.masks import MaskedAdamW
-from lorapar.trainer import autocast
+from lorapar.optim import MaskedAdamW
+from lorapar.precision import autocast
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64, 3, 8], [3, 3, 8, 120, 0, 11, 42, 17, 99, 4]])
 

@@ -7,7 +7,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from lorapar import dist
-from lorapar.masks import MaskedAdamW
+from lorapar.optim import MaskedAdamW
 
 
 def reduce_on_rank(rank: int, store: str) -> None:

@@ -268,7 +268,7 @@ def _dual_run(model, steps: int, t_init: float, t_final: float, delta_t: int, we
     import dataclasses
 
     from lorapar.dmlora.training import DualTraining
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
 
     args = dataclasses.replace(args or DualArgs(**SMALL), dual_t_init=t_init, dual_t_final=t_final,
                                dual_delta_t=delta_t, dual_pruning=pruning)
@@ -371,7 +371,7 @@ def test_short_training_run_lowers_the_loss(tiny_model):
 
 @pytest.mark.parametrize("pruning", ["regrow", "freeze"])
 def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path, pruning):
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
     from lorapar.model import Transformer
     from lorapar.dmlora.training import DualTraining
 

@@ -21,7 +21,8 @@ from lorapar.lora import LoraArgs
 from lorapar.pipeline import PipelineConfig
 from lorapar.serve import ServeArgs
 from lorapar.teachers import TeacherArgs
-from lorapar.trainer import DivergedError, TrainArgs
+from lorapar.run import DivergedError
+from lorapar.script_args import TrainArgs
 from test_sft import run as run_sft
 from test_sft import setup  # noqa: F401  (the tiny base model + arithmetic data fixture)
 

@@ -131,7 +131,7 @@ def check_sharded_optimizer(rank: int, base: str) -> None:
     """Packed state for the active elements of this rank's rows only; the clipped norm is the global one."""
     from lorapar.fsdp import init_sharded_lora, load_sharded_model, local_rows
     from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, replace_linears, set_masks
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
 
     lora = LoraArgs(r=2, init="gaussian", targets=("q", "k", "down"))
     plain = load_model(base)

@@ -282,7 +282,7 @@ def test_reward_spec_errors_and_user_functions():
 def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
     """Reward = share of completion tokens equal to TARGET; the mean reward must rise within 20 CPU steps."""
     from lorapar.lora import LoraArgs, apply_lora
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
 
     TARGET = 7
     with torch.no_grad():  # peaked logits: with N(0, 0.02) the output layer caps any token near 3% probability
@@ -307,7 +307,7 @@ def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
 def test_old_and_reference_logprobs_are_those_of_the_sampling_policy_without_dropout(tiny_model):
     """The rollouts were sampled in eval mode; with LoRA dropout the old/reference log-probs must be too."""
     from lorapar.lora import LoraArgs, apply_lora, disable_adapter
-    from lorapar.masks import MaskedAdamW
+    from lorapar.optim import MaskedAdamW
 
     apply_lora(tiny_model, LoraArgs(r=4, dropout=0.5, init="gaussian", init_std=0.5))
     tiny_model.train()

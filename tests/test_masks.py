@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, set_masks
-from lorapar.masks import MaskedAdamW, load_masks, param_masks, save_masks
+from lorapar.masks import load_masks, param_masks, save_masks
+from lorapar.optim import MaskedAdamW
 from lorapar.model import Transformer
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64], [3, 3, 8, 120, 0, 11, 42, 17]])

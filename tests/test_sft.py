@@ -167,7 +167,8 @@ def test_bad_inputs_give_clear_errors(setup, asset, tmp_path):
 
 def test_presets_and_schedule():
     import train_rl
-    from lorapar.trainer import TrainArgs, lr_at
+    from lorapar.optim import lr_at
+    from lorapar.script_args import TrainArgs
 
     paths = ["--ckpt", "c", "--tokenizer", "t", "--data", "d", "--out", "o"]
     sft, train, lora = train_sft.parse_config([*paths, "--preset", "lorapar-sft", "--lr", "1e-4", "--rank", "16"])

@@ -17,6 +17,7 @@ from lorapar.checkpoint import save_model
 from lorapar.config import ModelArgs
 from lorapar.masks import save_masks
 from lorapar.model import Transformer
+from lorapar.rewards import DEFAULT_SPEC
 from test_sft import REPO, TINY, adapter, arithmetic_rows, write_jsonl
 
 
@@ -176,7 +177,7 @@ def test_paper_preset_is_trl_v0_19_1(tmp_path):
     assert (grpo.prompts_per_step, grpo.num_generations, grpo.micro_batch) == (4, 8, 8)  # 8 x 4 completions
     assert (grpo.beta, grpo.temperature, grpo.top_p, grpo.loss_type, grpo.mu) == (0.0, 1.0, 1.0, "bnpo", 1)
     assert grpo.shuffle_micro_batches and grpo.scale_rewards and grpo.epsilon == 0.2
-    assert (cfg.template, cfg.rewards) == ("lorapar", train_rl.DEFAULT_SPEC)
+    assert (cfg.template, cfg.rewards) == ("lorapar", DEFAULT_SPEC)
 
 
 def test_the_trl_table_s_flags_give_each_release_s_semantics(tmp_path):
