@@ -38,11 +38,11 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from lorapar.config import add_dataclass_args, dataclass_from_args, field
 from lorapar.answers import final_answer, hash_answer, last_answer_integer, last_hash_integer
+from lorapar.config import add_dataclass_args, dataclass_from_args, field
 from lorapar.data import LETTERS, DataError, Example, load_examples
-from lorapar.generate import generate
 from lorapar.errors import FlagError, check_fields, check_output_file, run_main
+from lorapar.generate import generate
 from lorapar.humaneval_exec import mean_pass_at_k, pass_at_k, program_text, run_many, truncate_completion
 from lorapar.io import atomic_write_json
 from lorapar.model import eval_mode
@@ -67,16 +67,25 @@ class EvalArgs:
     batch_size: int = field(default=16, metadata={"help": "prompts per generation or scoring batch"})
     max_new_tokens: int = field(default=256, metadata={"help": "generated tokens per answer (GSM8K, HumanEval)"})
     template: str = field(
-        default="", metadata={"choices": ("",) + TEMPLATES,
-                              "help": "prompt template (templates.py); empty: the adapter's run config, else plain"}
+        default="",
+        metadata={
+            "choices": ("",) + TEMPLATES,
+            "help": "prompt template (templates.py); empty: the adapter's run config, else plain",
+        },
     )
     phase: str = field(
-        default="", metadata={"choices": ("",) + PHASES,
-                              "help": "stage of the lorapar prompt; empty: rl for a train_rl.py adapter, else sft"}
+        default="",
+        metadata={
+            "choices": ("",) + PHASES,
+            "help": "stage of the lorapar prompt; empty: rl for a train_rl.py adapter, else sft",
+        },
     )
     extraction: str = field(
-        default="auto", metadata={"choices": EXTRACTIONS,
-                                  "help": "GSM8K answer rule; auto: the authors' for lorapar (last_hash / last_answer)"}
+        default="auto",
+        metadata={
+            "choices": EXTRACTIONS,
+            "help": "GSM8K answer rule; auto: the authors' for lorapar (last_hash / last_answer)",
+        },
     )
     n_samples: int = field(default=1, metadata={"help": "HumanEval samples per problem"})
     k: tuple[int, ...] = field(default=(1,), metadata={"help": "HumanEval pass@k values"})
@@ -86,14 +95,23 @@ class EvalArgs:
     memory_mb: int = field(default=1024, metadata={"help": "address-space limit per HumanEval program"})
     workers: int = field(default=2, metadata={"help": "HumanEval programs run at once"})
     seed: int = field(default=0, metadata={"help": "HumanEval sampling seed"})
-    sandbox: str = field(default="auto", metadata={
-        "choices": SANDBOX_MODES, "help": "HumanEval containment: namespaces (required), process (rlimits only), "
-        "auto (namespaces where the kernel allows, else process with a warning); see sandbox.py"})
+    sandbox: str = field(
+        default="auto",
+        metadata={
+            "choices": SANDBOX_MODES,
+            "help": "HumanEval containment: namespaces (required), process (rlimits only), "
+            "auto (namespaces where the kernel allows, else process with a warning); see sandbox.py",
+        },
+    )
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("batch_size", "max_new_tokens", "n_samples", "workers", "memory_mb"),
-                     non_negative=("limit", "temperature", "seed"), positive_float=("timeout",),
-                     open_unit_interval=())
+        check_fields(
+            self,
+            positive=("batch_size", "max_new_tokens", "n_samples", "workers", "memory_mb"),
+            non_negative=("limit", "temperature", "seed"),
+            positive_float=("timeout",),
+            open_unit_interval=(),
+        )
         if not 0 < self.top_p <= 1:
             raise FlagError(f"--top-p {self.top_p}: expected a value in (0, 1]")
         bad_k = [k for k in self.k if k < 1]
@@ -111,12 +129,20 @@ def decode_continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[
     new_ids = [t for t in new_ids if t != eos]
     prompt_text = tokenizer.decode(list(prompt_ids))
     full = tokenizer.decode(list(prompt_ids) + new_ids)
-    return full[len(prompt_text):] if full.startswith(prompt_text) else tokenizer.decode(new_ids)
+    return full[len(prompt_text) :] if full.startswith(prompt_text) else tokenizer.decode(new_ids)
 
 
 def complete(
-    model, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 16, temperature: float = 0.0,
-    top_p: float = 1.0, seed: Optional[int] = None, progress: bool = True, desc: str = "generate",
+    model,
+    tokenizer,
+    prompts: Sequence,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    progress: bool = True,
+    desc: str = "generate",
 ) -> list[tuple[str, bool]]:
     """(continuation text, finished) per prompt (a text, encoded with BOS, or token ids); batches are built
     from similar lengths, order is kept."""
@@ -126,8 +152,14 @@ def complete(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for number, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
         out = generate(
-            model, [encoded[i] for i in batch], max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=None if seed is None else seed + number, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+            model,
+            [encoded[i] for i in batch],
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=None if seed is None else seed + number,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
             stop_ids=getattr(tokenizer, "stop_ids", None),  # e.g. <|im_end|> and <|endoftext|> both end a turn
         )
         for i, tokens, done in zip(batch, out.tokens, out.finished):
@@ -166,9 +198,18 @@ def score_gsm8k(examples: Sequence[Example], completions: Sequence[str], extract
     records = []
     for index, (example, text) in enumerate(zip(examples, completions)):
         predicted, reference = read_answer(text, example, extraction)
-        records.append(dict(index=index, question=example.question, reference=reference, prediction=predicted,
-                            correct=predicted is not None and predicted == reference,
-                            malformed=predicted is None, system=example.system, completion=text))
+        records.append(
+            dict(
+                index=index,
+                question=example.question,
+                reference=reference,
+                prediction=predicted,
+                correct=predicted is not None and predicted == reference,
+                malformed=predicted is None,
+                system=example.system,
+                completion=text,
+            )
+        )
     metrics = _accuracy(records)
     metrics["malformed"] = sum(r["malformed"] for r in records)
     metrics["extraction"] = extraction
@@ -184,8 +225,15 @@ def _accuracy(records: list[dict]) -> dict:
 
 
 def evaluate_gsm8k(
-    model, tokenizer, examples: Sequence[Example], template: str = "plain", batch_size: int = 16,
-    max_new_tokens: int = 256, progress: bool = True, phase: str = "sft", extraction: str = "auto",
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    template: str = "plain",
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+    phase: str = "sft",
+    extraction: str = "auto",
 ) -> dict:
     """Greedy answers to GSM8K-style examples -> {"metrics": {accuracy, ..., by_system}, "records": [...]}."""
     prompts = [encode_prompt(tokenizer, e, template, phase) for e in examples]
@@ -209,8 +257,9 @@ def option_letters(example: Example) -> str:
 
 
 @torch.inference_mode()
-def evaluate_mmlu(model, tokenizer, examples: Sequence[Example], template: str = "plain", batch_size: int = 16,
-                  progress: bool = True) -> dict:
+def evaluate_mmlu(
+    model, tokenizer, examples: Sequence[Example], template: str = "plain", batch_size: int = 16, progress: bool = True
+) -> dict:
     """Pick the letter whose token has the highest log-probability right after the prompt.
 
     Letters are encoded on their own, the way batching.encode_example encodes a response, and each must be a
@@ -239,8 +288,16 @@ def evaluate_mmlu(model, tokenizer, examples: Sequence[Example], template: str =
             for row, example in enumerate(examples[start : start + batch_size]):
                 scores = {letter: logprobs[row, letter_ids[letter]].item() for letter in options[start + row]}
                 predicted = max(scores, key=scores.get)
-                records.append(dict(index=start + row, reference=example.final, prediction=predicted,
-                                    correct=predicted == example.final, scores=scores, system=example.system))
+                records.append(
+                    dict(
+                        index=start + row,
+                        reference=example.final,
+                        prediction=predicted,
+                        correct=predicted == example.final,
+                        scores=scores,
+                        system=example.system,
+                    )
+                )
     return {"metrics": _accuracy(records), "records": records}
 
 
@@ -248,10 +305,23 @@ def evaluate_mmlu(model, tokenizer, examples: Sequence[Example], template: str =
 
 
 def evaluate_humaneval(
-    model, tokenizer, examples: Sequence[Example], template: str = "plain", n_samples: int = 1,
-    ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 256,
-    batch_size: int = 16, timeout: float = 5.0, memory_mb: int = 1024, workers: int = 2, seed: int = 0,
-    progress: bool = True, results_path: Optional[str] = None, sandbox: str = "auto",
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    template: str = "plain",
+    n_samples: int = 1,
+    ks: Sequence[int] = (1,),
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    timeout: float = 5.0,
+    memory_mb: int = 1024,
+    workers: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    results_path: Optional[str] = None,
+    sandbox: str = "auto",
 ) -> dict:
     """pass@k over problems from n_samples completions each, every completion run against its tests."""
     if n_samples > 1 and temperature <= 0.0:
@@ -260,26 +330,52 @@ def evaluate_humaneval(
     if bad_k:
         raise ValueError(f"pass@k needs 1 <= k <= n_samples={n_samples}; got k={bad_k}")
     prompts = [encode_prompt(tokenizer, e, template) for e in examples for _ in range(n_samples)]
-    outputs = complete(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed,
-                       progress=progress, desc="humaneval")
+    outputs = complete(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        temperature,
+        top_p,
+        seed,
+        progress=progress,
+        desc="humaneval",
+    )
     completions = [truncate_completion(text) for text, _ in outputs]
     programs = []
     for i, example in enumerate(examples):
         src = example.source
         for j in range(n_samples):
-            programs.append(program_text(src["prompt"], completions[i * n_samples + j], src["test"], src["entry_point"]))
-    results = run_many(programs, workers=workers, timeout=timeout, memory_mb=memory_mb, progress=progress,
-                       results_path=results_path, sandbox=sandbox)
+            programs.append(
+                program_text(src["prompt"], completions[i * n_samples + j], src["test"], src["entry_point"])
+            )
+    results = run_many(
+        programs,
+        workers=workers,
+        timeout=timeout,
+        memory_mb=memory_mb,
+        progress=progress,
+        results_path=results_path,
+        sandbox=sandbox,
+    )
     records = []
     for i, example in enumerate(examples):
         mine = results[i * n_samples : (i + 1) * n_samples]
         passed = sum(r.passed for r in mine)
-        records.append(dict(
-            index=i, task_id=example.source.get("task_id"), n=n_samples, passed=passed,
-            pass_at_k={str(k): pass_at_k(n_samples, passed, k) for k in ks},
-            samples=[dict(completion=c, status=r.status, stderr=r.stderr[-500:])
-                     for c, r in zip(completions[i * n_samples : (i + 1) * n_samples], mine)],
-        ))
+        records.append(
+            dict(
+                index=i,
+                task_id=example.source.get("task_id"),
+                n=n_samples,
+                passed=passed,
+                pass_at_k={str(k): pass_at_k(n_samples, passed, k) for k in ks},
+                samples=[
+                    dict(completion=c, status=r.status, stderr=r.stderr[-500:])
+                    for c, r in zip(completions[i * n_samples : (i + 1) * n_samples], mine)
+                ],
+            )
+        )
     counts = [r["passed"] for r in records]
     metrics = {f"pass@{k}": mean_pass_at_k(counts, n_samples, k) for k in ks}
     metrics.update(n=len(records), n_samples=n_samples)
@@ -333,23 +429,49 @@ def run(args: EvalArgs, progress: bool = True) -> dict:
         for e in examples:
             missing = [k for k in ("test", "entry_point") if not isinstance(e.source.get(k), str)]
             if missing:
-                raise DataError(f"{args.data}:{e.line}: humaneval evaluation needs string field(s) {missing}; keys: {sorted(e.source)}")
+                raise DataError(
+                    f"{args.data}:{e.line}: humaneval evaluation needs string field(s) {missing}; keys: "
+                    f"{sorted(e.source)}"
+                )
     model, tokenizer = load_merged(args.ckpt, args.adapter), Tokenizer(args.tokenizer)
     common = dict(template=args.template, batch_size=args.batch_size, progress=progress)
     if args.task == "gsm8k":
-        result = evaluate_gsm8k(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, phase=args.phase,
-                                extraction=args.extraction, **common)
+        result = evaluate_gsm8k(
+            model,
+            tokenizer,
+            examples,
+            max_new_tokens=args.max_new_tokens,
+            phase=args.phase,
+            extraction=args.extraction,
+            **common,
+        )
     elif args.task == "mmlu":
         result = evaluate_mmlu(model, tokenizer, examples, **common)
     else:
         result = evaluate_humaneval(
-            model, tokenizer, examples, n_samples=args.n_samples, ks=args.k, temperature=args.temperature,
-            top_p=args.top_p, max_new_tokens=args.max_new_tokens, timeout=args.timeout, memory_mb=args.memory_mb,
-            workers=args.workers, seed=args.seed, results_path=args.out + ".exec.jsonl", sandbox=args.sandbox,
+            model,
+            tokenizer,
+            examples,
+            n_samples=args.n_samples,
+            ks=args.k,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            timeout=args.timeout,
+            memory_mb=args.memory_mb,
+            workers=args.workers,
+            seed=args.seed,
+            results_path=args.out + ".exec.jsonl",
+            sandbox=args.sandbox,
             **common,
         )
-    output = {"task": args.task, "metrics": result["metrics"], "skipped_input_lines": skipped,
-              "config": dataclasses.asdict(args), "records": result["records"]}
+    output = {
+        "task": args.task,
+        "metrics": result["metrics"],
+        "skipped_input_lines": skipped,
+        "config": dataclasses.asdict(args),
+        "records": result["records"],
+    }
     atomic_write_json(args.out, output)
     if os.path.exists(args.out + ".exec.jsonl"):  # the per-program results now live in the output
         os.unlink(args.out + ".exec.jsonl")

@@ -56,7 +56,9 @@ class LoraArgs:
     init: str = field(default="lora", metadata={"help": "lora | gaussian | pissa | olora", "choices": INITS})
     init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (LoRA-PAR: 0.01)"})
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) instead of alpha/r"})
-    pissa_niter: int = field(default=0, metadata={"help": "pissa: 0 = exact SVD, N > 0 = randomized SVD with N iterations"})
+    pissa_niter: int = field(
+        default=0, metadata={"help": "pissa: 0 = exact SVD, N > 0 = randomized SVD with N iterations"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random inits (lora, gaussian, randomized pissa)"})
 
     def __post_init__(self) -> None:
@@ -90,7 +92,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = weight.shape
         if r > min(out_features, in_features):
-            raise ValueError(f"LoRA rank r={r} exceeds min(out, in) = {min(out_features, in_features)} of a {tuple(weight.shape)} weight")
+            raise ValueError(
+                f"LoRA rank r={r} exceeds min(out, in) = {min(out_features, in_features)} of a {tuple(weight.shape)} "
+                "weight"
+            )
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=weight.device, dtype=dtype))
@@ -112,11 +117,16 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         out_features, in_features = self.weight.shape
-        return f"in={in_features}, out={out_features}, r={self.r}, scale={self.scale:g}, init={self.init}, merged={self.merged}"
+        return (
+            f"in={in_features}, out={out_features}, r={self.r}, scale={self.scale:g}, init={self.init}, "
+            f"merged={self.merged}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight) if self.adapter_enabled else self._original_base(x, self.weight_before_merge)
+            return (
+                F.linear(x, self.weight) if self.adapter_enabled else self._original_base(x, self.weight_before_merge)
+            )
         if not self.adapter_enabled:
             return self.base_forward(x)
         A, B = self.lora_A, self.lora_B
@@ -148,7 +158,9 @@ class LoRALinear(nn.Module):
     def reset_lora(self, init: str, generator: torch.Generator, init_std: float = 0.01, pissa_niter: int = 0) -> None:
         """Initialise A and B; pissa/olora also move the principal part out of the frozen base."""
         if self.init in ("pissa", "olora"):
-            raise RuntimeError(f"this module was initialised with {self.init}; its base is a residual and cannot be re-initialised")
+            raise RuntimeError(
+                f"this module was initialised with {self.init}; its base is a residual and cannot be re-initialised"
+            )
         A = torch.empty(self.lora_A.shape)
         if init == "lora":
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
@@ -281,7 +293,9 @@ def replace_linears(model: nn.Module, args: LoraArgs) -> dict[str, LoRALinear]:
         setattr(root.get_submodule(parent_name), leaf, lora)
         found[name] = lora
     if not found:
-        raise ValueError(f"apply_lora: no module matches targets {args.targets} (expected layers.N.attention.wq ... names)")
+        raise ValueError(
+            f"apply_lora: no module matches targets {args.targets} (expected layers.N.attention.wq ... names)"
+        )
     for p in root.parameters():
         p.requires_grad_(False)
     for m in found.values():
@@ -332,7 +346,9 @@ def set_masks(model: nn.Module, masks: Optional[dict[str, torch.Tensor]]) -> Non
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"set_masks: mask {key} must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
         if mask.shape != params[key].shape:
-            raise ValueError(f"set_masks: mask {key} has shape {tuple(mask.shape)}, the parameter has {tuple(params[key].shape)}")
+            raise ValueError(
+                f"set_masks: mask {key} has shape {tuple(mask.shape)}, the parameter has {tuple(params[key].shape)}"
+            )
     for name, m in modules.items():
         m.set_masks(masks[peft_key(name, "A")], masks[peft_key(name, "B")])
 
@@ -386,7 +402,21 @@ def export_merged(model: nn.Module, path: str, format: str = "hf") -> None:
 
 
 __all__ = [
-    "LoraArgs", "LoRALinear", "apply_lora", "lora_modules",
-    "adapter_state_dict", "named_lora_parameters", "set_masks", "get_masks", "merge", "unmerge",
-    "disable_adapter", "export_merged", "principal_factors", "INITS", "unwrap_model", "replace_linears", "require_lora",
+    "LoraArgs",
+    "LoRALinear",
+    "apply_lora",
+    "lora_modules",
+    "adapter_state_dict",
+    "named_lora_parameters",
+    "set_masks",
+    "get_masks",
+    "merge",
+    "unmerge",
+    "disable_adapter",
+    "export_merged",
+    "principal_factors",
+    "INITS",
+    "unwrap_model",
+    "replace_linears",
+    "require_lora",
 ]

@@ -40,22 +40,65 @@ SUBSETS = (("overall", "all"), ("system1", "S1"), ("system2", "S2"))
 # The paired comparisons: (name, arm a, arm b, subsets, the paper's direction for a - b or None, the paper's evidence).
 # An arm is (method, "sft" | "rl").
 COMPARISONS = (
-    ("LoRA-PAR vs LoRA+RL, after RL", ("lorapar", "rl"), ("lora", "rl"), ("overall", "system1", "system2"), "higher",
-     "LLaMA-2-7B GSM8K 34.57 vs LoRA 2 epochs 31.86; Qwen2.5-7B 81.65 vs LoRA+RL 69.83"),
-    ("LoRA-PAR vs LoRA, after SFT", ("lorapar", "sft"), ("lora", "sft"), ("overall", "system1", "system2"), None,
-     "27.07 vs 27.8 after one epoch (about equal)"),
-    ("importance vs random masks, after SFT", ("lorapar", "sft"), ("random", "sft"), ("overall", "system1", "system2"),
-     "higher", "Table 3, theta 0.9: 27.3 vs 23.43"),
-    ("importance vs random masks, after RL", ("lorapar", "rl"), ("random", "rl"), ("overall", "system2"), None,
-     "not reported"),
-    ("GRPO vs SFT on S2: LoRA+RL", ("lora", "rl"), ("lora", "sft"), ("system2",), "higher", "PiSSA 30.63 -> 37.45 (+RL)"),
+    (
+        "LoRA-PAR vs LoRA+RL, after RL",
+        ("lorapar", "rl"),
+        ("lora", "rl"),
+        ("overall", "system1", "system2"),
+        "higher",
+        "LLaMA-2-7B GSM8K 34.57 vs LoRA 2 epochs 31.86; Qwen2.5-7B 81.65 vs LoRA+RL 69.83",
+    ),
+    (
+        "LoRA-PAR vs LoRA, after SFT",
+        ("lorapar", "sft"),
+        ("lora", "sft"),
+        ("overall", "system1", "system2"),
+        None,
+        "27.07 vs 27.8 after one epoch (about equal)",
+    ),
+    (
+        "importance vs random masks, after SFT",
+        ("lorapar", "sft"),
+        ("random", "sft"),
+        ("overall", "system1", "system2"),
+        "higher",
+        "Table 3, theta 0.9: 27.3 vs 23.43",
+    ),
+    (
+        "importance vs random masks, after RL",
+        ("lorapar", "rl"),
+        ("random", "rl"),
+        ("overall", "system2"),
+        None,
+        "not reported",
+    ),
+    (
+        "GRPO vs SFT on S2: LoRA+RL",
+        ("lora", "rl"),
+        ("lora", "sft"),
+        ("system2",),
+        "higher",
+        "PiSSA 30.63 -> 37.45 (+RL)",
+    ),
     ("GRPO vs SFT on S2: LoRA-PAR", ("lorapar", "rl"), ("lorapar", "sft"), ("system2",), "higher", "27.07 -> 34.57"),
     ("GRPO vs SFT on S2: random masks", ("random", "rl"), ("random", "sft"), ("system2",), None, "not reported"),
     ("GRPO vs SFT on S2: LoRA-PAR PiSSA", ("pissa", "rl"), ("pissa", "sft"), ("system2",), "higher", "30.86 -> 41.85"),
-    ("LoRA-PAR PiSSA init vs LoRA init, after RL", ("pissa", "rl"), ("lorapar", "rl"), ("overall",), "higher",
-     "41.85 (theta 0.95) vs 34.57 (theta 0.9)"),
-    ("DM-LoRA vs LoRA, after SFT", ("dmlora", "sft"), ("lora", "sft"), ("overall",), "higher",
-     "DM-LoRA paper: +2.3 on GSM8K over LoRA"),
+    (
+        "LoRA-PAR PiSSA init vs LoRA init, after RL",
+        ("pissa", "rl"),
+        ("lorapar", "rl"),
+        ("overall",),
+        "higher",
+        "41.85 (theta 0.95) vs 34.57 (theta 0.9)",
+    ),
+    (
+        "DM-LoRA vs LoRA, after SFT",
+        ("dmlora", "sft"),
+        ("lora", "sft"),
+        ("overall",),
+        "higher",
+        "DM-LoRA paper: +2.3 on GSM8K over LoRA",
+    ),
 )
 
 
@@ -79,8 +122,12 @@ def load_run(run_dir: str) -> dict:
         for record in sorted(found, key=lambda r: (r.get("finished_at", 0), r["name"])):  # the order they ran
             records[record["name"]] = record
     inputs_path = os.path.join(run_dir, "inputs.json")
-    return {"dir": run_dir, "config": read_json(config_path)["PipelineConfig"], "records": records,
-            "inputs": read_json(inputs_path) if os.path.exists(inputs_path) else {}}
+    return {
+        "dir": run_dir,
+        "config": read_json(config_path)["PipelineConfig"],
+        "records": records,
+        "inputs": read_json(inputs_path) if os.path.exists(inputs_path) else {},
+    }
 
 
 class Outcomes:
@@ -141,21 +188,34 @@ def build_results(run_dir: str) -> dict:
     mean_of = lambda name_fn, key: _mean([result(name_fn(s))[key] for s in seeds if result(name_fn(s))])  # noqa: E731
 
     base = outcomes.get("base.eval")
-    rows = [{"method": "base", "label": LABELS["base"], "after_sft": accuracy_summary(outcomes, ["base.eval"]),
-             "after_rl": None}]
+    rows = [
+        {
+            "method": "base",
+            "label": LABELS["base"],
+            "after_sft": accuracy_summary(outcomes, ["base.eval"]),
+            "after_rl": None,
+        }
+    ]
     for method in cfg["methods"]:
-        rows.append({
-            "method": method, "label": LABELS[method].format(theta=cfg["theta"]),
-            "active_sft": mean_of(lambda s: f"seed{s}.{method}.sft", "active_fraction"),
-            "active_rl": mean_of(lambda s: f"seed{s}.{method}.rl", "active_fraction"),
-            "after_sft": accuracy_summary(outcomes, arm_stages(seeds, method, "sft")),
-            "after_rl": accuracy_summary(outcomes, arm_stages(seeds, method, "rl")),
-            "sft_loss": mean_of(lambda s: f"seed{s}.{method}.sft", "loss"),
-            "pass_at_g": mean_of(lambda s: f"seed{s}.{method}.rl", "pass_at_g"),
-            "pass_at_g_first": mean_of(lambda s: f"seed{s}.{method}.rl", "pass_at_g_first"),
-            "sft_seconds": _mean([records[f"seed{s}.{method}.sft"]["seconds"] for s in seeds if f"seed{s}.{method}.sft" in records]),
-            "rl_seconds": _mean([records[f"seed{s}.{method}.rl"]["seconds"] for s in seeds if f"seed{s}.{method}.rl" in records]),
-        })
+        rows.append(
+            {
+                "method": method,
+                "label": LABELS[method].format(theta=cfg["theta"]),
+                "active_sft": mean_of(lambda s: f"seed{s}.{method}.sft", "active_fraction"),
+                "active_rl": mean_of(lambda s: f"seed{s}.{method}.rl", "active_fraction"),
+                "after_sft": accuracy_summary(outcomes, arm_stages(seeds, method, "sft")),
+                "after_rl": accuracy_summary(outcomes, arm_stages(seeds, method, "rl")),
+                "sft_loss": mean_of(lambda s: f"seed{s}.{method}.sft", "loss"),
+                "pass_at_g": mean_of(lambda s: f"seed{s}.{method}.rl", "pass_at_g"),
+                "pass_at_g_first": mean_of(lambda s: f"seed{s}.{method}.rl", "pass_at_g_first"),
+                "sft_seconds": _mean(
+                    [records[f"seed{s}.{method}.sft"]["seconds"] for s in seeds if f"seed{s}.{method}.sft" in records]
+                ),
+                "rl_seconds": _mean(
+                    [records[f"seed{s}.{method}.rl"]["seconds"] for s in seeds if f"seed{s}.{method}.rl" in records]
+                ),
+            }
+        )
 
     comparisons = []
     for k, (name, a, b, subsets, direction, paper) in enumerate(COMPARISONS):
@@ -165,19 +225,39 @@ def build_results(run_dir: str) -> dict:
         for subset in subsets:
             ci = paired_bootstrap(outcomes.subset(ma, subset), outcomes.subset(mb, subset), cfg["bootstrap"], seed=k)
             found = verdict(ci)
-            comparisons.append({"name": name, "subset": subset, **ci, "verdict": found, "paper_direction": direction,
-                                "paper": paper, "reading": claim_reading(direction, subset, subsets, found)})
+            comparisons.append(
+                {
+                    "name": name,
+                    "subset": subset,
+                    **ci,
+                    "verdict": found,
+                    "paper_direction": direction,
+                    "paper": paper,
+                    "reading": claim_reading(direction, subset, subsets, found),
+                }
+            )
 
     sweep = theta_curve(cfg, records, outcomes, seeds[0])
-    stages = [{"name": n, "title": r["title"], "seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds")}
-              for n, r in records.items()]
+    stages = [
+        {"name": n, "title": r["title"], "seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds")}
+        for n, r in records.items()
+    ]
     n_items = 0 if base is None else len(base)
     by_system = {} if outcomes.systems is None else {str(s): int((outcomes.systems == s).sum()) for s in (1, 2)}
-    return {"config": cfg, "seeds": seeds, "rows": rows, "comparisons": comparisons, "theta_curve": sweep,
-            "stages": stages, "inputs": run["inputs"], "classify": result("classify"),
-            "score": {str(s): result(f"seed{s}.score") for s in seeds if result(f"seed{s}.score")},
-            "test_items": n_items, "test_items_by_system": by_system,
-            "total_seconds": sum(s["seconds"] for s in stages)}
+    return {
+        "config": cfg,
+        "seeds": seeds,
+        "rows": rows,
+        "comparisons": comparisons,
+        "theta_curve": sweep,
+        "stages": stages,
+        "inputs": run["inputs"],
+        "classify": result("classify"),
+        "score": {str(s): result(f"seed{s}.score") for s in seeds if result(f"seed{s}.score")},
+        "test_items": n_items,
+        "test_items_by_system": by_system,
+        "total_seconds": sum(s["seconds"] for s in stages),
+    }
 
 
 def claim_reading(direction: Optional[str], subset: str, subsets: tuple[str, ...], found: str) -> str:
@@ -201,7 +281,8 @@ def theta_curve(cfg: dict, records: dict, outcomes: Outcomes, seed: int) -> list
     points = []
     for theta in cfg.get("theta_sweep") or []:
         if f"sweep.theta{theta}.score" in records:
-            score, stage = records[f"sweep.theta{theta}.score"]["result"], lambda kind: f"sweep.theta{theta}.{kind}.sft.eval"  # noqa: E731
+            score = records[f"sweep.theta{theta}.score"]["result"]
+            stage = lambda kind: f"sweep.theta{theta}.{kind}.sft.eval"  # noqa: E731
         elif theta == cfg["theta"] and f"seed{seed}.score" in records:
             score = records[f"seed{seed}.score"]["result"]
             stage = lambda kind: f"seed{seed}.{'lorapar' if kind == 'importance' else 'random'}.sft.eval"  # noqa: E731
@@ -234,7 +315,11 @@ def _ms(entry: Optional[dict], key: str) -> str:
     if not entry:
         return "-"
     value = entry[key]
-    return f"{100 * value['mean']:.1f}" if len(value["per_seed"]) == 1 else f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+    return (
+        f"{100 * value['mean']:.1f}"
+        if len(value["per_seed"]) == 1
+        else f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+    )
 
 
 def _secs(value: Optional[float]) -> str:
@@ -253,41 +338,76 @@ def format_report(results: dict) -> str:
         f"Accuracy in % (greedy, final number) on {n} test items ({by_system.get('1', 0)} System 1 / "
         f"{by_system.get('2', 0)} System 2 by ground truth), mean ± std over {len(seeds)} seed(s) {seeds}.",
         "",
-        "| Method | Active % (SFT / RL) | S1 SFT | S2 SFT | All SFT | S1 RL | S2 RL | All RL | pass@G | SFT time | RL time |",
+        "| Method | Active % (SFT / RL) | S1 SFT | S2 SFT | All SFT | S1 RL | S2 RL | All RL | pass@G | SFT time | "
+        "RL time |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        active = "-" if row.get("active_sft") is None else _pct(row["active_sft"]) + (
-            f" / {_pct(row['active_rl'])}" if row.get("active_rl") is not None else "")
+        active = (
+            "-"
+            if row.get("active_sft") is None
+            else _pct(row["active_sft"]) + (f" / {_pct(row['active_rl'])}" if row.get("active_rl") is not None else "")
+        )
         sft, rl = row["after_sft"], row["after_rl"]
-        lines.append(" | ".join([
-            f"| {row['label']}", active, _ms(sft, "system1"), _ms(sft, "system2"), _ms(sft, "overall"),
-            _ms(rl, "system1"), _ms(rl, "system2"), _ms(rl, "overall"), _pct(row.get("pass_at_g")),
-            _secs(row.get("sft_seconds")), _secs(row.get("rl_seconds")) + " |",
-        ]))
-    lines += ["", f"pass@G: share of GRPO prompts with a correct completion among their G = {cfg['rl_generations']} "
-                  "samples, mean over steps and seeds. Times: mean seconds per seed."]
+        lines.append(
+            " | ".join(
+                [
+                    f"| {row['label']}",
+                    active,
+                    _ms(sft, "system1"),
+                    _ms(sft, "system2"),
+                    _ms(sft, "overall"),
+                    _ms(rl, "system1"),
+                    _ms(rl, "system2"),
+                    _ms(rl, "overall"),
+                    _pct(row.get("pass_at_g")),
+                    _secs(row.get("sft_seconds")),
+                    _secs(row.get("rl_seconds")) + " |",
+                ]
+            )
+        )
+    lines += [
+        "",
+        f"pass@G: share of GRPO prompts with a correct completion among their G = {cfg['rl_generations']} "
+        "samples, mean over steps and seeds. Times: mean seconds per seed.",
+    ]
     scopes = sorted({str(s.get("random_scope")) for s in results["score"].values()})
     if scopes:
-        lines.append(f"Random masks: score.py's random baseline, scope {', '.join(scopes)} (global: a random subset of "
-                     "the whole adapter with each stage's size and the importance stages' overlap).")
+        lines.append(
+            f"Random masks: score.py's random baseline, scope {', '.join(scopes)} (global: a random subset of "
+            "the whole adapter with each stage's size and the importance stages' overlap)."
+        )
     if results["comparisons"]:
-        lines += ["", "## Paired differences", "",
-                  f"Accuracy difference a - b in points, 95% bootstrap interval over test items and seeds "
-                  f"({cfg['bootstrap']} replicates).", "",
-                  "| Comparison | Items | a - b [95% CI] | Paper | This run |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Paired differences",
+            "",
+            f"Accuracy difference a - b in points, 95% bootstrap interval over test items and seeds "
+            f"({cfg['bootstrap']} replicates).",
+            "",
+            "| Comparison | Items | a - b [95% CI] | Paper | This run |",
+            "|---|---|---|---|---|",
+        ]
         for c in results["comparisons"]:
-            lines.append(f"| {c['name']} | {dict(SUBSETS)[c['subset']]} | {_interval(c)} | {c['paper']} | {c['reading']} |")
+            lines.append(
+                f"| {c['name']} | {dict(SUBSETS)[c['subset']]} | {_interval(c)} | {c['paper']} | {c['reading']} |"
+            )
     if results["theta_curve"]:
-        lines += ["", f"## The theta curve (SFT only, System-1 rows, stage-1 mask, seed {seeds[0]})", "",
-                  "| theta | Active % | Importance: all / S1 / S2 | Random: all / S1 / S2 | importance - random [95% CI] |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## The theta curve (SFT only, System-1 rows, stage-1 mask, seed {seeds[0]})",
+            "",
+            "| theta | Active % | Importance: all / S1 / S2 | Random: all / S1 / S2 | importance - random [95% CI] |",
+            "|---|---|---|---|---|",
+        ]
         for p in results["theta_curve"]:
             imp, rnd = p["importance"], p["random"]
-            lines.append(f"| {p['theta']:g} | {_pct(p['active_stage1'])} | "
-                         f"{_pct(imp['overall'])} / {_pct(imp['system1'])} / {_pct(imp['system2'])} | "
-                         f"{_pct(rnd['overall'])} / {_pct(rnd['system1'])} / {_pct(rnd['system2'])} | "
-                         f"{_interval(p['difference'])} |")
+            lines.append(
+                f"| {p['theta']:g} | {_pct(p['active_stage1'])} | "
+                f"{_pct(imp['overall'])} / {_pct(imp['system1'])} / {_pct(imp['system2'])} | "
+                f"{_pct(rnd['overall'])} / {_pct(rnd['system1'])} / {_pct(rnd['system2'])} | "
+                f"{_interval(p['difference'])} |"
+            )
         if results.get("theta_figure"):
             lines += ["", f"![theta curve]({results['theta_figure']})"]
     lines += ["", "## Reading", ""] + reading_lines(results)
@@ -296,8 +416,10 @@ def format_report(results: dict) -> str:
     lines += [f"| {s['title']} | {_secs(s['seconds'])} | {_secs(s.get('cpu_seconds'))} |" for s in results["stages"]]
     lines.append(f"| total | {_secs(results['total_seconds'])} | |")
     if "pretrain_seconds" in results["inputs"]:
-        lines.append(f"\nThe tiny base was pretrained in {_secs(results['inputs']['pretrain_seconds'])} when the assets "
-                     "were built (the assets stage above, or an earlier run).")
+        lines.append(
+            f"\nThe tiny base was pretrained in {_secs(results['inputs']['pretrain_seconds'])} when the assets "
+            "were built (the assets stage above, or an earlier run)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -312,12 +434,17 @@ def reading_lines(results: dict) -> list[str]:
         found = reading("higher", verdict(p["difference"]))
         groups[found].append(f"importance vs random masks at theta {p['theta']:g}, SFT ({_interval(p['difference'])})")
     lines = []
-    for title, key in (("This run supports", "supports"), ("This run contradicts", "contradicts"),
-                       ("This run cannot resolve", "not resolved")):
+    for title, key in (
+        ("This run supports", "supports"),
+        ("This run contradicts", "contradicts"),
+        ("This run cannot resolve", "not resolved"),
+    ):
         items = groups[key]
         lines.append(f"- **{title}** ({len(items)}): " + ("; ".join(items) if items else "none") + ".")
-    lines.append("- A verdict holds for this tiny model and task only: the intervals cover test-item and seed "
-                 "variation, not a change of model, task or budget.")
+    lines.append(
+        "- A verdict holds for this tiny model and task only: the intervals cover test-item and seed "
+        "variation, not a change of model, task or budget."
+    )
     return lines
 
 
@@ -326,13 +453,19 @@ def check_lines(results: dict) -> list[str]:
     lines = []
     base = rows["base"]["after_sft"]
     if base:
-        lines.append(f"- Base model: {_ms(base, 'overall')}% overall ({_ms(base, 'system1')} S1 / {_ms(base, 'system2')} S2).")
+        lines.append(
+            f"- Base model: {_ms(base, 'overall')}% overall ({_ms(base, 'system1')} S1 / {_ms(base, 'system2')} S2)."
+        )
     lora = rows.get("lora")
     if lora and lora["after_sft"]:
         s2 = lora["after_sft"]["system2"]["mean"]
         ok = "within" if 0.15 <= s2 <= 0.70 else "OUTSIDE"
         lines.append(f"- Full LoRA's System-2 accuracy after SFT: {_pct(s2)}% ({ok} the 15-70% the task is built for).")
-    passes = [(r["label"], r["pass_at_g"], r.get("pass_at_g_first")) for r in results["rows"] if r.get("pass_at_g") is not None]
+    passes = [
+        (r["label"], r["pass_at_g"], r.get("pass_at_g_first"))
+        for r in results["rows"]
+        if r.get("pass_at_g") is not None
+    ]
     for label, value, first in passes:
         lines.append(f"- {label}: pass@G of the GRPO prompts {_pct(value)}% (first step {_pct(first)}%).")
     return lines or ["- none measured"]
@@ -358,9 +491,18 @@ def draw_theta(results: dict, path: str) -> Optional[str]:
     for kind, style in (("importance", "o-"), ("random", "s--")):
         ax.plot(x, [100 * p[kind]["overall"] for p in curve], style, label=f"{kind} masks")
     for xi, p in zip(x, curve):
-        ax.annotate(f"θ={p['theta']:g}", (xi, 100 * p["importance"]["overall"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel="active elements in stage 1 (% of the adapter)", ylabel="test accuracy after SFT (%)",
-           title="LoRA-PAR theta curve (SFT only)")
+        ax.annotate(
+            f"θ={p['theta']:g}",
+            (xi, 100 * p["importance"]["overall"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax.set(
+        xlabel="active elements in stage 1 (% of the adapter)",
+        ylabel="test accuracy after SFT (%)",
+        title="LoRA-PAR theta curve (SFT only)",
+    )
     ax.legend()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
