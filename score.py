@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from lorapar import dist, fsdp, runlock
+from lorapar import dist, fsdp, fsdp_scoring, runlock
 from lorapar.adapter import adapter_fingerprint, save_adapter
 from lorapar.config import add_dataclass_args, dataclass_from_args, save_config
 from lorapar.data import load_examples
@@ -110,7 +110,8 @@ def clear_old_outputs(cfg: ScoreArgs) -> None:
 
 def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo, scorer=score_rows):
     """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2
-    (scorer: importance.score_rows, or fsdp.score_rows_sharded under --fsdp, whose scores are on rank 0 only)."""
+    (scorer: importance.score_rows, or fsdp_scoring.score_rows_sharded under --fsdp, whose scores are on rank 0
+    only)."""
     for system in (1, 2):
         if not any(e.system == system for e in examples):
             unlabelled = sum(e.system is None for e in examples)
@@ -258,7 +259,7 @@ def run_scoring(
         model, _, _ = fsdp.build_lora_model(
             cfg.ckpt, cfg.base_dtype, "", None, importance.lora_args(), info, tokenizer.vocab_size
         )
-        scorer = fsdp.score_rows_sharded
+        scorer = fsdp_scoring.score_rows_sharded
     else:
         model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
         apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter

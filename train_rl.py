@@ -95,21 +95,8 @@ def swapped_adapter(params: list[torch.nn.Parameter], values: list[torch.Tensor]
                 p.copy_(v)
 
 
-def main(argv=None) -> dict:
-    cfg, grpo, train, lora_args = parse_config(argv)
-    info = dist.init_distributed(train.device)
-    if grpo.prompts_per_step % info.world_size:
-        raise ValueError(
-            f"--prompts-per-step {grpo.prompts_per_step} is not a multiple of {info.world_size} ranks "
-            "(each rank samples and normalises whole groups of completions)"
-        )
-    resume_from = prepare_run_dir(train, info)
-    seed_everything(train.seed)
-    reward_fns = parse_spec(cfg.rewards)
-    weights = torch.tensor([w for _, _, w in reward_fns])
-
-    # ---- data: every prompt, the longer ones left-truncated to --max-prompt-len (counted)
-    tokenizer = Tokenizer(cfg.tokenizer)
+def step_prompts_of(cfg: RLArgs, grpo: GRPOArgs, tokenizer: Tokenizer, info: dist.DistInfo) -> tuple[list[tuple], int]:
+    """load_prompts, refusing too few for one step and saying (on rank 0) how many were cut."""
     kept, truncated = load_prompts(cfg, grpo, tokenizer)
     if len(kept) < grpo.prompts_per_step:
         raise ValueError(
@@ -121,10 +108,12 @@ def main(argv=None) -> dict:
             "keep only their last tokens (TRL's left truncation)",
             flush=True,
         )
-    steps_per_epoch = len(kept) // grpo.prompts_per_step
-    total_steps = train.max_steps or train.epochs * steps_per_epoch
+    return kept, truncated
 
-    # ---- model and adapter (the SFT one, or fresh), masks; optimizer, resume, metrics (lorapar/launch.py)
+
+def start_grpo_run(cfg, grpo, train, lora_args, info, tokenizer, resume_from, prompts, total_steps, steps_per_epoch):
+    """(model, run, reference policy): the model with its adapter (the SFT one, or fresh) and masks, then
+    lorapar.launch.start_run (optimizer, resume, metrics, checkpoints). prompts: (kept, truncated) counts."""
     model, lora_args, save_files = load_lora_model(cfg, lora_args, cfg.adapter, info, tokenizer.vocab_size, train.fsdp)
     if grpo.max_prompt_len + grpo.max_completion_len > model.args.max_seq_len:
         raise FlagError(
@@ -141,14 +130,39 @@ def main(argv=None) -> dict:
         save_files,
         total_steps,
         steps_per_epoch,
-        first_record={"prompts": len(kept), "prompts_truncated": truncated},
+        first_record={"prompts": prompts[0], "prompts_truncated": prompts[1]},
         extra={},
         desc="grpo",
         keep_start_adapter=True,
     )
     # the reference policy: the base without the adapter, or the adapter training started from
     references = {"base": lambda: disable_adapter(model), "sft": lambda: swapped_adapter(run.params, run.start_adapter)}
-    reference = references[grpo.reference]
+    return model, run, references[grpo.reference]
+
+
+def main(argv=None) -> dict:
+    cfg, grpo, train, lora_args = parse_config(argv)
+    info = dist.init_distributed(train.device)
+    if grpo.prompts_per_step % info.world_size:
+        raise ValueError(
+            f"--prompts-per-step {grpo.prompts_per_step} is not a multiple of {info.world_size} ranks "
+            "(each rank samples and normalises whole groups of completions)"
+        )
+    resume_from = prepare_run_dir(train, info)
+    seed_everything(train.seed)
+    reward_fns = parse_spec(cfg.rewards)
+    weights = torch.tensor([w for _, _, w in reward_fns])
+
+    # ---- data: every prompt, the longer ones left-truncated to --max-prompt-len (counted)
+    tokenizer = Tokenizer(cfg.tokenizer)
+    kept, truncated = step_prompts_of(cfg, grpo, tokenizer, info)
+    steps_per_epoch = len(kept) // grpo.prompts_per_step
+    total_steps = train.max_steps or train.epochs * steps_per_epoch
+
+    # ---- model and adapter (the SFT one, or fresh), masks; optimizer, resume, metrics (lorapar/launch.py)
+    model, run, reference = start_grpo_run(
+        cfg, grpo, train, lora_args, info, tokenizer, resume_from, (len(kept), truncated), total_steps, steps_per_epoch
+    )
 
     # ---- training loop
     order: tuple[int, list[int]] = (-1, [])

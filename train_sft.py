@@ -209,6 +209,49 @@ def evaluate(
     return nll / max(n, 1.0)
 
 
+def epoch_sampler(cfg, train, info, train_set, per_rank_step: int) -> tuple[LengthGroupedSampler, int]:
+    """The sampler dealing each global batch of per_rank_step x ranks examples over the ranks, and the optimizer
+    steps of one epoch (at least one, or the error names the data)."""
+    sampler = LengthGroupedSampler(train_set.lengths, per_rank_step, info.world_size, info.rank, seed=train.seed)
+    steps_per_epoch = len(sampler) // per_rank_step
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data}: {len(train_set)} examples do not fill one optimizer step of "
+            f"{per_rank_step * info.world_size} (batch size x grad accum x ranks)"
+        )
+    return sampler, steps_per_epoch
+
+
+def start_sft_run(cfg, train, lora_args, info, tokenizer, train_set, resume_from, grad_accum, total_steps, epoch_steps):
+    """(model, run, DM-LoRA training or None): the model with its adapter (build_model), then
+    lorapar.launch.start_run (optimizer, resume, metrics, checkpoints)."""
+    model, save_files, dual = build_model(cfg, lora_args, train, info, tokenizer.vocab_size)
+    if cfg.max_len > model.args.max_seq_len:  # past the context the positions are ones the base never saw
+        raise FlagError(f"--max-len {cfg.max_len}: above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    unused = len(train_set) - epoch_steps * train.batch_size * grad_accum * info.world_size
+    run = start_run(
+        model,
+        train,
+        info,
+        resume_from,
+        (cfg, train, lora_args),
+        save_files,
+        total_steps,
+        epoch_steps,
+        first_record={
+            "examples": len(train_set),
+            "dropped_over_max_len": train_set.dropped,
+            "truncated": train_set.truncated,
+            "unused_per_epoch": max(0, unused),
+        },
+        extra={"grad_accum": grad_accum},
+        desc="sft",
+        adapter_hooks=dual,
+    )
+    return model, run, dual
+
+
 def main(argv=None) -> dict:
     cfg, train, lora_args = parse_config(argv)
     info = dist.init_distributed(train.device)
@@ -222,39 +265,12 @@ def main(argv=None) -> dict:
     tokenizer = Tokenizer(cfg.tokenizer)
     train_set, eval_set = load_sft_data(cfg, tokenizer, train.seed)
     per_rank_step = train.batch_size * grad_accum
-    sampler = LengthGroupedSampler(train_set.lengths, per_rank_step, info.world_size, info.rank, seed=train.seed)
-    steps_per_epoch = len(sampler) // per_rank_step
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{cfg.data}: {len(train_set)} examples do not fill one optimizer step of "
-            f"{per_rank_step * info.world_size} (batch size x grad accum x ranks)"
-        )
+    sampler, steps_per_epoch = epoch_sampler(cfg, train, info, train_set, per_rank_step)
     total_steps = train.max_steps or train.epochs * steps_per_epoch
 
     # ---- model and adapter; optimizer, resume, metrics and checkpoints (lorapar/launch.py)
-    model, save_files, dual = build_model(cfg, lora_args, train, info, tokenizer.vocab_size)
-    if cfg.max_len > model.args.max_seq_len:  # past the context the positions are ones the base never saw
-        raise FlagError(f"--max-len {cfg.max_len}: above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    unused = len(train_set) - steps_per_epoch * per_rank_step * info.world_size
-    run = start_run(
-        model,
-        train,
-        info,
-        resume_from,
-        (cfg, train, lora_args),
-        save_files,
-        total_steps,
-        steps_per_epoch,
-        first_record={
-            "examples": len(train_set),
-            "dropped_over_max_len": train_set.dropped,
-            "truncated": train_set.truncated,
-            "unused_per_epoch": max(0, unused),
-        },
-        extra={"grad_accum": grad_accum},
-        desc="sft",
-        adapter_hooks=dual,
+    model, run, dual = start_sft_run(
+        cfg, train, lora_args, info, tokenizer, train_set, resume_from, grad_accum, total_steps, steps_per_epoch
     )
 
     # ---- training loop

@@ -395,31 +395,7 @@ def backward(
     dx = da = db = None
     dyb = torch.empty(n, rank, dtype=dy.dtype, device=dy.device)
     if need_x:
-        dx = torch.empty_like(x)
-        if n > 0:
-
-            def grid(meta):
-                return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n_in, meta["BLOCK_N"] * meta["GROUP_N"]))
-
-            _dx_kernel[grid](
-                dy,
-                weight,
-                lora_A,
-                lora_B,
-                dx,
-                dyb,
-                n,
-                n_in,
-                n_out,
-                rank,
-                scale,
-                p,
-                seed,
-                R_PAD=r_pad,
-                DROPOUT=p > 0,
-                STORE_DYB=need_A,
-                **common,
-            )
+        dx = _dx(dy, x, weight, lora_A, lora_B, dyb, scale, p, seed, store_dyb=need_A)
     elif need_A:
         torch.matmul(dy, lora_B, out=dyb)
     if need_A:
@@ -468,6 +444,48 @@ def backward(
             x,
         )
     return dx, da, db
+
+
+def _dx(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    dyb: Tensor,
+    scale: float,
+    p: float,
+    seed: int,
+    store_dyb: bool,
+) -> Tensor:
+    """dX by _dx_kernel; with store_dyb it also writes dY B into `dyb` for dA (contiguous inputs)."""
+    (n, n_in), n_out, rank = x.shape, weight.shape[0], lora_A.shape[0]
+    dx = torch.empty_like(x)
+    if n > 0:
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n_in, meta["BLOCK_N"] * meta["GROUP_N"]))
+
+        _dx_kernel[grid](
+            dy,
+            weight,
+            lora_A,
+            lora_B,
+            dx,
+            dyb,
+            n,
+            n_in,
+            n_out,
+            rank,
+            scale,
+            p,
+            seed,
+            R_PAD=_rank_pad(rank),
+            DROPOUT=p > 0,
+            STORE_DYB=store_dyb,
+            **_common(x),
+        )
+    return dx
 
 
 def _mask_arg(mask: Optional[Tensor], placeholder: Tensor) -> Tensor:

@@ -270,6 +270,28 @@ def make_rollouts(
     )
 
 
+def _fixed_logprobs(model, rollouts: Rollouts, args: GRPOArgs, autocast, reference) -> None:
+    """Fill rollouts.old_logp (mu > 1) and rollouts.ref_logp (beta > 0), which stay fixed over the passes."""
+    # Old log-probs are only needed when the policy moves between passes; with mu = 1 the ratio is
+    # exactly 1 and logp.detach() stands in for them (its gradient is what remains).
+    if args.mu > 1:
+        rollouts.old_logp = _logprobs(model, rollouts, args, autocast)
+    if args.beta != 0.0:
+        if reference is None:
+            raise ValueError("beta > 0 needs a reference policy")
+        with reference():
+            rollouts.ref_logp = _logprobs(model, rollouts, args, autocast)
+
+
+def _global_counts(rollouts: Rollouts, args: GRPOArgs, info: dist.DistInfo) -> tuple[int, float, int]:
+    """(sequences, completion tokens, micro-batches) summed over the ranks: the loss's normalisers."""
+    n = rollouts.input_ids.shape[0]
+    micro_batches = -(-n // args.micro_batch)
+    local = torch.tensor([n, int((rollouts.labels != IGNORE_INDEX).sum()), micro_batches], dtype=torch.float64)
+    totals = dist.all_reduce_sum(local, info)
+    return int(totals[0]), float(totals[1]), int(totals[2])
+
+
 def grpo_update(
     model,
     optimizer,
@@ -295,22 +317,11 @@ def grpo_update(
     """
     device = model.tok_embeddings.weight.device
     start = time.perf_counter()
-    # Old log-probs are only needed when the policy moves between passes; with mu = 1 the ratio is
-    # exactly 1 and logp.detach() stands in for them (its gradient is what remains).
-    if args.mu > 1:
-        rollouts.old_logp = _logprobs(model, rollouts, args, autocast)
-    if args.beta != 0.0:
-        if reference is None:
-            raise ValueError("beta > 0 needs a reference policy")
-        with reference():
-            rollouts.ref_logp = _logprobs(model, rollouts, args, autocast)
+    _fixed_logprobs(model, rollouts, args, autocast, reference)
     logprob_seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
     n = rollouts.input_ids.shape[0]
-    micro_batches = -(-n // args.micro_batch)
-    local = torch.tensor([n, int((rollouts.labels != IGNORE_INDEX).sum()), micro_batches], dtype=torch.float64)
-    totals = dist.all_reduce_sum(local, info)
-    num_sequences, num_tokens, num_micro_batches = int(totals[0]), float(totals[1]), int(totals[2])
+    num_sequences, num_tokens, num_micro_batches = _global_counts(rollouts, args, info)
     if args.shuffle_micro_batches:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed % 2**63))
     else:

@@ -12,7 +12,8 @@ copies of the adapter whatever the number of examples. Per-example gradients com
 backward pass per example (batch_size 1, the reference) or from one per batch, formed from each LoRA
 module's input and output gradient (`accumulate_batch`); the two agree to float rounding. Under torchrun each
 rank takes every world_size-th example and the sums are all-reduced before the scores are formed; under --fsdp
-each rank keeps the sums of its own rows of every tensor only, and the whole scores are gathered once (lorapar/fsdp.py).
+each rank keeps the sums of its own rows of every tensor only, and the whole scores are gathered once
+(lorapar/fsdp_scoring.py).
 
 The adapter must be non-degenerate: with the usual LoRA init (B = 0) every gradient of A is zero,
 so the scoring adapter draws both A and B from N(0, init_std^2) (the authors use 0.01).
@@ -299,7 +300,7 @@ def importance_from_moments(
     if moments.rows is not None:
         raise ValueError(
             "importance_from_moments: these moments hold one rank's rows; "
-            "lorapar.fsdp.score_rows_sharded forms and gathers sharded scores"
+            "lorapar.fsdp_scoring.score_rows_sharded forms and gathers sharded scores"
         )
     named = named_lora_parameters(model)
     keys = [k for k, _ in named]

@@ -14,14 +14,8 @@ import torch
 
 from lorapar.answers import final_answer
 from lorapar.data import Example
-from lorapar.evaluate import (
-    EvalArgs,
-    decode_continuation,
-    evaluate_gsm8k,
-    evaluate_mmlu,
-    run,
-    score_gsm8k,
-)
+from lorapar.eval_tasks import decode_continuation, evaluate_gsm8k, evaluate_mmlu, score_gsm8k
+from lorapar.evaluate import EvalArgs, run
 from lorapar.humaneval_exec import pass_at_k, program_text, run_many, run_program, truncate_completion
 from lorapar.tokenizer import Tokenizer
 
@@ -176,7 +170,7 @@ def test_gsm8k_generation_path_scores_what_the_model_says(tokenizer):
 
 def test_gsm8k_prompt_of_the_lorapar_template_after_sft_ends_with_eos(tokenizer, monkeypatch):
     """The SFT-stage prompt is BOS + question + EOS; generation continues after that EOS."""
-    import lorapar.evaluate as evaluate
+    import lorapar.eval_tasks as eval_tasks
     from lorapar.generate import Generation
 
     seen = []
@@ -189,7 +183,7 @@ def test_gsm8k_prompt_of_the_lorapar_template_after_sft_ends_with_eos(tokenizer,
             finished=[True for _ in prompts],
         )
 
-    monkeypatch.setattr(evaluate, "generate", answer_three)
+    monkeypatch.setattr(eval_tasks, "generate", answer_three)
     result = evaluate_gsm8k(None, tokenizer, [gsm8k("3")], template="lorapar", progress=False)
     assert seen == [[tokenizer.bos_id, *tokenizer.encode("q"), tokenizer.eos_id]]
     assert result["metrics"]["correct"] == 1 and result["metrics"]["extraction"] == "last_hash"

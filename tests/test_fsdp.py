@@ -215,10 +215,11 @@ def scoring_lora(case: dict):
 
 
 def run_sharded_scoring(rank: int, base: str, rows: list, out: str) -> None:
-    """fsdp.score_rows_sharded one row at a time (rank 1 runs a stand-in batch); what each rank holds goes
+    """fsdp_scoring.score_rows_sharded one row at a time (rank 1 runs a stand-in batch); what each rank holds goes
     to out/scoring-case{i}-rank{rank}.pt for the test to check."""
     from lorapar.dist import DistInfo
-    from lorapar.fsdp import build_lora_model, score_rows_sharded
+    from lorapar.fsdp import build_lora_model
+    from lorapar.fsdp_scoring import score_rows_sharded
 
     info = DistInfo(rank=rank, world_size=2)
     for i, case in enumerate(SCORING_CASES):

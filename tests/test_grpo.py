@@ -303,7 +303,7 @@ def test_lenient_variants_keep_their_own_names():
 
 def test_lenient_correct_reward_reads_the_answer_that_lenient_evaluation_scores():
     """correct_lenient and --extraction lenient are one rule: with two answers, the first counts for both."""
-    from lorapar.evaluate import score_gsm8k
+    from lorapar.eval_tasks import score_gsm8k
 
     text = "<reasoning>\n6*2=12\n</reasoning>\n<answer>\n12\n</answer>\n<answer>\n13\n</answer>\n"
     for final, right in (("12", 1.0), ("13", 0.0)):

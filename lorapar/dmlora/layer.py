@@ -34,7 +34,8 @@ import torch.nn as nn
 
 from kernels import masked_lora_linear
 from lorapar.dmlora.args import EXPERT_INITS, SHARED_INITS
-from lorapar.lora import LoRALinear, principal_factors
+from lorapar.lora import LoRALinear
+from lorapar.lora_init import principal_factors
 
 
 class DualLoRALinear(LoRALinear):
