@@ -13,13 +13,13 @@ import typing
 
 import pytest
 import torch
-from lorapar.dual import DualArgs
 
 import train_rl
 import train_sft
 from lorapar import stages as stages_module
 from lorapar.config import add_dataclass_args, dataclass_from_args, to_argv
 from lorapar.dist import DistInfo
+from lorapar.dmlora.args import DualArgs
 from lorapar.evaluate import EvalArgs
 from lorapar.grpo import GRPOArgs
 from lorapar.importance import ImportanceArgs
