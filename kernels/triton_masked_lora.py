@@ -395,7 +395,7 @@ def backward(
     dx = da = db = None
     dyb = torch.empty(n, rank, dtype=dy.dtype, device=dy.device)
     if need_x:
-        dx = _dx(dy, x, weight, lora_A, lora_B, dyb, scale, p, seed, store_dyb=need_A)
+        dx = _dx(dy, x, weight, lora_A, lora_B, dyb, scale, p, seed, need_A, r_pad, common)
     elif need_A:
         torch.matmul(dy, lora_B, out=dyb)
     if need_A:
@@ -457,6 +457,8 @@ def _dx(
     p: float,
     seed: int,
     store_dyb: bool,
+    r_pad: int,
+    common: dict,
 ) -> Tensor:
     """dX by _dx_kernel; with store_dyb it also writes dY B into `dyb` for dA (contiguous inputs)."""
     (n, n_in), n_out, rank = x.shape, weight.shape[0], lora_A.shape[0]
@@ -480,10 +482,10 @@ def _dx(
             scale,
             p,
             seed,
-            R_PAD=_rank_pad(rank),
+            R_PAD=r_pad,
             DROPOUT=p > 0,
             STORE_DYB=store_dyb,
-            **_common(x),
+            **common,
         )
     return dx
 
