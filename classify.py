@@ -56,7 +56,9 @@ def read_done(out: str, expected_ids: set[str], teachers: list[str]) -> set[str]
         data = handle.read()
         complete = data.rfind(b"\n") + 1
         if complete < len(data):
-            log.warning("%s: removing a partial last line (%d bytes) left by an interrupted run", out, len(data) - complete)
+            log.warning(
+                "%s: removing a partial last line (%d bytes) left by an interrupted run", out, len(data) - complete
+            )
             handle.truncate(complete)
             handle.flush()
             os.fsync(handle.fileno())
@@ -68,12 +70,17 @@ def read_done(out: str, expected_ids: set[str], teachers: list[str]) -> set[str]
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{out}:{number}: not a classify.py output row ({err}); use a new --out") from None
         if rid not in expected_ids:
-            raise DataError(f"{out}:{number}: row_id {rid} is not in this input (another --data or --limit?); use a new --out")
+            raise DataError(
+                f"{out}:{number}: row_id {rid} is not in this input (another --data or --limit?); use a new --out"
+            )
         if row_teachers != teachers:
-            raise DataError(f"{out}:{number}: labelled by teachers {row_teachers}, this run has {teachers}; use a new --out")
+            raise DataError(
+                f"{out}:{number}: labelled by teachers {row_teachers}, this run has {teachers}; use a new --out"
+            )
         if rid in done:
-            raise DataError(f"{out}:{number}: row_id {rid} appears twice (two runs wrote into this --out at once?); "
-                            "use a new --out")
+            raise DataError(
+                f"{out}:{number}: row_id {rid} appears twice (two runs wrote into this --out at once?); use a new --out"
+            )
         done.add(rid)
     return done
 
@@ -86,8 +93,15 @@ def output_row(example: Example, rid: str, teachers: list[str], votes: list, def
     if "system" in example.source:
         row["reference_system"] = example.source["system"]
     label, how = majority_vote([v for v, _ in votes], default)
-    row.update(system=label, votes=[v for v, _ in votes], replies=[r for _, r in votes], teachers=teachers,
-               decided_by=how, format=example.format, row_id=rid)
+    row.update(
+        system=label,
+        votes=[v for v, _ in votes],
+        replies=[r for _, r in votes],
+        teachers=teachers,
+        decided_by=how,
+        format=example.format,
+        row_id=rid,
+    )
     return row
 
 
@@ -103,9 +117,12 @@ def summarise(out: str, teachers: list[str]) -> dict:
         "decided_by": dict(sorted(Counter(r["decided_by"] for r in rows).items())),
         "abstentions": sum(v is None for vs in votes for v in vs),
         "teachers": [
-            {"spec": spec, **{f"system_{k}": sum(vs[i] == k for vs in votes) for k in (1, 2)},
-             "abstained": sum(vs[i] is None for vs in votes),
-             "refused": sum(str(r["replies"][i]).startswith(REFUSED) for r in rows)}
+            {
+                "spec": spec,
+                **{f"system_{k}": sum(vs[i] == k for vs in votes) for k in (1, 2)},
+                "abstained": sum(vs[i] is None for vs in votes),
+                "refused": sum(str(r["replies"][i]).startswith(REFUSED) for r in rows),
+            }
             for i, spec in enumerate(teachers)
         ],
         "fleiss_kappa": fleiss_kappa(votes),
@@ -120,10 +137,13 @@ def summarise(out: str, teachers: list[str]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--teacher", action="append", default=[], metavar="SPEC",
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="SPEC",
         help="a teacher, repeat for several (an odd number unless --allow-even): local:CKPT[,tokenizer=PATH] | "
-             "http:URL#MODEL | rule:gsm8k-steps[,threshold=N] | rule:length[,threshold=N] | rule:oracle "
-             "(see lorapar/teachers.py)",
+        "http:URL#MODEL | rule:gsm8k-steps[,threshold=N] | rule:length[,threshold=N] | rule:oracle "
+        "(see lorapar/teachers.py)",
     )
     add_dataclass_args(parser, ClassifyArgs)
     add_dataclass_args(parser, TeacherArgs)
@@ -153,8 +173,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     runlock.acquire(args.out, is_dir=False)  # a second run into this --out is refused, naming this one's PID
     done = read_done(args.out, set(ids), specs)
     pending = [(ex, rid) for ex, rid in zip(examples, ids) if rid not in done]
-    log.info("%s: %d rows, %d already labelled, %d to label, %d malformed lines skipped",
-             args.data, len(examples), len(done), len(pending), skipped)
+    log.info(
+        "%s: %d rows, %d already labelled, %d to label, %d malformed lines skipped",
+        args.data,
+        len(examples),
+        len(done),
+        len(pending),
+        skipped,
+    )
 
     teachers = [make_teacher(spec, targs) for spec in specs] if pending else []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -174,8 +200,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     summary = summarise(args.out, specs)
     summary.update(skipped_input_lines=skipped, config={"teachers": specs, **config_to_dict(args, targs)})
     atomic_write_json(classify_summary_path(args.out), summary)
-    log.info("System 1: %d, System 2: %d, abstentions: %d, Fleiss' kappa: %s -> %s",
-             summary["system_1"], summary["system_2"], summary["abstentions"], summary["fleiss_kappa"], args.out)
+    log.info(
+        "System 1: %d, System 2: %d, abstentions: %d, Fleiss' kappa: %s -> %s",
+        summary["system_1"],
+        summary["system_2"],
+        summary["abstentions"],
+        summary["fleiss_kappa"],
+        args.out,
+    )
     runlock.release(args.out, is_dir=False)
     return summary
 

@@ -31,31 +31,45 @@ from typing import Optional
 
 import torch
 
-from lorapar import dist, fsdp, runlock
+from lorapar import dist, fsdp, fsdp_scoring, runlock
+from lorapar.adapter import adapter_fingerprint, save_adapter
 from lorapar.config import add_dataclass_args, dataclass_from_args, save_config
 from lorapar.data import load_examples
 from lorapar.errors import run_main
 from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
 from lorapar.io import atomic_path, atomic_save_safetensors, atomic_write_json
-from lorapar.adapter import adapter_fingerprint, save_adapter
 from lorapar.launch import load_base_model
 from lorapar.lora import LoraArgs, apply_lora, lora_modules
 from lorapar.masks import save_masks
 from lorapar.partition import (
-    Partition, PartitionArgs, partition, partition_report, random_stage_masks, stage_overlap,
+    Partition,
+    PartitionArgs,
+    partition,
+    partition_report,
+    random_stage_masks,
+    stage_overlap,
 )
 from lorapar.run import claim_out_dir
 from lorapar.script_args import ScoreArgs
 from lorapar.tokenizer import Tokenizer
 
 ADAPTER_INIT_DIR = "adapter_init"  # the scored adapter, which train_sft.py --init-adapter starts from
-OUTPUTS = ("config.json", ADAPTER_INIT_DIR, "importance.safetensors", "masks.safetensors", "random_masks.safetensors",
-           "report.json", "importance.png")  # fmt: skip
+OUTPUTS = (
+    "config.json",
+    ADAPTER_INIT_DIR,
+    "importance.safetensors",
+    "masks.safetensors",
+    "random_masks.safetensors",
+    "report.json",
+    "importance.png",
+)
 PLOT_POINTS = 20_000
 
 
 def parse_config(argv=None) -> tuple[ScoreArgs, ImportanceArgs, PartitionArgs]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for cls in (ScoreArgs, ImportanceArgs, PartitionArgs):
         add_dataclass_args(parser, cls)
     ns = parser.parse_args(argv)
@@ -78,7 +92,8 @@ def prepare_out_dir(cfg: ScoreArgs, info: dist.DistInfo) -> None:
         existing = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out, name))]
         if existing and not cfg.overwrite:
             raise FileExistsError(
-                f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+                f"{cfg.out} already holds results ({', '.join(existing)}); pass --overwrite to replace them"
+            )
 
     claim_out_dir(cfg.out, info, refuse_earlier_results)
 
@@ -95,25 +110,39 @@ def clear_old_outputs(cfg: ScoreArgs) -> None:
 
 def score_systems(model, tokenizer, examples, args: ImportanceArgs, data: str, info: dist.DistInfo, scorer=score_rows):
     """({1: scores, 2: scores}, {"system1": stats, "system2": stats}) for the examples labelled 1 and 2
-    (scorer: importance.score_rows, or fsdp.score_rows_sharded under --fsdp, whose scores are on rank 0 only)."""
+    (scorer: importance.score_rows, or fsdp_scoring.score_rows_sharded under --fsdp, whose scores are on rank 0
+    only)."""
     for system in (1, 2):
         if not any(e.system == system for e in examples):
             unlabelled = sum(e.system is None for e in examples)
-            raise ValueError(f"{data}: no System-{system} rows among {len(examples)} ({unlabelled} without a 'system' label); "
-                             "scoring needs examples of both systems")  # fmt: skip
+            raise ValueError(
+                f"{data}: no System-{system} rows among {len(examples)} ({unlabelled} without a 'system' label); "
+                "scoring needs examples of both systems"
+            )
     scores, stats = {}, {}
     for system in (1, 2):
         chosen, available = select_examples(examples, system, args.samples, args.seed)
         encoded = encode_for_scoring(chosen, tokenizer, args)
         if not encoded.rows:
-            raise ValueError(f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len {args.max_len}")
+            raise ValueError(
+                f"{data}: none of the {len(chosen)} System-{system} examples keeps an answer token within --max-len "
+                f"{args.max_len}"
+            )
         scores[system], moments = scorer(model, encoded.rows, args.order, info, f"system {system}", args.batch_size)
-        stats[f"system{system}"] = dict(available=available, selected=len(chosen), scored=moments.count,
-                                        lines=[e.line for e in chosen],
-                                        answer_tokens=moments.tokens, truncated=encoded.truncated,
-                                        no_answer_tokens=encoded.no_answer_tokens)  # fmt: skip
+        stats[f"system{system}"] = dict(
+            available=available,
+            selected=len(chosen),
+            scored=moments.count,
+            lines=[e.line for e in chosen],
+            answer_tokens=moments.tokens,
+            truncated=encoded.truncated,
+            no_answer_tokens=encoded.no_answer_tokens,
+        )
         if len(chosen) < args.samples and info.is_main:
-            print(f"system {system}: only {available} examples in {data}; scored {moments.count} (asked for {args.samples})")
+            print(
+                f"system {system}: only {available} examples in {data}; scored {moments.count} (asked for "
+                f"{args.samples})"
+            )
     return scores, stats
 
 
@@ -130,11 +159,23 @@ def plot_importance(path: str, p: Partition, scores1: dict, scores2: dict, seed:
     picked = torch.randperm(x1.numel(), generator=torch.Generator().manual_seed(seed))[:PLOT_POINTS]
     floor = float(torch.cat([x1[x1 > 0], x2[x2 > 0]]).min())  # zeros drawn at the smallest positive score
     fig, ax = plt.subplots(figsize=(6, 6))
-    for region, colour in (("neither", "0.75"), ("system1_only", "tab:blue"), ("system2_only", "tab:red"), ("shared", "tab:purple")):
+    for region, colour in (
+        ("neither", "0.75"),
+        ("system1_only", "tab:blue"),
+        ("system2_only", "tab:red"),
+        ("shared", "tab:purple"),
+    ):
         chosen = picked[p.region(region)[picked]]
-        ax.scatter(x1[chosen].clamp_min(floor), x2[chosen].clamp_min(floor), s=2, c=colour, label=region.replace("_", " "))
-    ax.set(xscale="log", yscale="log", xlabel="System-1 importance", ylabel="System-2 importance",
-           title=f"LoRA element importance ({picked.numel():,} of {x1.numel():,} elements)")  # fmt: skip
+        ax.scatter(
+            x1[chosen].clamp_min(floor), x2[chosen].clamp_min(floor), s=2, c=colour, label=region.replace("_", " ")
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="System-1 importance",
+        ylabel="System-2 importance",
+        title=f"LoRA element importance ({picked.numel():,} of {x1.numel():,} elements)",
+    )
     ax.legend(markerscale=4)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -154,8 +195,9 @@ def save_adapter_init(model, lora_args: LoraArgs, directory: str) -> dict:
     return {"base_dtype": base_dtype, "sha256": adapter_fingerprint(directory)}
 
 
-def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArgs, scores: dict, stats: dict,
-                  model) -> dict:  # fmt: skip
+def write_outputs(
+    cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArgs, scores: dict, stats: dict, model
+) -> dict:
     out = lambda name: os.path.join(cfg.out, name)  # noqa: E731
     save_config(out("config.json"), cfg, importance, part)
     # Scoring read the adapter and never wrote it: these are the values every score was taken at.
@@ -173,37 +215,51 @@ def write_outputs(cfg: ScoreArgs, importance: ImportanceArgs, part: PartitionArg
     random_baseline = None
     if cfg.random_baseline:
         random_masks = random_stage_masks(stage_masks, importance.seed, cfg.random_scope)
-        random_baseline = {"file": "random_masks.safetensors", "scope": cfg.random_scope, "seed": importance.seed,
-                           "counts": stage_overlap(random_masks),
-                           "importance_counts": stage_overlap(stage_masks)}  # fmt: skip
-        save_masks(out("random_masks.safetensors"), random_masks,
-                   metadata={"random_scope": cfg.random_scope, "seed": str(importance.seed), **stamp})
+        random_baseline = {
+            "file": "random_masks.safetensors",
+            "scope": cfg.random_scope,
+            "seed": importance.seed,
+            "counts": stage_overlap(random_masks),
+            "importance_counts": stage_overlap(stage_masks),
+        }
+        save_masks(
+            out("random_masks.safetensors"),
+            random_masks,
+            metadata={"random_scope": cfg.random_scope, "seed": str(importance.seed), **stamp},
+        )
         files.append("random_masks.safetensors")
     plot = plot_importance(out("importance.png"), p, scores[1], scores[2], importance.seed)
     if plot is None:
         print("importance.png not drawn: matplotlib is not installed")
     else:
         files.append(plot)
-    report = {"partition": partition_report(p), "scoring": stats, "files": files + ["report.json"],
-              "data": cfg.data, "seed": importance.seed,
-              "adapter_init": {"dir": ADAPTER_INIT_DIR, "init": importance.init, "seed": importance.seed,
-                               **adapter_init},
-              "random_baseline": random_baseline or "not drawn: pass --random-baseline",
-              "plot": plot or "not drawn: matplotlib is not installed"}  # fmt: skip
+    report = {
+        "partition": partition_report(p),
+        "scoring": stats,
+        "files": files + ["report.json"],
+        "data": cfg.data,
+        "seed": importance.seed,
+        "adapter_init": {"dir": ADAPTER_INIT_DIR, "init": importance.init, "seed": importance.seed, **adapter_init},
+        "random_baseline": random_baseline or "not drawn: pass --random-baseline",
+        "plot": plot or "not drawn: matplotlib is not installed",
+    }
     atomic_write_json(out("report.json"), report)
     return report
 
 
-def run_scoring(cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), part: PartitionArgs = PartitionArgs()) -> dict:
+def run_scoring(
+    cfg: ScoreArgs, importance: ImportanceArgs = ImportanceArgs(), part: PartitionArgs = PartitionArgs()
+) -> dict:
     """Score, partition and write everything into cfg.out; returns {"out", "report"} (report on rank 0)."""
     info = dist.init_distributed(cfg.device)
     prepare_out_dir(cfg, info)
     examples = load_examples(cfg.data, cfg.format, skip_bad=cfg.skip_bad)
     tokenizer = Tokenizer(cfg.tokenizer)
     if cfg.fsdp:  # the base sharded over the ranks, each reading only its rows (lorapar/fsdp.py)
-        model, _, _ = fsdp.build_lora_model(cfg.ckpt, cfg.base_dtype, "", None, importance.lora_args(), info,
-                                            tokenizer.vocab_size)
-        scorer = fsdp.score_rows_sharded
+        model, _, _ = fsdp.build_lora_model(
+            cfg.ckpt, cfg.base_dtype, "", None, importance.lora_args(), info, tokenizer.vocab_size
+        )
+        scorer = fsdp_scoring.score_rows_sharded
     else:
         model = load_base_model(cfg.ckpt, cfg.base_dtype, info.device, tokenizer.vocab_size)
         apply_lora(model, importance.lora_args())  # the same seed gives every rank the same adapter
@@ -222,7 +278,10 @@ def main(argv=None) -> dict:
     result = run_scoring(*parse_config(argv))
     if result["report"] is not None:
         active = result["report"]["partition"]["active_fraction"]
-        print(f"wrote {result['out']}: stage 1 trains {active['stage1']:.1%}, stage 2 trains {active['stage2']:.1%} of the adapter")
+        print(
+            f"wrote {result['out']}: stage 1 trains {active['stage1']:.1%}, stage 2 trains {active['stage2']:.1%} of "
+            "the adapter"
+        )
     return result
 
 

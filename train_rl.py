@@ -75,7 +75,7 @@ def load_prompts(cfg: RLArgs, grpo: GRPOArgs, tokenizer: Tokenizer) -> tuple[lis
     for example in examples:
         ids = encode_prompt(tokenizer, example, cfg.template, phase="rl")
         if len(ids) > grpo.max_prompt_len:
-            ids, truncated = ids[-grpo.max_prompt_len:], truncated + 1
+            ids, truncated = ids[-grpo.max_prompt_len :], truncated + 1
         prompts.append((example, ids))
     return prompts, truncated
 
@@ -95,6 +95,51 @@ def swapped_adapter(params: list[torch.nn.Parameter], values: list[torch.Tensor]
                 p.copy_(v)
 
 
+def step_prompts_of(cfg: RLArgs, grpo: GRPOArgs, tokenizer: Tokenizer, info: dist.DistInfo) -> tuple[list[tuple], int]:
+    """load_prompts, refusing too few for one step and saying (on rank 0) how many were cut."""
+    kept, truncated = load_prompts(cfg, grpo, tokenizer)
+    if len(kept) < grpo.prompts_per_step:
+        raise ValueError(
+            f"{cfg.data}: {len(kept)} prompts do not fill one step of --prompts-per-step {grpo.prompts_per_step}"
+        )
+    if truncated and info.is_main:
+        print(
+            f"train_rl: {truncated} of {len(kept)} prompts longer than --max-prompt-len {grpo.max_prompt_len} "
+            "keep only their last tokens (TRL's left truncation)",
+            flush=True,
+        )
+    return kept, truncated
+
+
+def start_grpo_run(cfg, grpo, train, lora_args, info, tokenizer, resume_from, prompts, total_steps, steps_per_epoch):
+    """(model, run, reference policy): the model with its adapter (the SFT one, or fresh) and masks, then
+    lorapar.launch.start_run (optimizer, resume, metrics, checkpoints). prompts: (kept, truncated) counts."""
+    model, lora_args, save_files = load_lora_model(cfg, lora_args, cfg.adapter, info, tokenizer.vocab_size, train.fsdp)
+    if grpo.max_prompt_len + grpo.max_completion_len > model.args.max_seq_len:
+        raise FlagError(
+            f"--max-prompt-len {grpo.max_prompt_len} + --max-completion-len {grpo.max_completion_len}: "
+            f"above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)"
+        )
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    run = start_run(
+        model,
+        train,
+        info,
+        resume_from,
+        (cfg, grpo, train, lora_args),
+        save_files,
+        total_steps,
+        steps_per_epoch,
+        first_record={"prompts": prompts[0], "prompts_truncated": prompts[1]},
+        extra={},
+        desc="grpo",
+        keep_start_adapter=True,
+    )
+    # the reference policy: the base without the adapter, or the adapter training started from
+    references = {"base": lambda: disable_adapter(model), "sft": lambda: swapped_adapter(run.params, run.start_adapter)}
+    return model, run, references[grpo.reference]
+
+
 def main(argv=None) -> dict:
     cfg, grpo, train, lora_args = parse_config(argv)
     info = dist.init_distributed(train.device)
@@ -110,29 +155,14 @@ def main(argv=None) -> dict:
 
     # ---- data: every prompt, the longer ones left-truncated to --max-prompt-len (counted)
     tokenizer = Tokenizer(cfg.tokenizer)
-    kept, truncated = load_prompts(cfg, grpo, tokenizer)
-    if len(kept) < grpo.prompts_per_step:
-        raise ValueError(
-            f"{cfg.data}: {len(kept)} prompts do not fill one step of --prompts-per-step {grpo.prompts_per_step}"
-        )
-    if truncated and info.is_main:
-        print(f"train_rl: {truncated} of {len(kept)} prompts longer than --max-prompt-len {grpo.max_prompt_len} "
-              "keep only their last tokens (TRL's left truncation)", flush=True)
+    kept, truncated = step_prompts_of(cfg, grpo, tokenizer, info)
     steps_per_epoch = len(kept) // grpo.prompts_per_step
     total_steps = train.max_steps or train.epochs * steps_per_epoch
 
     # ---- model and adapter (the SFT one, or fresh), masks; optimizer, resume, metrics (lorapar/launch.py)
-    model, lora_args, save_files = load_lora_model(cfg, lora_args, cfg.adapter, info, tokenizer.vocab_size, train.fsdp)
-    if grpo.max_prompt_len + grpo.max_completion_len > model.args.max_seq_len:
-        raise FlagError(f"--max-prompt-len {grpo.max_prompt_len} + --max-completion-len {grpo.max_completion_len}: "
-                        f"above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    run = start_run(model, train, info, resume_from, (cfg, grpo, train, lora_args), save_files, total_steps,
-                    steps_per_epoch, first_record={"prompts": len(kept), "prompts_truncated": truncated}, extra={},
-                    desc="grpo", keep_start_adapter=True)
-    # the reference policy: the base without the adapter, or the adapter training started from
-    references = {"base": lambda: disable_adapter(model), "sft": lambda: swapped_adapter(run.params, run.start_adapter)}
-    reference = references[grpo.reference]
+    model, run, reference = start_grpo_run(
+        cfg, grpo, train, lora_args, info, tokenizer, resume_from, (len(kept), truncated), total_steps, steps_per_epoch
+    )
 
     # ---- training loop
     order: tuple[int, list[int]] = (-1, [])
@@ -148,29 +178,50 @@ def main(argv=None) -> dict:
         batch_examples = [kept[i][0] for _, i in mine]
         with fsdp.lockstep(model, info, enabled=train.fsdp):  # ranks' decode steps differ (early stops)
             rollouts = make_rollouts(
-                model, [kept[i][1] for _, i in mine],
-                lambda idx, comps: score(tokenizer, reward_fns, idx, comps, batch_examples), weights, grpo,
-                seeds=[derive_seed(train.seed, step, j) for j, _ in mine], eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
+                model,
+                [kept[i][1] for _, i in mine],
+                lambda idx, comps: score(tokenizer, reward_fns, idx, comps, batch_examples),
+                weights,
+                grpo,
+                seeds=[derive_seed(train.seed, step, j) for j, _ in mine],
+                eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id,
+                stop_ids=tokenizer.stop_ids,
             )
         started = time.perf_counter()
         # mu optimizer steps on these rollouts, each lorapar.optim.optimizer_step at its own lr
         lrs = [lr_at(step * grpo.mu + k, total_steps * grpo.mu, train) for k in range(grpo.mu)]
-        stats = grpo_update(model, run.optimizer, rollouts, grpo, info, lrs=lrs, max_grad_norm=train.max_grad_norm,
-                            autocast=lambda: autocast(info.device), reference=reference,
-                            shuffle_seed=derive_seed(train.seed, step, info.rank, 1))
+        stats = grpo_update(
+            model,
+            run.optimizer,
+            rollouts,
+            grpo,
+            info,
+            lrs=lrs,
+            max_grad_norm=train.max_grad_norm,
+            autocast=lambda: autocast(info.device),
+            reference=reference,
+            shuffle_seed=derive_seed(train.seed, step, info.rank, 1),
+        )
         train_seconds = time.perf_counter() - started
-        record = {"step": step + 1, "epoch": epoch, "lr": lrs[-1], **stats,
-                  **rollout_stats(rollouts, reward_fns, grpo, info),
-                  "generation_seconds": rollouts.generation_seconds, "training_seconds": train_seconds}
+        record = {
+            "step": step + 1,
+            "epoch": epoch,
+            "lr": lrs[-1],
+            **stats,
+            **rollout_stats(rollouts, reward_fns, grpo, info),
+            "generation_seconds": rollouts.generation_seconds,
+            "training_seconds": train_seconds,
+        }
         run.end_step(record, reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}")
 
     finished = finish_run(run, model)
     return {"out": train.out, "steps": run.last_step, "finished": finished}
 
 
-def score(tokenizer: Tokenizer, reward_fns, prompt_index: list[int], completions: list[list[int]], batch: list
-          ) -> torch.Tensor:
+def score(
+    tokenizer: Tokenizer, reward_fns, prompt_index: list[int], completions: list[list[int]], batch: list
+) -> torch.Tensor:
     """The reward functions' values of each completion (rows) for the prompt of `batch` it answers."""
     rows = []
     for i, tokens in zip(prompt_index, completions):
@@ -181,9 +232,7 @@ def score(tokenizer: Tokenizer, reward_fns, prompt_index: list[int], completions
 
 def rollout_stats(rollouts, reward_fns, grpo: GRPOArgs, info: dist.DistInfo) -> dict[str, float]:
     """Reward mean / std per function and in total, share of groups with zero reward std, completion lengths."""
-    gathered = dist.all_gather_objects(
-        (rollouts.rewards, rollouts.total_reward, rollouts.completion_lengths), info
-    )
+    gathered = dist.all_gather_objects((rollouts.rewards, rollouts.total_reward, rollouts.completion_lengths), info)
     rewards = torch.cat([g[0] for g in gathered])
     total = torch.cat([g[1] for g in gathered])
     lengths = torch.tensor([n for g in gathered for n in g[2]], dtype=torch.float32)

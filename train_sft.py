@@ -26,13 +26,19 @@ import torch
 
 from lorapar import dist, fsdp
 from lorapar.adapter import ADAPTER_WEIGHTS, adapter_fingerprint, read_adapter_args, safetensors_metadata
-from lorapar.config import add_dataclass_args
 from lorapar.batching import LengthGroupedSampler, SFTDataset, collate
+from lorapar.config import add_dataclass_args
 from lorapar.data import load_examples
 from lorapar.dmlora.args import DualArgs  # the --dual-* flags; the rest of DM-LoRA loads with --adapter dual
 from lorapar.errors import FlagError, run_main
 from lorapar.launch import (
-    finish_run, from_preset, load_base_model, load_lora_model, script_parser, select_system, start_run,
+    finish_run,
+    from_preset,
+    load_base_model,
+    load_lora_model,
+    script_parser,
+    select_system,
+    start_run,
 )
 from lorapar.lora import LoraArgs
 from lorapar.lora_names import resolve_targets
@@ -63,8 +69,9 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
     if preset_adapter != sft.adapter:
         parser.error(f"--preset {ns.preset} is for --adapter {preset_adapter}, not --adapter {sft.adapter}")
     if sft.adapter == "lora":  # seeds: --seed
-        stray = [f.name for f in dataclasses.fields(DualArgs)
-                 if f.name != "dual_seed" and getattr(ns, f.name) is not None]
+        stray = [
+            f.name for f in dataclasses.fields(DualArgs) if f.name != "dual_seed" and getattr(ns, f.name) is not None
+        ]
         unused = "DualArgs"
     else:
         stray, unused = [flag for flag, _ in lora_flags_given(ns).values()], "LoRA"
@@ -101,8 +108,10 @@ def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:
         same = resolve_targets(value) == resolve_targets(have) if name == "targets" else value == have
         if not same:
             shown = ",".join(value) if name == "targets" else value
-            raise ValueError(f"{flag} {shown} conflicts with the adapter in --init-adapter {adapter_dir}, "
-                             f"which has {name}={have!r}; drop the flag (the adapter's configuration is used)")
+            raise ValueError(
+                f"{flag} {shown} conflicts with the adapter in --init-adapter {adapter_dir}, "
+                f"which has {name}={have!r}; drop the flag (the adapter's configuration is used)"
+            )
     return dataclasses.replace(stored, dropout=stored.dropout if ns.dropout is None else ns.dropout)
 
 
@@ -114,21 +123,26 @@ def check_init_adapter(cfg: SFTArgs, lora_args: LoraArgs, base_dtype: torch.dtyp
         stamped = safetensors_metadata(cfg.masks, "a masks file (safetensors)").get("adapter_init_sha256")
         actual = adapter_fingerprint(cfg.init_adapter)
         if stamped is not None and stamped != actual:
-            raise ValueError(f"--masks {cfg.masks} ranks the elements of another adapter than --init-adapter "
-                             f"{cfg.init_adapter} (sha256 {stamped[:12]}... vs {actual[:12]}...); "
-                             "pass the adapter_init/ of the score.py run that wrote the masks")  # fmt: skip
+            raise ValueError(
+                f"--masks {cfg.masks} ranks the elements of another adapter than --init-adapter "
+                f"{cfg.init_adapter} (sha256 {stamped[:12]}... vs {actual[:12]}...); "
+                "pass the adapter_init/ of the score.py run that wrote the masks"
+            )
     if lora_args.init in ("pissa", "olora"):
         weights = os.path.join(cfg.init_adapter, ADAPTER_WEIGHTS)
         scored_in = safetensors_metadata(weights).get("base_dtype")
         training_in = str(base_dtype).removeprefix("torch.")
         if scored_in is not None and scored_in != training_in:
-            raise ValueError(f"--init-adapter {cfg.init_adapter} was scored over a {scored_in} base, this run's "
-                             f"base is {training_in} (--base-dtype {cfg.base_dtype}); its {lora_args.init} residual "
-                             f"base would differ: pass --base-dtype {scored_in}")  # fmt: skip
+            raise ValueError(
+                f"--init-adapter {cfg.init_adapter} was scored over a {scored_in} base, this run's "
+                f"base is {training_in} (--base-dtype {cfg.base_dtype}); its {lora_args.init} residual "
+                f"base would differ: pass --base-dtype {scored_in}"
+            )
 
 
-def build_model(cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs], train: TrainArgs, info: dist.DistInfo,
-                vocab_size: int) -> tuple[torch.nn.Module, Callable[[str], None], Optional[DualTraining]]:
+def build_model(
+    cfg: SFTArgs, lora_args: Union[LoraArgs, DualArgs], train: TrainArgs, info: dist.DistInfo, vocab_size: int
+) -> tuple[torch.nn.Module, Callable[[str], None], Optional[DualTraining]]:
     """The frozen base with the adapter (--adapter) on it and the masks installed; returns the model,
     save(directory) and, for --adapter dual, DM-LoRA's training hooks (regulariser, screening, resume).
 
@@ -178,8 +192,9 @@ def count_answer_tokens(labels: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dist.DistInfo,
-             sharded: bool = False) -> float:
+def evaluate(
+    model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dist.DistInfo, sharded: bool = False
+) -> float:
     """Mean answer-token NLL of `dataset` (each rank takes every world_size-th example; `sharded`: under
     FSDP, whose ranks must run the same number of forwards, see fsdp.lockstep)."""
     totals = torch.zeros(2, dtype=torch.float64)
@@ -192,6 +207,49 @@ def evaluate(model, dataset: SFTDataset, batch_size: int, pad_id: int, info: dis
             totals += torch.tensor([nll.item(), n], dtype=torch.float64)
     nll, n = dist.all_reduce_sum(totals, info).tolist()
     return nll / max(n, 1.0)
+
+
+def epoch_sampler(cfg, train, info, train_set, per_rank_step: int) -> tuple[LengthGroupedSampler, int]:
+    """The sampler dealing each global batch of per_rank_step x ranks examples over the ranks, and the optimizer
+    steps of one epoch (at least one, or the error names the data)."""
+    sampler = LengthGroupedSampler(train_set.lengths, per_rank_step, info.world_size, info.rank, seed=train.seed)
+    steps_per_epoch = len(sampler) // per_rank_step
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data}: {len(train_set)} examples do not fill one optimizer step of "
+            f"{per_rank_step * info.world_size} (batch size x grad accum x ranks)"
+        )
+    return sampler, steps_per_epoch
+
+
+def start_sft_run(cfg, train, lora_args, info, tokenizer, train_set, resume_from, grad_accum, total_steps, epoch_steps):
+    """(model, run, DM-LoRA training or None): the model with its adapter (build_model), then
+    lorapar.launch.start_run (optimizer, resume, metrics, checkpoints)."""
+    model, save_files, dual = build_model(cfg, lora_args, train, info, tokenizer.vocab_size)
+    if cfg.max_len > model.args.max_seq_len:  # past the context the positions are ones the base never saw
+        raise FlagError(f"--max-len {cfg.max_len}: above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    unused = len(train_set) - epoch_steps * train.batch_size * grad_accum * info.world_size
+    run = start_run(
+        model,
+        train,
+        info,
+        resume_from,
+        (cfg, train, lora_args),
+        save_files,
+        total_steps,
+        epoch_steps,
+        first_record={
+            "examples": len(train_set),
+            "dropped_over_max_len": train_set.dropped,
+            "truncated": train_set.truncated,
+            "unused_per_epoch": max(0, unused),
+        },
+        extra={"grad_accum": grad_accum},
+        desc="sft",
+        adapter_hooks=dual,
+    )
+    return model, run, dual
 
 
 def main(argv=None) -> dict:
@@ -207,25 +265,13 @@ def main(argv=None) -> dict:
     tokenizer = Tokenizer(cfg.tokenizer)
     train_set, eval_set = load_sft_data(cfg, tokenizer, train.seed)
     per_rank_step = train.batch_size * grad_accum
-    sampler = LengthGroupedSampler(train_set.lengths, per_rank_step, info.world_size, info.rank, seed=train.seed)
-    steps_per_epoch = len(sampler) // per_rank_step
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{cfg.data}: {len(train_set)} examples do not fill one optimizer step of "
-            f"{per_rank_step * info.world_size} (batch size x grad accum x ranks)"
-        )
+    sampler, steps_per_epoch = epoch_sampler(cfg, train, info, train_set, per_rank_step)
     total_steps = train.max_steps or train.epochs * steps_per_epoch
 
     # ---- model and adapter; optimizer, resume, metrics and checkpoints (lorapar/launch.py)
-    model, save_files, dual = build_model(cfg, lora_args, train, info, tokenizer.vocab_size)
-    if cfg.max_len > model.args.max_seq_len:  # past the context the positions are ones the base never saw
-        raise FlagError(f"--max-len {cfg.max_len}: above the context of {cfg.ckpt} ({model.args.max_seq_len} tokens)")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    unused = len(train_set) - steps_per_epoch * per_rank_step * info.world_size
-    run = start_run(model, train, info, resume_from, (cfg, train, lora_args), save_files, total_steps, steps_per_epoch,
-                    first_record={"examples": len(train_set), "dropped_over_max_len": train_set.dropped,
-                                  "truncated": train_set.truncated, "unused_per_epoch": max(0, unused)},
-                    extra={"grad_accum": grad_accum}, desc="sft", adapter_hooks=dual)
+    model, run, dual = start_sft_run(
+        cfg, train, lora_args, info, tokenizer, train_set, resume_from, grad_accum, total_steps, steps_per_epoch
+    )
 
     # ---- training loop
     model.train()
@@ -238,8 +284,10 @@ def main(argv=None) -> dict:
             sampler.set_epoch(epoch)
             epoch_order = (epoch, list(sampler))
         mine = epoch_order[1][position * per_rank_step : (position + 1) * per_rank_step]
-        micro_batches = [collate([train_set[i] for i in mine[k : k + train.batch_size]], tokenizer.pad_id)
-                         for k in range(0, len(mine), train.batch_size)]
+        micro_batches = [
+            collate([train_set[i] for i in mine[k : k + train.batch_size]], tokenizer.pad_id)
+            for k in range(0, len(mine), train.batch_size)
+        ]
         local_tokens = sum(count_answer_tokens(b["labels"]) for b in micro_batches)
         step_tokens = dist.all_reduce_sum(torch.tensor(float(local_tokens), dtype=torch.float64), info).item()
         nll_sum = 0.0
@@ -251,16 +299,24 @@ def main(argv=None) -> dict:
         if dual is not None:
             (dual.regulariser() / info.world_size).backward()  # the all-reduce below sums the ranks' copies
         lr = lr_at(step, total_steps, train)
-        grad_norm = optimizer_step(run.optimizer, run.params, info, lr=lr, max_grad_norm=train.max_grad_norm,
-                                   zero_grad=dual is None)
+        grad_norm = optimizer_step(
+            run.optimizer, run.params, info, lr=lr, max_grad_norm=train.max_grad_norm, zero_grad=dual is None
+        )
         dual_record = {}
         if dual is not None:
             dual_record = dual.after_step(step + 1)  # reads this step's gradients, then releases them
             run.optimizer.zero_grad(set_to_none=True)
         loss_value = dist.all_reduce_sum(torch.tensor(nll_sum, dtype=torch.float64), info).item() / step_tokens
         done = step + 1
-        record = {"step": done, "epoch": epoch, "lr": lr, "loss": loss_value, "answer_tokens": int(step_tokens),
-                  "seconds": time.perf_counter() - started, **dual_record}
+        record = {
+            "step": done,
+            "epoch": epoch,
+            "lr": lr,
+            "loss": loss_value,
+            "answer_tokens": int(step_tokens),
+            "seconds": time.perf_counter() - started,
+            **dual_record,
+        }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if eval_set is not None and (done == total_steps or (train.eval_every and done % train.eval_every == 0)):

@@ -43,11 +43,20 @@ class BenchArgs:
     new_tokens: int = field(default=32, metadata={"help": "greedy tokens per row with the KV cache"})
     uncached_new_tokens: int = field(default=8, metadata={"help": "tokens per row without it (quadratic cost)"})
     repeats: int = field(default=5, metadata={"help": "timings per configuration; the best is reported"})
-    clock: str = field(default="wall", metadata={
-        "choices": ("wall", "cpu"),
-        "help": "wall time, or this process's CPU time (robust to preemption by other processes; with --threads 1)"})
-    threads: int = field(default=0, metadata={"help": "torch threads for both libraries (0: torch's default); "
-                                                      "1 avoids thread-barrier stalls on an oversubscribed machine"})
+    clock: str = field(
+        default="wall",
+        metadata={
+            "choices": ("wall", "cpu"),
+            "help": "wall time, or this process's CPU time (robust to preemption by other processes; with --threads 1)",
+        },
+    )
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch threads for both libraries (0: torch's default); "
+            "1 avoids thread-barrier stalls on an oversubscribed machine"
+        },
+    )
 
 
 def best_time(fn, repeats: int, clock=time.perf_counter) -> float:
@@ -100,8 +109,10 @@ def main() -> None:
     model.init_weights(seed=0)
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB fp32; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"model {cfg.model}: {model.num_params() / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB fp32; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     try:
         import transformers
@@ -124,8 +135,10 @@ def main() -> None:
     gflops = gemm_gflops(cfg.repeats, clock)
     print(f"a decode step reads {step_bytes / 1e6:.0f} MB of weights; fp32 GEMM {gflops:.1f} GFLOP/s")
 
-    print(f"\ngreedy decoding, prompt {cfg.prompt_len} tokens, tokens/s over all rows "
-          f"(best of {cfg.repeats}, {cfg.clock} clock)")
+    print(
+        f"\ngreedy decoding, prompt {cfg.prompt_len} tokens, tokens/s over all rows "
+        f"(best of {cfg.repeats}, {cfg.clock} clock)"
+    )
     for batch in cfg.batch_sizes:
         generator = torch.Generator().manual_seed(batch)
         prompts = torch.randint(3, args.vocab_size, (batch, cfg.prompt_len), generator=generator)
@@ -142,8 +155,15 @@ def main() -> None:
 
             def hf_generate(steps: int, use_cache: bool):
                 with torch.inference_mode():
-                    hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=steps,
-                                min_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=0)
+                    hf.generate(
+                        prompts,
+                        attention_mask=torch.ones_like(prompts),
+                        max_new_tokens=steps,
+                        min_new_tokens=steps,
+                        do_sample=False,
+                        use_cache=use_cache,
+                        pad_token_id=0,
+                    )
 
             timings["transformers, KV cache"] = (n, lambda: hf_generate(n, True))
             timings["transformers, no cache"] = (n_uncached, lambda: hf_generate(n_uncached, False))
@@ -163,14 +183,18 @@ def main() -> None:
         print(f"  streaming the weights once     {stream * 1e3:6.1f} ms ({step_bytes / stream / 1e9:.1f} GB/s)")
         for variant in ("lorapar, KV cache", "lorapar, KV cache, prepacked"):  # the prefill is the same in both
             step = (best[variant] - best["lorapar, KV cache, 1 token"]) / (n - 1)
-            print(f"  decode step, {variant.removeprefix('lorapar, KV cache').strip(', ') or 'default':<16} "
-                  f"{step * 1e3:6.1f} ms = {step / stream:.2f}x the weight-streaming time, "
-                  f"{step / roofline:.2f}x the roofline max(streaming, FLOPs at the GEMM rate)")
+            print(
+                f"  decode step, {variant.removeprefix('lorapar, KV cache').strip(', ') or 'default':<16} "
+                f"{step * 1e3:6.1f} ms = {step / stream:.2f}x the weight-streaming time, "
+                f"{step / roofline:.2f}x the roofline max(streaming, FLOPs at the GEMM rate)"
+            )
         if hf is not None:
             cached = rate["transformers, KV cache"]
-            print(f"  speed-up vs transformers: {rate['lorapar, KV cache'] / cached:.2f}x with the cache "
-                  f"({rate['lorapar, KV cache, prepacked'] / cached:.2f}x prepacked), "
-                  f"{rate['lorapar, no cache'] / rate['transformers, no cache']:.2f}x without")
+            print(
+                f"  speed-up vs transformers: {rate['lorapar, KV cache'] / cached:.2f}x with the cache "
+                f"({rate['lorapar, KV cache, prepacked'] / cached:.2f}x prepacked), "
+                f"{rate['lorapar, no cache'] / rate['transformers, no cache']:.2f}x without"
+            )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from lorapar.config import ModelArgs, add_dataclass_args, dataclass_from_args  #
 from lorapar.dmlora.args import DualArgs  # noqa: E402
 from lorapar.dmlora.training import DualTraining, orthogonality_loss  # noqa: E402
 from lorapar.lora import LoraArgs, apply_lora  # noqa: E402
-from lorapar.optim import MaskedAdamW  # noqa: E402
 from lorapar.model import Transformer  # noqa: E402
+from lorapar.optim import MaskedAdamW  # noqa: E402
 
 
 @dataclass
@@ -45,8 +45,14 @@ def build(cfg: BenchArgs, adapter: str):
     model.init_weights(seed=0)
     dual = None
     if adapter == "dual":
-        args = DualArgs(dual_rank=cfg.rank, dual_alpha=float(cfg.rank), dual_target_rank=(cfg.rank - 32) * 0.8,
-                        dual_t_init=0, dual_t_final=1, dual_delta_t=10**9)
+        args = DualArgs(
+            dual_rank=cfg.rank,
+            dual_alpha=float(cfg.rank),
+            dual_target_rank=(cfg.rank - 32) * 0.8,
+            dual_t_init=0,
+            dual_t_final=1,
+            dual_delta_t=10**9,
+        )
         dual = DualTraining(model, args)
     else:
         # the same projections as DM-LoRA's (its default targets include o, LoRA-PAR's do not)
@@ -93,10 +99,14 @@ def main() -> None:
         start = time.perf_counter()
         orthogonality_loss(model).backward()
         regular = min(regular, time.perf_counter() - start)
-    print(f"{cfg.model} x {cfg.layers} layers, batch {cfg.batch} x {cfg.seq_len} tokens, total rank {cfg.rank}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{cfg.model} x {cfg.layers} layers, batch {cfg.batch} x {cfg.seq_len} tokens, total rank {cfg.rank}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"  LoRA r={cfg.rank} step      {best['lora'] * 1e3:8.1f} ms")
-    print(f"  DM-LoRA 32+{cfg.rank - 32} step   {best['dual'] * 1e3:8.1f} ms   ({best['dual'] / best['lora']:.2f}x LoRA)")
+    print(
+        f"  DM-LoRA 32+{cfg.rank - 32} step   {best['dual'] * 1e3:8.1f} ms   ({best['dual'] / best['lora']:.2f}x LoRA)"
+    )
     print(f"    screener EMA update  {screen * 1e3:8.1f} ms   ({screen / best['dual']:.1%} of its step)")
     print(f"    orthogonality f+b    {regular * 1e3:8.1f} ms   ({regular / best['dual']:.1%} of its step)")
 

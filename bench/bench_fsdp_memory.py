@@ -58,8 +58,9 @@ def rank_main(rank: int, world: int, store: str, ckpt: str, tokens: int, results
 
         lora = LoraArgs(r=8, init="gaussian")
         before = status_kb("RssAnon")
-        model = load_sharded_model(ckpt, torch.float32, torch.device("cpu"), 0,
-                                   with_adapter=lambda m: replace_linears(m, lora))
+        model = load_sharded_model(
+            ckpt, torch.float32, torch.device("cpu"), 0, with_adapter=lambda m: replace_linears(m, lora)
+        )
         init_sharded_lora(model, lora)
         base_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
         loaded = status_kb("RssAnon") - before
@@ -97,19 +98,25 @@ def main() -> None:
         apply_lora(model, LoraArgs(r=8))
         moments_mb = 2 * sum(p.numel() for _, p in named_lora_parameters(model)) * 4 / 2**20  # sum g, sum g^2
         del model
-        print(f"llama-100m: {n_params / 1e6:.0f}M parameters, {total_mb:.0f} MiB in fp32; "
-              f"LoRA r 8 on q,k,v,gate,up,down; one step of {args.tokens} tokens; "
-              f"importance moments of the whole adapter {moments_mb:.2f} MiB")
-        print(f"{'ranks':>5} {'rank':>4} {'base MiB held':>13} {'base/total':>10} {'RssAnon after load':>18} "
-              f"{'RssFile':>8} {'VmHWM in step':>13} {'moments MiB':>11} {'moments/whole':>13}")
+        print(
+            f"llama-100m: {n_params / 1e6:.0f}M parameters, {total_mb:.0f} MiB in fp32; "
+            f"LoRA r 8 on q,k,v,gate,up,down; one step of {args.tokens} tokens; "
+            f"importance moments of the whole adapter {moments_mb:.2f} MiB"
+        )
+        print(
+            f"{'ranks':>5} {'rank':>4} {'base MiB held':>13} {'base/total':>10} {'RssAnon after load':>18} "
+            f"{'RssFile':>8} {'VmHWM in step':>13} {'moments MiB':>11} {'moments/whole':>13}"
+        )
         context = mp.get_context("spawn")
         for world in (int(r) for r in args.ranks.split(",")):
             results = context.SimpleQueue()
             store = os.path.join(tmp, f"store-{world}")
             mp.spawn(rank_main, args=(world, store, ckpt, args.tokens, results), nprocs=world, join=True)
             for rank, base, loaded, file_pages, peak, moments in sorted(results.get() for _ in range(world)):
-                print(f"{world:5d} {rank:4d} {base:13.1f} {base / total_mb:10.3f} {loaded:16.0f} M {file_pages:6.0f} M "
-                      f"{peak:11.0f} M {moments:11.2f} {moments / moments_mb:13.3f}")
+                print(
+                    f"{world:5d} {rank:4d} {base:13.1f} {base / total_mb:10.3f} {loaded:16.0f} M {file_pages:6.0f} M "
+                    f"{peak:11.0f} M {moments:11.2f} {moments / moments_mb:13.3f}"
+                )
 
 
 if __name__ == "__main__":

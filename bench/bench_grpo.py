@@ -23,8 +23,8 @@ from lorapar import dist  # noqa: E402
 from lorapar.config import ModelArgs  # noqa: E402
 from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts  # noqa: E402
 from lorapar.lora import LoraArgs, apply_lora, disable_adapter  # noqa: E402
-from lorapar.optim import MaskedAdamW  # noqa: E402
 from lorapar.model import Transformer  # noqa: E402
+from lorapar.optim import MaskedAdamW  # noqa: E402
 
 
 def main() -> None:
@@ -45,25 +45,43 @@ def main() -> None:
     model.init_weights(seed=0)
     apply_lora(model, LoraArgs())
     optimizer = MaskedAdamW.for_model(model, lr=5e-6, betas=(0.9, 0.99), weight_decay=0.1)
-    grpo = GRPOArgs(num_generations=args.generations, max_completion_len=args.completion_len, beta=args.beta,
-                    reference="base", mu=args.mu, micro_batch=args.micro_batch)
+    grpo = GRPOArgs(
+        num_generations=args.generations,
+        max_completion_len=args.completion_len,
+        beta=args.beta,
+        reference="base",
+        mu=args.mu,
+        micro_batch=args.micro_batch,
+    )
     gen = torch.Generator().manual_seed(0)
     vocab = model.args.vocab_size
-    prompts = [[1] + torch.randint(3, vocab, (args.prompt_len - 1,), generator=gen).tolist() for _ in range(args.prompts)]
+    prompts = [
+        [1] + torch.randint(3, vocab, (args.prompt_len - 1,), generator=gen).tolist() for _ in range(args.prompts)
+    ]
 
     def score(_, completions):  # any reward with spread will do: the share of even token ids
         return torch.tensor([[sum(t % 2 == 0 for t in c) / max(len(c), 1)] for c in completions])
 
-    print(f"model: {args.model}, {model.num_params() / 1e6:.1f}M parameters; {args.prompts} prompts x {args.generations} "
-          f"completions, {args.prompt_len} + {args.completion_len} tokens; beta {args.beta}, mu {args.mu}; "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: {args.model}, {model.num_params() / 1e6:.1f}M parameters; {args.prompts} prompts x {args.generations} "
+        f"completions, {args.prompt_len} + {args.completion_len} tokens; beta {args.beta}, mu {args.mu}; "
+        f"{torch.get_num_threads()} threads"
+    )
     totals = {"generation": 0.0, "log-probs (old/reference)": 0.0, "optimisation": 0.0}
     for step in range(args.steps + 1):
         seeds = [derive_seed(step, i) for i in range(len(prompts))]
         rollouts = make_rollouts(model, prompts, score, torch.ones(1), grpo, seeds=seeds, eos_id=None, pad_id=0)
         start = time.perf_counter()
-        stats = grpo_update(model, optimizer, rollouts, grpo, dist.DistInfo(), lrs=[5e-6] * args.mu, max_grad_norm=0.1,
-                            reference=lambda: disable_adapter(model))
+        stats = grpo_update(
+            model,
+            optimizer,
+            rollouts,
+            grpo,
+            dist.DistInfo(),
+            lrs=[5e-6] * args.mu,
+            max_grad_norm=0.1,
+            reference=lambda: disable_adapter(model),
+        )
         update_seconds = time.perf_counter() - start
         if step == 0:
             continue  # warm-up

@@ -22,7 +22,14 @@ from lorapar.optim import MaskedAdamW  # noqa: E402
 
 DIM, HIDDEN, RANK = 4096, 11008, 8
 # (in, out) of each adapted projection of one LLaMA-2-7B layer
-SHAPES = {"q": (DIM, DIM), "k": (DIM, DIM), "v": (DIM, DIM), "gate": (DIM, HIDDEN), "up": (DIM, HIDDEN), "down": (HIDDEN, DIM)}
+SHAPES = {
+    "q": (DIM, DIM),
+    "k": (DIM, DIM),
+    "v": (DIM, DIM),
+    "gate": (DIM, HIDDEN),
+    "up": (DIM, HIDDEN),
+    "down": (HIDDEN, DIM),
+}
 
 
 def adapter(layers: int, active: float, seed: int = 0):
@@ -39,7 +46,12 @@ def adapter(layers: int, active: float, seed: int = 0):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
 
 
 def time_interleaved(optimizers: dict[str, torch.optim.Optimizer], steps: int) -> dict[str, float]:
@@ -72,8 +84,10 @@ def main() -> None:
     params = [p for p, _ in entries]
     n_total = sum(p.numel() for p in params)
     n_active = sum(int(m.sum()) for _, m in entries)
-    print(f"adapter: {len(params)} tensors, {n_total / 1e6:.2f}M elements, {n_active / n_total:.1%} active; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"adapter: {len(params)} tensors, {n_total / 1e6:.2f}M elements, {n_active / n_total:.1%} active; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     optimizers = {"MaskedAdamW": MaskedAdamW(entries, **hyper)}
     for foreach in (False, True):
@@ -83,13 +97,24 @@ def main() -> None:
     m_masked = results["MaskedAdamW"][1]
 
     reference_time, reference_bytes = results["torch AdamW foreach=False"]
-    print(f"{'optimizer (best of ' + str(args.steps) + ' steps)':32s} {'step ms':>9s} {'time x':>7s} {'state MB':>9s} {'memory x':>9s}")
+    print(
+        f"{'optimizer (best of ' + str(args.steps) + ' steps)':32s} {'step ms':>9s} {'time x':>7s} {'state MB':>9s} "
+        f"{'memory x':>9s}"
+    )
     for name, (seconds, nbytes) in results.items():
-        print(f"{name:32s} {seconds * 1e3:9.1f} {seconds / reference_time:7.2f} {nbytes / 2**20:9.1f} {nbytes / reference_bytes:9.3f}")
+        print(
+            f"{name:32s} {seconds * 1e3:9.1f} {seconds / reference_time:7.2f} {nbytes / 2**20:9.1f} "
+            f"{nbytes / reference_bytes:9.3f}"
+        )
     mask_mb = n_total / 2**20
-    print(f"masks (bool, held by the LoRA modules and shared with the kernel): {mask_mb:.1f} MB; "
-          f"state + masks = {(m_masked + n_total) / reference_bytes:.3f}x of AdamW's state")
-    print(f"goal state memory <= 0.45x: {'met' if m_masked / reference_bytes <= 0.45 else 'NOT met'} ({m_masked / reference_bytes:.3f}x)")
+    print(
+        f"masks (bool, held by the LoRA modules and shared with the kernel): {mask_mb:.1f} MB; "
+        f"state + masks = {(m_masked + n_total) / reference_bytes:.3f}x of AdamW's state"
+    )
+    print(
+        f"goal state memory <= 0.45x: {'met' if m_masked / reference_bytes <= 0.45 else 'NOT met'} "
+        f"({m_masked / reference_bytes:.3f}x)"
+    )
 
 
 if __name__ == "__main__":

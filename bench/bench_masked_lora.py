@@ -88,12 +88,16 @@ def main() -> None:
                 times[name].append(elapsed)
     medians = {name: statistics.median(values) for name, values in times.items()}
     paired = {name: statistics.median(t / b for t, b in zip(values, times["base"])) for name, values in times.items()}
-    print(f"{args.tokens} tokens, {args.in_features}->{args.out_features}, r {args.rank}, "
-          f"{args.active:.0%} active, fp32, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"{args.tokens} tokens, {args.in_features}->{args.out_features}, r {args.rank}, "
+        f"{args.active:.0%} active, fp32, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     for name, median in medians.items():
         spread = f"{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}"
-        print(f"  {name:6s} {median * 1e3:8.1f} ms  (range {spread} ms)  ratio of medians "
-              f"{median / medians['base']:.3f}  median per-round ratio {paired[name]:.3f}")
+        print(
+            f"  {name:6s} {median * 1e3:8.1f} ms  (range {spread} ms)  ratio of medians "
+            f"{median / medians['base']:.3f}  median per-round ratio {paired[name]:.3f}"
+        )
     print(f"fused / base = {paired['fused']:.3f} (goal <= 1.15); naive / base = {paired['naive']:.3f}")
 
 

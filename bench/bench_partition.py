@@ -28,15 +28,23 @@ def llama7b_scores(seed: int) -> dict[str, torch.Tensor]:
     """Heavy-tailed positive scores shaped like the adapter of LLaMA-2-7B at r 8."""
     a = ModelArgs.from_name("llama2-7b")
     r, d, h = 8, a.dim, a.ffn_hidden_dim
-    shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
-              "mlp.gate_proj": (h, d), "mlp.up_proj": (h, d), "mlp.down_proj": (d, h)}  # fmt: skip
+    shapes = {
+        "self_attn.q_proj": (d, d),
+        "self_attn.k_proj": (d, d),
+        "self_attn.v_proj": (d, d),
+        "mlp.gate_proj": (h, d),
+        "mlp.up_proj": (h, d),
+        "mlp.down_proj": (d, h),
+    }
     g = torch.Generator().manual_seed(seed)
     scores = {}
     for layer in range(a.n_layers):
         for module, (out_features, in_features) in shapes.items():
             prefix = f"base_model.model.model.layers.{layer}.{module}"
             for name, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
-                scores[f"{prefix}.{name}.weight"] = torch.randn(shape, generator=g).square_() * torch.rand(shape, generator=g).pow_(4)
+                scores[f"{prefix}.{name}.weight"] = torch.randn(shape, generator=g).square_() * torch.rand(
+                    shape, generator=g
+                ).pow_(4)
     return scores
 
 
@@ -83,9 +91,24 @@ def child(variant: str, theta: float, alpha: float, beta: float) -> None:
         stage1, stage2 = reference_partition(s1, s2, theta, alpha, beta)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     extra_mib = (_rss_kib("VmHWM") - before) / 1024
-    digest = [int(stage1.sum()), int(stage2.sum()), int((stage1 & stage2).sum()),
-              int(torch.arange(n)[stage1].sum() % 1_000_003)]  # fmt: skip
-    print(json.dumps(dict(variant=variant, elements=n, seconds=seconds, cpu_seconds=cpu_seconds, extra_mib=extra_mib, digest=digest)))
+    digest = [
+        int(stage1.sum()),
+        int(stage2.sum()),
+        int((stage1 & stage2).sum()),
+        int(torch.arange(n)[stage1].sum() % 1_000_003),
+    ]
+    print(
+        json.dumps(
+            dict(
+                variant=variant,
+                elements=n,
+                seconds=seconds,
+                cpu_seconds=cpu_seconds,
+                extra_mib=extra_mib,
+                digest=digest,
+            )
+        )
+    )
 
 
 def main() -> None:
@@ -100,16 +123,31 @@ def main() -> None:
 
     results = {}
     for variant in ("lorapar", "full-sort"):
-        cmd = [sys.executable, __file__, "--child", variant, "--theta", str(args.theta),
-               "--alpha", str(args.alpha), "--beta", str(args.beta)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--theta",
+            str(args.theta),
+            "--alpha",
+            str(args.alpha),
+            "--beta",
+            str(args.beta),
+        ]
         results[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     ours, ref = results["lorapar"], results["full-sort"]
     print(f"elements per system: {ours['elements']:,}  theta {args.theta}  alpha {args.alpha}  beta {args.beta}")
     for name, r in results.items():
-        print(f"  {name:9s}  {r['seconds']:6.2f} s wall ({r['cpu_seconds']:6.2f} s CPU, {torch.get_num_threads()} threads)"
-              f"   peak extra memory {r['extra_mib']:7.1f} MiB")
-    print(f"  speed-up over full sort: {ref['seconds'] / ours['seconds']:.1f}x   "
-          f"memory ratio: {ours['extra_mib'] / ref['extra_mib']:.2f}")  # fmt: skip
+        print(
+            f"  {name:9s}  {r['seconds']:6.2f} s wall ({r['cpu_seconds']:6.2f} s CPU, {torch.get_num_threads()} "
+            "threads)"
+            f"   peak extra memory {r['extra_mib']:7.1f} MiB"
+        )
+    print(
+        f"  speed-up over full sort: {ref['seconds'] / ours['seconds']:.1f}x   "
+        f"memory ratio: {ours['extra_mib'] / ref['extra_mib']:.2f}"
+    )
     print(f"  stage masks identical to the full-sort reference: {ours['digest'] == ref['digest']}")
     # CPU time bounds the wall time of an idle machine; on a shared one the wall clock also counts waiting.
     met = ours["cpu_seconds"] <= 5 and ours["extra_mib"] <= 1024

@@ -46,8 +46,10 @@ def main() -> None:
         ids = torch.randint(3, model_args.vocab_size, (args.tokens,), generator=g).tolist()
         rows.append((ids, [IGNORE_INDEX] * (args.tokens // 2) + ids[args.tokens // 2 :]))
 
-    print(f"llama-100m ({model.num_params() / 1e6:.0f}M parameters, adapter {n_adapter / 1e6:.2f}M elements), "
-          f"{args.threads} threads, {args.examples} examples x {args.tokens} tokens")  # fmt: skip
+    print(
+        f"llama-100m ({model.num_params() / 1e6:.0f}M parameters, adapter {n_adapter / 1e6:.2f}M elements), "
+        f"{args.threads} threads, {args.examples} examples x {args.tokens} tokens"
+    )
     accumulate_moments(model, rows[:1])  # warm-up (allocator, lazy inits)
     rates, results = {}, {}
     for batch_size in (1, args.batch_size):
@@ -56,11 +58,16 @@ def main() -> None:
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         importance_from_moments(model, moments)
         rates[batch_size] = args.examples / seconds
-        print(f"  batch {batch_size}: {rates[batch_size]:.2f} examples/s   {moments.tokens / seconds:.0f} answer tokens/s   "
-              f"{seconds / args.examples * 1000:.0f} ms wall, {cpu_seconds / args.examples * 1000:.0f} ms CPU per example")  # fmt: skip
+        print(
+            f"  batch {batch_size}: {rates[batch_size]:.2f} examples/s   {moments.tokens / seconds:.0f} answer "
+            "tokens/s   "
+            f"{seconds / args.examples * 1000:.0f} ms wall, {cpu_seconds / args.examples * 1000:.0f} ms CPU per example"
+        )
     loop, batched = results[1].sum_grad_sq, results[args.batch_size].sum_grad_sq
-    print(f"  batched / loop speed: {rates[args.batch_size] / rates[1]:.2f}x   "
-          f"max relative difference of sum g^2: {float((batched - loop).abs().max() / loop.abs().max()):.1e}")
+    print(
+        f"  batched / loop speed: {rates[args.batch_size] / rates[1]:.2f}x   "
+        f"max relative difference of sum g^2: {float((batched - loop).abs().max() / loop.abs().max()):.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -122,8 +122,18 @@ def worker(args) -> None:
         step(input_ids, labels)
     seconds = (time.perf_counter() - start) / args.steps
     peak = memory_mb("VmHWM")
-    print(json.dumps({"tokens_per_s": args.batch * args.seq / seconds, "step_s": seconds, "first_loss": first_loss,
-                      "loaded_mb": loaded, "peak_mb": peak, "step_mb": peak - loaded}))
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": args.batch * args.seq / seconds,
+                "step_s": seconds,
+                "first_loss": first_loss,
+                "loaded_mb": loaded,
+                "peak_mb": peak,
+                "step_mb": peak - loaded,
+            }
+        )
+    )
 
 
 def run_worker(name: str, ckpt: str, args) -> dict:
@@ -147,12 +157,23 @@ def main() -> None:
     parser.add_argument("--answer", type=float, default=0.5, help="share of each sequence that carries the loss")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--checkpointing", action="store_true",
-                        help="activation checkpointing per block in both frameworks (non-reentrant)")
-    parser.add_argument("--mmap-threshold", type=int, default=0,
-                        help="pin glibc's mmap threshold (bytes) in both workers; 0 = glibc's dynamic default")
-    parser.add_argument("--model", default="llama-100m", choices=["llama-100m", "qwen2-100m"],
-                        help="model preset (lorapar.config.MODEL_PRESETS), written once as a Hugging Face directory")
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing per block in both frameworks (non-reentrant)",
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="pin glibc's mmap threshold (bytes) in both workers; 0 = glibc's dynamic default",
+    )
+    parser.add_argument(
+        "--model",
+        default="llama-100m",
+        choices=["llama-100m", "qwen2-100m"],
+        help="model preset (lorapar.config.MODEL_PRESETS), written once as a Hugging Face directory",
+    )
     parser.add_argument("--worker", choices=["lorapar", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,6 +187,7 @@ def main() -> None:
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
+
         have_hf = True
     except ImportError:
         have_hf = False
@@ -174,9 +196,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Transformer(ModelArgs.from_name(args.model))
         model.init_weights(seed=0)
-        print(f"model: {args.model}, {model.num_params() / 1e6:.1f}M parameters; "
-              f"batch {args.batch} x {args.seq} tokens, "
-              f"loss on {args.answer:.0%}; {args.threads} threads; torch {torch.__version__}")
+        print(
+            f"model: {args.model}, {model.num_params() / 1e6:.1f}M parameters; "
+            f"batch {args.batch} x {args.seq} tokens, "
+            f"loss on {args.answer:.0%}; {args.threads} threads; torch {torch.__version__}"
+        )
         save_model(model, tmp, format="hf")
         del model
         results = {"lorapar": run_worker("lorapar", tmp, args)}
@@ -185,16 +209,23 @@ def main() -> None:
 
     allocator = f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "glibc default"
     print(f"allocator: {allocator}; activation checkpointing: {'on' if args.checkpointing else 'off'} in both")
-    print(f"{'framework':20s} {'tokens/s':>10s} {'step s':>8s} {'loaded MiB':>11s} {'peak MiB':>9s} {'step MiB':>9s} "
-          f"{'first loss':>11s}")
+    print(
+        f"{'framework':20s} {'tokens/s':>10s} {'step s':>8s} {'loaded MiB':>11s} {'peak MiB':>9s} {'step MiB':>9s} "
+        f"{'first loss':>11s}"
+    )
     for name, r in results.items():
-        print(f"{name:20s} {r['tokens_per_s']:10.1f} {r['step_s']:8.2f} {r['loaded_mb']:11.0f} {r['peak_mb']:9.0f} "
-              f"{r['step_mb']:9.0f} {r['first_loss']:11.4f}")
+        print(
+            f"{name:20s} {r['tokens_per_s']:10.1f} {r['step_s']:8.2f} {r['loaded_mb']:11.0f} {r['peak_mb']:9.0f} "
+            f"{r['step_mb']:9.0f} {r['first_loss']:11.4f}"
+        )
     if have_hf:
         ours, theirs = results["lorapar"], results["transformers+peft"]
-        print(f"lorapar / transformers+peft: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x (goal >= 1.3x), "
-              f"peak memory {ours['peak_mb'] / theirs['peak_mb']:.2f}x (goal <= 0.6x), "
-              f"step memory {ours['step_mb'] / theirs['step_mb']:.2f}x")
+        print(
+            f"lorapar / transformers+peft: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x (goal >= "
+            "1.3x), "
+            f"peak memory {ours['peak_mb'] / theirs['peak_mb']:.2f}x (goal <= 0.6x), "
+            f"step memory {ours['step_mb'] / theirs['step_mb']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

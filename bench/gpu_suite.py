@@ -46,8 +46,15 @@ PARTS = ("tests", "kernels", "steps", "fsdp")
 # Seconds per part on a GPU: they sum to 340 s, leaving room in the 6-minute budget for start-up.
 TIME_LIMITS = {"tests": 140, "kernels": 90, "steps": 80, "fsdp": 30}
 DRY_TIME_LIMITS = {"tests": 240, "kernels": 120, "steps": 180, "fsdp": 120}  # the CPU is shared and slow
-GPU_TESTS = ["tests/test_kernels.py", "tests/test_device_paths.py", "tests/test_masks.py", "tests/test_lora.py",
-             "tests/test_model.py", "tests/test_swiglu.py", "tests/test_loss.py"]
+GPU_TESTS = [
+    "tests/test_kernels.py",
+    "tests/test_device_paths.py",
+    "tests/test_masks.py",
+    "tests/test_lora.py",
+    "tests/test_model.py",
+    "tests/test_swiglu.py",
+    "tests/test_loss.py",
+]
 FSDP_TOLERANCE = 1e-3  # the adapter after three bf16 steps, FSDP against no FSDP (fp32 on the CPU: equal)
 DRY_TESTS = ["tests/test_device_paths.py"]  # what the dry run can afford; the full list needs a GPU
 
@@ -106,8 +113,16 @@ def run_tests(out: str, dry_run: bool, limit: float) -> None:
     env.pop("LORAPAR_FORCE_TRITON", None)  # the tests choose their kernel path themselves
     if dry_run:
         env["TRITON_INTERPRET"] = "1"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               *(DRY_TESTS if dry_run else GPU_TESTS)]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *(DRY_TESTS if dry_run else GPU_TESTS),
+    ]
     log.note("command: " + " ".join(command[2:]))
     try:
         completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
@@ -123,8 +138,13 @@ def run_tests(out: str, dry_run: bool, limit: float) -> None:
                     outcome = "failed"
                 elif child.tag == "skipped":
                     outcome = "skipped"
-            log.data["records"].append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                                        "seconds": float(case.get("time", 0.0))})
+            log.data["records"].append(
+                {
+                    "test": f"{case.get('classname')}::{case.get('name')}",
+                    "outcome": outcome,
+                    "seconds": float(case.get("time", 0.0)),
+                }
+            )
     log.flush()
 
 
@@ -164,7 +184,7 @@ def run_kernels(out: str, dry_run: bool, limit: float) -> None:
         N, n_in, n_out, r = case["tokens"], case["n_in"], case["n_out"], case["rank"]
         gen = torch.Generator(device).manual_seed(0)
         x = torch.randn(N, n_in, device=device, dtype=dtype, generator=gen).requires_grad_()
-        weight = (torch.randn(n_out, n_in, device=device, dtype=dtype, generator=gen) / n_in**0.5)
+        weight = torch.randn(n_out, n_in, device=device, dtype=dtype, generator=gen) / n_in**0.5
         lora_A = (torch.randn(r, n_in, device=device, generator=gen) * 0.01).to(dtype).requires_grad_()
         lora_B = (torch.randn(n_out, r, device=device, generator=gen) * 0.01).to(dtype).requires_grad_()
         mask_A = torch.rand(r, n_in, device=device, generator=gen) < case["active"]
@@ -208,8 +228,9 @@ def step_model_args(dry_run: bool):
     if dry_run:
         return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128, max_seq_len=256)
     # TinyLlama-1.1B's shape: LLaMA-2's vocabulary and head size, grouped-query attention.
-    return ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
-                     max_seq_len=2048)
+    return ModelArgs(
+        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632, max_seq_len=2048
+    )
 
 
 def peak_memory_gb() -> float:
@@ -250,8 +271,8 @@ def run_steps(out: str, dry_run: bool, limit: float) -> None:
     from lorapar import dist
     from lorapar.grpo import GRPOArgs, derive_seed, grpo_update, make_rollouts
     from lorapar.lora import LoraArgs, apply_lora, disable_adapter, named_lora_parameters, set_masks
-    from lorapar.optim import MaskedAdamW
     from lorapar.model import Transformer
+    from lorapar.optim import MaskedAdamW
     from lorapar.precision import autocast
 
     log = PartLog(os.path.join(out, "steps.json"), "steps")
@@ -273,8 +294,7 @@ def run_steps(out: str, dry_run: bool, limit: float) -> None:
     gen = torch.Generator().manual_seed(1)
     set_masks(model, {key: torch.rand(p.shape, generator=gen) < 0.4 for key, p in named_lora_parameters(model)})
     optimizer = MaskedAdamW.for_model(model, lr=2e-4, weight_decay=0.0)
-    common = {"params_M": model.num_params() / 1e6, "dtype": "fp32" if dry_run else "bf16", "lora_r": 8,
-              "active": 0.4}
+    common = {"params_M": model.num_params() / 1e6, "dtype": "fp32" if dry_run else "bf16", "lora_r": 8, "active": 0.4}
     ids = torch.randint(3, args.vocab_size, (batch, length), generator=gen).to(device)
     labels = ids.clone()
     labels[:, : length // 4] = -100  # a prompt without loss, as in SFT
@@ -285,14 +305,25 @@ def run_steps(out: str, dry_run: bool, limit: float) -> None:
     model.train()
     reset_peak()
     seconds = time_call(sft_step, repeats, warmup=1)
-    log.add({**common, "step": "sft", "batch": batch, "length": length, "seconds": seconds,
-             "tokens_per_s": batch * length / seconds, "peak_memory_gb": peak_memory_gb()})
+    log.add(
+        {
+            **common,
+            "step": "sft",
+            "batch": batch,
+            "length": length,
+            "seconds": seconds,
+            "tokens_per_s": batch * length / seconds,
+            "peak_memory_gb": peak_memory_gb(),
+        }
+    )
 
     if time.monotonic() < deadline:
-        grpo = GRPOArgs(num_generations=generations, max_completion_len=completion_len, beta=0.04, reference="base",
-                        micro_batch=8)
-        prompts = [[1] + torch.randint(3, args.vocab_size, (prompt_len - 1,), generator=gen).tolist()
-                   for _ in range(prompts_n)]
+        grpo = GRPOArgs(
+            num_generations=generations, max_completion_len=completion_len, beta=0.04, reference="base", micro_batch=8
+        )
+        prompts = [
+            [1] + torch.randint(3, args.vocab_size, (prompt_len - 1,), generator=gen).tolist() for _ in range(prompts_n)
+        ]
 
         def score(_, completions):  # any reward with spread: the share of even token ids
             return torch.tensor([[sum(t % 2 == 0 for t in c) / max(len(c), 1)] for c in completions])
@@ -302,24 +333,45 @@ def run_steps(out: str, dry_run: bool, limit: float) -> None:
             started = time.perf_counter()
             with autocast(device):
                 rollouts = make_rollouts(model, prompts, score, torch.ones(1), grpo, seeds=seeds, eos_id=None, pad_id=0)
-            stats = grpo_update(model, optimizer, rollouts, grpo, dist.DistInfo(device=device), lrs=[5e-6],
-                                max_grad_norm=0.1, autocast=lambda: autocast(device),
-                                reference=lambda: disable_adapter(model))
+            stats = grpo_update(
+                model,
+                optimizer,
+                rollouts,
+                grpo,
+                dist.DistInfo(device=device),
+                lrs=[5e-6],
+                max_grad_norm=0.1,
+                autocast=lambda: autocast(device),
+                reference=lambda: disable_adapter(model),
+            )
             cuda_sync()
             total = time.perf_counter() - started
-            return {"seconds": total, "generation_s": rollouts.generation_seconds,
-                    "logprob_s": stats["logprob_seconds"],
-                    "update_s": total - rollouts.generation_seconds - stats["logprob_seconds"]}
+            return {
+                "seconds": total,
+                "generation_s": rollouts.generation_seconds,
+                "logprob_s": stats["logprob_seconds"],
+                "update_s": total - rollouts.generation_seconds - stats["logprob_seconds"],
+            }
 
         grpo_step(0)  # warm-up
         reset_peak()
         timed = grpo_step(1)
         completions = prompts_n * generations
-        log.add({**common, "step": "grpo", "prompts": prompts_n, "generations": generations,
-                 "prompt_len": prompt_len, "completion_len": completion_len, **timed,
-                 "generated_tokens_per_s": completions * completion_len / timed["generation_s"],
-                 "peak_memory_gb": peak_memory_gb()})
-    del model, optimizer
+        log.add(
+            {
+                **common,
+                "step": "grpo",
+                "prompts": prompts_n,
+                "generations": generations,
+                "prompt_len": prompt_len,
+                "completion_len": completion_len,
+                **timed,
+                "generated_tokens_per_s": completions * completion_len / timed["generation_s"],
+                "peak_memory_gb": peak_memory_gb(),
+            }
+        )
+    # Dropped (not `del`, which the closures above still name) so the HF step below has the memory.
+    model = optimizer = None
     if time.monotonic() < deadline:
         hf_sft_step(log, args, batch, length, device, dry_run, repeats)
 
@@ -334,16 +386,25 @@ def hf_sft_step(log: PartLog, args, batch: int, length: int, device, dry_run: bo
         log.note(f"transformers + peft not installed ({error}); no comparison")
         return
     config = transformers.LlamaConfig(
-        hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim, num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size,
-        max_position_embeddings=args.max_seq_len, attn_implementation="sdpa",
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        vocab_size=args.vocab_size,
+        max_position_embeddings=args.max_seq_len,
+        attn_implementation="sdpa",
     )
     dtype = torch.float32 if dry_run else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(device):  # built in place: no fp32 copy on the host first
         model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=8, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=8, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+        ),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
@@ -359,9 +420,17 @@ def hf_sft_step(log: PartLog, args, batch: int, length: int, device, dry_run: bo
 
     reset_peak()
     seconds = time_call(step, repeats, warmup=1)
-    log.add({"step": "sft (transformers+peft)", "batch": batch, "length": length, "seconds": seconds,
-             "tokens_per_s": batch * length / seconds, "peak_memory_gb": peak_memory_gb(),
-             "versions": f"transformers {transformers.__version__}, peft {peft.__version__}"})
+    log.add(
+        {
+            "step": "sft (transformers+peft)",
+            "batch": batch,
+            "length": length,
+            "seconds": seconds,
+            "tokens_per_s": batch * length / seconds,
+            "peak_memory_gb": peak_memory_gb(),
+            "versions": f"transformers {transformers.__version__}, peft {peft.__version__}",
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- part: --fsdp on the device
@@ -377,16 +446,17 @@ def run_fsdp(out: str, dry_run: bool, limit: float) -> None:
     from lorapar.config import ModelArgs
     from lorapar.fsdp import full_adapter, init_sharded_lora, load_sharded_model
     from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, replace_linears, set_masks
-    from lorapar.optim import MaskedAdamW
     from lorapar.model import Transformer
+    from lorapar.optim import MaskedAdamW
 
     log = PartLog(os.path.join(out, "fsdp.json"), "fsdp")
     device = torch.device("cpu" if dry_run else "cuda")
     with socket.socket() as probe:  # a free port for the one-rank process group
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torch_dist.init_process_group("gloo" if dry_run else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                  world_size=1)
+    torch_dist.init_process_group(
+        "gloo" if dry_run else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
     try:
         args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=256, max_seq_len=128)
         torch.manual_seed(0)
@@ -418,10 +488,17 @@ def run_fsdp(out: str, dry_run: bool, limit: float) -> None:
             frozen = all(torch.equal(end[k][~m], start[k][~m]) for k, m in masks.items())
             results[name] = (losses, end, frozen)
         difference = max(float((results["fsdp"][1][k] - results["plain"][1][k]).abs().max()) for k in masks)
-        log.add({"base_dtype": str(base_dtype).removeprefix("torch."), "backend": torch_dist.get_backend(),
-                 "losses_plain": results["plain"][0], "losses_fsdp": results["fsdp"][0],
-                 "max_adapter_difference": difference, "frozen_unchanged_plain": results["plain"][2],
-                 "frozen_unchanged_fsdp": results["fsdp"][2]})
+        log.add(
+            {
+                "base_dtype": str(base_dtype).removeprefix("torch."),
+                "backend": torch_dist.get_backend(),
+                "losses_plain": results["plain"][0],
+                "losses_fsdp": results["fsdp"][0],
+                "max_adapter_difference": difference,
+                "frozen_unchanged_plain": results["plain"][2],
+                "frozen_unchanged_fsdp": results["fsdp"][2],
+            }
+        )
     finally:
         torch_dist.destroy_process_group()
 
@@ -446,8 +523,12 @@ def environment() -> dict:
 
 
 def summary_markdown(result: dict) -> str:
-    lines = [f"# GPU suite{' (dry run: CPU, tiny shapes, interpreter)' if result['dry_run'] else ''}", "",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()), ""]
+    lines = [
+        f"# GPU suite{' (dry run: CPU, tiny shapes, interpreter)' if result['dry_run'] else ''}",
+        "",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()),
+        "",
+    ]
     for part in PARTS:
         data = result["parts"].get(part, {})
         status = data.get("status", "not run")
@@ -458,25 +539,38 @@ def summary_markdown(result: dict) -> str:
             lines.append(", ".join(f"{n} {o}" for o, n in counts.items()))
             lines += [""] + [f"- FAILED {r['test']}" for r in records if r["outcome"] == "failed"]
         elif part == "kernels" and records:
-            lines += ["| tokens | in x out | r | active | path | base ms | fused ms | unfused ms | fused/base "
-                      "| fused TFLOP/s | fused GB/s |", "|" + "---|" * 11]
+            lines += [
+                "| tokens | in x out | r | active | path | base ms | fused ms | unfused ms | fused/base "
+                "| fused TFLOP/s | fused GB/s |",
+                "|" + "---|" * 11,
+            ]
             for r in records:
-                lines.append(f"| {r['tokens']} | {r['n_in']}x{r['n_out']} | {r['rank']} | {r['active']:.0%} | "
-                             f"{r['path']} | {r['base_ms']:.3f} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | "
-                             f"{r['fused_over_base']:.2f} | {r['fused_tflops']:.1f} | {r['fused_gbps']:.0f} |")
+                lines.append(
+                    f"| {r['tokens']} | {r['n_in']}x{r['n_out']} | {r['rank']} | {r['active']:.0%} | "
+                    f"{r['path']} | {r['base_ms']:.3f} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | "
+                    f"{r['fused_over_base']:.2f} | {r['fused_tflops']:.1f} | {r['fused_gbps']:.0f} |"
+                )
         elif part == "steps" and records:
             for r in records:
                 rate = r.get("tokens_per_s", r.get("generated_tokens_per_s"))
                 what = "tokens/s" if "tokens_per_s" in r else "generated tokens/s"
-                lines.append(f"- {r['step']}: {r['seconds']:.3f} s, {rate:.0f} {what}, "
-                             f"peak {r['peak_memory_gb']:.2f} GB" + (
-                                 f" (generation {r['generation_s']:.2f} s, log-probs {r['logprob_s']:.2f} s, "
-                                 f"update {r['update_s']:.2f} s)" if r["step"] == "grpo" else ""))
+                lines.append(
+                    f"- {r['step']}: {r['seconds']:.3f} s, {rate:.0f} {what}, "
+                    f"peak {r['peak_memory_gb']:.2f} GB"
+                    + (
+                        f" (generation {r['generation_s']:.2f} s, log-probs {r['logprob_s']:.2f} s, "
+                        f"update {r['update_s']:.2f} s)"
+                        if r["step"] == "grpo"
+                        else ""
+                    )
+                )
         elif part == "fsdp" and records:
             r = records[0]
-            lines.append(f"- {r['backend']}, {r['base_dtype']} base: losses {r['losses_fsdp']} vs "
-                         f"{r['losses_plain']} without FSDP; adapter difference {r['max_adapter_difference']:.2e}; "
-                         f"frozen unchanged: {r['frozen_unchanged_fsdp']}")
+            lines.append(
+                f"- {r['backend']}, {r['base_dtype']} base: losses {r['losses_fsdp']} vs "
+                f"{r['losses_plain']} without FSDP; adapter difference {r['max_adapter_difference']:.2e}; "
+                f"frozen unchanged: {r['frozen_unchanged_fsdp']}"
+            )
         lines += [f"- note: {n}" for n in data.get("notes", [])]
         if data.get("error"):
             lines += ["", "```", data["error"][-1500:], "```"]
@@ -538,8 +632,10 @@ def main(argv=None) -> None:
     print(summary_markdown(result))
     failed = [p for p, d in result["parts"].items() if d["status"] != "ok"]
     failed += ["tests"] * any(r["outcome"] == "failed" for r in result["parts"].get("tests", {}).get("records", []))
-    failed += ["fsdp"] * any(not r["frozen_unchanged_fsdp"] or r["max_adapter_difference"] > FSDP_TOLERANCE
-                             for r in result["parts"].get("fsdp", {}).get("records", []))
+    failed += ["fsdp"] * any(
+        not r["frozen_unchanged_fsdp"] or r["max_adapter_difference"] > FSDP_TOLERANCE
+        for r in result["parts"].get("fsdp", {}).get("records", [])
+    )
     sys.exit(1 if failed else 0)
 
 

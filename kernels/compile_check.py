@@ -34,15 +34,33 @@ def _cases(ptr: str, precision: str) -> dict[str, tuple[dict[str, str], dict]]:
     matmul = dict(common, DROPOUT=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_N=2)
     reduction = dict(common, HAS_MASK=True, BLOCK_T=64)
     return {
-        "_forward_kernel": ({**dict.fromkeys(("x_ptr", "w_ptr", "a_ptr", "b_ptr", "y_ptr", "xa_ptr"), ptr),
-                             **_SIZES}, matmul),
-        "_dx_kernel": ({**dict.fromkeys(("dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dyb_ptr"), ptr),
-                        **_SIZES}, dict(matmul, STORE_DYB=True)),
-        "_grad_A_kernel": (dict(dyb_ptr=ptr, x_ptr=ptr, mask_ptr="*u8", out_ptr="*fp32", N="i32", IN="i32",
-                                R="i32", scale="fp32", p="fp32", seed="i32"),
-                           dict(reduction, DROPOUT=True, BLOCK_N=128)),
-        "_grad_B_kernel": (dict(dy_ptr=ptr, xa_ptr=ptr, mask_ptr="*u8", out_ptr="*fp32", N="i32", OUT="i32",
-                                R="i32", scale="fp32"), dict(reduction, BLOCK_M=128)),
+        "_forward_kernel": (
+            {**dict.fromkeys(("x_ptr", "w_ptr", "a_ptr", "b_ptr", "y_ptr", "xa_ptr"), ptr), **_SIZES},
+            matmul,
+        ),
+        "_dx_kernel": (
+            {**dict.fromkeys(("dy_ptr", "w_ptr", "a_ptr", "b_ptr", "dx_ptr", "dyb_ptr"), ptr), **_SIZES},
+            dict(matmul, STORE_DYB=True),
+        ),
+        "_grad_A_kernel": (
+            dict(
+                dyb_ptr=ptr,
+                x_ptr=ptr,
+                mask_ptr="*u8",
+                out_ptr="*fp32",
+                N="i32",
+                IN="i32",
+                R="i32",
+                scale="fp32",
+                p="fp32",
+                seed="i32",
+            ),
+            dict(reduction, DROPOUT=True, BLOCK_N=128),
+        ),
+        "_grad_B_kernel": (
+            dict(dy_ptr=ptr, xa_ptr=ptr, mask_ptr="*u8", out_ptr="*fp32", N="i32", OUT="i32", R="i32", scale="fp32"),
+            dict(reduction, BLOCK_M=128),
+        ),
     }
 
 
@@ -55,14 +73,19 @@ def main() -> None:
         for dtype in args.dtype:
             for name, (signature, constexprs) in _cases(f"*{dtype}", "ieee" if dtype == "fp32" else "tf32").items():
                 fn = getattr(kernels, name).fn  # the jitted function under its autotuner
-                source = ASTSource(fn, {**signature, **dict.fromkeys(constexprs, "constexpr")},
-                                   constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+                source = ASTSource(
+                    fn,
+                    {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                )
                 start = time.perf_counter()
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
                 ptx = compiled.asm["ptx"]
-                print(f"sm_{arch} {dtype:4s} {name:16s} shared {compiled.metadata.shared:6d} B  "
-                      f"mma {ptx.count('mma.sync'):4d}  wgmma {ptx.count('wgmma.mma_async'):3d}  "
-                      f"{time.perf_counter() - start:6.1f} s")
+                print(
+                    f"sm_{arch} {dtype:4s} {name:16s} shared {compiled.metadata.shared:6d} B  "
+                    f"mma {ptx.count('mma.sync'):4d}  wgmma {ptx.count('wgmma.mma_async'):3d}  "
+                    f"{time.perf_counter() - start:6.1f} s"
+                )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def use_triton(x: Tensor) -> bool:
         if triton_kernels() is None:
             raise RuntimeError(f"{_FORCE_TRITON_ENV}=1 but Triton cannot be imported: {_triton_error}")
         if not x.is_cuda and not triton_kernels().INTERPRET:
-            raise RuntimeError(f"{_FORCE_TRITON_ENV}=1 with {x.device} tensors needs TRITON_INTERPRET=1 set "
-                               f"before the first Triton kernel is imported")
+            raise RuntimeError(
+                f"{_FORCE_TRITON_ENV}=1 with {x.device} tensors needs TRITON_INTERPRET=1 set "
+                f"before the first Triton kernel is imported"
+            )
         return True
     return x.is_cuda and triton_kernels() is not None
 
@@ -59,8 +61,17 @@ class MaskedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
-                mask_A: Optional[Tensor], mask_B: Optional[Tensor], p: float) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scale: float,
+        mask_A: Optional[Tensor],
+        mask_B: Optional[Tensor],
+        p: float,
+    ) -> Tensor:
         ctx.scale, ctx.p, ctx.triton = scale, p, use_triton(x)
         keep = None
         if ctx.triton:
@@ -79,8 +90,7 @@ class MaskedLoRALinear(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         dy = dy.contiguous()
         with torch.autocast(dy.device.type, enabled=False):  # backward may run inside the forward's autocast
-            dx, da, db = MaskedLoRALinear._grads(ctx, dy, x, xa, weight, lora_A, lora_B, mask_A, mask_B, keep,
-                                                 needs)
+            dx, da, db = MaskedLoRALinear._grads(ctx, dy, x, xa, weight, lora_A, lora_B, mask_A, mask_B, keep, needs)
         da = None if da is None else da.to(lora_A.dtype)
         db = None if db is None else db.to(lora_B.dtype)
         return dx, None, da, db, None, None, None, None
@@ -88,7 +98,7 @@ class MaskedLoRALinear(torch.autograd.Function):
     @staticmethod
     def _grads(ctx, dy, x, xa, weight, lora_A, lora_B, mask_A, mask_B, keep, needs):
         if ctx.triton:
-            return triton_kernels().backward(dy, x, xa, weight, lora_A, lora_B, ctx.scale,
-                                             mask_A, mask_B, ctx.p, ctx.seed, needs)
-        return reference.backward(dy, x, xa, weight, lora_A, lora_B, ctx.scale,
-                                  mask_A, mask_B, keep, ctx.p, needs)
+            return triton_kernels().backward(
+                dy, x, xa, weight, lora_A, lora_B, ctx.scale, mask_A, mask_B, ctx.p, ctx.seed, needs
+            )
+        return reference.backward(dy, x, xa, weight, lora_A, lora_B, ctx.scale, mask_A, mask_B, keep, ctx.p, needs)

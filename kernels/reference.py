@@ -25,8 +25,15 @@ def dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
     return x if keep is None else x * keep / (1.0 - p)
 
 
-def forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
-            keep: Optional[Tensor] = None, p: float = 0.0) -> tuple[Tensor, Tensor]:
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    keep: Optional[Tensor] = None,
+    p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """Return (y, xa). The LoRA term is added into y in place: no second (N, out) tensor exists."""
     xa = dropped(x, keep, p) @ lora_A.t()
     y = x @ weight.t()
@@ -34,11 +41,20 @@ def forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: fl
     return y, xa
 
 
-def backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-             scale: float, mask_A: Optional[Tensor], mask_B: Optional[Tensor],
-             keep: Optional[Tensor] = None, p: float = 0.0,
-             needs: tuple[bool, bool, bool] = (True, True, True),
-             ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    xa: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    mask_A: Optional[Tensor],
+    mask_B: Optional[Tensor],
+    keep: Optional[Tensor] = None,
+    p: float = 0.0,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Return (dX, dA, dB) following the formulas in the module docstring; None where not needed.
 
     dA and dB are accumulated and returned in fp32 (fp64 for fp64 inputs) whatever the input dtype

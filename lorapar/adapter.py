@@ -2,8 +2,8 @@
 
 Keys are peft's ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and tensors are in
 Hugging Face's layout: the rows of q_proj / k_proj lora_B are permuted as lorapar.checkpoint permutes
-q/k weights (lorapar/checkpoint/names.py), so that peft on a transformers LLaMA computes exactly the same function (tested). In
-memory everything stays in the model's (Meta) layout; only these files are in HF's. The dual-LoRA
+q/k weights (lorapar/checkpoint/names.py), so that peft on a transformers LLaMA computes exactly the same
+function (tested). In memory everything stays in the model's (Meta) layout; only these files are in HF's. The dual-LoRA
 adapter (lorapar/dmlora/files.py) shares the file names, the q/k row rule and the key/shape check.
 """
 
@@ -27,7 +27,14 @@ from lorapar.config import ModelArgs
 from lorapar.errors import InputError
 from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors
 from lorapar.lora import (
-    LoraArgs, LoRALinear, adapter_state_dict, lora_modules, merge, named_lora_parameters, replace_linears, require_lora,
+    LoraArgs,
+    LoRALinear,
+    adapter_state_dict,
+    lora_modules,
+    merge,
+    named_lora_parameters,
+    replace_linears,
+    require_lora,
     unwrap_model,
 )
 from lorapar.lora_names import META_TO_HF, module_name_of, peft_key, resolve_targets, target_of
@@ -48,12 +55,25 @@ def peft_config(args: LoraArgs) -> dict:
     """adapter_config.json contents that peft.LoraConfig accepts (target names in HF spelling)."""
     alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "revision": None,
-        "r": args.r, "lora_alpha": alpha, "lora_dropout": args.dropout, "use_rslora": args.use_rslora,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "revision": None,
+        "r": args.r,
+        "lora_alpha": alpha,
+        "lora_dropout": args.dropout,
+        "use_rslora": args.use_rslora,
         "target_modules": [META_TO_HF[m] for m in resolve_targets(args.targets)],
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": _peft_init_value(args),
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "inference_mode": True,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": _peft_init_value(args),
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "inference_mode": True,
     }
 
 
@@ -61,7 +81,14 @@ def _args_from_peft_config(config: dict, source: str) -> LoraArgs:
     for key, want in (("peft_type", "LORA"), ("bias", "none")):
         if config.get(key, want) != want:
             raise ValueError(f"{source}: {key} = {config.get(key)!r}; lorapar supports only {want!r}")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "use_dora", "fan_in_fan_out", "modules_to_save"):
+    for key in (
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "use_dora",
+        "fan_in_fan_out",
+        "modules_to_save",
+    ):
         if config.get(key):
             raise ValueError(f"{source}: {key} = {config[key]!r} is not supported by lorapar")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -71,16 +98,22 @@ def _args_from_peft_config(config: dict, source: str) -> LoraArgs:
     if init_value is True:
         init, niter = "lora", 0
     elif isinstance(init_value, str) and init_value.startswith("pissa"):
-        init, niter = "pissa", int(init_value[len("pissa_niter_"):]) if init_value.startswith("pissa_niter_") else 0
+        init, niter = "pissa", int(init_value[len("pissa_niter_") :]) if init_value.startswith("pissa_niter_") else 0
     elif init_value in ("gaussian", "olora"):
         init, niter = init_value, 0
     else:
-        raise ValueError(f"{source}: init_lora_weights = {init_value!r}; expected true, gaussian, pissa[_niter_N] or olora")
+        raise ValueError(
+            f"{source}: init_lora_weights = {init_value!r}; expected true, gaussian, pissa[_niter_N] or olora"
+        )
     targets = config["target_modules"]
     return LoraArgs(
-        r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-        targets=tuple([targets] if isinstance(targets, str) else targets), init=init,
-        use_rslora=bool(config.get("use_rslora", False)), pissa_niter=niter,
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        targets=tuple([targets] if isinstance(targets, str) else targets),
+        init=init,
+        use_rslora=bool(config.get("use_rslora", False)),
+        pissa_niter=niter,
     )
 
 
@@ -92,7 +125,9 @@ def _check_matches(modules: dict[str, LoRALinear], args: LoraArgs, what: str) ->
         raise ValueError(f"{what}: the model adapts {sorted(have)} but the adapter targets {sorted(want)}")
     module = next(iter(modules.values()))
     if module.r != args.r or not math.isclose(module.scale, args.scale):
-        raise ValueError(f"{what}: the model has r={module.r}, scale={module.scale:g}; the adapter r={args.r}, scale={args.scale:g}")
+        raise ValueError(
+            f"{what}: the model has r={module.r}, scale={module.scale:g}; the adapter r={args.r}, scale={args.scale:g}"
+        )
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> None:
@@ -125,7 +160,9 @@ def hf_output_rows(module_name: str, tensor: torch.Tensor, model_args: ModelArgs
     return next(iter(moved.values())).contiguous()
 
 
-def _peft_layout(tensors: dict[str, torch.Tensor], model: nn.Module, to_hf: bool, source: str = "") -> dict[str, torch.Tensor]:
+def _peft_layout(
+    tensors: dict[str, torch.Tensor], model: nn.Module, to_hf: bool, source: str = ""
+) -> dict[str, torch.Tensor]:
     """{peft key: tensor} with every lora_B's rows moved by hf_output_rows."""
     model_args = unwrap_model(model).args
     out = {}
@@ -192,7 +229,8 @@ def read_adapter_args(adapter_dir: str) -> LoraArgs:
         raise InputError(f"{config_path}: invalid JSON ({error}); expected a peft adapter_config.json") from None
     if not isinstance(config, dict):
         raise InputError(
-            f"{config_path}: expected a JSON object (a peft adapter_config.json), got {type(config).__name__}")
+            f"{config_path}: expected a JSON object (a peft adapter_config.json), got {type(config).__name__}"
+        )
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"adapter file not found: {weights_path}")
@@ -201,8 +239,13 @@ def read_adapter_args(adapter_dir: str) -> LoraArgs:
     if "lorapar_args" in metadata:
         args = LoraArgs(**json.loads(metadata["lorapar_args"]))
         stored = peft_config(args)
-        stored["target_modules"], config["target_modules"] = set(stored["target_modules"]), set(config["target_modules"])
-        differing = [k for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in config and config[k] != stored[k]]
+        stored["target_modules"], config["target_modules"] = (
+            set(stored["target_modules"]),
+            set(config["target_modules"]),
+        )
+        differing = [
+            k for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in config and config[k] != stored[k]
+        ]
         if differing:
             raise ValueError(f"{config_path}: {differing} disagree with the LoraArgs stored in {weights_path}")
     return args
@@ -253,7 +296,9 @@ def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = 
                     "load onto the original base model instead"
                 )
         elif m.init in ("pissa", "olora"):
-            raise ValueError(f"load_adapter: {name} holds a {m.init} residual base but the adapter was trained with init={args.init}")
+            raise ValueError(
+                f"load_adapter: {name} holds a {m.init} residual base but the adapter was trained with init={args.init}"
+            )
         m.dropout = args.dropout
     with torch.no_grad():
         for key, p in params.items():
@@ -262,9 +307,21 @@ def load_adapter(model: nn.Module, adapter_dir: str, dropout: Optional[float] = 
 
 
 __all__ = [
-    "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "ADAPTER_INIT", "peft_config", "check_tensors", "hf_output_rows",
-    "save_adapter", "read_safetensors", "read_adapter_args", "adapter_fingerprint", "safetensors_metadata",
-    "load_adapter", "adapter_type", "load_any_adapter", "load_merged",
+    "ADAPTER_WEIGHTS",
+    "ADAPTER_CONFIG",
+    "ADAPTER_INIT",
+    "peft_config",
+    "check_tensors",
+    "hf_output_rows",
+    "save_adapter",
+    "read_safetensors",
+    "read_adapter_args",
+    "adapter_fingerprint",
+    "safetensors_metadata",
+    "load_adapter",
+    "adapter_type",
+    "load_any_adapter",
+    "load_merged",
 ]
 
 

@@ -1,12 +1,12 @@
 r"""How an answer is read from a text: the rules GRPO rewards and evaluation apply, each defined once.
 
-  extract_gsm8k_number   a GSM8K reference's normalised number (Example.final)
-  final_answer           lenient: the normalised number after the first "####" or in the first <answer>
-  last_hash_integer      example.py after SFT: int of the last "####\s*(-?\d+)" match
-  last_answer_integer    example.py after RL: int() of the last <answer>...</answer> (DOTALL), None if int() fails
-  hash_answer            example.py's gold string: text after "####", stripped, "," and "$" removed
-  xml_answer             example.py's GRPO rewards: the stripped text between the last <answer> and the next
-                         </answer> (the whole text, stripped, when there is no tag)
+extract_gsm8k_number   a GSM8K reference's normalised number (Example.final)
+final_answer           lenient: the normalised number after the first "####" or in the first <answer>
+last_hash_integer      example.py after SFT: int of the last "####\s*(-?\d+)" match
+last_answer_integer    example.py after RL: int() of the last <answer>...</answer> (DOTALL), None if int() fails
+hash_answer            example.py's gold string: text after "####", stripped, "," and "$" removed
+xml_answer             example.py's GRPO rewards: the stripped text between the last <answer> and the next
+                       </answer> (the whole text, stripped, when there is no tag)
 """
 
 from __future__ import annotations

@@ -23,8 +23,16 @@ from lorapar.templates import chat_format, format_prompt, format_response, promp
 log = logging.getLogger(__name__)
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_len: int, *, bos: bool = True,
-                   prompt_eos: bool = False, response_eos: bool = True) -> tuple[list[int], list[int], bool]:
+def encode_example(
+    tokenizer,
+    prompt: str,
+    response: str,
+    max_len: int,
+    *,
+    bos: bool = True,
+    prompt_eos: bool = False,
+    response_eos: bool = True,
+) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated) for [BOS] + prompt [+ EOS] + response [+ EOS], loss on the response
     (and its EOS) only. SFT: BOS and a final EOS; lorapar's prompt also ends with EOS (prompt_eos);
     importance scoring under lorapar has neither BOS nor a final EOS, as example.py's collate_fn.
@@ -49,8 +57,14 @@ class SFTDataset(Dataset):
     Both are counted in `.dropped` / `.truncated` and logged.
     """
 
-    def __init__(self, examples: Sequence[Example], tokenizer, template: str = "plain", max_len: int = 512,
-                 overflow: str = "drop"):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer,
+        template: str = "plain",
+        max_len: int = 512,
+        overflow: str = "drop",
+    ):
         if overflow not in ("drop", "truncate"):
             raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
         self.items: list[dict[str, list[int]]] = []
@@ -58,7 +72,9 @@ class SFTDataset(Dataset):
         self.dropped = self.truncated = 0
         for example in examples:
             ids, labels, cut = encode_example(
-                tokenizer, format_prompt(example, template, chat=chat_format(tokenizer)), format_response(example, template),
+                tokenizer,
+                format_prompt(example, template, chat=chat_format(tokenizer)),
+                format_response(example, template),
                 max_len,
                 prompt_eos=prompt_ends_with_eos(template),
             )
@@ -69,8 +85,14 @@ class SFTDataset(Dataset):
             self.items.append({"input_ids": ids, "labels": labels})
             self.examples.append(example)
         if self.dropped or self.truncated:
-            log.warning("SFTDataset: %d of %d examples longer than max_len=%d: %d dropped, %d truncated",
-                        self.dropped + self.truncated, len(examples), max_len, self.dropped, self.truncated)
+            log.warning(
+                "SFTDataset: %d of %d examples longer than max_len=%d: %d dropped, %d truncated",
+                self.dropped + self.truncated,
+                len(examples),
+                max_len,
+                self.dropped,
+                self.truncated,
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -109,8 +131,17 @@ class LengthGroupedSampler(Sampler[int]):
     multiple of num_replicas (or cut with drop_last) so every rank takes the same number of steps.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, mega_batches: int = 50):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        mega_batches: int = 50,
+    ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         if len(lengths) < num_replicas:

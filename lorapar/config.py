@@ -53,9 +53,7 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise ValueError(f"ModelArgs: dim={self.dim} is not a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"ModelArgs: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            raise ValueError(f"ModelArgs: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"ModelArgs: head_dim={self.head_dim} must be even for rotary embeddings")
         if self.rope_scaling_factor is not None and not (
@@ -108,12 +106,29 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The same ~100M budget in Qwen2's shape: its 151936-token vocabulary (half the parameters sit in the tied
     # embedding), q/k/v biases, rope_theta 1e6; bench_sft.py --model qwen2-100m measures its step memory.
     "qwen2-100m": dict(
-        dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=151936, hidden_dim=1536, norm_eps=1e-6,
-        rope_theta=1e6, max_seq_len=2048, tie_embeddings=True, qkv_bias=True,
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=151936,
+        hidden_dim=1536,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        max_seq_len=2048,
+        tie_embeddings=True,
+        qkv_bias=True,
     ),
     "qwen2.5-7b": dict(
-        dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944, norm_eps=1e-6,
-        rope_theta=1e6, max_seq_len=32768, qkv_bias=True,
+        dim=3584,
+        n_layers=28,
+        n_heads=28,
+        n_kv_heads=4,
+        vocab_size=152064,
+        hidden_dim=18944,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        max_seq_len=32768,
+        qkv_bias=True,
     ),
 }
 

@@ -73,8 +73,11 @@ def _numbered_rows(path: str, skip_bad: bool) -> tuple[list[tuple[int, dict]], i
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             except ValueError as err:  # DataError, JSONDecodeError and UnicodeDecodeError all are
-                reason = err if isinstance(err, DataError) else (
-                    f"{path}:{number}: invalid JSON ({err}); expected one UTF-8 JSON object per line")
+                reason = (
+                    err
+                    if isinstance(err, DataError)
+                    else (f"{path}:{number}: invalid JSON ({err}); expected one UTF-8 JSON object per line")
+                )
                 if not skip_bad:
                     raise DataError(f"{reason} (pass skip_bad / --skip-bad to skip such lines)") from None
                 log.warning("skipping %s", reason)
@@ -134,7 +137,11 @@ def _parse_mmlu(row: dict, path: str, line: int) -> tuple[str, str, Optional[str
 
 
 def _parse_humaneval(row: dict, path: str, line: int) -> tuple[str, str, Optional[str]]:
-    return _field(row, "prompt", path, line, "humaneval"), _field(row, "canonical_solution", path, line, "humaneval"), None
+    return (
+        _field(row, "prompt", path, line, "humaneval"),
+        _field(row, "canonical_solution", path, line, "humaneval"),
+        None,
+    )
 
 
 def _parse_instruction(row: dict, path: str, line: int) -> tuple[str, str, Optional[str]]:
@@ -144,7 +151,9 @@ def _parse_instruction(row: dict, path: str, line: int) -> tuple[str, str, Optio
     elif "response" in row:  # Dolly
         extra, answer = row.get("context") or "", _field(row, "response", path, line, "instruction (Dolly)")
     else:
-        raise DataError(f"{path}:{line}: instruction record needs 'output' (Alpaca) or 'response' (Dolly); keys: {sorted(row)}")
+        raise DataError(
+            f"{path}:{line}: instruction record needs 'output' (Alpaca) or 'response' (Dolly); keys: {sorted(row)}"
+        )
     if not isinstance(extra, str):
         raise DataError(f"{path}:{line}: instruction 'input'/'context' must be a string, got {type(extra).__name__}")
     question = f"{instruction}\n\n{extra}" if extra.strip() else instruction

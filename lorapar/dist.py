@@ -93,8 +93,10 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], info: DistInfo) -> No
     params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
     if not params:
         return
-    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-             for p in params]
+    grads = [
+        p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        for p in params
+    ]
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
     flat = torch.cat(grads + [has_grad])
     torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)

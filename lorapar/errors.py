@@ -38,8 +38,13 @@ def _number(obj: Any, name: str) -> Any:
 
 
 def check_fields(
-    obj: Any, positive: Iterable[str] = (), non_negative: Iterable[str] = (), positive_float: Iterable[str] = (),
-    unit_interval: Iterable[str] = (), open_unit_interval: Iterable[str] = (), finite: Iterable[str] = (),
+    obj: Any,
+    positive: Iterable[str] = (),
+    non_negative: Iterable[str] = (),
+    positive_float: Iterable[str] = (),
+    unit_interval: Iterable[str] = (),
+    open_unit_interval: Iterable[str] = (),
+    finite: Iterable[str] = (),
 ) -> None:
     """Raise FlagError for the first field of `obj` outside its range.
 

@@ -28,14 +28,23 @@ from lorapar.errors import InputError
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 ARCHITECTURES = ("llama", "qwen2")
-GGUF_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-                  "output.weight": "output.weight"}
+GGUF_TOP_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
 GGUF_LAYER_NAMES = {
-    "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
-    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
-    "attn_q.bias": "attention.wq_bias", "attn_k.bias": "attention.wk_bias", "attn_v.bias": "attention.wv_bias",
-    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_down.weight": "feed_forward.w2.weight",
-    "ffn_up.weight": "feed_forward.w3.weight", "attn_norm.weight": "attention_norm.weight",
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "attn_q.bias": "attention.wq_bias",
+    "attn_k.bias": "attention.wk_bias",
+    "attn_v.bias": "attention.wv_bias",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
 }
 
@@ -98,8 +107,10 @@ def gguf_model_args(reader, path: str) -> ModelArgs:
         raise GGUFError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported (expected 'none')")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:  # llama.cpp's form of llama3 scaling: per-frequency factors, not the rule
-        raise GGUFError(f"{path}: tensor 'rope_freqs.weight' (per-frequency rope factors) is not supported; "
-                        f"load the Hugging Face checkpoint, whose rope_scaling lorapar reads")
+        raise GGUFError(
+            f"{path}: tensor 'rope_freqs.weight' (per-frequency rope factors) is not supported; "
+            f"load the Hugging Face checkpoint, whose rope_scaling lorapar reads"
+        )
     n_heads = int(metadata(reader, path, f"{arch}.attention.head_count"))
     dim = int(metadata(reader, path, f"{arch}.embedding_length"))
     vocab = metadata(reader, path, f"{arch}.vocab_size", None)
@@ -107,20 +118,25 @@ def gguf_model_args(reader, path: str) -> ModelArgs:
         vocab = len(metadata(reader, path, "tokenizer.ggml.tokens"))
     try:
         args = ModelArgs(
-            dim=dim, n_layers=int(metadata(reader, path, f"{arch}.block_count")), n_heads=n_heads,
+            dim=dim,
+            n_layers=int(metadata(reader, path, f"{arch}.block_count")),
+            n_heads=n_heads,
             n_kv_heads=int(metadata(reader, path, f"{arch}.attention.head_count_kv", n_heads)),
-            vocab_size=int(vocab), hidden_dim=int(metadata(reader, path, f"{arch}.feed_forward_length")),
+            vocab_size=int(vocab),
+            hidden_dim=int(metadata(reader, path, f"{arch}.feed_forward_length")),
             norm_eps=_float32_value(metadata(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
             rope_theta=_float32_value(metadata(reader, path, f"{arch}.rope.freq_base", 10000.0)),
             max_seq_len=int(metadata(reader, path, f"{arch}.context_length", 4096)),
-            tie_embeddings="output.weight" not in names, qkv_bias=arch == "qwen2",
+            tie_embeddings="output.weight" not in names,
+            qkv_bias=arch == "qwen2",
         )
     except (TypeError, ValueError) as err:
         raise GGUFError(f"{path}: {err}") from err
     rope_dim = int(metadata(reader, path, f"{arch}.rope.dimension_count", args.head_dim))
     if rope_dim != args.head_dim:
-        raise GGUFError(f"{path}: {arch}.rope.dimension_count={rope_dim}; lorapar rotates the whole head "
-                        f"(head_dim {args.head_dim})")
+        raise GGUFError(
+            f"{path}: {arch}.rope.dimension_count={rope_dim}; lorapar rotates the whole head (head_dim {args.head_dim})"
+        )
     return args
 
 

@@ -78,10 +78,15 @@ class GRPOArgs:
         # G >= 2: the advantage is a reward's distance from its group's mean (over the group's std); a group
         # of one has no mean to compare with and no std (nan), so it cannot teach anything.
         if not isinstance(self.num_generations, int) or self.num_generations < 2:
-            raise FlagError(f"--num-generations {self.num_generations}: expected >= 2 (GRPO compares each "
-                            "completion with the others of its group; one has no group mean or std)")
-        check_fields(self, positive=("prompts_per_step", "max_prompt_len", "max_completion_len", "mu", "micro_batch"),
-                     non_negative=("temperature", "epsilon", "beta"))
+            raise FlagError(
+                f"--num-generations {self.num_generations}: expected >= 2 (GRPO compares each "
+                "completion with the others of its group; one has no group mean or std)"
+            )
+        check_fields(
+            self,
+            positive=("prompts_per_step", "max_prompt_len", "max_completion_len", "mu", "micro_batch"),
+            non_negative=("temperature", "epsilon", "beta"),
+        )
         if not 0 < self.top_p <= 1:
             raise FlagError(f"--top-p {self.top_p}: expected a value in (0, 1]")
         if self.epsilon_high is not None:
@@ -240,8 +245,14 @@ def make_rollouts(
     repeated = [list(p) for p in prompts for _ in range(G)]
     start = time.perf_counter()
     gen = generate(
-        model, repeated, args.max_completion_len, temperature=args.temperature, top_p=args.top_p,
-        seed=[derive_seed(s, g) for s in seeds for g in range(G)], eos_id=eos_id, pad_id=pad_id,
+        model,
+        repeated,
+        args.max_completion_len,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=[derive_seed(s, g) for s in seeds for g in range(G)],
+        eos_id=eos_id,
+        pad_id=pad_id,
         stop_ids=stop_ids,
     )
     generation_seconds = time.perf_counter() - start
@@ -249,10 +260,36 @@ def make_rollouts(
     total = rewards @ weights.to(torch.float32)
     input_ids, labels = pack(repeated, gen.tokens, pad_id)
     return Rollouts(
-        input_ids=input_ids, labels=labels, rewards=rewards, total_reward=total,
+        input_ids=input_ids,
+        labels=labels,
+        rewards=rewards,
+        total_reward=total,
         advantages=group_advantages(total, G, scale=args.scale_rewards),
-        completion_lengths=[len(t) for t in gen.tokens], generation_seconds=generation_seconds,
+        completion_lengths=[len(t) for t in gen.tokens],
+        generation_seconds=generation_seconds,
     )
+
+
+def _fixed_logprobs(model, rollouts: Rollouts, args: GRPOArgs, autocast, reference) -> None:
+    """Fill rollouts.old_logp (mu > 1) and rollouts.ref_logp (beta > 0), which stay fixed over the passes."""
+    # Old log-probs are only needed when the policy moves between passes; with mu = 1 the ratio is
+    # exactly 1 and logp.detach() stands in for them (its gradient is what remains).
+    if args.mu > 1:
+        rollouts.old_logp = _logprobs(model, rollouts, args, autocast)
+    if args.beta != 0.0:
+        if reference is None:
+            raise ValueError("beta > 0 needs a reference policy")
+        with reference():
+            rollouts.ref_logp = _logprobs(model, rollouts, args, autocast)
+
+
+def _global_counts(rollouts: Rollouts, args: GRPOArgs, info: dist.DistInfo) -> tuple[int, float, int]:
+    """(sequences, completion tokens, micro-batches) summed over the ranks: the loss's normalisers."""
+    n = rollouts.input_ids.shape[0]
+    micro_batches = -(-n // args.micro_batch)
+    local = torch.tensor([n, int((rollouts.labels != IGNORE_INDEX).sum()), micro_batches], dtype=torch.float64)
+    totals = dist.all_reduce_sum(local, info)
+    return int(totals[0]), float(totals[1]), int(totals[2])
 
 
 def grpo_update(
@@ -280,22 +317,11 @@ def grpo_update(
     """
     device = model.tok_embeddings.weight.device
     start = time.perf_counter()
-    # Old log-probs are only needed when the policy moves between passes; with mu = 1 the ratio is
-    # exactly 1 and logp.detach() stands in for them (its gradient is what remains).
-    if args.mu > 1:
-        rollouts.old_logp = _logprobs(model, rollouts, args, autocast)
-    if args.beta != 0.0:
-        if reference is None:
-            raise ValueError("beta > 0 needs a reference policy")
-        with reference():
-            rollouts.ref_logp = _logprobs(model, rollouts, args, autocast)
+    _fixed_logprobs(model, rollouts, args, autocast, reference)
     logprob_seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
     n = rollouts.input_ids.shape[0]
-    micro_batches = -(-n // args.micro_batch)
-    local = torch.tensor([n, int((rollouts.labels != IGNORE_INDEX).sum()), micro_batches], dtype=torch.float64)
-    totals = dist.all_reduce_sum(local, info)
-    num_sequences, num_tokens, num_micro_batches = int(totals[0]), float(totals[1]), int(totals[2])
+    num_sequences, num_tokens, num_micro_batches = _global_counts(rollouts, args, info)
     if args.shuffle_micro_batches:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed % 2**63))
     else:
@@ -312,9 +338,18 @@ def grpo_update(
             old = rollouts.old_logp[rows].to(device) if rollouts.old_logp is not None else logp.detach()
             ref = rollouts.ref_logp[rows].to(device) if rollouts.ref_logp is not None else None
             loss, stats = grpo_loss(
-                logp, old, rollouts.advantages[rows].to(device), mask, epsilon=args.epsilon,
-                epsilon_high=args.epsilon_high, beta=args.beta, ref_logp=ref, loss_type=args.loss_type,
-                max_completion_len=args.max_completion_len, num_sequences=num_sequences, num_tokens=num_tokens,
+                logp,
+                old,
+                rollouts.advantages[rows].to(device),
+                mask,
+                epsilon=args.epsilon,
+                epsilon_high=args.epsilon_high,
+                beta=args.beta,
+                ref_logp=ref,
+                loss_type=args.loss_type,
+                max_completion_len=args.max_completion_len,
+                num_sequences=num_sequences,
+                num_tokens=num_tokens,
                 num_micro_batches=num_micro_batches,
             )
             loss.backward()

@@ -22,8 +22,15 @@ from tqdm import tqdm
 
 from lorapar.sandbox import ExecResult, check_limits, load_records, resolve_mode, result_record, run_contained
 
-__all__ = ["ExecResult", "program_text", "run_program", "run_many", "pass_at_k", "mean_pass_at_k",
-           "truncate_completion"]
+__all__ = [
+    "ExecResult",
+    "program_text",
+    "run_program",
+    "run_many",
+    "pass_at_k",
+    "mean_pass_at_k",
+    "truncate_completion",
+]
 
 
 def program_text(prompt: str, completion: str, test: str, entry_point: str) -> str:
@@ -31,16 +38,29 @@ def program_text(prompt: str, completion: str, test: str, entry_point: str) -> s
     return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
 
 
-def run_program(source: str, timeout: float = 5.0, memory_mb: int = 1024, file_mb: int = 16,
-                max_processes: int = 64, sandbox: str = "auto") -> ExecResult:
+def run_program(
+    source: str,
+    timeout: float = 5.0,
+    memory_mb: int = 1024,
+    file_mb: int = 16,
+    max_processes: int = 64,
+    sandbox: str = "auto",
+) -> ExecResult:
     """Run `source` contained; passed = the harness marker after the whole program ran, in time."""
-    return run_contained(source, timeout=timeout, memory_mb=memory_mb, file_mb=file_mb,
-                         max_processes=max_processes, mode=sandbox)
+    return run_contained(
+        source, timeout=timeout, memory_mb=memory_mb, file_mb=file_mb, max_processes=max_processes, mode=sandbox
+    )
 
 
 def run_many(
-    sources: Sequence[str], workers: int = 2, timeout: float = 5.0, memory_mb: int = 1024, progress: bool = True,
-    results_path: Optional[str] = None, sandbox: str = "auto", max_processes: int = 64,
+    sources: Sequence[str],
+    workers: int = 2,
+    timeout: float = 5.0,
+    memory_mb: int = 1024,
+    progress: bool = True,
+    results_path: Optional[str] = None,
+    sandbox: str = "auto",
+    max_processes: int = 64,
 ) -> list[ExecResult]:
     """run_program over many programs with `workers` at a time; results in input order.
 
@@ -58,10 +78,12 @@ def run_many(
     handle = open(results_path, "a", encoding="utf-8") if results_path else None
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            jobs = {pool.submit(run_program, sources[i], timeout, memory_mb, 16, max_processes, sandbox): i
-                    for i in todo}
-            bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc="humaneval exec",
-                       disable=not progress)
+            jobs = {
+                pool.submit(run_program, sources[i], timeout, memory_mb, 16, max_processes, sandbox): i for i in todo
+            }
+            bar = tqdm(
+                total=len(sources), initial=len(sources) - len(todo), desc="humaneval exec", disable=not progress
+            )
             for job in as_completed(jobs):
                 i = jobs[job]
                 results[i] = job.result()

@@ -10,9 +10,10 @@ order with the diagonal empirical Fisher in place of the Hessian:
 Only the running sums sum_i g_i and sum_i g_i^2 (and the example count) are kept, so memory is two
 copies of the adapter whatever the number of examples. Per-example gradients come either from one
 backward pass per example (batch_size 1, the reference) or from one per batch, formed from each LoRA
-module's input and output gradient (`accumulate_batch`); the two agree to float rounding. Under torchrun each rank takes every
-world_size-th example and the sums are all-reduced before the scores are formed; under --fsdp each rank keeps
-the sums of its own rows of every tensor only, and the whole scores are gathered once (lorapar/fsdp.py).
+module's input and output gradient (`accumulate_batch`); the two agree to float rounding. Under torchrun each
+rank takes every world_size-th example and the sums are all-reduced before the scores are formed; under --fsdp
+each rank keeps the sums of its own rows of every tensor only, and the whole scores are gathered once
+(lorapar/fsdp_scoring.py).
 
 The adapter must be non-degenerate: with the usual LoRA init (B = 0) every gradient of A is zero,
 so the scoring adapter draws both A and B from N(0, init_std^2) (the authors use 0.01).
@@ -46,14 +47,36 @@ ORDERS = ("second", "first")
 class ImportanceArgs(LoraSettings):
     """How score.py scores: the scored adapter's shape (LoraSettings: --rank, --lora-alpha, --targets) and init."""
 
-    samples: int = field(default=100, metadata={"help": "examples scored per system (the paper: 100); fewer if fewer exist"})
-    order: str = field(default="second", metadata={"help": "second: |E[g phi] - E[g^2] phi^2 / 2| (paper); first: |E[g phi]|", "choices": ORDERS})
-    template: str = field(default="lorapar", metadata={"help": "prompt/response template (as train_sft.py: score the responses that are trained)", "choices": TEMPLATES})
+    samples: int = field(
+        default=100, metadata={"help": "examples scored per system (the paper: 100); fewer if fewer exist"}
+    )
+    order: str = field(
+        default="second",
+        metadata={"help": "second: |E[g phi] - E[g^2] phi^2 / 2| (paper); first: |E[g phi]|", "choices": ORDERS},
+    )
+    template: str = field(
+        default="lorapar",
+        metadata={
+            "help": "prompt/response template (as train_sft.py: score the responses that are trained)",
+            "choices": TEMPLATES,
+        },
+    )
     max_len: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut from the right"})
-    init: str = field(default="gaussian", metadata={"help": "init of the scored adapter; gaussian draws A and B (B = 0: zero A-scores)", "choices": INITS})
+    init: str = field(
+        default="gaussian",
+        metadata={
+            "help": "init of the scored adapter; gaussian draws A and B (B = 0: zero A-scores)",
+            "choices": INITS,
+        },
+    )
     init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (the authors: 0.01)"})
     seed: int = field(default=0, metadata={"help": "seed of the example sampling and of the adapter init"})
-    batch_size: int = field(default=4, metadata={"help": "examples per forward/backward (1 = the one-at-a-time reference); per-example gradients either way"})
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "examples per forward/backward (1 = the one-at-a-time reference); per-example gradients either way"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,7 +119,12 @@ def encode_for_scoring(examples: Sequence[Example], tokenizer, args: ImportanceA
         prompt = format_prompt(example, args.template, chat=chat_format(tokenizer))
         response = format_response(example, args.template)
         input_ids, labels, was_cut = encode_example(
-            tokenizer, prompt, response, args.max_len, bos=not authors, prompt_eos=prompt_ends_with_eos(args.template),
+            tokenizer,
+            prompt,
+            response,
+            args.max_len,
+            bos=not authors,
+            prompt_eos=prompt_ends_with_eos(args.template),
             response_eos=not authors,
         )
         truncated += was_cut
@@ -153,8 +181,9 @@ def add_into(sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> MomentAdder:
     return add
 
 
-def accumulate_batch(model: nn.Module, batch, add_moments: MomentAdder,
-                      backward: Optional[Callable[[torch.Tensor], None]] = None) -> int:
+def accumulate_batch(
+    model: nn.Module, batch, add_moments: MomentAdder, backward: Optional[Callable[[torch.Tensor], None]] = None
+) -> int:
     """Per-example gradients of a right-padded batch, handed to add_moments(peft key, g) per tensor (add_into:
     summed into whole tensors; under FSDP into this rank's rows); returns the batch's answer-token count.
 
@@ -208,7 +237,11 @@ def accumulate_batch(model: nn.Module, batch, add_moments: MomentAdder,
 
 
 def accumulate_moments(
-    model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 1, progress: Optional[str] = None
+    model: nn.Module,
+    rows: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 1,
+    progress: Optional[str] = None,
 ) -> GradientMoments:
     """Per-example gradients of `example_loss`, summed into running moments.
 
@@ -232,7 +265,7 @@ def accumulate_moments(
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             if batch_size == 1:
-                (input_ids, labels), = batch
+                ((input_ids, labels),) = batch
                 loss, count = example_loss(
                     model, torch.tensor(input_ids, device=device), torch.tensor(labels, device=device)
                 )
@@ -246,8 +279,9 @@ def accumulate_moments(
     return GradientMoments(keys, [p.shape for p in params], sum_grad, sum_grad_sq, len(rows), tokens)
 
 
-def importance_scores(sum_grad: torch.Tensor, sum_grad_sq: torch.Tensor, count: int, phi: torch.Tensor,
-                      order: str = "second") -> torch.Tensor:
+def importance_scores(
+    sum_grad: torch.Tensor, sum_grad_sq: torch.Tensor, count: int, phi: torch.Tensor, order: str = "second"
+) -> torch.Tensor:
     """I(phi) element by element (see the module docstring) from the moment sums over `count` examples."""
     if count == 0:
         raise ValueError("no examples were scored; importance is undefined")
@@ -259,17 +293,23 @@ def importance_scores(sum_grad: torch.Tensor, sum_grad_sq: torch.Tensor, count: 
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
 
-def importance_from_moments(model: nn.Module, moments: GradientMoments, order: str = "second") -> dict[str, torch.Tensor]:
+def importance_from_moments(
+    model: nn.Module, moments: GradientMoments, order: str = "second"
+) -> dict[str, torch.Tensor]:
     """{peft key: I(phi)} from the moments and the adapter's current values (see the module docstring)."""
     if moments.rows is not None:
-        raise ValueError("importance_from_moments: these moments hold one rank's rows; "
-                         "lorapar.fsdp.score_rows_sharded forms and gathers sharded scores")
+        raise ValueError(
+            "importance_from_moments: these moments hold one rank's rows; "
+            "lorapar.fsdp_scoring.score_rows_sharded forms and gathers sharded scores"
+        )
     named = named_lora_parameters(model)
     keys = [k for k, _ in named]
     if keys != moments.keys:
         differing = sorted(set(keys) ^ set(moments.keys))[:3] or "the same keys in another order"
-        raise ValueError(f"importance_from_moments: the model's LoRA parameters differ from those the moments were taken on "
-                         f"({len(keys)} vs {len(moments.keys)} tensors; differing keys: {differing})")
+        raise ValueError(
+            f"importance_from_moments: the model's LoRA parameters differ from those the moments were taken on "
+            f"({len(keys)} vs {len(moments.keys)} tensors; differing keys: {differing})"
+        )
     phi = torch.cat([p.detach().float().reshape(-1) for _, p in named])
     scores = importance_scores(moments.sum_grad, moments.sum_grad_sq, moments.count, phi, order)
     sizes = [s.numel() for s in moments.shapes]
@@ -277,9 +317,13 @@ def importance_from_moments(model: nn.Module, moments: GradientMoments, order: s
 
 
 def score_rows(
-    model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], order: str = "second",
-    info: DistInfo = DistInfo(), progress: Optional[str] = None, batch_size: int = 1,
-) -> tuple[dict[str, torch.Tensor], GradientMoments]:  # fmt: skip
+    model: nn.Module,
+    rows: Sequence[tuple[list[int], list[int]]],
+    order: str = "second",
+    info: DistInfo = DistInfo(),
+    progress: Optional[str] = None,
+    batch_size: int = 1,
+) -> tuple[dict[str, torch.Tensor], GradientMoments]:
     """Importance over `rows`; under torchrun each rank takes every world_size-th row."""
     share = rows[info.rank :: info.world_size]
     moments = accumulate_moments(model, share, batch_size=batch_size, progress=progress if info.is_main else None)

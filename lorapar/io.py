@@ -42,8 +42,10 @@ def named_errors(path: str, expected: str) -> Iterator[None]:
     try:
         yield
     except (SafetensorError, EOFError, zlib.error, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not readable as {expected} ({type(error).__name__}: {error}); "
-                         "is it truncated or another kind of file?") from None
+        raise InputError(
+            f"{path}: not readable as {expected} ({type(error).__name__}: {error}); "
+            "is it truncated or another kind of file?"
+        ) from None
     except OSError as error:
         if isinstance(error, FileNotFoundError) or error.filename:
             raise

@@ -33,8 +33,9 @@ from lorapar.script_args import InputArgs, TrainArgs
 
 def script_parser(doc: str, presets: dict) -> argparse.ArgumentParser:
     """A training script's parser: its docstring's first paragraph and --preset (paper hyper-parameters)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(presets), default=None, help="paper hyper-parameters")
     return parser
 
@@ -81,15 +82,24 @@ def lora_file_writer(model: torch.nn.Module, lora_args, with_masks: bool) -> Cal
     return save
 
 
-def load_lora_model(inputs: InputArgs, lora_args, adapter_dir: str, info: dist.DistInfo, vocab_size: int,
-                    sharded: bool) -> tuple[torch.nn.Module, Any, Callable[[str], None]]:
+def load_lora_model(
+    inputs: InputArgs, lora_args, adapter_dir: str, info: dist.DistInfo, vocab_size: int, sharded: bool
+) -> tuple[torch.nn.Module, Any, Callable[[str], None]]:
     """The frozen base with a LoRA adapter, loaded from `adapter_dir` or fresh from `lora_args`, and the
     --masks of --stage installed; `sharded`: over the ranks with FSDP2 (lorapar/fsdp.py).
 
     Returns (model, the adapter's LoraArgs, save(directory) writing the adapter and its masks)."""
     if sharded:  # each rank reads only its rows of the base
-        return fsdp.build_lora_model(inputs.ckpt, inputs.base_dtype, inputs.masks, inputs.stage, lora_args, info,
-                                     vocab_size, adapter_dir=adapter_dir)
+        return fsdp.build_lora_model(
+            inputs.ckpt,
+            inputs.base_dtype,
+            inputs.masks,
+            inputs.stage,
+            lora_args,
+            info,
+            vocab_size,
+            adapter_dir=adapter_dir,
+        )
     model = load_base_model(inputs.ckpt, inputs.base_dtype, info.device, vocab_size)
     if adapter_dir:  # the very tensors it holds (and, for pissa/olora, its residual base)
         lora_args = load_adapter(model, adapter_dir, dropout=None if lora_args is None else lora_args.dropout)
@@ -135,10 +145,21 @@ class Run:
             self.checkpoint(done)
 
 
-def start_run(model: torch.nn.Module, train: TrainArgs, info: dist.DistInfo, resume_from: Optional[str],
-              configs: tuple, save_files: Callable[[str], None], total_steps: int, steps_per_epoch: int,
-              first_record: dict, extra: dict, desc: str, adapter_hooks: Any = None,
-              keep_start_adapter: bool = False) -> Run:
+def start_run(
+    model: torch.nn.Module,
+    train: TrainArgs,
+    info: dist.DistInfo,
+    resume_from: Optional[str],
+    configs: tuple,
+    save_files: Callable[[str], None],
+    total_steps: int,
+    steps_per_epoch: int,
+    first_record: dict,
+    extra: dict,
+    desc: str,
+    adapter_hooks: Any = None,
+    keep_start_adapter: bool = False,
+) -> Run:
     """Everything between the loaded model and the first step, the same for both training scripts.
 
     The adapter is broadcast from rank 0 (FSDP's ranks initialise identically from the seed and hold
@@ -152,8 +173,9 @@ def start_run(model: torch.nn.Module, train: TrainArgs, info: dist.DistInfo, res
     if not train.fsdp:
         dist.broadcast_params(params, info)
     start_adapter = [p.detach().clone() for p in params] if keep_start_adapter else None
-    optimizer = MaskedAdamW.for_model(model, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
-                                      weight_decay=train.weight_decay)
+    optimizer = MaskedAdamW.for_model(
+        model, lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay
+    )
     if adapter_hooks is not None:
         adapter_hooks.start(optimizer, total_steps)
     config = config_to_dict(*configs)
@@ -165,19 +187,42 @@ def start_run(model: torch.nn.Module, train: TrainArgs, info: dist.DistInfo, res
         restore = fsdp_checkpoint.restore_sharded_checkpoint if train.fsdp else restore_training_state
         start_step = restore(resume_from, model, optimizer, config, info)
     elif info.is_main:
-        save_config(os.path.join(train.out, "config.json"), *configs,
-                    extra={"world_size": info.world_size, **extra, "total_steps": total_steps})
-    metrics = MetricsLog(os.path.join(train.out, "metrics.jsonl"), info.is_main,
-                         resume_step=start_step if resume_from else None)
+        save_config(
+            os.path.join(train.out, "config.json"),
+            *configs,
+            extra={"world_size": info.world_size, **extra, "total_steps": total_steps},
+        )
+    metrics = MetricsLog(
+        os.path.join(train.out, "metrics.jsonl"), info.is_main, resume_step=start_step if resume_from else None
+    )
     if start_step == 0:
-        metrics.log({"step": 0, **first_record, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                     "world_size": info.world_size})
+        metrics.log(
+            {
+                "step": 0,
+                **first_record,
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+                "world_size": info.world_size,
+            }
+        )
     checkpointer = fsdp_checkpoint.make_sharded_checkpointer if train.fsdp else make_checkpointer
     checkpoint = checkpointer(train, info, model, optimizer, total_steps, steps_per_epoch, config, save_files)
     last_step = min(total_steps, train.halt_at) if train.halt_at else total_steps
     bar = tqdm(total=total_steps, initial=start_step, disable=not info.is_main, desc=desc, dynamic_ncols=True)
-    return Run(info, train, params, optimizer, start_step, last_step, total_steps, metrics, checkpoint, save_files,
-               start_adapter, bar)
+    return Run(
+        info,
+        train,
+        params,
+        optimizer,
+        start_step,
+        last_step,
+        total_steps,
+        metrics,
+        checkpoint,
+        save_files,
+        start_adapter,
+        bar,
+    )
 
 
 def finish_run(run: Run, model: torch.nn.Module) -> bool:

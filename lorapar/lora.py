@@ -9,16 +9,7 @@ updates and keeps state for active elements only, so a frozen element never move
 with set_masks (then `optimizer.sync_masks(model)`), never in place: the optimizer's packed state
 is laid out by them.
 
-Inits (LoraArgs.init):
-  lora      A ~ Kaiming-uniform(a=sqrt(5)) as peft does, B = 0: the model is unchanged at start.
-  gaussian  A, B ~ N(0, init_std^2): LoRA-PAR scores importance on this (with B = 0 every A-score is 0).
-  pissa     top-r SVD W0 ~ U S V^T: A = sqrt(S) V^T / sqrt(s), B = U sqrt(S) / sqrt(s), so s B A is the
-            principal part; the base keeps the residual W0 - s B A and the output is unchanged.
-  olora     Q, R = qr(W0): A = R[:r], B = Q[:, :r], the base keeps W0 - s B A. Not scaled by 1/sqrt(s):
-            this is OLoRA's reference implementation (peft's, by OLoRA's author), so peft rebuilds the
-            same residual from init_lora_weights="olora" and adapters move between the two.
-For pissa/olora the initial A0, B0 are kept (non-persistent buffers) so that an adapter can be loaded
-onto the original base: the residual is rebuilt as W0 - s B0 A0 by the same code, bit for bit.
+Inits (LoraArgs.init): lorapar/lora_init.py.
 
 Names: modules are keyed by Meta names ("layers.0.attention.wq"); parameters and masks by peft keys
 ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), both in lorapar/lora_names.py. In
@@ -39,9 +30,8 @@ import torch.nn.functional as F
 
 from kernels import masked_lora_linear
 from lorapar.errors import check_fields
+from lorapar.lora_init import INITS, initial_factors
 from lorapar.lora_names import MODULE_NAME_RE, peft_key, resolve_targets
-
-INITS = ("lora", "gaussian", "pissa", "olora")
 
 
 @dataclass
@@ -56,7 +46,9 @@ class LoraArgs:
     init: str = field(default="lora", metadata={"help": "lora | gaussian | pissa | olora", "choices": INITS})
     init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (LoRA-PAR: 0.01)"})
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) instead of alpha/r"})
-    pissa_niter: int = field(default=0, metadata={"help": "pissa: 0 = exact SVD, N > 0 = randomized SVD with N iterations"})
+    pissa_niter: int = field(
+        default=0, metadata={"help": "pissa: 0 = exact SVD, N > 0 = randomized SVD with N iterations"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random inits (lora, gaussian, randomized pissa)"})
 
     def __post_init__(self) -> None:
@@ -90,7 +82,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = weight.shape
         if r > min(out_features, in_features):
-            raise ValueError(f"LoRA rank r={r} exceeds min(out, in) = {min(out_features, in_features)} of a {tuple(weight.shape)} weight")
+            raise ValueError(
+                f"LoRA rank r={r} exceeds min(out, in) = {min(out_features, in_features)} of a {tuple(weight.shape)} "
+                "weight"
+            )
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=weight.device, dtype=dtype))
@@ -112,11 +107,16 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         out_features, in_features = self.weight.shape
-        return f"in={in_features}, out={out_features}, r={self.r}, scale={self.scale:g}, init={self.init}, merged={self.merged}"
+        return (
+            f"in={in_features}, out={out_features}, r={self.r}, scale={self.scale:g}, init={self.init}, "
+            f"merged={self.merged}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return F.linear(x, self.weight) if self.adapter_enabled else self._original_base(x, self.weight_before_merge)
+            return (
+                F.linear(x, self.weight) if self.adapter_enabled else self._original_base(x, self.weight_before_merge)
+            )
         if not self.adapter_enabled:
             return self.base_forward(x)
         A, B = self.lora_A, self.lora_B
@@ -148,18 +148,10 @@ class LoRALinear(nn.Module):
     def reset_lora(self, init: str, generator: torch.Generator, init_std: float = 0.01, pissa_niter: int = 0) -> None:
         """Initialise A and B; pissa/olora also move the principal part out of the frozen base."""
         if self.init in ("pissa", "olora"):
-            raise RuntimeError(f"this module was initialised with {self.init}; its base is a residual and cannot be re-initialised")
-        A = torch.empty(self.lora_A.shape)
-        if init == "lora":
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-            B = torch.zeros(self.lora_B.shape)
-        elif init == "gaussian":
-            A.normal_(0.0, init_std, generator=generator)
-            B = torch.empty(self.lora_B.shape).normal_(0.0, init_std, generator=generator)
-        elif init in ("pissa", "olora"):
-            A, B = principal_factors(self.weight, self.r, self.scale, init, pissa_niter, generator)
-        else:
-            raise ValueError(f"unknown LoRA init {init!r}; expected one of {INITS}")
+            raise RuntimeError(
+                f"this module was initialised with {self.init}; its base is a residual and cannot be re-initialised"
+            )
+        A, B = initial_factors(self.weight, self.r, self.scale, init, generator, init_std, pissa_niter)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         if init in ("pissa", "olora"):
@@ -201,32 +193,6 @@ class LoRALinear(nn.Module):
         # Own copies: a caller editing its dict afterwards must not change the masks under the optimizer.
         self.mask_A = None if mask_A is None else mask_A.to(self.lora_A.device, copy=True)
         self.mask_B = None if mask_B is None else mask_B.to(self.lora_B.device, copy=True)
-
-
-def principal_factors(
-    weight: torch.Tensor, r: int, scale: float, init: str, niter: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) in fp32: pissa, s B A = the rank-r SVD part of W; olora, B A = Q_r R_r of W = QR."""
-    W = weight.detach().float()
-    if init == "pissa":
-        if niter > 0:
-            # svd_lowrank draws its test matrix from the global RNG; seed it locally for determinism.
-            devices = [W.device] if W.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-                U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
-            Vh = V.T
-        else:
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        root_S = S[:r].sqrt()
-        A = root_S[:, None] * Vh[:r]
-        B = U[:, :r] * root_S[None, :]
-        root_scale = math.sqrt(scale)
-        return (A / root_scale).contiguous().cpu(), (B / root_scale).contiguous().cpu()
-    if init == "olora":
-        Q, R = torch.linalg.qr(W)
-        return R[:r].contiguous().cpu(), Q[:, :r].contiguous().cpu()
-    raise ValueError(f"principal_factors: init must be pissa or olora, got {init!r}")
 
 
 # ---------------------------------------------------------------------- model-level functions
@@ -281,7 +247,9 @@ def replace_linears(model: nn.Module, args: LoraArgs) -> dict[str, LoRALinear]:
         setattr(root.get_submodule(parent_name), leaf, lora)
         found[name] = lora
     if not found:
-        raise ValueError(f"apply_lora: no module matches targets {args.targets} (expected layers.N.attention.wq ... names)")
+        raise ValueError(
+            f"apply_lora: no module matches targets {args.targets} (expected layers.N.attention.wq ... names)"
+        )
     for p in root.parameters():
         p.requires_grad_(False)
     for m in found.values():
@@ -332,7 +300,9 @@ def set_masks(model: nn.Module, masks: Optional[dict[str, torch.Tensor]]) -> Non
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"set_masks: mask {key} must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
         if mask.shape != params[key].shape:
-            raise ValueError(f"set_masks: mask {key} has shape {tuple(mask.shape)}, the parameter has {tuple(params[key].shape)}")
+            raise ValueError(
+                f"set_masks: mask {key} has shape {tuple(mask.shape)}, the parameter has {tuple(params[key].shape)}"
+            )
     for name, m in modules.items():
         m.set_masks(masks[peft_key(name, "A")], masks[peft_key(name, "B")])
 
@@ -386,7 +356,20 @@ def export_merged(model: nn.Module, path: str, format: str = "hf") -> None:
 
 
 __all__ = [
-    "LoraArgs", "LoRALinear", "apply_lora", "lora_modules",
-    "adapter_state_dict", "named_lora_parameters", "set_masks", "get_masks", "merge", "unmerge",
-    "disable_adapter", "export_merged", "principal_factors", "INITS", "unwrap_model", "replace_linears", "require_lora",
+    "LoraArgs",
+    "LoRALinear",
+    "apply_lora",
+    "lora_modules",
+    "adapter_state_dict",
+    "named_lora_parameters",
+    "set_masks",
+    "get_masks",
+    "merge",
+    "unmerge",
+    "disable_adapter",
+    "export_merged",
+    "INITS",
+    "unwrap_model",
+    "replace_linears",
+    "require_lora",
 ]

@@ -12,7 +12,15 @@ from typing import Sequence, Union
 
 # One canonical spelling (Meta's leaf name) per target, reachable from every accepted spelling.
 SHORT_TO_META = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
-META_TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+META_TO_HF = {
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "w1": "gate_proj",
+    "w3": "up_proj",
+    "w2": "down_proj",
+}
 HF_TO_META = {h: m for m, h in META_TO_HF.items()}
 _HF_BLOCK = {"attention": "self_attn", "feed_forward": "mlp"}
 _META_BLOCK = {h: m for m, h in _HF_BLOCK.items()}
@@ -38,16 +46,19 @@ def resolve_targets(targets: Union[str, Sequence[str]]) -> list[str]:
 
 
 def peft_key(module_name: str, which: str) -> str:
-    """"layers.0.attention.wq", "A" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    """ "layers.0.attention.wq", "A" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
     match = MODULE_NAME_RE.search(module_name)
     if match is None or which not in ("A", "B"):
-        raise ValueError(f"peft_key: expected a 'layers.N.attention|feed_forward.wX' module and 'A'|'B', got {module_name!r}, {which!r}")
+        raise ValueError(
+            f"peft_key: expected a 'layers.N.attention|feed_forward.wX' module and 'A'|'B', got {module_name!r}, "
+            f"{which!r}"
+        )
     layer, block, leaf = match.groups()
     return f"base_model.model.model.layers.{layer}.{_HF_BLOCK[block]}.{META_TO_HF[leaf]}.lora_{which}.weight"
 
 
 def target_of(module_name: str) -> str:
-    """"layers.0.attention.wq" -> "wq": the Meta leaf name of a module LoRA can target."""
+    """ "layers.0.attention.wq" -> "wq": the Meta leaf name of a module LoRA can target."""
     match = MODULE_NAME_RE.search(module_name)
     if match is None:
         raise ValueError(f"target_of: expected a 'layers.N.attention|feed_forward.wX' module, got {module_name!r}")
@@ -58,6 +69,8 @@ def module_name_of(key: str) -> tuple[str, str]:
     """Inverse of peft_key: a peft key -> (Meta module name, "A"|"B")."""
     match = _PEFT_RE.match(key)
     if match is None or match.group(2) not in _META_BLOCK or match.group(3) not in HF_TO_META:
-        raise ValueError(f"{key!r} is not a peft LoRA key like 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'")
+        raise ValueError(
+            f"{key!r} is not a peft LoRA key like 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"
+        )
     layer, block, proj, which = match.groups()
     return f"layers.{layer}.{_META_BLOCK[block]}.{HF_TO_META[proj]}", which

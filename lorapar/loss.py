@@ -94,8 +94,13 @@ def selected_logprobs(
     jacobian_now = torch.is_grad_enabled() and hidden.requires_grad
     weight = output.weight.to(_matmul_dtype(hidden))  # cast once for all chunks, as autocast would per call
     pieces = [
-        LinearLogSoftmaxGather.apply(hidden[start : start + chunk_tokens], weight,
-                                     targets[start : start + chunk_tokens], float(temperature), jacobian_now)
+        LinearLogSoftmaxGather.apply(
+            hidden[start : start + chunk_tokens],
+            weight,
+            targets[start : start + chunk_tokens],
+            float(temperature),
+            jacobian_now,
+        )
         for start in range(0, hidden.shape[0], chunk_tokens)
     ]
     if not pieces:  # no labelled token: an empty result that still belongs to the graph, so backward() works

@@ -20,14 +20,21 @@ from lorapar.lora import set_masks
 # ---------------------------------------------------------------------- masks on disk
 
 
-def save_masks(path: str, masks: Mapping[str, Union[torch.Tensor, Mapping[str, torch.Tensor]]],
-               metadata: Optional[Mapping[str, str]] = None) -> None:
+def save_masks(
+    path: str,
+    masks: Mapping[str, Union[torch.Tensor, Mapping[str, torch.Tensor]]],
+    metadata: Optional[Mapping[str, str]] = None,
+) -> None:
     """One safetensors file: {peft_key: mask}, or {"stage1": masks, "stage2": masks} stored as "stage1.<peft_key>";
     `metadata` (strings) goes into the file's header beside "format"."""
     staged = {name: value for name, value in masks.items() if isinstance(value, Mapping)}
     if staged and len(staged) != len(masks):
         raise ValueError("save_masks: give either {peft_key: mask} or {stage: {peft_key: mask}}, not a mixture")
-    flat = {f"{stage}.{key}": mask for stage, group in staged.items() for key, mask in group.items()} if staged else dict(masks)
+    flat = (
+        {f"{stage}.{key}": mask for stage, group in staged.items() for key, mask in group.items()}
+        if staged
+        else dict(masks)
+    )
     for stage in staged:
         if "." in stage or stage.startswith("base_model"):
             raise ValueError(f"save_masks: stage name {stage!r} must not contain '.' or start with 'base_model'")

@@ -40,8 +40,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 # ----------------------------------------------------------------------------- learning-rate schedule
 
 
-def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, schedule: str = "cosine",
-                  floor: float = 0.0) -> float:
+def learning_rate(
+    step: int, total_steps: int, peak: float, warmup_steps: int, schedule: str = "cosine", floor: float = 0.0
+) -> float:
     """The learning rate of optimizer step `step` (0-based) of `total_steps`.
 
     Linear warm-up over `warmup_steps` steps from peak/warmup_steps to peak, then cosine (or linear)
@@ -63,15 +64,28 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, s
 def lr_at(step: int, total_steps: int, args) -> float:
     """`learning_rate` with the training scripts' flags (lorapar.script_args.TrainArgs): --lr, --schedule,
     a warm-up of ceil(--warmup-ratio x total) steps and a floor of --min-lr-ratio x --lr."""
-    return learning_rate(step, total_steps, args.lr, math.ceil(args.warmup_ratio * total_steps), args.schedule,
-                         args.min_lr_ratio * args.lr)
+    return learning_rate(
+        step,
+        total_steps,
+        args.lr,
+        math.ceil(args.warmup_ratio * total_steps),
+        args.schedule,
+        args.min_lr_ratio * args.lr,
+    )
 
 
 # ----------------------------------------------------------------------------- the optimizer step
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, params: list, info: dist.DistInfo, *, lr: float,
-                   max_grad_norm: float, zero_grad: bool = True) -> Optional[torch.Tensor]:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: list,
+    info: dist.DistInfo,
+    *,
+    lr: float,
+    max_grad_norm: float,
+    zero_grad: bool = True,
+) -> Optional[torch.Tensor]:
     """One update from the gradients the micro-batches accumulated: sum them over the ranks (a no-op
     for FSDP's parameters, which FSDP reduces itself), clip their global norm to `max_grad_norm`
     (0 = no clipping), step at `lr` and release the gradients (`zero_grad=False` keeps them for a
@@ -102,14 +116,24 @@ class MaskedAdamW(torch.optim.Optimizer):
         x <- x - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"MaskedAdamW: invalid hyper-parameters lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise ValueError(
+                f"MaskedAdamW: invalid hyper-parameters lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}"
+            )
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        super().__init__([self._normalise_group(g, i) for i, g in enumerate(groups)],
-                         dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(
+            [self._normalise_group(g, i) for i, g in enumerate(groups)],
+            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+        )
 
     @staticmethod
     def _normalise_group(group: dict, index: int) -> dict:
@@ -132,7 +156,9 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def _entries(self):
         for group in self.param_groups:
-            yield from ((group, p, mask, name) for p, mask, name in zip(group["params"], group["masks"], group["names"]))
+            yield from (
+                (group, p, mask, name) for p, mask, name in zip(group["params"], group["masks"], group["names"])
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -158,11 +184,19 @@ class MaskedAdamW(torch.optim.Optimizer):
             else:
                 index = _active_index(mask)
                 if index.numel() != state["exp_avg"].numel():
-                    raise RuntimeError(f"MaskedAdamW: the mask of {name} now has {index.numel()} active elements, its state "
-                                       f"{state['exp_avg'].numel()}; masks must change through update_masks, not in place")
+                    raise RuntimeError(
+                        f"MaskedAdamW: the mask of {name} now has {index.numel()} active elements, its state "
+                        f"{state['exp_avg'].numel()}; masks must change through update_masks, not in place"
+                    )
                 values = p.view(-1).index_select(0, index)  # the packed copy; frozen elements are never written
-                _adamw(values, grad.reshape(-1).index_select(0, index), state["exp_avg"], state["exp_avg_sq"],
-                       state["step"], group)
+                _adamw(
+                    values,
+                    grad.reshape(-1).index_select(0, index),
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state["step"],
+                    group,
+                )
                 p.view(-1).index_copy_(0, index, values)
         return loss
 
@@ -180,7 +214,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         if not grads:
             return torch.tensor(0.0)
         norms = [
-            torch.linalg.vector_norm(g if mask is None else g.reshape(-1).index_select(0, _active_index(mask)), dtype=torch.float32)
+            torch.linalg.vector_norm(
+                g if mask is None else g.reshape(-1).index_select(0, _active_index(mask)), dtype=torch.float32
+            )
             for g, mask in grads
         ]
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
@@ -228,17 +264,23 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Resume; the saved masks must equal the current ones (the packed state is laid out by them)."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"MaskedAdamW.load_state_dict: {len(saved_groups)} saved param groups, {len(self.param_groups)} here")
+            raise ValueError(
+                f"MaskedAdamW.load_state_dict: {len(saved_groups)} saved param groups, {len(self.param_groups)} here"
+            )
         for group, saved in zip(self.param_groups, saved_groups):
             if "masks" not in saved:
                 raise ValueError("MaskedAdamW.load_state_dict: the state dict has no masks (not a MaskedAdamW state?)")
             if len(saved["masks"]) != len(group["params"]):
-                raise ValueError(f"MaskedAdamW.load_state_dict: a group has {len(saved['masks'])} saved parameters, "
-                                 f"{len(group['params'])} here")
+                raise ValueError(
+                    f"MaskedAdamW.load_state_dict: a group has {len(saved['masks'])} saved parameters, "
+                    f"{len(group['params'])} here"
+                )
             for p, current, old, name in zip(group["params"], group["masks"], saved["masks"], group["names"]):
                 if not _same_mask(current, old, p):
-                    raise ValueError(f"MaskedAdamW.load_state_dict: the mask of {name} differs from the saved one; "
-                                     "load the masks the run was saved with (or update_masks after loading)")
+                    raise ValueError(
+                        f"MaskedAdamW.load_state_dict: the mask of {name} differs from the saved one; "
+                        "load the masks the run was saved with (or update_masks after loading)"
+                    )
         current_masks = [group["masks"] for group in self.param_groups]
         current_names = [group["names"] for group in self.param_groups]
         super().load_state_dict(state_dict)
@@ -249,18 +291,22 @@ class MaskedAdamW(torch.optim.Optimizer):
             mask = _local_mask(p, mask)
             active = _local(p).numel() if mask is None else int(mask.sum())
             if state and state["exp_avg"].numel() != active:
-                raise ValueError(f"MaskedAdamW.load_state_dict: {name} has {state['exp_avg'].numel()} saved state entries, "
-                                 f"{active} active elements")
+                raise ValueError(
+                    f"MaskedAdamW.load_state_dict: {name} has {state['exp_avg'].numel()} saved state entries, "
+                    f"{active} active elements"
+                )
 
 
-def _adamw(x: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, group: dict) -> None:
+def _adamw(
+    x: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, group: dict
+) -> None:
     """One AdamW update of x in place, written as torch.optim.AdamW's single-tensor path."""
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     x.mul_(1 - lr * wd)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step_size = lr / (1 - beta1 ** step)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
     x.addcdiv_(exp_avg, denom, value=-step_size)
 
 
@@ -301,10 +347,14 @@ def _check_mask(mask: Optional[torch.Tensor], p: torch.Tensor, name: str) -> Non
     if mask is None:
         return
     if not p.is_contiguous():
-        raise ValueError(f"MaskedAdamW: {name} must be contiguous to be masked (its elements are updated through a flat view)")
+        raise ValueError(
+            f"MaskedAdamW: {name} must be contiguous to be masked (its elements are updated through a flat view)"
+        )
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
-        raise ValueError(f"MaskedAdamW: the mask of {name} must be a bool tensor of shape {tuple(p.shape)}, "
-                         f"got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}")
+        raise ValueError(
+            f"MaskedAdamW: the mask of {name} must be a bool tensor of shape {tuple(p.shape)}, "
+            f"got {getattr(mask, 'dtype', type(mask))} {tuple(getattr(mask, 'shape', ()))}"
+        )
     if mask.device != p.device:
         raise ValueError(f"MaskedAdamW: the mask of {name} is on {mask.device}, the parameter on {p.device}")
 

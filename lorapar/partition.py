@@ -42,10 +42,15 @@ def check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
 @dataclass
 class PartitionArgs:
     theta: float = field(
-        default=0.9, metadata={"help": "per system, keep the top elements holding this fraction of the total importance"}
+        default=0.9,
+        metadata={"help": "per system, keep the top elements holding this fraction of the total importance"},
     )
-    alpha: float = field(default=1.0, metadata={"help": "fraction of the shared region trained in stage 1 (by S1 score)"})
-    beta: float = field(default=1.0, metadata={"help": "fraction of the shared region trained in stage 2 (by S2 score)"})
+    alpha: float = field(
+        default=1.0, metadata={"help": "fraction of the shared region trained in stage 1 (by S1 score)"}
+    )
+    beta: float = field(
+        default=1.0, metadata={"help": "fraction of the shared region trained in stage 2 (by S2 score)"}
+    )
 
     def __post_init__(self) -> None:
         check_fraction("theta", self.theta, allow_zero=False)
@@ -71,7 +76,9 @@ class Layout:
     def flatten(self, tensors: dict[str, torch.Tensor], what: str) -> torch.Tensor:
         if set(tensors) != set(self.keys):
             missing, extra = sorted(set(self.keys) - set(tensors)), sorted(set(tensors) - set(self.keys))
-            raise ValueError(f"{what}: keys differ from {self.keys[0]!r}...: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ValueError(
+                f"{what}: keys differ from {self.keys[0]!r}...: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         for key, shape in zip(self.keys, self.shapes):
             if tensors[key].shape != shape:
                 raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
@@ -215,9 +222,7 @@ def partition(
         chosen = top_count_mask(own_scores[shared], k)
         return (own & ~shared).masked_scatter_(shared, chosen)  # shared and own-only are disjoint
 
-    return Partition(
-        layout, system1, system2, stage(system1, flat1, args.alpha), stage(system2, flat2, args.beta)
-    )
+    return Partition(layout, system1, system2, stage(system1, flat1, args.alpha), stage(system2, flat2, args.beta))
 
 
 RANDOM_SCOPES = ("global", "per_tensor")
@@ -237,8 +242,9 @@ def _random_subset(pool: torch.Tensor, k: int, generator: torch.Generator) -> to
     return pool[torch.randperm(pool.numel(), generator=generator)[:k]]
 
 
-def global_random_stage_masks(stage_masks: dict[str, dict[str, torch.Tensor]], generator: torch.Generator
-                              ) -> dict[str, dict[str, torch.Tensor]]:
+def global_random_stage_masks(
+    stage_masks: dict[str, dict[str, torch.Tensor]], generator: torch.Generator
+) -> dict[str, dict[str, torch.Tensor]]:
     """The paper's random baseline over the whole adapter, with the importance partition's sizes and overlap:
 
         random stage1 = |stage1| elements drawn uniformly from all adapter elements
@@ -264,12 +270,16 @@ def global_random_stage_masks(stage_masks: dict[str, dict[str, torch.Tensor]], g
 def stage_overlap(stage_masks: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
     """{"stage1": |stage1|, "stage2": |stage2|, "overlap": |stage1 & stage2|} of a pair of stage masks."""
     one, two = stage_masks["stage1"], stage_masks["stage2"]
-    return {"stage1": sum(int(m.sum()) for m in one.values()), "stage2": sum(int(m.sum()) for m in two.values()),
-            "overlap": sum(int((one[k] & two[k]).sum()) for k in one)}  # fmt: skip
+    return {
+        "stage1": sum(int(m.sum()) for m in one.values()),
+        "stage2": sum(int(m.sum()) for m in two.values()),
+        "overlap": sum(int((one[k] & two[k]).sum()) for k in one),
+    }
 
 
-def random_stage_masks(stage_masks: dict[str, dict[str, torch.Tensor]], seed: int, scope: str = "global"
-                       ) -> dict[str, dict[str, torch.Tensor]]:
+def random_stage_masks(
+    stage_masks: dict[str, dict[str, torch.Tensor]], seed: int, scope: str = "global"
+) -> dict[str, dict[str, torch.Tensor]]:
     """The ablation baseline, drawn from one generator seeded with `seed`.
 
     scope "global" (default, the paper's): global_random_stage_masks. scope "per_tensor": each stage's
@@ -304,7 +314,8 @@ def partition_report(p: Partition) -> dict:
     """Counts and fractions of every region: in total, per layer, per module (q_proj, ...), per A/B."""
     sizes = torch.tensor(p.layout.sizes)
     segment_counts = {
-        name: torch.stack([torch.count_nonzero(seg) for seg in p.region(name).split(p.layout.sizes)]) for name in REGIONS
+        name: torch.stack([torch.count_nonzero(seg) for seg in p.region(name).split(p.layout.sizes)])
+        for name in REGIONS
     }
     parsed = []
     for key in p.layout.keys:
@@ -315,9 +326,7 @@ def partition_report(p: Partition) -> dict:
 
     def grouped(position: int) -> dict:
         groups = sorted({g[position] for g in parsed}, key=lambda v: (len(v), v))  # numeric order for layers
-        return {
-            g: _counts(segment_counts, sizes, torch.tensor([x[position] == g for x in parsed])) for g in groups
-        }
+        return {g: _counts(segment_counts, sizes, torch.tensor([x[position] == g for x in parsed])) for g in groups}
 
     everything = torch.ones(len(parsed), dtype=torch.bool)
     total = _counts(segment_counts, sizes, everything)

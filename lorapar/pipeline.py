@@ -35,148 +35,25 @@ deterministic; delete OUT/assets to rebuild them).
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue
-import shutil
 from typing import Optional
 
 import torch
 
-from lorapar import evaluate, pipeline_config, runlock
-from lorapar.config import save_config, to_argv
-from lorapar.dmlora.args import DualArgs
+from lorapar import pipeline_config, runlock
+from lorapar.config import save_config
 from lorapar.errors import run_main
-from lorapar.grpo import GRPOArgs
-from lorapar.importance import ImportanceArgs
 from lorapar.io import atomic_write_json
-from lorapar.lora_settings import LoraSettings
-from lorapar.partition import PartitionArgs
 from lorapar.pipeline_config import EMBEDDED, METHODS, SMOKE, PipelineConfig  # noqa: F401 (the command's settings)
-from lorapar.pretrain import build_default_assets
+from lorapar.pipeline_stages import PipelineStages
 from lorapar.report import build_report
-from lorapar.script_args import (
-    RL_PRESETS, SFT_PRESETS, ClassifyArgs, RLArgs, ScoreArgs, SFTArgs, TrainArgs, classify_summary_path, over_preset,
-)
-from lorapar.stages import Stages, active_fraction, check_same_config, read_json, read_metrics, run_dir_state
-from lorapar.teachers import TeacherArgs
+from lorapar.stages import Stages, check_same_config
 
 
-class Pipeline:
-    def __init__(self, cfg: PipelineConfig):
-        self.cfg = cfg
-        self.dir = lambda *parts: os.path.join(cfg.out, *parts)  # noqa: E731
-
-    # ---- inputs
-    def inputs(self, stages: Stages) -> dict:
-        cfg = self.cfg
-        if cfg.ckpt:
-            return {"train": cfg.train_data, "test": cfg.test_data, "tokenizer": cfg.tokenizer, "base": cfg.ckpt}
-        assets = cfg.assets or self.dir("assets")
-        scale = "smoke" if cfg.smoke else "full"
-        stages.run("assets", f"assets: synthetic task, tokenizer, tiny base ({scale})",
-                   lambda redo: build_default_assets(assets, scale, cfg.seed))
-        paths = build_default_assets(assets, scale, cfg.seed, progress=False)  # reused: only reads what exists
-        with open(os.path.join(paths["base"], "pretrain.json"), encoding="utf-8") as handle:
-            paths["pretrain_seconds"] = json.load(handle)["seconds"]  # when built, maybe by an earlier run
-        return paths
-
-    def teachers(self, inputs: dict) -> list[str]:
-        if self.cfg.teachers:
-            return list(self.cfg.teachers)
-        if self.cfg.ckpt:
-            return ["rule:gsm8k-steps"]
-        # The synthetic answers: System 1 has one or two step lines before '####', System 2 three or more
-        # (a line restates its event: S1 at most ~16 words, S2 at least ~17), and the rows carry their
-        # ground truth. The tiny base as a local role-play teacher (--teacher local:OUT/assets/base) is
-        # left out: it has never seen the role-play prompt, its votes carried no signal (183 of 200 rows
-        # System 1) and its ~560-token prompts cost ~200 CPU seconds, time the seeds need more.
-        return ["rule:gsm8k-steps,threshold=3", "rule:length,threshold=18", "rule:oracle"]
-
-    # ---- stages: each script run as a user runs it (Stages.launch), its results read from the files it wrote
-    def classify(self, stages: Stages, inputs: dict, redo: bool) -> dict:
-        out = self.dir("classify", "labelled.jsonl")
-        if redo:
-            shutil.rmtree(self.dir("classify"), ignore_errors=True)
-        args = ClassifyArgs(data=inputs["train"], format="gsm8k", out=out)
-        teachers = [flag for spec in self.teachers(inputs) for flag in ("--teacher", spec)]
-        stages.launch("classify.py", [*to_argv(args), *to_argv(TeacherArgs(batch_size=self.cfg.teacher_batch_size)),
-                                      *teachers])
-        summary = read_json(classify_summary_path(out))
-        return {k: summary.get(k) for k in ("rows", "system_1", "system_2", "fleiss_kappa", "reference_accuracy", "teachers")}
-
-    def score(self, stages: Stages, inputs: dict, labelled: str, seed: int, out: str, init: str, theta: float) -> dict:
-        """score.py at one init and theta: importance, masks, random masks and the scored adapter_init/."""
-        cfg = self.cfg
-        args = ScoreArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], data=labelled, out=out, random_baseline=True,
-                         overwrite=True)
-        importance = ImportanceArgs(rank=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets, samples=cfg.score_samples,
-                                    template=cfg.template, max_len=cfg.sft_max_len, init=init, seed=seed)
-        stages.launch("score.py", [*to_argv(args), *to_argv(importance), *to_argv(PartitionArgs(theta=theta))])
-        report = read_json(os.path.join(out, "report.json"))
-        baseline = report.get("random_baseline")
-        return {"active_fraction": report["partition"]["active_fraction"], "init": init, "theta": theta, "out": out,
-                "random_scope": baseline.get("scope") if isinstance(baseline, dict) else None}
-
-    def start(self, method: str, seed: int) -> tuple[list[str], str]:
-        """(train_sft.py adapter flags, stage masks or '') of a method's SFT run for one seed."""
-        cfg, run = self.cfg, self.dir(f"seed{seed}")
-        if method == "dmlora":
-            dual = DualArgs(dual_rank=cfg.dual_rank, dual_shared_rank=cfg.dual_shared_rank, dual_alpha=cfg.dual_alpha,
-                            dual_targets=cfg.dual_targets, dual_target_rank=cfg.dual_target_rank,
-                            dual_t_init=cfg.dual_t_init, dual_t_final=cfg.dual_t_final, dual_delta_t=cfg.dual_delta_t)
-            return ["--adapter", "dual", *to_argv(dual, skip=("dual_seed",))], ""
-        if method == "lora":
-            return [*to_argv(LoraSettings(rank=cfg.rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets))], ""
-        score = os.path.join(run, "score_pissa" if method == "pissa" else "score")
-        masks = os.path.join(score, "random_masks.safetensors" if method == "random" else "masks.safetensors")
-        return ["--init-adapter", os.path.join(score, "adapter_init")], masks
-
-    def sft(self, stages: Stages, inputs: dict, labelled: str, out: str, seed: int, adapter: list[str], masks: str,
-            redo: bool) -> dict:
-        cfg, preset = self.cfg, SFT_PRESETS["lorapar-sft"]
-        masked = dict(system=1, masks=masks, stage=1) if masks else {}
-        args = over_preset(SFTArgs, preset, ckpt=inputs["base"], tokenizer=inputs["tokenizer"], data=labelled,
-                       format="labelled", template=cfg.template, max_len=cfg.sft_max_len, **masked)
-        train = over_preset(TrainArgs, preset, out=out, seed=seed, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
-                          batch_size=cfg.sft_batch_size, global_batch=cfg.sft_global_batch, save_every=cfg.save_every,
-                          **run_dir_state(out, redo))
-        stages.launch("train_sft.py", ["--preset", "lorapar-sft", *to_argv(args, over_preset(SFTArgs, preset)),
-                                       *to_argv(train, over_preset(TrainArgs, preset)), *adapter])
-        losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
-        return {"steps": len(losses), "loss_first": losses[0], "loss": losses[-1], "active_fraction": active_fraction(out)}
-
-    def grpo(self, stages: Stages, inputs: dict, labelled: str, method: str, seed: int, masks: str, redo: bool) -> dict:
-        cfg, preset, out = self.cfg, RL_PRESETS["lorapar-grpo"], self.dir(f"seed{seed}", method, "rl")
-        masked = dict(masks=masks, stage=2) if masks else {}
-        args = over_preset(RLArgs, preset, ckpt=inputs["base"], tokenizer=inputs["tokenizer"], data=labelled,
-                      adapter=self.dir(f"seed{seed}", method, "sft"), format="labelled", system=2, template=cfg.template,
-                      rewards=cfg.rewards, **masked)
-        grpo = over_preset(GRPOArgs, preset, prompts_per_step=cfg.rl_prompts_per_step, num_generations=cfg.rl_generations,
-                        max_prompt_len=cfg.rl_max_prompt_len, max_completion_len=cfg.rl_max_completion_len,
-                        beta=cfg.rl_beta, temperature=cfg.rl_temperature, top_p=cfg.rl_top_p, micro_batch=cfg.rl_micro_batch)
-        train = over_preset(TrainArgs, preset, out=out, seed=seed, max_steps=cfg.rl_steps, lr=cfg.rl_lr,
-                          save_every=cfg.save_every, **run_dir_state(out, redo))
-        stages.launch("train_rl.py", ["--preset", "lorapar-grpo", *to_argv(args, over_preset(RLArgs, preset)),
-                                      *to_argv(grpo, over_preset(GRPOArgs, preset)),
-                                      *to_argv(train, over_preset(TrainArgs, preset))])
-        steps = [m for m in read_metrics(out) if "reward_mean" in m]
-        rewards = [m["reward_mean"] for m in steps]
-        # pass@G: the share of a step's prompts with at least one correct completion among their G samples
-        solved = [next(v for k, v in m.items() if k.startswith("reward/correct") and k.endswith("_any"))
-                  for m in steps if any(k.startswith("reward/correct") and k.endswith("_any") for k in m)]
-        return {"steps": len(rewards), "reward_first": rewards[0], "reward_last": rewards[-1],
-                "reward_mean": sum(rewards) / len(rewards), "active_fraction": active_fraction(out),
-                "pass_at_g": sum(solved) / len(solved) if solved else None,
-                "pass_at_g_first": solved[0] if solved else None, "generations": cfg.rl_generations}
-
-    def evaluate(self, inputs: dict, adapter: str, out: str) -> dict:
-        cfg = self.cfg
-        args = evaluate.EvalArgs(ckpt=inputs["base"], tokenizer=inputs["tokenizer"], adapter=adapter, task="gsm8k", data=inputs["test"],
-                        out=out, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
-                        max_new_tokens=cfg.eval_max_new_tokens, template=cfg.template, overwrite=True)
-        return {"metrics": evaluate.run(args)["metrics"], "file": os.path.relpath(out, cfg.out)}
+class Pipeline(PipelineStages):
+    """The run: its independent jobs, run in order on one process or several (--workers)."""
 
     # ---- the whole run
     def jobs(self) -> list[tuple[tuple[str, int, tuple], Optional[tuple]]]:
@@ -185,16 +62,29 @@ class Pipeline:
         the theta sweep's points (each trains twice), every (seed, row) (rows trained on all examples are
         the longest; DM-LoRA has no GRPO) and the base evaluation."""
         cfg = self.cfg
-        inits = tuple(init for init, rows in (("gaussian", {"lorapar", "random"}), ("pissa", {"pissa"}))
-                      if rows & set(cfg.methods))
+        inits = tuple(
+            init
+            for init, rows in (("gaussian", {"lorapar", "random"}), ("pissa", {"pissa"}))
+            if rows & set(cfg.methods)
+        )
         scores = {s: ("score", s, inits) for s in cfg.seed_values()} if inits else {}
-        sweep = [("sweep", cfg.seed, (theta,)) for theta in cfg.theta_sweep
-                 if not (theta == cfg.theta and self.sweep_reuses_rows())]
+        sweep = [
+            ("sweep", cfg.seed, (theta,))
+            for theta in cfg.theta_sweep
+            if not (theta == cfg.theta and self.sweep_reuses_rows())
+        ]
         order = [m for m in ("lora", "random", "lorapar", "pissa", "dmlora") if m in cfg.methods]
-        rows = [(("row", s, (m,)), scores[s] if m in ("lorapar", "random", "pissa") else None)
-                for m in order for s in cfg.seed_values()]
-        return ([(job, None) for job in scores.values()] + [(job, None) for job in sweep] + rows
-                + [(("base", cfg.seed, ()), None)])
+        rows = [
+            (("row", s, (m,)), scores[s] if m in ("lorapar", "random", "pissa") else None)
+            for m in order
+            for s in cfg.seed_values()
+        ]
+        return (
+            [(job, None) for job in scores.values()]
+            + [(job, None) for job in sweep]
+            + rows
+            + [(("base", cfg.seed, ()), None)]
+        )
 
     def run_job(self, job: tuple[str, int, tuple], inputs: dict) -> None:
         kind, seed, what = job
@@ -202,8 +92,11 @@ class Pipeline:
         stages = Stages(self.cfg.out, self.cfg.overwrite, total=total, threads=self.cfg.threads)
         labelled = self.dir("classify", "labelled.jsonl")
         if kind == "base":
-            stages.run("base.eval", "evaluate: the base model without an adapter",
-                       lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")))
+            stages.run(
+                "base.eval",
+                "evaluate: the base model without an adapter",
+                lambda redo: self.evaluate(inputs, "", self.dir("base_eval.json")),
+            )
         elif kind == "score":
             self.run_scores(stages, inputs, labelled, seed, what)
         elif kind == "sweep":
@@ -225,7 +118,11 @@ class Pipeline:
         stages = Stages(cfg.out, cfg.overwrite, total=(0 if cfg.ckpt else 1) + 1, threads=cfg.threads)
         inputs = self.inputs(stages)
         atomic_write_json(self.dir("inputs.json"), inputs)
-        stages.run("classify", "classify: System 1 / System 2 by the teachers' vote", lambda redo: self.classify(stages, inputs, redo))
+        stages.run(
+            "classify",
+            "classify: System 1 / System 2 by the teachers' vote",
+            lambda redo: self.classify(stages, inputs, redo),
+        )
         jobs = self.jobs()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -242,27 +139,45 @@ class Pipeline:
         """score.py for one seed at each init the rows start from: gaussian (LoRA-PAR, random masks), pissa."""
         theta, run = self.cfg.theta, lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
         if "gaussian" in inits:
-            stages.run(f"seed{seed}.score", f"seed {seed}: score at the gaussian init, theta {theta} masks, random masks",
-                       lambda redo: self.score(stages, inputs, labelled, seed, run("score"), "gaussian", theta))
+            stages.run(
+                f"seed{seed}.score",
+                f"seed {seed}: score at the gaussian init, theta {theta} masks, random masks",
+                lambda redo: self.score(stages, inputs, labelled, seed, run("score"), "gaussian", theta),
+            )
         if "pissa" in inits:
-            stages.run(f"seed{seed}.score_pissa", f"seed {seed}: score at the PiSSA init, theta {theta} masks",
-                       lambda redo: self.score(stages, inputs, labelled, seed, run("score_pissa"), "pissa", theta))
+            stages.run(
+                f"seed{seed}.score_pissa",
+                f"seed {seed}: score at the PiSSA init, theta {theta} masks",
+                lambda redo: self.score(stages, inputs, labelled, seed, run("score_pissa"), "pissa", theta),
+            )
 
     def run_row(self, stages: Stages, inputs: dict, labelled: str, seed: int, method: str) -> None:
         """One row of the table for one seed: SFT and its evaluation, then GRPO and its evaluation."""
         run = lambda *p: self.dir(f"seed{seed}", *p)  # noqa: E731
         adapter, masks = self.start(method, seed)
         tag = f"seed{seed}.{method}"
-        stages.run(f"{tag}.sft", f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
-                   lambda redo: self.sft(stages, inputs, labelled, run(method, "sft"), seed, adapter, masks, redo))
-        stages.run(f"{tag}.sft.eval", f"seed {seed}, {method}: evaluate after SFT",
-                   lambda redo: self.evaluate(inputs, run(method, "sft"), run(method, "eval_sft.json")))
+        stages.run(
+            f"{tag}.sft",
+            f"seed {seed}, {method}: SFT" + (" (System 1, stage-1 mask)" if masks else " (all rows)"),
+            lambda redo: self.sft(stages, inputs, labelled, run(method, "sft"), seed, adapter, masks, redo),
+        )
+        stages.run(
+            f"{tag}.sft.eval",
+            f"seed {seed}, {method}: evaluate after SFT",
+            lambda redo: self.evaluate(inputs, run(method, "sft"), run(method, "eval_sft.json")),
+        )
         if method == "dmlora":
             return
-        stages.run(f"{tag}.rl", f"seed {seed}, {method}: GRPO (System 2" + (", stage-2 mask)" if masks else ")"),
-                   lambda redo: self.grpo(stages, inputs, labelled, method, seed, masks, redo))
-        stages.run(f"{tag}.rl.eval", f"seed {seed}, {method}: evaluate after GRPO",
-                   lambda redo: self.evaluate(inputs, run(method, "rl"), run(method, "eval_rl.json")))
+        stages.run(
+            f"{tag}.rl",
+            f"seed {seed}, {method}: GRPO (System 2" + (", stage-2 mask)" if masks else ")"),
+            lambda redo: self.grpo(stages, inputs, labelled, method, seed, masks, redo),
+        )
+        stages.run(
+            f"{tag}.rl.eval",
+            f"seed {seed}, {method}: evaluate after GRPO",
+            lambda redo: self.evaluate(inputs, run(method, "rl"), run(method, "eval_rl.json")),
+        )
 
     def sweep_reuses_rows(self) -> bool:
         """The theta of the main rows is a point of the curve: its seed's lorapar / random SFT runs."""
@@ -273,15 +188,32 @@ class Pipeline:
         of equal size. Both runs start from the adapter its score.py run scored (the same seed scores the
         same examples on the same gaussian adapter, so between thetas only the partition changes)."""
         out = self.dir("sweep", f"theta{theta}")
-        stages.run(f"sweep.theta{theta}.score", f"sweep: theta {theta} masks and random masks (seed {seed})",
-                   lambda redo: self.score(stages, inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta))
+        stages.run(
+            f"sweep.theta{theta}.score",
+            f"sweep: theta {theta} masks and random masks (seed {seed})",
+            lambda redo: self.score(stages, inputs, labelled, seed, os.path.join(out, "score"), "gaussian", theta),
+        )
         for kind, masks in (("importance", "masks.safetensors"), ("random", "random_masks.safetensors")):
             adapter = ["--init-adapter", os.path.join(out, "score", "adapter_init")]
-            stages.run(f"sweep.theta{theta}.{kind}.sft", f"sweep: theta {theta}, {kind} masks: SFT (System 1)",
-                       lambda redo: self.sft(stages, inputs, labelled, os.path.join(out, kind), seed, adapter,
-                                             os.path.join(out, "score", masks), redo))
-            stages.run(f"sweep.theta{theta}.{kind}.sft.eval", f"sweep: theta {theta}, {kind} masks: evaluate",
-                       lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")))
+            stages.run(
+                f"sweep.theta{theta}.{kind}.sft",
+                f"sweep: theta {theta}, {kind} masks: SFT (System 1)",
+                lambda redo: self.sft(
+                    stages,
+                    inputs,
+                    labelled,
+                    os.path.join(out, kind),
+                    seed,
+                    adapter,
+                    os.path.join(out, "score", masks),
+                    redo,
+                ),
+            )
+            stages.run(
+                f"sweep.theta{theta}.{kind}.sft.eval",
+                f"sweep: theta {theta}, {kind} masks: evaluate",
+                lambda redo: self.evaluate(inputs, os.path.join(out, kind), os.path.join(out, f"eval_{kind}.json")),
+            )
 
 
 def run_in_workers(jobs: list[tuple[tuple, Optional[tuple]]], cfg: PipelineConfig, inputs: dict, workers: int) -> None:
@@ -298,8 +230,9 @@ def run_in_workers(jobs: list[tuple[tuple, Optional[tuple]]], cfg: PipelineConfi
             for entry in ready[: workers - running]:
                 pending.remove(entry)
                 running += 1
-                pool.apply_async(run_job_in_worker, ((cfg, inputs, entry[0]),),
-                                 callback=finished.put, error_callback=finished.put)
+                pool.apply_async(
+                    run_job_in_worker, ((cfg, inputs, entry[0]),), callback=finished.put, error_callback=finished.put
+                )
             if not running:
                 raise RuntimeError(f"pipeline jobs wait for jobs that are not in the run: {pending}")
             outcome = finished.get()

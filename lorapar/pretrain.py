@@ -30,11 +30,11 @@ from tqdm import tqdm
 from lorapar.checkpoint import load_model, save_model
 from lorapar.config import ModelArgs, field, save_config
 from lorapar.data import load_examples
-from lorapar.templates import format_prompt, format_response
 from lorapar.io import atomic_write_json
 from lorapar.model import Transformer
 from lorapar.optim import learning_rate
 from lorapar.synthetic import SyntheticArgs, read_corpus, train_tokenizer, write_task
+from lorapar.templates import format_prompt, format_response
 from lorapar.tokenizer import Tokenizer
 
 # The templates whose spellings the embedded tokenizer learns; lorapar's texts (the question, the answer as
@@ -49,12 +49,19 @@ class PretrainArgs:
     n_heads: int = 4
     n_kv_heads: int = 2
     hidden_dim: int = 352  # about 8/3 * dim, as LLaMA's SwiGLU rule gives
-    vocab_size: int = field(default=512, metadata={"help": "SentencePiece pieces trained on the corpus (the task has few words)"})
+    vocab_size: int = field(
+        default=512, metadata={"help": "SentencePiece pieces trained on the corpus (the task has few words)"}
+    )
     seq_len: int = field(default=128, metadata={"help": "tokens per training window"})
     batch_size: int = 32
     steps: int = field(default=700, metadata={"help": "optimizer steps (deterministic, unlike a time budget)"})
-    ranks: int = field(default=2, metadata={"help": "data-parallel processes, each one thread on its half of every batch "
-                                                    "(the base depends on it only through float rounding)"})
+    ranks: int = field(
+        default=2,
+        metadata={
+            "help": "data-parallel processes, each one thread on its half of every batch "
+            "(the base depends on it only through float rounding)"
+        },
+    )
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 30
@@ -63,9 +70,15 @@ class PretrainArgs:
     seed: int = 0
 
     def model_args(self) -> ModelArgs:
-        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                         hidden_dim=self.hidden_dim, vocab_size=self.vocab_size,
-                         max_seq_len=1024)  # the local teacher's role-play prompt is ~560 tokens
+        return ModelArgs(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            hidden_dim=self.hidden_dim,
+            vocab_size=self.vocab_size,
+            max_seq_len=1024,
+        )  # the local teacher's role-play prompt is ~560 tokens
 
 
 # "full": ~2-3 minutes of pretraining on 2 CPU cores; "smoke": a few seconds, for CI's end-to-end run.
@@ -73,8 +86,18 @@ SCALES: dict[str, tuple[SyntheticArgs, PretrainArgs]] = {
     "full": (SyntheticArgs(), PretrainArgs()),
     "smoke": (
         SyntheticArgs(n_train=200, n_test=40, n_stories=800, n_table_docs=200),
-        PretrainArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=512, batch_size=16,
-                     steps=120, warmup_steps=10, ranks=1),
+        PretrainArgs(
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            hidden_dim=176,
+            vocab_size=512,
+            batch_size=16,
+            steps=120,
+            warmup_steps=10,
+            ranks=1,
+        ),
     ),
 }
 
@@ -112,8 +135,9 @@ def _pretrain_rank(rank: int, stream: torch.Tensor, args: PretrainArgs, progress
     """The training loop of one rank (tmp: the rendezvous and result directory of a multi-rank run)."""
     if tmp is not None:
         torch.set_num_threads(1)
-        torch_dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}",
-                                      rank=rank, world_size=args.ranks)
+        torch_dist.init_process_group(
+            "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=args.ranks
+        )
     model = Transformer(args.model_args())
     model.init_weights(args.seed)
     model.train()
@@ -121,7 +145,8 @@ def _pretrain_rank(rank: int, stream: torch.Tensor, args: PretrainArgs, progress
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
+        lr=args.lr,
+        betas=(0.9, 0.95),
     )
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(args.seed)
@@ -131,7 +156,7 @@ def _pretrain_rank(rank: int, stream: torch.Tensor, args: PretrainArgs, progress
     bar = tqdm(range(args.steps), desc="pretrain", disable=not progress or rank != 0)
     for step in bar:
         starts = torch.randint(0, stream.numel() - args.seq_len - 1, (args.batch_size,), generator=gen)
-        window = stream[starts[rank * share:(rank + 1) * share, None] + offsets]
+        window = stream[starts[rank * share : (rank + 1) * share, None] + offsets]
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         for group in optimizer.param_groups:
@@ -144,7 +169,7 @@ def _pretrain_rank(rank: int, stream: torch.Tensor, args: PretrainArgs, progress
             torch_dist.all_reduce(flat)
             loss, offset = flat[0], 1
             for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
@@ -163,8 +188,12 @@ def _pretrain_rank(rank: int, stream: torch.Tensor, args: PretrainArgs, progress
 
 def _spec(scale: str, seed: int) -> dict:
     task, train = SCALES[scale]
-    spec = {"scale": scale, "seed": seed, "SyntheticArgs": dataclasses.asdict(dataclasses.replace(task, seed=seed)),
-            "PretrainArgs": dataclasses.asdict(dataclasses.replace(train, seed=seed))}
+    spec = {
+        "scale": scale,
+        "seed": seed,
+        "SyntheticArgs": dataclasses.asdict(dataclasses.replace(task, seed=seed)),
+        "PretrainArgs": dataclasses.asdict(dataclasses.replace(train, seed=seed)),
+    }
     return json.loads(json.dumps(spec))  # as read back from assets.json (tuples become lists)
 
 
@@ -182,14 +211,23 @@ def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progr
         with open(spec_path, encoding="utf-8") as handle:
             found = json.load(handle)
         if found != spec:
-            raise ValueError(f"{spec_path}: built for scale={found.get('scale')!r} seed={found.get('seed')!r} "
-                             f"with other settings; use another directory for scale={scale!r} seed={seed}")
+            raise ValueError(
+                f"{spec_path}: built for scale={found.get('scale')!r} seed={found.get('seed')!r} "
+                f"with other settings; use another directory for scale={scale!r} seed={seed}"
+            )
     else:
         atomic_write_json(spec_path, spec)
     task_args, train_args = (dataclasses.replace(a, seed=seed) for a in SCALES[scale])
-    paths = {name: os.path.join(out_dir, file) for name, file in
-             [("train", "train.jsonl"), ("test", "test.jsonl"), ("corpus", "corpus.txt"),
-              ("tokenizer", "tokenizer.model"), ("base", "base")]}
+    paths = {
+        name: os.path.join(out_dir, file)
+        for name, file in [
+            ("train", "train.jsonl"),
+            ("test", "test.jsonl"),
+            ("corpus", "corpus.txt"),
+            ("tokenizer", "tokenizer.model"),
+            ("base", "base"),
+        ]
+    }
     seconds = {"data": 0.0, "tokenizer": 0.0, "pretrain": 0.0}
 
     start = time.perf_counter()
@@ -205,7 +243,8 @@ def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progr
         examples = load_examples(paths["train"], "gsm8k")
         texts = read_corpus(paths["corpus"]) + [
             format_prompt(e, template) + "\n" + format_response(e, template)
-            for e in examples for template in TOKENIZER_TEMPLATES
+            for e in examples
+            for template in TOKENIZER_TEMPLATES
         ]
         train_tokenizer(texts, paths["tokenizer"], vocab_size=train_args.vocab_size)
         seconds["tokenizer"] = time.perf_counter() - start
@@ -216,9 +255,16 @@ def build_default_assets(out_dir: str, scale: str = "full", seed: int = 0, progr
         stream = token_stream(read_corpus(paths["corpus"]), tokenizer)
         model, losses = pretrain(stream, train_args, progress=progress)
         save_model(model, paths["base"], format="hf")
-        save_config(os.path.join(paths["base"], "pretrain.json"), train_args,
-                    extra={"tokens": stream.numel(), "loss_first": losses[0], "loss_last": losses[-1],
-                           "seconds": time.perf_counter() - start})
+        save_config(
+            os.path.join(paths["base"], "pretrain.json"),
+            train_args,
+            extra={
+                "tokens": stream.numel(),
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+                "seconds": time.perf_counter() - start,
+            },
+        )
         seconds["pretrain"] = time.perf_counter() - start
     else:
         load_model(paths["base"])  # an unreadable checkpoint fails here, naming its path

@@ -114,6 +114,8 @@ BUILTIN: dict[str, RewardFn] = {
     "soft_format_lenient": soft_format_lenient,
 }
 DEFAULT_SPEC = "correct=2.0,integer=0.5,strict_format=0.5,soft_format=0.5,xml_count=0.5"
+
+
 def resolve(name: str) -> RewardFn:
     """A built-in by name, or `module:function` imported from the Python path."""
     if name in BUILTIN:
@@ -131,7 +133,7 @@ def resolve(name: str) -> RewardFn:
 
 
 def parse_spec(spec: str) -> list[tuple[str, RewardFn, float]]:
-    """"name=weight,..." -> [(name, function, weight)]; a name without "=weight" weighs 1."""
+    """ "name=weight,..." -> [(name, function, weight)]; a name without "=weight" weighs 1."""
     out = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:

@@ -218,8 +218,14 @@ def training_state(
 
 
 def make_checkpointer(
-    train, info: dist.DistInfo, model: torch.nn.Module, optimizer, total_steps: int, steps_per_epoch: int,
-    config: dict, save_files,
+    train,
+    info: dist.DistInfo,
+    model: torch.nn.Module,
+    optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    config: dict,
+    save_files,
 ):
     """checkpoint(step): save_checkpoint with the trainer state, the adapter files (`save_files(directory)`)
     and the run's resolved config."""

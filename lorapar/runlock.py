@@ -42,8 +42,9 @@ def acquire(target: str, is_dir: bool = True) -> str:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise RunLocked(f"{target} is in use by process {holder} (lock {path}); wait for that run to end "
-                        "or choose another output") from None
+        raise RunLocked(
+            f"{target} is in use by process {holder} (lock {path}); wait for that run to end or choose another output"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[path] = fd

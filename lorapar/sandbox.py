@@ -150,6 +150,7 @@ _, status = os.waitpid(child, 0)
 os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 """
 
+
 class SandboxError(RuntimeError):
     """The sandbox asked for cannot be set up on this machine."""
 
@@ -166,14 +167,22 @@ class ExecResult:
 
 
 def check_limits(timeout: float, memory_mb: int, file_mb: int, max_processes: int) -> None:
-    for name, value in (("timeout", timeout), ("memory_mb", memory_mb), ("file_mb", file_mb),
-                        ("max_processes", max_processes)):
+    for name, value in (
+        ("timeout", timeout),
+        ("memory_mb", memory_mb),
+        ("file_mb", file_mb),
+        ("max_processes", max_processes),
+    ):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"sandbox limit {name}={value!r}: expected a finite number > 0")
 
 
 def run_contained(
-    source: str, timeout: float = 5.0, memory_mb: int = 1024, file_mb: int = 16, max_processes: int = 64,
+    source: str,
+    timeout: float = 5.0,
+    memory_mb: int = 1024,
+    file_mb: int = 16,
+    max_processes: int = 64,
     mode: str = "auto",
 ) -> ExecResult:
     """Run `source` as program.py in a fresh temporary directory inside the sandbox `mode` (see the module doc)."""
@@ -195,9 +204,13 @@ def _run(work: str, timeout: float, memory_mb: int, file_mb: int, max_processes:
     start = time.perf_counter()
     try:  # -S: the supervisor needs no site-packages, and skipping them halves its start-up
         process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", SUPERVISOR, mode, work, "1" if _drop_root() else "0", *harness], cwd=work,
+            [sys.executable, "-I", "-S", "-c", SUPERVISOR, mode, work, "1" if _drop_root() else "0", *harness],
+            cwd=work,
             env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
             pass_fds=(result_write,),
         )
     finally:
@@ -285,9 +298,12 @@ def resolve_mode(mode: str) -> str:
         raise SandboxError(f"the namespace sandbox is not available here: {reason}")
     if reason not in _warned:
         _warned.add(reason)
-        log.warning("HumanEval sandbox: no namespaces (%s). Programs run with rlimits and a new session only: "
-                    "they can write what this user can, read other processes' environments and signal the "
-                    "evaluator. Use --sandbox namespaces to require isolation.", reason)
+        log.warning(
+            "HumanEval sandbox: no namespaces (%s). Programs run with rlimits and a new session only: "
+            "they can write what this user can, read other processes' environments and signal the "
+            "evaluator. Use --sandbox namespaces to require isolation.",
+            reason,
+        )
     return "process"
 
 

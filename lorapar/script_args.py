@@ -16,13 +16,12 @@ from typing import Optional
 
 from lorapar.config import field
 from lorapar.data import FORMATS
-from lorapar.templates import TEMPLATES
 from lorapar.errors import FlagError, check_fields
 from lorapar.optim import SCHEDULES
 from lorapar.partition import RANDOM_SCOPES
 from lorapar.precision import BASE_DTYPES
 from lorapar.rewards import DEFAULT_SPEC
-
+from lorapar.templates import TEMPLATES
 
 
 def over_preset(cls: type, preset: dict, **values):
@@ -41,7 +40,9 @@ class InputArgs:
     tokenizer: str = field(default="", metadata={"help": "SentencePiece tokenizer.model"})
     data: str = field(default="", metadata={"help": "training data (.jsonl / .jsonl.gz)"})
     format: str = field(default="gsm8k", metadata={"choices": list(FORMATS)})
-    template: str = field(default="reasoning", metadata={"choices": list(TEMPLATES), "help": "prompt/response template"})
+    template: str = field(
+        default="reasoning", metadata={"choices": list(TEMPLATES), "help": "prompt/response template"}
+    )
     system: Optional[int] = field(default=None, metadata={"help": "keep only examples of this system (1 or 2)"})
     masks: str = field(default="", metadata={"help": "element masks (safetensors); none = every element trains"})
     stage: Optional[int] = field(default=None, metadata={"help": "which stage's mask in a two-stage mask file"})
@@ -102,10 +103,22 @@ class TrainArgs:
     fsdp: bool = field(default=False, metadata={"help": "shard the base over the ranks with FSDP2 (lorapar/fsdp.py)"})
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every"),
-                     positive_float=("lr", "eps"), unit_interval=("warmup_ratio", "min_lr_ratio"),
-                     non_negative=("seed", "max_steps", "global_batch", "save_every", "eval_every", "halt_at",
-                                   "weight_decay", "max_grad_norm"))
+        check_fields(
+            self,
+            positive=("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_every"),
+            positive_float=("lr", "eps"),
+            unit_interval=("warmup_ratio", "min_lr_ratio"),
+            non_negative=(
+                "seed",
+                "max_steps",
+                "global_batch",
+                "save_every",
+                "eval_every",
+                "halt_at",
+                "weight_decay",
+                "max_grad_norm",
+            ),
+        )
         betas = tuple(self.betas)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise FlagError(f"--betas {','.join(map(str, betas))}: expected two numbers in [0, 1), e.g. 0.9,0.999")
@@ -124,7 +137,6 @@ def resolve_grad_accum(args: TrainArgs, world_size: int) -> int:
     return args.global_batch // per_pass
 
 
-
 # ----------------------------------------------------------------------------- train_sft.py
 
 
@@ -133,10 +145,13 @@ class SFTArgs(InputArgs):
     adapter: str = field(
         default="lora", metadata={"choices": ["lora", "dual"], "help": "adapter type (dual: DM-LoRA, flags --dual-*)"}
     )
-    init_adapter: str = field(default="", metadata={
-        "help": "start from this LoRA adapter bit for bit (score.py's OUT/adapter_init); "
-                "rank, alpha, targets and init come from it"
-    })  # fmt: skip
+    init_adapter: str = field(
+        default="",
+        metadata={
+            "help": "start from this LoRA adapter bit for bit (score.py's OUT/adapter_init); "
+            "rank, alpha, targets and init come from it"
+        },
+    )
     max_len: int = 512
     overflow: str = field(default="drop", metadata={"choices": ["drop", "truncate"], "help": "examples over --max-len"})
     eval_data: str = field(default="", metadata={"help": "held-out file for the eval loss (same format)"})
@@ -161,15 +176,27 @@ SFT_PRESETS = {
     # alpha 128, target rank 80, pruning from step 235 to 1562 - 780 of 1562 (as fractions), delta T 10,
     # lambda 0.1, beta 0.85 / 0.85.
     "dmlora": {
-        "TrainArgs": dict(lr=1e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, global_batch=64,
-                          batch_size=4, epochs=1),
+        "TrainArgs": dict(
+            lr=1e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, global_batch=64, batch_size=4, epochs=1
+        ),
         "SFTArgs": dict(adapter="dual", max_len=380, overflow="truncate", template="alpaca"),
-        "DualArgs": dict(dual_rank=128, dual_shared_rank=32, dual_alpha=128.0, dual_dropout=0.0, dual_target_rank=80.0,
-                         dual_t_init=235 / 1562, dual_t_final=780 / 1562, dual_delta_t=10, dual_orth_lambda=0.1,
-                         dual_beta1=0.85, dual_beta2=0.85, dual_budget_power=2.0, dual_pruning="regrow"),
+        "DualArgs": dict(
+            dual_rank=128,
+            dual_shared_rank=32,
+            dual_alpha=128.0,
+            dual_dropout=0.0,
+            dual_target_rank=80.0,
+            dual_t_init=235 / 1562,
+            dual_t_final=780 / 1562,
+            dual_delta_t=10,
+            dual_orth_lambda=0.1,
+            dual_beta1=0.85,
+            dual_beta2=0.85,
+            dual_budget_power=2.0,
+            dual_pruning="regrow",
+        ),
     },
 }
-
 
 
 # ----------------------------------------------------------------------------- train_rl.py
@@ -179,7 +206,8 @@ SFT_PRESETS = {
 class RLArgs(InputArgs):
     adapter: str = field(default="", metadata={"help": "SFT adapter directory to start from (none = a fresh LoRA)"})
     rewards: str = field(
-        default=DEFAULT_SPEC, metadata={"help": "reward functions and weights: name=w,...; module:function for your own"}
+        default=DEFAULT_SPEC,
+        metadata={"help": "reward functions and weights: name=w,...; module:function for your own"},
     )
 
 
@@ -195,15 +223,33 @@ RL_PRESETS = {
     # the authors' one GPU, beta 0 (no KL, no reference model), temperature 1.0, top-p 1.0, loss "bnpo" over
     # micro-batches of 8 shuffled completions, one pass per batch of rollouts (num_iterations 1), eps 0.2.
     "lorapar-grpo": {
-        "TrainArgs": dict(lr=5e-6, betas=(0.9, 0.99), weight_decay=0.1, warmup_ratio=0.1, max_grad_norm=0.1,
-                          schedule="cosine", epochs=1),
+        "TrainArgs": dict(
+            lr=5e-6,
+            betas=(0.9, 0.99),
+            weight_decay=0.1,
+            warmup_ratio=0.1,
+            max_grad_norm=0.1,
+            schedule="cosine",
+            epochs=1,
+        ),
         "RLArgs": dict(template="lorapar"),
-        "GRPOArgs": dict(num_generations=8, max_prompt_len=128, max_completion_len=256, prompts_per_step=4,
-                         beta=0.0, temperature=1.0, top_p=1.0, loss_type="bnpo", micro_batch=8,
-                         shuffle_micro_batches=True, mu=1, epsilon=0.2, scale_rewards=True),
+        "GRPOArgs": dict(
+            num_generations=8,
+            max_prompt_len=128,
+            max_completion_len=256,
+            prompts_per_step=4,
+            beta=0.0,
+            temperature=1.0,
+            top_p=1.0,
+            loss_type="bnpo",
+            micro_batch=8,
+            shuffle_micro_batches=True,
+            mu=1,
+            epsilon=0.2,
+            scale_rewards=True,
+        ),
     },
 }
-
 
 
 # ----------------------------------------------------------------------------- score.py and classify.py
@@ -219,20 +265,25 @@ class ScoreArgs:
     random_baseline: bool = field(
         default=False, metadata={"help": "also write random_masks.safetensors (the stages' sizes and overlap)"}
     )
-    random_scope: str = field(default="global", metadata={
-        "help": "random baseline over the whole adapter (the paper) or with each tensor's count",
-        "choices": RANDOM_SCOPES,
-    })  # fmt: skip
+    random_scope: str = field(
+        default="global",
+        metadata={
+            "help": "random baseline over the whole adapter (the paper) or with each tensor's count",
+            "choices": RANDOM_SCOPES,
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --out"})
     skip_bad: bool = field(default=False, metadata={"help": "skip malformed data lines (counted) instead of failing"})
     device: Optional[str] = field(default=None, metadata={"help": "cpu or cuda (None: cuda when available)"})
-    base_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the frozen base (auto: bf16 on CUDA, fp32 on the CPU); train in the same one, "
-                "since a pissa/olora residual base is formed in it",
-        "choices": list(BASE_DTYPES),
-    })  # fmt: skip
+    base_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen base (auto: bf16 on CUDA, fp32 on the CPU); train in the same one, "
+            "since a pissa/olora residual base is formed in it",
+            "choices": list(BASE_DTYPES),
+        },
+    )
     fsdp: bool = field(default=False, metadata={"help": "shard the base over the ranks with FSDP2 (lorapar/fsdp.py)"})
-
 
 
 @dataclass
@@ -245,8 +296,11 @@ class ClassifyArgs:
     out: str = field(default="", metadata={"help": "output jsonl, appended to and resumed (required)"})
     default_system: int = field(
         default=2,
-        metadata={"help": "label when every teacher abstains or the votes tie (2: when in doubt, assume "
-                          "the item needs deliberate reasoning)", "choices": [1, 2]},
+        metadata={
+            "help": "label when every teacher abstains or the votes tie (2: when in doubt, assume "
+            "the item needs deliberate reasoning)",
+            "choices": [1, 2],
+        },
     )
     limit: int = field(default=0, metadata={"help": "label only the first N input rows (0: all)"})
     skip_bad: bool = field(default=False, metadata={"help": "skip and count malformed input lines instead of failing"})

@@ -44,9 +44,13 @@ ROUTES = {"/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET"}
 
 @dataclass
 class ServeArgs:
-    ckpt: str = field(default="", metadata={"help": "checkpoint lorapar loads: HF dir, Meta dir or llama2.c .bin (required)"})
+    ckpt: str = field(
+        default="", metadata={"help": "checkpoint lorapar loads: HF dir, Meta dir or llama2.c .bin (required)"}
+    )
     tokenizer: str = field(default="", metadata={"help": "SentencePiece model (default: CKPT/tokenizer.model)"})
-    adapter: str = field(default="", metadata={"help": "adapter directory (LoRA or DM-LoRA) to apply and merge (optional)"})
+    adapter: str = field(
+        default="", metadata={"help": "adapter directory (LoRA or DM-LoRA) to apply and merge (optional)"}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback by default)"})
     port: int = field(default=8000, metadata={"help": "port to bind; 0 picks a free one"})
     model_name: str = field(default="", metadata={"help": "name reported by /v1/models (default: CKPT's base name)"})
@@ -57,8 +61,12 @@ class ServeArgs:
     max_connections: int = field(default=32, metadata={"help": "connections served at once; more get a 503"})
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("max_new_tokens", "max_body_bytes", "max_connections"),
-                     positive_float=("read_timeout",), non_negative=("port",))
+        check_fields(
+            self,
+            positive=("max_new_tokens", "max_body_bytes", "max_connections"),
+            positive_float=("read_timeout",),
+            non_negative=("port",),
+        )
         if self.port > 65535:
             raise FlagError(f"--port {self.port}: expected 0..65535")
 
@@ -82,8 +90,11 @@ class ChatModel:
         if not isinstance(messages, list) or not messages:
             raise RequestError(400, "'messages' must be a non-empty list of {role, content}")
         for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                    and isinstance(m.get("content"), str)):
+            if not (
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+            ):
                 raise RequestError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
         turns = [m for m in messages if m["role"] != "system"]
@@ -104,13 +115,24 @@ class ChatModel:
         max_tokens, temperature, top_p, seed, stop = self._options(request)
         room = self.model.args.max_seq_len - len(ids)
         if room < 1:
-            raise RequestError(400, f"the prompt has {len(ids)} tokens; the model's context is {self.model.args.max_seq_len}",
-                               "context_length_exceeded")
+            raise RequestError(
+                400,
+                f"the prompt has {len(ids)} tokens; the model's context is {self.model.args.max_seq_len}",
+                "context_length_exceeded",
+            )
         max_new = min(max_tokens, room)
         with self.lock:
-            out = generate(self.model, [ids], max_new, temperature=temperature, top_p=top_p, seed=seed,
-                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                           stop_ids=getattr(self.tokenizer, "stop_ids", None))
+            out = generate(
+                self.model,
+                [ids],
+                max_new,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.pad_id,
+                stop_ids=getattr(self.tokenizer, "stop_ids", None),
+            )
         tokens, finished = out.tokens[0], out.finished[0]
         text = self.tokenizer.decode(tokens[:-1] if finished else tokens)
         cut = [text.index(s) for s in stop if s in text]
@@ -121,9 +143,18 @@ class ChatModel:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop" if finished else "length"}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop" if finished else "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(tokens),
+                "total_tokens": len(ids) + len(tokens),
+            },
         }
 
     def _options(self, request: dict):
@@ -172,7 +203,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error_json(self, error: RequestError, headers: Optional[dict] = None) -> None:
         self.close_connection = True  # the refused request's body may be unread: never reuse the connection
-        self.send_json(error.status, {"error": {"message": error.message, "type": error.kind, "code": error.status}}, headers)
+        self.send_json(
+            error.status, {"error": {"message": error.message, "type": error.kind, "code": error.status}}, headers
+        )
 
     def route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
@@ -180,8 +213,10 @@ class Handler(BaseHTTPRequestHandler):
             if path not in ROUTES:
                 raise RequestError(404, f"unknown path {path}; available: {sorted(ROUTES)}", "not_found_error")
             if ROUTES[path] != method:
-                return self.send_error_json(RequestError(405, f"{path} accepts {ROUTES[path]} only", "method_not_allowed"),
-                                            {"Allow": ROUTES[path]})
+                return self.send_error_json(
+                    RequestError(405, f"{path} accepts {ROUTES[path]} only", "method_not_allowed"),
+                    {"Allow": ROUTES[path]},
+                )
             if path == "/health":
                 return self.send_json(200, {"status": "ok", "model": self.app.name})
             if path == "/v1/models":
@@ -255,12 +290,21 @@ class BoundedServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
-            body = json.dumps({"error": {"message": f"the server is at its limit of {self.max_connections} connections",
-                                         "type": "server_busy", "code": 503}}).encode()
+            body = json.dumps(
+                {
+                    "error": {
+                        "message": f"the server is at its limit of {self.max_connections} connections",
+                        "type": "server_busy",
+                        "code": 503,
+                    }
+                }
+            ).encode()
             try:
                 request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -274,8 +318,14 @@ class BoundedServer(ThreadingHTTPServer):
             self.slots.release()
 
 
-def make_server(app: ChatModel, host: str, port: int, max_body_bytes: int = 1 << 20, read_timeout: float = 30.0,
-                max_connections: int = 32) -> ThreadingHTTPServer:
+def make_server(
+    app: ChatModel,
+    host: str,
+    port: int,
+    max_body_bytes: int = 1 << 20,
+    read_timeout: float = 30.0,
+    max_connections: int = 32,
+) -> ThreadingHTTPServer:
     server = BoundedServer((host, port), Handler, max_connections)
     server.app, server.max_body_bytes = app, max_body_bytes  # type: ignore[attr-defined]
     server.read_timeout = read_timeout  # type: ignore[attr-defined]

@@ -18,7 +18,6 @@ import torch
 from lorapar.config import ModelArgs
 
 
-
 class ShardReader:
     """rows(name, start, stop): rows [start, stop) of a base tensor (Meta name, Meta layout) without reading the rest.
 
@@ -109,8 +108,9 @@ class ShardReader:
             file, key = self._hf[name]
             return self._rope_rows(name, start, stop, lambda lo, hi: self._hf_slice(file, key, lo, hi))
         except KeyError:
-            raise CheckpointError(f"{self.path}: missing key {name!r} (Meta name) for this model "
-                                  "configuration") from None
+            raise CheckpointError(
+                f"{self.path}: missing key {name!r} (Meta name) for this model configuration"
+            ) from None
 
     def _meta_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         from lorapar.checkpoint.meta import META_SHARD_DIM
@@ -136,8 +136,9 @@ class ShardReader:
         read = lambda lo, hi: dequantize(tensor, self.path, lo, hi)  # noqa: E731
         return self._rope_rows(name, start, stop, read) if self._gguf_hf_rope_order else read(start, stop)
 
-    def _rope_rows(self, name: str, start: int, stop: int,
-                   read_hf_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    def _rope_rows(
+        self, name: str, start: int, stop: int, read_hf_rows: Callable[[int, int], torch.Tensor]
+    ) -> torch.Tensor:
         """Rows [start, stop) in Meta's order of a tensor stored in Hugging Face's (read_hf_rows(lo, hi) reads
         stored rows): q/k are un-permuted over the whole heads covering the rows; other tensors read as stored."""
         from lorapar.checkpoint.names import hf_rows_to_meta, rope_heads

@@ -53,14 +53,24 @@ class Stages:
         if os.path.exists(path) and not self.overwrite:
             with open(path, encoding="utf-8") as handle:
                 record = json.load(handle)
-            print(f"==== [{self.number}/{self.total}] {title}: done in an earlier run ({record['seconds']:.1f}s), skipped", flush=True)
+            print(
+                f"==== [{self.number}/{self.total}] {title}: done in an earlier run ({record['seconds']:.1f}s), "
+                "skipped",
+                flush=True,
+            )
         else:
             print(f"\n==== [{self.number}/{self.total}] {title}", flush=True)
             self.current, self.commands = name, []
             started, cpu = time.perf_counter(), cpu_seconds()
             result = fn(self.overwrite)
-            record = {"name": name, "title": title, "finished_at": time.time(), "seconds": time.perf_counter() - started,
-                      "cpu_seconds": cpu_seconds() - cpu, "result": result}
+            record = {
+                "name": name,
+                "title": title,
+                "finished_at": time.time(),
+                "seconds": time.perf_counter() - started,
+                "cpu_seconds": cpu_seconds() - cpu,
+                "result": result,
+            }
             if self.commands:
                 record["commands"] = self.commands
             atomic_write_json(path, record)
@@ -78,8 +88,10 @@ class Stages:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         tail: collections.deque = collections.deque()
-        pumps = [threading.Thread(target=_pump, args=(process.stdout, sys.stdout, None)),
-                 threading.Thread(target=_pump, args=(process.stderr, sys.stderr, tail))]
+        pumps = [
+            threading.Thread(target=_pump, args=(process.stdout, sys.stdout, None)),
+            threading.Thread(target=_pump, args=(process.stderr, sys.stderr, tail)),
+        ]
         for pump in pumps:
             pump.start()
         code = process.wait()
@@ -87,8 +99,10 @@ class Stages:
             pump.join()
         if code != 0:
             text = "".join(tail)[-STDERR_TAIL:]
-            raise StageFailed(f"stage {self.current}: {script} exited with code {code}\n"
-                              f"command: {shlex.join(command)}\nstderr (end):\n{text}")
+            raise StageFailed(
+                f"stage {self.current}: {script} exited with code {code}\n"
+                f"command: {shlex.join(command)}\nstderr (end):\n{text}"
+            )
 
 
 def _pump(source, sink, tail: Optional[collections.deque]) -> None:
@@ -119,10 +133,16 @@ def check_same_config(path: str, cfg) -> None:
     with open(path, encoding="utf-8") as handle:
         saved = json.load(handle).get("PipelineConfig", {})
     current = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in current.items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    ]
     if changed:
-        raise SystemExit(f"{path}: this run directory was made with another configuration ({'; '.join(changed)}); "
-                         "pass --overwrite to redo it or choose another --out")
+        raise SystemExit(
+            f"{path}: this run directory was made with another configuration ({'; '.join(changed)}); "
+            "pass --overwrite to redo it or choose another --out"
+        )
 
 
 def run_dir_state(out: str, redo: bool) -> dict[str, bool]:

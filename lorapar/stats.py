@@ -55,8 +55,14 @@ def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.9
         replicates[k] = (d[seeds] @ per_item).sum() / (n_seeds * n_items)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(replicates, [tail, 100 - tail])
-    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "seeds": n_seeds, "items": n_items,
-            "n_boot": n_boot}
+    return {
+        "diff": float(d.mean()),
+        "low": float(low),
+        "high": float(high),
+        "seeds": n_seeds,
+        "items": n_items,
+        "n_boot": n_boot,
+    }
 
 
 def verdict(interval: dict) -> str:
@@ -66,4 +72,3 @@ def verdict(interval: dict) -> str:
     if interval["high"] < 0:
         return "lower"
     return "unresolved"
-

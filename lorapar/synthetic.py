@@ -1,13 +1,13 @@
 """The embedded default task: one family of word problems, System 1 short and System 2 long.
 
-Every item is a little story about one person's count of things, changed by a chain of events, each
-event one arithmetic step and introduced by its ordinal ("Ana has 7 shells. First, Ana buys 5 more.
-Second, Ana gives 3 to Ben. How many shells does Ana have now?"). The reference
-answer works one line per event, restating it (`First, Ana buys 5 more: 7+5=12.`), and ends in `#### N`, GSM8K's final line, so both the `####` extraction after SFT and the `<answer>`
-extraction after RL (reasoning template) grade it. System 1 needs one or two steps, System 2 three or
-more (`SyntheticArgs.s1_steps` / `s2_steps`): the way LoRA-PAR splits GSM8K, from one family, so SFT
-on System 1 transfers in part to System 2 (same events, same step lines, only longer chains) and GRPO
-on System 2 finds a correct completion among its samples often enough to learn from.
+Every item is a little story about one person's count of things, changed by a chain of events, each event one
+arithmetic step and introduced by its ordinal ("Ana has 7 shells. First, Ana buys 5 more. Second, Ana gives 3
+to Ben. How many shells does Ana have now?"). The reference answer works one line per event, restating it
+(`First, Ana buys 5 more: 7+5=12.`), and ends in `#### N`, GSM8K's final line, so both the `####` extraction
+after SFT and the `<answer>` extraction after RL (reasoning template) grade it. System 1 needs one or two
+steps, System 2 three or more (`SyntheticArgs.s1_steps` / `s2_steps`): the way LoRA-PAR splits GSM8K, from one
+family, so SFT on System 1 transfers in part to System 2 (same events, same step lines, only longer chains)
+and GRPO on System 2 finds a correct completion among its samples often enough to learn from.
 Rows are GSM8K jsonl (`question`, `answer`) plus `system` (the ground truth, 1 or 2), `steps` and
 `kind`.
 
@@ -32,8 +32,32 @@ from dataclasses import dataclass
 from lorapar.config import field
 from lorapar.io import atomic_write_text
 
-PEOPLE = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lia",
-          "Max", "Nia", "Omar", "Pia", "Rui", "Sam", "Tess", "Uma", "Vik", "Wen", "Yan", "Zed")
+PEOPLE = (
+    "Ana",
+    "Ben",
+    "Cleo",
+    "Dev",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kai",
+    "Lia",
+    "Max",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Rui",
+    "Sam",
+    "Tess",
+    "Uma",
+    "Vik",
+    "Wen",
+    "Yan",
+    "Zed",
+)
 ITEMS = ("apples", "shells", "marbles", "stamps", "pencils", "cards", "beads", "books", "eggs", "kites")
 
 # Markers that end or frame an answer (GSM8K's final line, LoRA-PAR's GRPO format): one piece each.
@@ -63,8 +87,10 @@ class SyntheticArgs:
     def __post_init__(self) -> None:
         self.s1_steps, self.s2_steps = tuple(self.s1_steps), tuple(self.s2_steps)
         if not self.s1_steps or not self.s2_steps or max(self.s1_steps) >= min(self.s2_steps) or min(self.s1_steps) < 1:
-            raise ValueError(f"SyntheticArgs: System-1 steps {self.s1_steps} must be >= 1 and all fewer than "
-                             f"System-2 steps {self.s2_steps}")
+            raise ValueError(
+                f"SyntheticArgs: System-1 steps {self.s1_steps} must be >= 1 and all fewer than "
+                f"System-2 steps {self.s2_steps}"
+            )
         if max(self.s2_steps) + 1 > len(ORDINALS):  # the corpus tells stories one step longer
             raise ValueError(f"SyntheticArgs: System-2 steps {self.s2_steps} exceed {len(ORDINALS) - 1}")
 
@@ -112,8 +138,13 @@ def _operands(op: str, x: int) -> list[int]:
 
 def story_item(story: Story, system: int) -> dict:
     premises, question, steps, final = story
-    return dict(question=f"{premises} {question}", answer="\n".join(steps) + f"\n#### {final}", system=system,
-                steps=len(steps), kind=f"{len(steps)}-step")
+    return dict(
+        question=f"{premises} {question}",
+        answer="\n".join(steps) + f"\n#### {final}",
+        system=system,
+        steps=len(steps),
+        kind=f"{len(steps)}-step",
+    )
 
 
 def single_steps() -> list[tuple[int, str, int]]:
@@ -163,8 +194,10 @@ def make_corpus(args: SyntheticArgs, exclude_questions: set[str]) -> list[str]:
         round_ = single_steps()
         rng.shuffle(round_)
         table += round_
-    docs = [" ".join(f"{x}{op}{n}={apply_step(x, op, n)}" for x, op, n in table[8 * k : 8 * k + 8])
-            for k in range(args.n_table_docs)]
+    docs = [
+        " ".join(f"{x}{op}{n}={apply_step(x, op, n)}" for x, op, n in table[8 * k : 8 * k + 8])
+        for k in range(args.n_table_docs)
+    ]
     prefixes = {q.rsplit(". ", 1)[0] + "." for q in exclude_questions}  # the premises of task items
     lengths = range(1, max(args.s2_steps) + 2)
     stories = 0
@@ -219,10 +252,24 @@ def train_tokenizer(texts: list[str], model_path: str, vocab_size: int = 1024) -
         with open(lines, "w", encoding="utf-8") as handle:
             handle.writelines(line + "\n" for text in texts for line in text.splitlines() if line.strip())
         spm.SentencePieceTrainer.train(
-            input=lines, model_prefix=os.path.join(work, "sp"), model_type="bpe", vocab_size=vocab_size,
-            character_coverage=1.0, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, add_dummy_prefix=False,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=ANSWER_MARKERS,
+            input=lines,
+            model_prefix=os.path.join(work, "sp"),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            add_dummy_prefix=False,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            user_defined_symbols=ANSWER_MARKERS,
             minloglevel=2,
         )
         os.replace(os.path.join(work, "sp.model"), model_path)

@@ -34,10 +34,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from lorapar.errors import check_fields
-from lorapar.checkpoint import load_model
 from lorapar.batching import collate
+from lorapar.checkpoint import load_model
 from lorapar.data import Example
+from lorapar.errors import check_fields
 from lorapar.loss import IGNORE_INDEX, target_logprobs
 from lorapar.templates import gsm8k_reasoning
 from lorapar.tokenizer import Tokenizer
@@ -131,7 +131,9 @@ class TeacherArgs:
     timeout: float = field(default=60.0, metadata={"help": "http: seconds per request"})
     retries: int = field(default=4, metadata={"help": "http: retries after a 5xx, 429, timeout or connection error"})
     backoff: float = field(default=1.0, metadata={"help": "http: first retry delay in seconds, doubled each retry"})
-    concurrency: int = field(default=4, metadata={"help": "http: requests in flight per teacher (at most --batch-size)"})
+    concurrency: int = field(
+        default=4, metadata={"help": "http: requests in flight per teacher (at most --batch-size)"}
+    )
     max_tokens: int = field(default=16, metadata={"help": "http: completion token limit per reply"})
     api_key_env: str = field(
         default="LORAPAR_API_KEY,OPENAI_API_KEY",
@@ -194,8 +196,11 @@ class HttpTeacher:
 
     RETRYABLE = (429, 500, 502, 503, 504)
     ROW_SPECIFIC = (400, 413, 422)
-    HINTS = {401: "the API key was refused (see --api-key-env)", 403: "the API key may not use this model",
-             404: "no such endpoint or model: check the URL and #MODEL"}
+    HINTS = {
+        401: "the API key was refused (see --api-key-env)",
+        403: "the API key may not use this model",
+        404: "no such endpoint or model: check the URL and #MODEL",
+    }
 
     def __init__(self, url: str, model: str, args: TeacherArgs):
         base = url.rstrip("/")
@@ -225,12 +230,14 @@ class HttpTeacher:
         return [(None, reply) if reply.startswith(REFUSED) else (parse_label(reply), reply) for reply in replies]
 
     def complete(self, prompt: str) -> str:
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0.0,
-            "max_tokens": self.args.max_tokens,
-        }).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0.0,
+                "max_tokens": self.args.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -273,7 +280,9 @@ class LocalTeacher:
         self.tokenizer = Tokenizer(tokenizer)
         self.model = load_model(ckpt, device=args.device, dtype=torch.float32).eval()
         if self.tokenizer.vocab_size > self.model.args.vocab_size:
-            raise ValueError(f"{tokenizer}: {self.tokenizer.vocab_size} pieces but {ckpt} has vocab {self.model.args.vocab_size}")
+            raise ValueError(
+                f"{tokenizer}: {self.tokenizer.vocab_size} pieces but {ckpt} has vocab {self.model.args.vocab_size}"
+            )
         self.args = args
         self.continuations = {label: self.tokenizer.encode(text, eos=False) for label, text in LABEL_TEXT.items()}
 
@@ -298,7 +307,10 @@ class LocalTeacher:
             totals = logp.sum(-1).tolist()
             for k in range(0, len(totals), 2):
                 one, two = totals[k], totals[k + 1]
-                votes[owners[(start + k) // 2]] = (1 if one >= two else 2, f"logp(System 1)={one:.4f} logp(System 2)={two:.4f}")
+                votes[owners[(start + k) // 2]] = (
+                    1 if one >= two else 2,
+                    f"logp(System 1)={one:.4f} logp(System 2)={two:.4f}",
+                )
         return votes  # type: ignore[return-value]
 
 

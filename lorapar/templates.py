@@ -26,9 +26,7 @@ from lorapar.tokenizer import chat_prompt
 
 TEMPLATES = ("plain", "chat", "reasoning", "lorapar", "alpaca")
 PHASES = ("sft", "rl")  # which stage a prompt is for; only the lorapar template tells them apart
-REASONING_SYSTEM_PROMPT = (
-    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
-)
+REASONING_SYSTEM_PROMPT = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 # example.py's SYSTEM_PROMPT verbatim (a triple-quoted string: it starts and ends with a newline).
 LORAPAR_SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 # The DM-LoRA supplement's prompt (PiSSA's train.py, which it was derived from): Alpaca's no-input form.

@@ -47,6 +47,7 @@ def chat_prompt(template: str, user: str, system: Optional[str] = None) -> str:
         head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
     if template == "llama3":
+
         def turn(role: str, text: str) -> str:
             return f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>"
 
@@ -181,8 +182,10 @@ class BPETokenizer(Tokenizer):
 
     def chat_prompt(self, user: str, system: Optional[str] = None) -> str:  # type: ignore[override]
         if self.template == "none":
-            raise ValueError(f"{self.path}: no chat template (the vocabulary has neither <|im_start|> nor "
-                             f"<|start_header_id|>); use the plain prompt template")
+            raise ValueError(
+                f"{self.path}: no chat template (the vocabulary has neither <|im_start|> nor "
+                f"<|start_header_id|>); use the plain prompt template"
+            )
         return chat_prompt(self.template, user, system)
 
 
@@ -228,19 +231,31 @@ def _tokenizer_from_json(path: str):
     bos = token_id("bos_token", ("<|begin_of_text|>",) if "<|begin_of_text|>" in post else ())
     eos = token_id("eos_token", ("<|end_of_text|>", "<|endoftext|>", "</s>"))
     if eos is None:
-        raise ValueError(f"{file}: no EOS token: expected eos_token in {config_path} or one of "
-                         f"<|end_of_text|>, <|endoftext|>, </s> in the vocabulary")
+        raise ValueError(
+            f"{file}: no EOS token: expected eos_token in {config_path} or one of "
+            f"<|end_of_text|>, <|endoftext|>, </s> in the vocabulary"
+        )
     add_bos = bool(config.get("add_bos_token", bos is not None))
     return tk, {"bos": bos, "eos": eos, "pad": token_id("pad_token", ()), "add_bos": add_bos}
 
 
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by the GGUF's tokenizer.ggml.pre, as `tokenizers` splits.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-GGUF_PRE_TOKENIZERS = {"llama-bpe": "llama3", "llama3": "llama3", "qwen2": "qwen2", "smollm": "smollm",
-                       "gpt-2": "gpt2", "default": "gpt2"}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GGUF_PRE_TOKENIZERS = {
+    "llama-bpe": "llama3",
+    "llama3": "llama3",
+    "qwen2": "qwen2",
+    "smollm": "smollm",
+    "gpt-2": "gpt2",
+    "default": "gpt2",
+}
 
 
 def _pre_tokenizer(kind: str):
@@ -249,11 +264,19 @@ def _pre_tokenizer(kind: str):
     if kind == "gpt2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if kind == "smollm":  # SmolLM2's tokenizer.json: every digit alone, then GPT-2's split
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     split = _LLAMA3_SPLIT if kind == "llama3" else _QWEN2_SPLIT
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def _tokenizer_from_gguf(path: str):
@@ -267,12 +290,15 @@ def _tokenizer_from_gguf(path: str):
     reader = read_gguf(path)
     kind = metadata(reader, path, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (expected 'gpt2', byte-level BPE); "
-                         f"for a SentencePiece model pass its tokenizer.model instead")
+        raise ValueError(
+            f"{path}: tokenizer.ggml.model={kind!r} is not supported (expected 'gpt2', byte-level BPE); "
+            f"for a SentencePiece model pass its tokenizer.model instead"
+        )
     pre = metadata(reader, path, "tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise ValueError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported (expected one of "
-                         f"{sorted(GGUF_PRE_TOKENIZERS)})")
+        raise ValueError(
+            f"{path}: tokenizer.ggml.pre={pre!r} is not supported (expected one of {sorted(GGUF_PRE_TOKENIZERS)})"
+        )
     family = GGUF_PRE_TOKENIZERS[pre]
     tokens = metadata(reader, path, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in metadata(reader, path, "tokenizer.ggml.merges")]
@@ -294,5 +320,9 @@ def _tokenizer_from_gguf(path: str):
     if eos is None:
         raise ValueError(f"{path}: missing metadata key 'tokenizer.ggml.eos_token_id'")
     add_bos = bool(metadata(reader, path, "tokenizer.ggml.add_bos_token", family == "llama3"))
-    return tk, {"bos": token_id("tokenizer.ggml.bos_token_id"), "eos": eos,
-                "pad": token_id("tokenizer.ggml.padding_token_id"), "add_bos": add_bos}
+    return tk, {
+        "bos": token_id("tokenizer.ggml.bos_token_id"),
+        "eos": eos,
+        "pad": token_id("tokenizer.ggml.padding_token_id"),
+        "add_bos": add_bos,
+    }

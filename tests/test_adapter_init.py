@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sft import TINY, adapter, write_jsonl
 
 import score
 import train_rl
@@ -18,7 +19,6 @@ from lorapar.config import ModelArgs
 from lorapar.lora import lora_modules
 from lorapar.masks import load_masks
 from lorapar.model import Transformer
-from test_sft import TINY, adapter, write_jsonl
 
 TARGETS = "q,v,down"
 
@@ -49,22 +49,103 @@ def tokenizer(asset) -> str:
 
 
 def run_score(inputs, asset, out, *extra):
-    return score.main(["--ckpt", inputs["base"], "--tokenizer", tokenizer(asset), "--data", inputs["data"],
-                       "--out", str(out), "--samples", "4", "--max-len", "48", "--template", "plain", "--rank", "2",
-                       "--lora-alpha", "4", "--targets", TARGETS, "--seed", "5", *extra])  # fmt: skip
+    return score.main(
+        [
+            "--ckpt",
+            inputs["base"],
+            "--tokenizer",
+            tokenizer(asset),
+            "--data",
+            inputs["data"],
+            "--out",
+            str(out),
+            "--samples",
+            "4",
+            "--max-len",
+            "48",
+            "--template",
+            "plain",
+            "--rank",
+            "2",
+            "--lora-alpha",
+            "4",
+            "--targets",
+            TARGETS,
+            "--seed",
+            "5",
+            *extra,
+        ]
+    )
 
 
 def sft_argv(inputs, asset, init_adapter, out, *extra) -> list[str]:
-    return ["--ckpt", inputs["base"], "--tokenizer", tokenizer(asset), "--data", inputs["data"], "--format", "labelled",
-            "--system", "1", "--out", str(out), "--template", "plain", "--batch-size", "2", "--grad-accum", "2",
-            "--lr", "1e-2", "--warmup-ratio", "0", "--weight-decay", "0.1", "--init-adapter", str(init_adapter), *extra]
+    return [
+        "--ckpt",
+        inputs["base"],
+        "--tokenizer",
+        tokenizer(asset),
+        "--data",
+        inputs["data"],
+        "--format",
+        "labelled",
+        "--system",
+        "1",
+        "--out",
+        str(out),
+        "--template",
+        "plain",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--weight-decay",
+        "0.1",
+        "--init-adapter",
+        str(init_adapter),
+        *extra,
+    ]
 
 
 def rl_argv(inputs, asset, sft, out, *extra) -> list[str]:
-    return ["--ckpt", inputs["base"], "--tokenizer", tokenizer(asset), "--adapter", str(sft), "--data", inputs["data"],
-            "--format", "labelled", "--system", "2", "--out", str(out), "--template", "plain", "--prompts-per-step", "2",
-            "--num-generations", "4", "--max-completion-len", "6", "--rewards", "test_train_rl:characters=1.0",
-            "--lr", "1e-2", "--warmup-ratio", "0", "--micro-batch", "4", "--weight-decay", "0.1", *extra]
+    return [
+        "--ckpt",
+        inputs["base"],
+        "--tokenizer",
+        tokenizer(asset),
+        "--adapter",
+        str(sft),
+        "--data",
+        inputs["data"],
+        "--format",
+        "labelled",
+        "--system",
+        "2",
+        "--out",
+        str(out),
+        "--template",
+        "plain",
+        "--prompts-per-step",
+        "2",
+        "--num-generations",
+        "4",
+        "--max-completion-len",
+        "6",
+        "--rewards",
+        "test_train_rl:characters=1.0",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--micro-batch",
+        "4",
+        "--weight-decay",
+        "0.1",
+        *extra,
+    ]
 
 
 def capture_models(monkeypatch, module, name: str) -> list:
@@ -103,8 +184,9 @@ def test_masked_sft_and_grpo_leave_the_rest_of_adapter_init_untouched(inputs, as
     masks = scored / "masks.safetensors"
     stages = load_masks(str(masks))
     # no --rank / --lora-alpha / --targets / --init: all from the adapter
-    train_sft.main(sft_argv(inputs, asset, init_dir, tmp_path / "sft", "--max-steps", "3",
-                            "--masks", str(masks), "--stage", "1"))  # fmt: skip
+    train_sft.main(
+        sft_argv(inputs, asset, init_dir, tmp_path / "sft", "--max-steps", "3", "--masks", str(masks), "--stage", "1")
+    )
     sft_config = json.loads((tmp_path / "sft" / "config.json").read_text())["LoraArgs"]
     assert (sft_config["r"], sft_config["alpha"], sft_config["init"], sft_config["seed"]) == (2, 4.0, "gaussian", 5)
     after_sft = adapter(tmp_path / "sft")
@@ -114,8 +196,11 @@ def test_masked_sft_and_grpo_leave_the_rest_of_adapter_init_untouched(inputs, as
         assert torch.equal(after_sft[key][~mask], start[key][~mask]), key
         assert (after_sft[key][mask] != start[key][mask]).all(), key
 
-    train_rl.main(rl_argv(inputs, asset, tmp_path / "sft", tmp_path / "rl", "--max-steps", "2",
-                          "--masks", str(masks), "--stage", "2"))  # fmt: skip
+    train_rl.main(
+        rl_argv(
+            inputs, asset, tmp_path / "sft", tmp_path / "rl", "--max-steps", "2", "--masks", str(masks), "--stage", "2"
+        )
+    )
     after_rl = adapter(tmp_path / "rl")
     moved = 0
     for key in start:
@@ -147,7 +232,9 @@ def test_the_residual_base_is_the_scored_one_through_sft_and_grpo(inputs, asset,
     scored_modules, trained_modules = lora_modules(scored), lora_modules(trained)
     for name, m in scored_modules.items():
         assert torch.equal(m.init_A, m.lora_A) and torch.equal(m.init_B, m.lora_B)  # scoring never moved the adapter
-        assert torch.equal(trained_modules[name].init_A, m.init_A) and torch.equal(trained_modules[name].init_B, m.init_B)
+        assert torch.equal(trained_modules[name].init_A, m.init_A) and torch.equal(
+            trained_modules[name].init_B, m.init_B
+        )
     assert json.loads((tmp_path / "sft" / "config.json").read_text())["LoraArgs"]["init"] == init
 
 
@@ -163,30 +250,53 @@ def test_resume_from_an_init_adapter_is_bit_identical(inputs, asset, tmp_path):
     assert json.loads((tmp_path / "straight" / "config.json").read_text())["LoraArgs"]["dropout"] == 0.1
 
 
-@pytest.mark.parametrize("flag,value,have", [("--rank", "4", "r=2"), ("--lora-alpha", "8.0", "alpha=4.0"),
-                                             ("--targets", "q,k", "targets=('q', 'v', 'down')"),
-                                             ("--init", "lora", "init='gaussian'")])  # fmt: skip
-def test_a_flag_that_conflicts_with_the_init_adapter_names_both_values(inputs, asset, scored, tmp_path, capsys, flag,
-                                                                      value, have):  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,value,have",
+    [
+        ("--rank", "4", "r=2"),
+        ("--lora-alpha", "8.0", "alpha=4.0"),
+        ("--targets", "q,k", "targets=('q', 'v', 'down')"),
+        ("--init", "lora", "init='gaussian'"),
+    ],
+)
+def test_a_flag_that_conflicts_with_the_init_adapter_names_both_values(
+    inputs, asset, scored, tmp_path, capsys, flag, value, have
+):
     init_dir = scored / "adapter_init"
     with pytest.raises(SystemExit):
         train_sft.parse_config(sft_argv(inputs, asset, init_dir, tmp_path / "sft", flag, value))
     err = capsys.readouterr().err
     assert f"{flag} {value} conflicts with the adapter in --init-adapter {init_dir}" in err and have in err, err
     # the same values as the adapter's are no conflict, in any spelling of the targets
-    cfg, _, lora = train_sft.parse_config(sft_argv(inputs, asset, init_dir, tmp_path / "sft", "--rank", "2",
-                                                   "--targets", "down_proj,wq,v"))  # fmt: skip
+    cfg, _, lora = train_sft.parse_config(
+        sft_argv(inputs, asset, init_dir, tmp_path / "sft", "--rank", "2", "--targets", "down_proj,wq,v")
+    )
     assert lora.r == 2 and lora.seed == 5 and cfg.init_adapter == str(init_dir)
 
 
 def test_masks_of_another_adapter_and_another_base_dtype_are_refused(inputs, asset, scored, tmp_path):
     run_score(inputs, asset, tmp_path / "other", "--seed", "6", "--init", "pissa")
-    with pytest.raises(ValueError, match=r"other/masks.safetensors ranks the elements of another adapter than --init-adapter"):
-        train_sft.main(sft_argv(inputs, asset, scored / "adapter_init", tmp_path / "a",
-                                "--masks", str(tmp_path / "other" / "masks.safetensors"), "--stage", "1"))  # fmt: skip
-    with pytest.raises(ValueError, match="scored over a float32 base, this run's base is bfloat16.*--base-dtype float32"):
-        train_sft.main(sft_argv(inputs, asset, tmp_path / "other" / "adapter_init", tmp_path / "b",
-                                "--base-dtype", "bfloat16"))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"other/masks.safetensors ranks the elements of another adapter than --init-adapter"
+    ):
+        train_sft.main(
+            sft_argv(
+                inputs,
+                asset,
+                scored / "adapter_init",
+                tmp_path / "a",
+                "--masks",
+                str(tmp_path / "other" / "masks.safetensors"),
+                "--stage",
+                "1",
+            )
+        )
+    with pytest.raises(
+        ValueError, match="scored over a float32 base, this run's base is bfloat16.*--base-dtype float32"
+    ):
+        train_sft.main(
+            sft_argv(inputs, asset, tmp_path / "other" / "adapter_init", tmp_path / "b", "--base-dtype", "bfloat16")
+        )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything was written
     report = json.loads((tmp_path / "other" / "report.json").read_text())["adapter_init"]
     assert report["base_dtype"] == "float32" and report["init"] == "pissa" and len(report["sha256"]) == 64

@@ -38,8 +38,11 @@ def _hf_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _write_hf_by_hand(model: Transformer, directory) -> None:
     args, sd = model.args, model.state_dict()
-    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-          "lm_head.weight": sd["output.weight"]}
+    hf = {
+        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
     for i in range(args.n_layers):
         p, q = f"layers.{i}.", f"model.layers.{i}."
         hf[q + "self_attn.q_proj.weight"] = _hf_permute(sd[p + "attention.wq.weight"], args.n_heads)
@@ -54,10 +57,18 @@ def _write_hf_by_hand(model: Transformer, directory) -> None:
         hf[q + "self_attn.rotary_emb.inv_freq"] = torch.ones(args.head_dim // 2)  # old exports carry it
     os.makedirs(directory, exist_ok=True)
     save_file({k: v.contiguous() for k, v in hf.items()}, os.path.join(directory, "model.safetensors"))
-    config = dict(model_type="llama", hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-                  num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                  num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
-                  max_position_embeddings=args.max_seq_len, hidden_act="silu")
+    config = dict(
+        model_type="llama",
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        vocab_size=args.vocab_size,
+        rms_norm_eps=args.norm_eps,
+        max_position_embeddings=args.max_seq_len,
+        hidden_act="silu",
+    )
     with open(os.path.join(directory, "config.json"), "w") as handle:
         json.dump(config, handle)
 
@@ -150,10 +161,27 @@ def test_hf_pytorch_model_bin_fallback(tiny_model, tmp_path):
 def _write_llama2c(model: Transformer, path, tied: bool) -> None:
     """llama2.c's legacy export, written from its documented order."""
     a, sd = model.args, model.state_dict()
-    header = [a.dim, a.ffn_hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size * (1 if tied else -1), a.max_seq_len]
+    header = [
+        a.dim,
+        a.ffn_hidden_dim,
+        a.n_layers,
+        a.n_heads,
+        a.n_kv_heads,
+        a.vocab_size * (1 if tied else -1),
+        a.max_seq_len,
+    ]
     parts = [sd["tok_embeddings.weight"]]
-    for kind in ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+    for kind in (
+        "attention_norm",
+        "attention.wq",
+        "attention.wk",
+        "attention.wv",
+        "attention.wo",
+        "ffn_norm",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    ):
         parts += [sd[f"layers.{i}.{kind}.weight"] for i in range(a.n_layers)]
     parts += [sd["norm.weight"], torch.full((a.max_seq_len * a.head_dim,), 7.0)]  # two RoPE tables: never read
     parts += [] if tied else [sd["output.weight"]]
@@ -204,7 +232,9 @@ def test_missing_path_and_unrecognised_directory(tmp_path):
 def test_hf_index_naming_a_missing_shard(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path, format="hf")
     os.remove(tmp_path / "model.safetensors")
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "gone.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "gone.safetensors"}})
+    )
     with pytest.raises(FileNotFoundError, match=r"gone\.safetensors.*lm_head\.weight"):
         load_model(tmp_path)
 
@@ -224,17 +254,24 @@ def test_unknown_missing_and_misshapen_keys_are_named(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing key 'layers\.1\.ffn_norm\.weight'"):
         load_model(tmp_path / "b")
     _edit_meta(tiny_model, tmp_path / "c", lambda sd: sd.update({"layers.0.attention.wq.weight": torch.zeros(64, 32)}))
-    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: 'layers\.0\.attention\.wq\.weight' has shape \(64, 32\), expected \(64, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"consolidated\.00\.pth: 'layers\.0\.attention\.wq\.weight' has shape \(64, 32\), expected \(64, 64\)",
+    ):
         load_model(tmp_path / "c")
     save_model(tiny_model, tmp_path / "d", format="hf")
     tensors = {"model.layers.0.self_attn.o_proj.bias": torch.zeros(64), "model.norm.weight": torch.ones(64)}
     save_file(tensors, tmp_path / "d" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unknown key 'model\.layers\.0\.self_attn\.o_proj\.bias'"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: unknown key 'model\.layers\.0\.self_attn\.o_proj\.bias'"
+    ):
         load_model(tmp_path / "d")
     # A Qwen2-style q bias in a LLaMA config (model_type llama has none) is named, not dropped.
     tensors = {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64), "model.norm.weight": torch.ones(64)}
     save_file(tensors, tmp_path / "d" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected key 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: unexpected key 'model\.layers\.0\.self_attn\.q_proj\.bias'"
+    ):
         load_model(tmp_path / "d")
 
 

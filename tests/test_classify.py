@@ -6,8 +6,6 @@ HTTP tests talk to real stdlib servers on 127.0.0.1 started inside the test (no 
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -46,9 +44,19 @@ def read_out(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "reply,label",
-    [("System 1", 1), ("system-2.", 2), ("**System2**", 2), ("2", 2), (" 1. ", 1), ("It needs System 2 thinking", 2),
-     ("Not System 1.\nAnswer: System 2", 2), ("System 1 or System 2", None), ("I cannot tell", None), ("", None),
-     ("System 12", None)],
+    [
+        ("System 1", 1),
+        ("system-2.", 2),
+        ("**System2**", 2),
+        ("2", 2),
+        (" 1. ", 1),
+        ("It needs System 2 thinking", 2),
+        ("Not System 1.\nAnswer: System 2", 2),
+        ("System 1 or System 2", None),
+        ("I cannot tell", None),
+        ("", None),
+        ("System 12", None),
+    ],
 )
 def test_parse_label(reply, label):
     assert parse_label(reply) == label
@@ -96,8 +104,22 @@ def test_abstentions_all_abstain_default_and_reference(tmp_path, default):
         rows[i]["system"] = 2 - i  # two rows carry a known label; rule:oracle abstains on the others
     data = write_rows(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    summary = classify.main(["--data", str(data), "--out", str(out), "--default-system", str(default),
-                             "--teacher", "rule:oracle", "--teacher", "rule:oracle", "--teacher", "rule:oracle"])
+    summary = classify.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--default-system",
+            str(default),
+            "--teacher",
+            "rule:oracle",
+            "--teacher",
+            "rule:oracle",
+            "--teacher",
+            "rule:oracle",
+        ]
+    )
     labelled = read_out(out)
     assert [r["system"] for r in labelled] == [2, 1] + [default] * 4
     assert [r["decided_by"] for r in labelled] == ["majority"] * 2 + ["all-abstain"] * 4
@@ -108,8 +130,16 @@ def test_abstentions_all_abstain_default_and_reference(tmp_path, default):
 
 def test_even_teacher_count_needs_allow_even(tmp_path, capsys):
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(5))
-    argv = ["--data", str(data), "--out", str(tmp_path / "o.jsonl"),
-            "--teacher", "rule:gsm8k-steps,threshold=2", "--teacher", "rule:gsm8k-steps,threshold=4"]
+    argv = [
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--teacher",
+        "rule:gsm8k-steps,threshold=2",
+        "--teacher",
+        "rule:gsm8k-steps,threshold=4",
+    ]
     with pytest.raises(SystemExit):
         classify.main(argv)
     assert "even number" in capsys.readouterr().err
@@ -120,8 +150,14 @@ def test_even_teacher_count_needs_allow_even(tmp_path, capsys):
 
 def test_resume_after_truncated_last_line_matches_uninterrupted(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(12))
-    teachers = ["--teacher", "rule:gsm8k-steps", "--teacher", "rule:length,threshold=12",
-                "--teacher", "rule:gsm8k-steps,threshold=4"]
+    teachers = [
+        "--teacher",
+        "rule:gsm8k-steps",
+        "--teacher",
+        "rule:length,threshold=12",
+        "--teacher",
+        "rule:gsm8k-steps,threshold=4",
+    ]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     classify.main(["--data", str(data), "--out", str(full), "--batch-size", "5", *teachers])
     expected = full.read_bytes()
@@ -228,8 +264,22 @@ def test_http_teacher_survives_a_500_then_succeeds(tmp_path, scripted, monkeypat
     monkeypatch.setenv("LORAPAR_TEST_KEY", "sekrit")
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(1)[:1] + gsm8k_rows(3)[2:])
     out = tmp_path / "out.jsonl"
-    classify.main(["--data", str(data), "--out", str(out), "--teacher", f"http:{server.url}#teacher-model",
-                   "--backoff", "0.01", "--api-key-env", "LORAPAR_TEST_KEY", "--concurrency", "1"])
+    classify.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--teacher",
+            f"http:{server.url}#teacher-model",
+            "--backoff",
+            "0.01",
+            "--api-key-env",
+            "LORAPAR_TEST_KEY",
+            "--concurrency",
+            "1",
+        ]
+    )
     rows = read_out(out)
     assert [r["votes"] for r in rows] == [[1], [2]] and [r["replies"] for r in rows] == [["System 1"], ["System 2"]]
     assert len(server.requests) == 3  # one 500, then one request per row
@@ -255,8 +305,22 @@ def test_a_request_specific_4xx_is_that_rows_abstention_with_the_message_kept(tm
     server = scripted(failures=1, status=status)  # the first row's request is refused, the rest answered
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(3))
     out = tmp_path / "out.jsonl"
-    summary = classify.main(["--data", str(data), "--out", str(out), "--teacher", f"http:{server.url}#m",
-                             "--concurrency", "1", "--batch-size", "1", "--backoff", "0.01"])
+    summary = classify.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--teacher",
+            f"http:{server.url}#m",
+            "--concurrency",
+            "1",
+            "--batch-size",
+            "1",
+            "--backoff",
+            "0.01",
+        ]
+    )
     rows = read_out(out)
     assert len(rows) == 3 and rows[0]["votes"] == [None] and all(r["votes"] != [None] for r in rows[1:])
     reply = rows[0]["replies"][0]
@@ -270,8 +334,20 @@ def test_a_wrong_key_url_or_model_stops_the_run_at_once(tmp_path, scripted, stat
     server = scripted(failures=100, status=status)
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(3))
     with pytest.raises(TeacherError, match=f"HTTP {status}.*{hint}"):
-        classify.main(["--data", str(data), "--out", str(tmp_path / "out.jsonl"), "--teacher", f"http:{server.url}#m",
-                       "--concurrency", "1", "--backoff", "0.01"])
+        classify.main(
+            [
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "out.jsonl"),
+                "--teacher",
+                f"http:{server.url}#m",
+                "--concurrency",
+                "1",
+                "--backoff",
+                "0.01",
+            ]
+        )
     assert len(server.requests) == 1
 
 
@@ -281,9 +357,17 @@ def test_a_second_run_into_the_same_out_is_refused_naming_the_holder(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(4))
     out = tmp_path / "out.jsonl"
     holder = subprocess.Popen(  # another process holds the lock, as a running classify.py would
-        [sys.executable, "-c", "import sys, time; from lorapar import runlock; "
-         "runlock.acquire(sys.argv[1], is_dir=False); print('held', flush=True); time.sleep(60)", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from lorapar import runlock; "
+            "runlock.acquire(sys.argv[1], is_dir=False); print('held', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(runlock.RunLocked, match=f"in use by process {holder.pid}"):
@@ -310,8 +394,12 @@ def test_resume_after_killed_subprocess_matches_uninterrupted(tmp_path, scripted
     data = write_rows(tmp_path / "in.jsonl", gsm8k_rows(14))
     args = ["--data", str(data), "--teacher", f"http:{server.url}#m", "--batch-size", "1"]
     killed = tmp_path / "killed.jsonl"
-    proc = subprocess.Popen([sys.executable, str(REPO / "classify.py"), *args, "--out", str(killed)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "classify.py"), *args, "--out", str(killed)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while (not killed.exists() or killed.read_text().count("\n") < 3) and time.time() < deadline:
         time.sleep(0.02)

@@ -12,7 +12,13 @@ import torch
 from lorapar.answers import extract_gsm8k_number
 from lorapar.batching import LengthGroupedSampler, SFTDataset, collate, encode_example
 from lorapar.data import DataError, load_examples, read_jsonl
-from lorapar.templates import LORAPAR_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, encode_prompt, format_prompt, format_response
+from lorapar.templates import (
+    LORAPAR_SYSTEM_PROMPT,
+    REASONING_SYSTEM_PROMPT,
+    encode_prompt,
+    format_prompt,
+    format_response,
+)
 from lorapar.tokenizer import Tokenizer
 
 
@@ -47,16 +53,24 @@ def test_real_mmlu_and_humaneval_load(asset):
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("#### 1,450,000", "1450000"), ("so $10.00\n#### $10.00", "10"), ("#### -3.50", "-3.5"),
-     ("x = 4 then 7.", "7"), ("#### 0.25", "0.25"), ("nothing here", None)],
+    [
+        ("#### 1,450,000", "1450000"),
+        ("so $10.00\n#### $10.00", "10"),
+        ("#### -3.50", "-3.5"),
+        ("x = 4 then 7.", "7"),
+        ("#### 0.25", "0.25"),
+        ("nothing here", None),
+    ],
 )
 def test_extract_gsm8k_number(text, expected):
     assert extract_gsm8k_number(text) == expected
 
 
 def test_instruction_alpaca_dolly_and_gzip(tmp_path):
-    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
-            {"instruction": "Name a colour.", "context": "", "response": "Red"}]
+    rows = [
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Name a colour.", "context": "", "response": "Red"},
+    ]
     path = tmp_path / "inst.jsonl.gz"
     with gzip.open(path, "wt") as handle:
         handle.write("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -107,8 +121,10 @@ def test_reasoning_template_for_gsm8k(tmp_path):
 
 # What Hugging Face's Llama-2-chat template renders for example.py's messages [system: SYSTEM_PROMPT, user: q]:
 # "<s>[INST] <<SYS>>\n" + system + "\n<</SYS>>\n\n" + q + " [/INST]", the system prompt kept whole.
-AUTHORS_RL_PROMPT = ("[INST] <<SYS>>\n\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n"
-                     "...\n</answer>\n\n<</SYS>>\n\nTwo plus three? [/INST]")
+AUTHORS_RL_PROMPT = (
+    "[INST] <<SYS>>\n\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n"
+    "...\n</answer>\n\n<</SYS>>\n\nTwo plus three? [/INST]"
+)
 
 
 def test_lorapar_template_is_example_py_s(tmp_path, tokenizer):
@@ -136,22 +152,26 @@ def test_alpaca_template_is_the_dmlora_supplement_s(tmp_path, tokenizer):
     """PiSSA's train.py, which the supplement runs: the no-input Alpaca prompt; target = output + "\n" + EOS."""
     row = {"instruction": "Write a function that adds two numbers.", "output": "def add(a, b):\n    return a + b"}
     (example,) = load_examples(write_jsonl(tmp_path / "a.jsonl", [row]), "instruction")
-    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-              "request.\n\n### Instruction:\nWrite a function that adds two numbers.\n\n### Response:")
+    prompt = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nWrite a function that adds two numbers.\n\n### Response:"
+    )
     assert format_prompt(example, "alpaca") == prompt
     assert format_response(example, "alpaca") == row["output"] + "\n"
     (item,) = SFTDataset([example], tokenizer, template="alpaca", max_len=512).items
     answer = tokenizer.encode(row["output"] + "\n")
     assert item["input_ids"] == tokenizer.encode(prompt, bos=True) + answer + [tokenizer.eos_id]
-    assert item["labels"][-len(answer) - 1:] == answer + [tokenizer.eos_id]
+    assert item["labels"][-len(answer) - 1 :] == answer + [tokenizer.eos_id]
 
 
 def test_chat_templates_follow_the_tokenizer_s_model_family(tmp_path):
     """A Qwen2 / SmolLM2 tokenizer (template chatml) gets ChatML around the question, not LLaMA-2's [INST]."""
     row = {"question": "Two plus three?", "answer": "5\n#### 5"}
     (example,) = load_examples(write_jsonl(tmp_path / "g.jsonl", [row]), "gsm8k")
-    chatml = ("<|im_start|>system\n" + LORAPAR_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nTwo plus three?<|im_end|>\n"
-              "<|im_start|>assistant\n")
+    chatml = (
+        "<|im_start|>system\n" + LORAPAR_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nTwo plus three?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert format_prompt(example, "lorapar", "rl", chat="chatml") == chatml
     assert format_prompt(example, "chat", chat="llama3").startswith("<|start_header_id|>user<|end_header_id|>")
     assert format_prompt(example, "plain", chat="chatml") == "Question: Two plus three?\nAnswer:"
@@ -215,19 +235,22 @@ def test_lorapar_scoring_rows_are_example_py_s_collate_fn(tmp_path, tokenizer):
     assert ids[0] == 1 and ids[-1] == 2  # other templates score exactly what SFT trains on
 
 
-@pytest.mark.parametrize("text, hashed, last_hash, last_answer", [
-    ("5+7=12\n#### 12", "12", 12, None),
-    ("#### 1,234", "1234", 1, None),  # example.py's integer pattern stops at the comma
-    ("#### $1,234.50", "1234.50", None, None),
-    ("#### 12\nQuestion: ...\n#### 99", "12\nQuestion: ...", 99, None),  # split("####")[1], stripped
-    ("####-3", "-3", -3, None),
-    ("<answer>\n12\n</answer>", None, None, 12),
-    ("<answer>\n12\n</answer> then <answer> 13 </answer>", None, None, 13),
-    ("<answer>\n12.0\n</answer>", None, None, None),  # int() refuses it: wrong, as for the authors
-    ("<answer>\n1,000\n</answer>", None, None, None),
-    ("<answer>\n12", None, None, None),  # not closed
-    ("", None, None, None),
-])
+@pytest.mark.parametrize(
+    "text, hashed, last_hash, last_answer",
+    [
+        ("5+7=12\n#### 12", "12", 12, None),
+        ("#### 1,234", "1234", 1, None),  # example.py's integer pattern stops at the comma
+        ("#### $1,234.50", "1234.50", None, None),
+        ("#### 12\nQuestion: ...\n#### 99", "12\nQuestion: ...", 99, None),  # split("####")[1], stripped
+        ("####-3", "-3", -3, None),
+        ("<answer>\n12\n</answer>", None, None, 12),
+        ("<answer>\n12\n</answer> then <answer> 13 </answer>", None, None, 13),
+        ("<answer>\n12.0\n</answer>", None, None, None),  # int() refuses it: wrong, as for the authors
+        ("<answer>\n1,000\n</answer>", None, None, None),
+        ("<answer>\n12", None, None, None),  # not closed
+        ("", None, None, None),
+    ],
+)
 def test_the_authors_answer_rules(text, hashed, last_hash, last_answer):
     from lorapar.answers import hash_answer, last_answer_integer, last_hash_integer
 
@@ -243,7 +266,7 @@ def test_label_masking_token_by_token(tokenizer):
     for position, (token, label) in enumerate(zip(ids, labels)):
         assert label == (-100 if position < len(prompt_ids) else token)
     assert labels[-1] == tokenizer.eos_id
-    assert tokenizer.decode(ids[len(prompt_ids):-1]) == response
+    assert tokenizer.decode(ids[len(prompt_ids) : -1]) == response
     cut_ids, cut_labels, cut = encode_example(tokenizer, prompt, response, max_len=len(ids) - 2)
     assert cut and cut_ids == ids[:-2] and cut_labels == labels[:-2]
 
@@ -276,8 +299,10 @@ def test_length_grouped_sampler_is_distributed_and_deterministic():
     samplers[0].set_epoch(1)
     assert list(samplers[0]) != per_rank[0]
     # Batches are length-grouped: far less spread inside a batch than in random batches of the same size.
-    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b)
-              for b in (per_rank[0][k:k + batch] for k in range(0, 48, batch))]
+    spread = [
+        max(lengths[i] for i in b) - min(lengths[i] for i in b)
+        for b in (per_rank[0][k : k + batch] for k in range(0, 48, batch))
+    ]
     assert sum(spread) / len(spread) < 25
     with pytest.raises(ValueError, match="rank 2"):
         LengthGroupedSampler(lengths, batch, 2, 2)

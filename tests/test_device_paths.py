@@ -43,8 +43,10 @@ def test_fp32_gradients_on_the_device_match_the_cpu_and_respect_the_masks(tiny_m
     cpu_loss, cpu_grads = grads_of(cpu_model, torch.device("cpu"))
     dev_loss, dev_grads = grads_of(dev_model, device)
     assert abs(cpu_loss - dev_loss) < 1e-4
-    masks = {key: m.mask_A if key.endswith("lora_A.weight") else m.mask_B
-             for key, m in ((k, dict(dev_model.named_modules())[n]) for k, n in _key_modules(dev_model))}
+    masks = {
+        key: m.mask_A if key.endswith("lora_A.weight") else m.mask_B
+        for key, m in ((k, dict(dev_model.named_modules())[n]) for k, n in _key_modules(dev_model))
+    }
     for key, grad in dev_grads.items():
         torch.testing.assert_close(grad, cpu_grads[key], rtol=1e-3, atol=1e-5)
         assert not grad[~masks[key].cpu()].any(), f"{key}: a frozen element received a gradient"

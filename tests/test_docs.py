@@ -65,7 +65,9 @@ def test_every_fidelity_row_names_tests_that_exist():
         assert cited, f"a fidelity row cites no test: {row[:100]}"
         for file, name in cited:
             source = (ROOT / "tests" / file).read_text()
-            assert re.search(rf"^def {name}\(", source, re.M), f"docs/fidelity.md cites {file}::{name}, which does not exist"
+            assert re.search(rf"^def {name}\(", source, re.M), (
+                f"docs/fidelity.md cites {file}::{name}, which does not exist"
+            )
 
 
 if __name__ == "__main__":

@@ -144,7 +144,12 @@ def test_triton_path_matches_reference_with_pruned_components(monkeypatch):
         module.zero_grad()
         y = module(x)
         y.square().sum().backward()
-        results.append((y.detach(), *(getattr(module, p).grad.clone() for p in ("lora_A", "lora_B", "expert_A", "expert_B", "expert_E"))))
+        results.append(
+            (
+                y.detach(),
+                *(getattr(module, p).grad.clone() for p in ("lora_A", "lora_B", "expert_A", "expert_B", "expert_E")),
+            )
+        )
     for ref, tri in zip(*results):
         torch.testing.assert_close(tri, ref, atol=1e-4, rtol=1e-4)
     grads = results[1]
@@ -207,7 +212,8 @@ def test_save_load_roundtrip_on_the_original_base(tiny_model, tiny_args, tmp_pat
     assert torch.equal(saved[adapter_key("layers.0.attention.wq", "expert_B")], next(iter(hf_rows.values())))
     assert not torch.equal(saved[adapter_key("layers.0.attention.wq", "expert_B")], wq.expert_B.detach())
     assert (
-        adapter_key("layers.0.attention.wq", "lora_A") == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        adapter_key("layers.0.attention.wq", "lora_A")
+        == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     )
 
 
@@ -261,8 +267,17 @@ def test_orthogonality_loss_gradient_matches_the_hand_derived_formula(tiny_model
 # ----------------------------------------------------------------------------- training with screening
 
 
-def _dual_run(model, steps: int, t_init: float, t_final: float, delta_t: int, weight_decay: float = 0.1,
-              lr: float = 1e-2, pruning: str = "regrow", args: DualArgs = None):
+def _dual_run(
+    model,
+    steps: int,
+    t_init: float,
+    t_final: float,
+    delta_t: int,
+    weight_decay: float = 0.1,
+    lr: float = 1e-2,
+    pruning: str = "regrow",
+    args: DualArgs = None,
+):
     """Train on a fixed tiny next-token task; yields (step, loss, record, dual) after each screened optimizer step.
     `args` (if given) replaces SMALL; the schedule arguments apply on top."""
     import dataclasses
@@ -270,8 +285,9 @@ def _dual_run(model, steps: int, t_init: float, t_final: float, delta_t: int, we
     from lorapar.dmlora.training import DualTraining
     from lorapar.optim import MaskedAdamW
 
-    args = dataclasses.replace(args or DualArgs(**SMALL), dual_t_init=t_init, dual_t_final=t_final,
-                               dual_delta_t=delta_t, dual_pruning=pruning)
+    args = dataclasses.replace(
+        args or DualArgs(**SMALL), dual_t_init=t_init, dual_t_final=t_final, dual_delta_t=delta_t, dual_pruning=pruning
+    )
     dual = DualTraining(model, args)
     optimizer = MaskedAdamW.for_model(model, lr=lr, weight_decay=weight_decay)
     dual.start(optimizer, total_steps=steps)
@@ -332,8 +348,11 @@ def test_regrow_gated_components_grow_back_until_the_final_mask(tiny_model):
                 moved += not torch.equal(modules[name].expert_A[i], A_row)
         if "expert_budget" in record:
             assert record["live_experts"] == record["expert_budget"]
-            zeroed = {(n, i): (m.expert_A[i].clone(), m.expert_B[:, i].clone())
-                      for n, m in modules.items() for i in (~dual.screener.kept[n]).nonzero().flatten().tolist()}
+            zeroed = {
+                (n, i): (m.expert_A[i].clone(), m.expert_B[:, i].clone())
+                for n, m in modules.items()
+                for i in (~dual.screener.kept[n]).nonzero().flatten().tolist()
+            }
             assert zeroed and all(modules[n].expert_E[i] == 0 for n, i in zeroed)
             assert len(zeroed) == N_MODULES * 8 - record["expert_budget"]
             if gated_at:  # kept now though zeroed at the last screening: it won its place back
@@ -343,14 +362,18 @@ def test_regrow_gated_components_grow_back_until_the_final_mask(tiny_model):
         if step == prune_end - 1:
             ema = {k: v.clone() for k, v in dual.screener.state_dict().items() if not k.startswith("kept.")}
         if step == prune_end:  # as peft's AdaLoRA: the final screening ranks the EMAs of the steps before it
-            scores = [component_scores(*(ema[f"sensitivity.{n}.{p}"] * ema[f"uncertainty.{n}.{p}"] for p in "ABE"))
-                      for n in modules]
+            scores = [
+                component_scores(*(ema[f"sensitivity.{n}.{p}"] * ema[f"uncertainty.{n}.{p}"] for p in "ABE"))
+                for n in modules
+            ]
             expected = select_survivors(scores, [torch.ones(8, dtype=torch.bool)] * N_MODULES, N_MODULES * 5)
             assert all(torch.equal(m.expert_alive, e) for m, e in zip(modules.values(), expected))
             assert not dual.screener.ema.sensitivity  # dropped once the mask is final
             assert record["live_experts"] == N_MODULES * 5
-            final = {n: (m.expert_alive.clone(), m.expert_A.detach().clone(), m.expert_B.detach().clone())
-                     for n, m in modules.items()}
+            final = {
+                n: (m.expert_alive.clone(), m.expert_A.detach().clone(), m.expert_B.detach().clone())
+                for n, m in modules.items()
+            }
             assert sum(int(alive.sum()) for alive, _, _ in final.values()) == N_MODULES * 5
         if step > prune_end:  # the final mask is fixed: the losers do not move, the rest train
             for n, m in modules.items():
@@ -360,8 +383,10 @@ def test_regrow_gated_components_grow_back_until_the_final_mask(tiny_model):
             assert record["live_experts"] == N_MODULES * 5
     assert regrown > 0 and moved > 0, (regrown, moved)
     assert rekept > 0  # with a monotone rule this is impossible
-    assert any(not torch.equal(m.expert_A[alive], A0[alive])  # and the kept ones kept training
-               for (alive, A0, _), m in zip(final.values(), modules.values()))
+    assert any(
+        not torch.equal(m.expert_A[alive], A0[alive])  # and the kept ones kept training
+        for (alive, A0, _), m in zip(final.values(), modules.values())
+    )
 
 
 def test_short_training_run_lowers_the_loss(tiny_model):
@@ -371,9 +396,9 @@ def test_short_training_run_lowers_the_loss(tiny_model):
 
 @pytest.mark.parametrize("pruning", ["regrow", "freeze"])
 def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_path, pruning):
-    from lorapar.optim import MaskedAdamW
-    from lorapar.model import Transformer
     from lorapar.dmlora.training import DualTraining
+    from lorapar.model import Transformer
+    from lorapar.optim import MaskedAdamW
 
     run = _dual_run(tiny_model, steps=14, t_init=2, t_final=4, delta_t=3, pruning=pruning)
     for step, _, _, dual in run:
@@ -409,11 +434,49 @@ def _sft(setup, asset, out, *extra):
     import train_sft
 
     _, base, data = setup
-    argv = ["--ckpt", base, "--tokenizer", str(asset("models/llama2-tokenizer.model")), "--data", data,
-            "--out", str(out), "--template", "plain", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2",
-            "--warmup-ratio", "0", "--weight-decay", "0.1", "--max-steps", "8", "--save-every", "2",
-            "--adapter", "dual", "--dual-rank", "12", "--dual-shared-rank", "4", "--dual-alpha", "12",
-            "--dual-target-rank", "5", "--dual-t-init", "1", "--dual-t-final", "3", "--dual-delta-t", "2", *extra]
+    argv = [
+        "--ckpt",
+        base,
+        "--tokenizer",
+        str(asset("models/llama2-tokenizer.model")),
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--template",
+        "plain",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--weight-decay",
+        "0.1",
+        "--max-steps",
+        "8",
+        "--save-every",
+        "2",
+        "--adapter",
+        "dual",
+        "--dual-rank",
+        "12",
+        "--dual-shared-rank",
+        "4",
+        "--dual-alpha",
+        "12",
+        "--dual-target-rank",
+        "5",
+        "--dual-t-init",
+        "1",
+        "--dual-t-final",
+        "3",
+        "--dual-delta-t",
+        "2",
+        *extra,
+    ]
     train_sft.main(argv)
     return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
@@ -481,11 +544,21 @@ def test_dmlora_preset_is_the_supplements_recipe(setup, asset, capsys):
     sft, train, dual = train_sft.parse_config(["--preset", "dmlora", *common])
     assert (sft.adapter, sft.max_len, sft.overflow, sft.template) == ("dual", 380, "truncate", "alpaca")
     assert (train.lr, train.schedule, train.warmup_ratio, train.weight_decay, train.epochs) == (
-        1e-5, "cosine", 0.03, 0.0, 1)
+        1e-5,
+        "cosine",
+        0.03,
+        0.0,
+        1,
+    )
     assert (train.global_batch, train.batch_size) == (64, 4)
     assert isinstance(dual, DualArgs)
     assert (dual.dual_rank, dual.dual_shared_rank, dual.expert_rank, dual.dual_alpha, dual.dual_target_rank) == (
-        128, 32, 96, 128.0, 80.0)
+        128,
+        32,
+        96,
+        128.0,
+        80.0,
+    )
     assert (dual.dual_delta_t, dual.dual_orth_lambda, dual.dual_beta1, dual.dual_beta2) == (10, 0.1, 0.85, 0.85)
     assert dual.schedule(1562) == (235, 780) and dual.dual_pruning == "regrow"
     assert set(dual.dual_targets) == {"q", "k", "v", "o", "gate", "up", "down"}
@@ -579,9 +652,11 @@ def test_lora_code_never_loads_dmlora():
     import sys
     from pathlib import Path
 
-    code = ("import sys, train_sft, lorapar.adapter, lorapar.evaluate, lorapar.serve; train_sft.parse_config(["
-            "'--ckpt', 'c', '--tokenizer', 't', '--data', 'd', '--out', 'o']); "
-            "print(sorted(m for m in sys.modules if m.startswith('lorapar.dmlora')))")
+    code = (
+        "import sys, train_sft, lorapar.adapter, lorapar.evaluate, lorapar.serve; train_sft.parse_config(["
+        "'--ckpt', 'c', '--tokenizer', 't', '--data', 'd', '--out', 'o']); "
+        "print(sorted(m for m in sys.modules if m.startswith('lorapar.dmlora')))"
+    )
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -97,26 +97,42 @@ def test_a_truncated_gzip_data_file_names_itself(tmp_path):
         load_examples(str(path), "gsm8k")
 
 
-@pytest.mark.parametrize("command, flags, message", [
-    (["train_sft.py"], ["--lr", "nan", "--data", "d.jsonl"], "--lr nan: expected a finite number"),
-    (["train_rl.py"], ["--num-generations", "1", "--data", "d.jsonl"], "--num-generations 1: expected >= 2"),
-    (["score.py"], ["--data", "MISSING.jsonl"], "MISSING.jsonl"),
-    (["classify.py"], ["--data", "MISSING.jsonl", "--teacher", "rule:length"], "MISSING.jsonl"),
-    (["-m", "lorapar.evaluate"], ["--batch-size", "0", "--data", "d.jsonl"], "--batch-size 0: expected a value > 0"),
-    (["-m", "lorapar.serve"], ["--port", "70000"], "--port 70000: expected 0..65535"),
-    (["-m", "lorapar.pipeline"], ["--rl-generations", "1"], "--rl-generations 1: expected >= 2"),
-])
+@pytest.mark.parametrize(
+    "command, flags, message",
+    [
+        (["train_sft.py"], ["--lr", "nan", "--data", "d.jsonl"], "--lr nan: expected a finite number"),
+        (["train_rl.py"], ["--num-generations", "1", "--data", "d.jsonl"], "--num-generations 1: expected >= 2"),
+        (["score.py"], ["--data", "MISSING.jsonl"], "MISSING.jsonl"),
+        (["classify.py"], ["--data", "MISSING.jsonl", "--teacher", "rule:length"], "MISSING.jsonl"),
+        (
+            ["-m", "lorapar.evaluate"],
+            ["--batch-size", "0", "--data", "d.jsonl"],
+            "--batch-size 0: expected a value > 0",
+        ),
+        (["-m", "lorapar.serve"], ["--port", "70000"], "--port 70000: expected 0..65535"),
+        (["-m", "lorapar.pipeline"], ["--rl-generations", "1"], "--rl-generations 1: expected >= 2"),
+    ],
+)
 def test_every_script_prints_one_line_and_exits_2_on_an_expected_error(tmp_path, command, flags, message):
-    common = {"train_sft.py": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o")],
-              "train_rl.py": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o")],
-              "score.py": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o")],
-              "classify.py": ["--out", str(tmp_path / "o.jsonl")],
-              "lorapar.evaluate": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o.json")],
-              "lorapar.serve": ["--ckpt", "b"], "lorapar.pipeline": ["--out", str(tmp_path / "o")]}[command[-1]]
+    common = {
+        "train_sft.py": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o")],
+        "train_rl.py": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o")],
+        "score.py": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o")],
+        "classify.py": ["--out", str(tmp_path / "o.jsonl")],
+        "lorapar.evaluate": ["--ckpt", "b", "--tokenizer", "t", "--out", str(tmp_path / "o.json")],
+        "lorapar.serve": ["--ckpt", "b"],
+        "lorapar.pipeline": ["--out", str(tmp_path / "o")],
+    }[command[-1]]
     env = {k: v for k, v in os.environ.items() if k != "LORAPAR_TRACEBACK"}
     command = [str(REPO / command[0])] if command[0].endswith(".py") else command
-    result = subprocess.run([sys.executable, *command, *common, *flags], cwd=tmp_path,
-                            env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *command, *common, *flags],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
     assert result.returncode == 2, result.stderr
     # One line, or argparse's usage block before its one-line error where the script reports through it.

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from lorapar.answers import final_answer
-from lorapar.data import Example, load_examples
-from lorapar.evaluate import (
-    EvalArgs, decode_continuation, evaluate_gsm8k, evaluate_mmlu, run, score_gsm8k,
-)
+from lorapar.data import Example
+from lorapar.eval_tasks import decode_continuation, evaluate_gsm8k, evaluate_mmlu, score_gsm8k
+from lorapar.evaluate import EvalArgs, run
 from lorapar.humaneval_exec import pass_at_k, program_text, run_many, run_program, truncate_completion
 from lorapar.tokenizer import Tokenizer
 
@@ -25,18 +24,21 @@ def gsm8k(final: str, system=None) -> Example:
     return Example("q", f"steps\n#### {final}", final, system, {}, "gsm8k")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("5+7=12\n#### 12", "12"),
-    ("#### 1,234", "1234"),
-    ("so $1,234.00 in all\n#### $1,234.00", "1234"),
-    ("#### 12.0\n\nQuestion: ... #### 99", "12"),  # the first answer counts, not what the model rambles on to
-    ("#### -3.50", "-3.5"),
-    ("<reasoning>\n4*3=12\n</reasoning>\n<answer>\n12\n</answer>\n", "12"),
-    ("<reasoning>\n</reasoning>\n<answer>\n$7", "7"),  # cut off before the closing tag
-    ("the answer is 12", None),  # malformed: no fallback to the last number
-    ("####\nand 12 later", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("5+7=12\n#### 12", "12"),
+        ("#### 1,234", "1234"),
+        ("so $1,234.00 in all\n#### $1,234.00", "1234"),
+        ("#### 12.0\n\nQuestion: ... #### 99", "12"),  # the first answer counts, not what the model rambles on to
+        ("#### -3.50", "-3.5"),
+        ("<reasoning>\n4*3=12\n</reasoning>\n<answer>\n12\n</answer>\n", "12"),
+        ("<reasoning>\n</reasoning>\n<answer>\n$7", "7"),  # cut off before the closing tag
+        ("the answer is 12", None),  # malformed: no fallback to the last number
+        ("####\nand 12 later", None),
+        ("", None),
+    ],
+)
 def test_final_answer(text, expected):
     assert final_answer(text) == expected
 
@@ -47,8 +49,10 @@ def test_score_gsm8k_right_wrong_malformed_and_by_system():
     result = score_gsm8k(examples, outputs)
     metrics = result["metrics"]
     assert (metrics["accuracy"], metrics["correct"], metrics["n"], metrics["malformed"]) == (0.5, 2, 4, 1)
-    assert metrics["by_system"] == {"1": {"accuracy": 1.0, "correct": 2, "n": 2},
-                                    "2": {"accuracy": 0.0, "correct": 0, "n": 2}}
+    assert metrics["by_system"] == {
+        "1": {"accuracy": 1.0, "correct": 2, "n": 2},
+        "2": {"accuracy": 0.0, "correct": 0, "n": 2},
+    }
     assert [r["correct"] for r in result["records"]] == [True, True, False, False]
     assert [r["prediction"] for r in result["records"]] == ["12", "1234", "8", None]
 
@@ -61,8 +65,12 @@ def test_score_gsm8k_under_the_authors_rules():
     sft = ["#### 11\nthen #### 12", "#### 1", "#### 7.5", "I think 5"]
     metrics = score_gsm8k(examples, sft, "last_hash")["metrics"]
     assert (metrics["correct"], metrics["malformed"], metrics["extraction"]) == (3, 1, "last_hash")
-    rl = ["<answer>\n11\n</answer><answer>\n12\n</answer>", "<answer>\n1234\n</answer>",
-          "<answer>\n7.0\n</answer>", "#### 5"]
+    rl = [
+        "<answer>\n11\n</answer><answer>\n12\n</answer>",
+        "<answer>\n1234\n</answer>",
+        "<answer>\n7.0\n</answer>",
+        "#### 5",
+    ]
     result = score_gsm8k(examples, rl, "last_answer")
     assert [r["correct"] for r in result["records"]] == [True, True, False, False]
     assert [r["prediction"] for r in result["records"]] == ["12", "1234", None, None]
@@ -139,8 +147,9 @@ def test_mmlu_batches_agree_with_single_questions(tokenizer):
     from lorapar.config import ModelArgs
     from lorapar.model import Transformer
 
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
-                                  hidden_dim=64))
+    model = Transformer(
+        ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size, hidden_dim=64)
+    )
     model.init_weights(seed=1)
     examples = [Example(("a " * n) + "?\nA. x\nB. y\nAnswer:", "A", "A", None, {}, "mmlu") for n in (1, 5, 9)]
     batched = evaluate_mmlu(model, tokenizer, examples, batch_size=3, progress=False)["records"]
@@ -161,17 +170,20 @@ def test_gsm8k_generation_path_scores_what_the_model_says(tokenizer):
 
 def test_gsm8k_prompt_of_the_lorapar_template_after_sft_ends_with_eos(tokenizer, monkeypatch):
     """The SFT-stage prompt is BOS + question + EOS; generation continues after that EOS."""
-    import lorapar.evaluate as evaluate
+    import lorapar.eval_tasks as eval_tasks
     from lorapar.generate import Generation
 
     seen = []
 
     def answer_three(model, prompts, max_new_tokens, **kwargs):
         seen.extend(prompts)
-        return Generation(tokens=[tokenizer.encode("#### 3") for _ in prompts], logprobs=[[] for _ in prompts],
-                          finished=[True for _ in prompts])
+        return Generation(
+            tokens=[tokenizer.encode("#### 3") for _ in prompts],
+            logprobs=[[] for _ in prompts],
+            finished=[True for _ in prompts],
+        )
 
-    monkeypatch.setattr(evaluate, "generate", answer_three)
+    monkeypatch.setattr(eval_tasks, "generate", answer_three)
     result = evaluate_gsm8k(None, tokenizer, [gsm8k("3")], template="lorapar", progress=False)
     assert seen == [[tokenizer.bos_id, *tokenizer.encode("q"), tokenizer.eos_id]]
     assert result["metrics"]["correct"] == 1 and result["metrics"]["extraction"] == "last_hash"
@@ -211,7 +223,9 @@ def test_an_infinite_loop_is_killed_at_its_timeout_with_its_children():
     result = run_program(
         "import subprocess, sys\n"
         f"child = subprocess.Popen([sys.executable, '-c', 'while True: pass', {tag!r}])\n"
-        "while True:\n    pass\n", timeout=1.0)
+        "while True:\n    pass\n",
+        timeout=1.0,
+    )
     assert result.status == "timeout" and time.perf_counter() - start < 5.0
     for _ in range(50):  # the orphan is killed with the group (or the namespace), then reaped
         if not processes_with(tag):
@@ -284,8 +298,22 @@ def test_cli_writes_results_with_records(tmp_path, tokenizer):
     out = tmp_path / "results.json"
     from lorapar.evaluate import main
 
-    main(["--ckpt", str(tmp_path / "base"), "--tokenizer", tokenizer.path, "--task", "mmlu", "--data", str(data),
-          "--out", str(out), "--limit", "2"])
+    main(
+        [
+            "--ckpt",
+            str(tmp_path / "base"),
+            "--tokenizer",
+            tokenizer.path,
+            "--task",
+            "mmlu",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--limit",
+            "2",
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["metrics"] == {"accuracy": 1.0, "correct": 2, "n": 2}
     assert len(saved["records"]) == 2 and saved["config"]["limit"] == 2

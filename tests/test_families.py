@@ -10,19 +10,24 @@ import json
 
 import pytest
 import torch
-
 from conftest import require
+
 from lorapar.adapter import load_adapter, save_adapter
 from lorapar.checkpoint import load_model, read_model_args, save_model
 from lorapar.checkpoint.meta import meta_params
 from lorapar.config import ModelArgs
-from lorapar.lora import LoraArgs, apply_lora, lora_modules
+from lorapar.lora import LoraArgs, apply_lora
 from lorapar.model import Transformer, rope_frequencies
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64] * 5, [3, 3, 8, 120, 0, 11, 42, 17] * 5])  # 40 positions
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128, max_position_embeddings=128)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -36,15 +41,28 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def hf_qwen2(tied: bool):
     transformers = require("transformers")
-    config = transformers.Qwen2Config(**SHAPE, num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6,
-                                      rope_theta=1e6, tie_word_embeddings=tied)
+    config = transformers.Qwen2Config(
+        **SHAPE,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=tied,
+    )
     return _randomize(transformers.Qwen2ForCausalLM(config))
 
 
 def hf_llama3():
     transformers = require("transformers")
-    config = transformers.LlamaConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                      rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        **SHAPE,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=False,
+    )
     return _randomize(transformers.LlamaForCausalLM(config))
 
 
@@ -103,8 +121,18 @@ def test_llama3_rope_scaling_equals_transformers_in_both_config_spellings(tmp_pa
 
 
 def test_meta_params_json_llama3_scaling_and_qwen_bias_round_trip(tmp_path):
-    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96, rope_theta=5e5,
-                     rope_scaling_factor=32.0, rope_original_max_seq_len=8192, qkv_bias=True)
+    args = ModelArgs(
+        dim=64,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=128,
+        hidden_dim=96,
+        rope_theta=5e5,
+        rope_scaling_factor=32.0,
+        rope_original_max_seq_len=8192,
+        qkv_bias=True,
+    )
     model = _randomize(Transformer(args))
     save_model(model, tmp_path / "meta", format="meta")
     params = meta_params(args)
@@ -114,12 +142,25 @@ def test_meta_params_json_llama3_scaling_and_qwen_bias_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(TOKENS), model(TOKENS), rtol=0, atol=0)
     # Meta's own LLaMA-3.1 params.json says only "use_scaled_rope": true; its reference code fixes the rest.
-    plain = {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128, "multiple_of": 32,
-             "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+    plain = {
+        "dim": 64,
+        "n_layers": 1,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": 128,
+        "multiple_of": 32,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    }
     (tmp_path / "meta" / "params.json").write_text(json.dumps(plain))
     meta_args = read_model_args(tmp_path / "meta")
-    assert (meta_args.rope_scaling_factor, meta_args.rope_low_freq_factor, meta_args.rope_high_freq_factor,
-            meta_args.rope_original_max_seq_len) == (8.0, 1.0, 4.0, 8192)
+    assert (
+        meta_args.rope_scaling_factor,
+        meta_args.rope_low_freq_factor,
+        meta_args.rope_high_freq_factor,
+        meta_args.rope_original_max_seq_len,
+    ) == (8.0, 1.0, 4.0, 8192)
 
 
 def test_unsupported_variants_name_the_config_key(tmp_path):
@@ -128,9 +169,12 @@ def test_unsupported_variants_name_the_config_key(tmp_path):
     hf = hf_qwen2(tied=True)
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for edit, key in (({"use_sliding_window": True}, "use_sliding_window"), ({"model_type": "mistral"}, "model_type"),
-                      ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "rope_parameters"),
-                      ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling")):
+    for edit, key in (
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "mistral"}, "model_type"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "rope_parameters"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ):
         (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
         with pytest.raises(CheckpointError, match=rf"config\.json: {key}"):
             load_model(tmp_path)
@@ -196,8 +240,18 @@ def test_peft_adapters_move_between_peft_and_lorapar_on_qwen2(tmp_path):
 
 @torch.no_grad()
 def test_kv_cache_decoding_with_biases_and_scaled_rope_equals_full_forward():
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96, qkv_bias=True,
-                     rope_scaling_factor=8.0, rope_original_max_seq_len=16, max_seq_len=64)
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=128,
+        hidden_dim=96,
+        qkv_bias=True,
+        rope_scaling_factor=8.0,
+        rope_original_max_seq_len=16,
+        max_seq_len=64,
+    )
     model = _randomize(Transformer(args))
     prompt = TOKENS[:, :20]
     full = model(prompt)[:, -1]

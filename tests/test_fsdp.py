@@ -19,6 +19,13 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from test_gguf import _random_k_blocks, gguf_name, write_gguf
+from test_importance import random_rows
+from test_score import argv as score_argv
+from test_score import write_checkpoint, write_labelled
+from test_sft import TINY, adapter, arithmetic_rows, initial_adapter, write_jsonl
+from test_sft import run as run_sft
+from test_train_rl import build_sft, rl_argv
 
 import score
 import train_rl
@@ -29,19 +36,42 @@ from lorapar.checkpoint.names import meta_to_hf_state_dict
 from lorapar.config import ModelArgs
 from lorapar.masks import save_masks
 from lorapar.model import Transformer
-from test_gguf import _random_k_blocks, gguf_name, write_gguf
-from test_importance import random_rows
-from test_sft import TINY, adapter, arithmetic_rows, initial_adapter, run as run_sft, write_jsonl
-from test_score import argv as score_argv, write_checkpoint, write_labelled
-from test_train_rl import build_sft, rl_argv
 
 # Odd sizes on purpose: 3 heads of 8 rows split 12/12 cuts a head in two (the HF q/k permutation is per
 # head), one kv head of 8 rows splits 4/4 inside it, and vocab 51 gives torch.chunk's uneven 26/25.
 READER_ARGS = dict(dim=24, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=51, hidden_dim=40, max_seq_len=64)
-SFT_COMMON = ["--max-steps", "4", "--global-batch", "8", "--weight-decay", "0.1", "--save-every", "2",
-              "--device", "cpu"]
-RL_COMMON = ["--max-steps", "2", "--prompts-per-step", "4", "--micro-batch", "3", "--weight-decay", "0.1",
-             "--mu", "2", "--beta", "0.1", "--loss-type", "dapo", "--lr", "1e-3", "--device", "cpu"]
+SFT_COMMON = [
+    "--max-steps",
+    "4",
+    "--global-batch",
+    "8",
+    "--weight-decay",
+    "0.1",
+    "--save-every",
+    "2",
+    "--device",
+    "cpu",
+]
+RL_COMMON = [
+    "--max-steps",
+    "2",
+    "--prompts-per-step",
+    "4",
+    "--micro-batch",
+    "3",
+    "--weight-decay",
+    "0.1",
+    "--mu",
+    "2",
+    "--beta",
+    "0.1",
+    "--loss-type",
+    "dapo",
+    "--lr",
+    "1e-3",
+    "--device",
+    "cpu",
+]
 
 
 def write_meta_two_shards(model: Transformer, path: Path) -> None:
@@ -88,12 +118,21 @@ def quantized_gguf(path: Path) -> str:
     from conftest import require
 
     Q = require("gguf").GGMLQuantizationType
-    model = Transformer(ModelArgs(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=51, hidden_dim=256,
-                                  qkv_bias=True))
+    model = Transformer(
+        ModelArgs(dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=51, hidden_dim=256, qkv_bias=True)
+    )
     model.init_weights(seed=7)
-    kinds = {"token_embd.weight": Q.Q8_0, "blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q4_1,
-             "blk.0.attn_v.weight": Q.Q4_K, "blk.0.attn_output.weight": Q.Q6_K, "blk.0.ffn_gate.weight": Q.F16,
-             "blk.0.ffn_up.weight": Q.BF16, "blk.0.ffn_down.weight": Q.F32, "output.weight": Q.Q8_0}
+    kinds = {
+        "token_embd.weight": Q.Q8_0,
+        "blk.0.attn_q.weight": Q.Q4_0,
+        "blk.0.attn_k.weight": Q.Q4_1,
+        "blk.0.attn_v.weight": Q.Q4_K,
+        "blk.0.attn_output.weight": Q.Q6_K,
+        "blk.0.ffn_gate.weight": Q.F16,
+        "blk.0.ffn_up.weight": Q.BF16,
+        "blk.0.ffn_down.weight": Q.F32,
+        "output.weight": Q.Q8_0,
+    }
     write_model_gguf(model, path, "qwen2", kinds)
     return str(path)
 
@@ -139,8 +178,9 @@ def check_sharded_optimizer(rank: int, base: str) -> None:
     gen = torch.Generator().manual_seed(7)
     masks = {k: torch.rand(p.shape, generator=gen) < 0.4 for k, p in named_lora_parameters(plain)}
     set_masks(plain, masks)
-    sharded = load_sharded_model(base, torch.float32, torch.device("cpu"), 0,
-                                 with_adapter=lambda m: replace_linears(m, lora))
+    sharded = load_sharded_model(
+        base, torch.float32, torch.device("cpu"), 0, with_adapter=lambda m: replace_linears(m, lora)
+    )
     init_sharded_lora(sharded, lora)
     set_masks(sharded, masks)
     tokens = torch.tensor([[1, 5, 9, 33, 2, 7], [3, 3, 8, 40, 0, 11]])
@@ -175,18 +215,29 @@ def scoring_lora(case: dict):
 
 
 def run_sharded_scoring(rank: int, base: str, rows: list, out: str) -> None:
-    """fsdp.score_rows_sharded one row at a time (rank 1 runs a stand-in batch); what each rank holds goes
+    """fsdp_scoring.score_rows_sharded one row at a time (rank 1 runs a stand-in batch); what each rank holds goes
     to out/scoring-case{i}-rank{rank}.pt for the test to check."""
     from lorapar.dist import DistInfo
-    from lorapar.fsdp import build_lora_model, score_rows_sharded
+    from lorapar.fsdp import build_lora_model
+    from lorapar.fsdp_scoring import score_rows_sharded
 
     info = DistInfo(rank=rank, world_size=2)
     for i, case in enumerate(SCORING_CASES):
         model, _, _ = build_lora_model(base, "float32", "", None, scoring_lora(case), info, 0)
         scores, moments = score_rows_sharded(model, rows, "second", info, None, batch_size=1)
-        torch.save({"scores": scores, "rows": moments.rows, "keys": moments.keys, "shapes": moments.shapes,
-                    "sum_grad": moments.sum_grad, "sum_grad_sq": moments.sum_grad_sq, "count": moments.count,
-                    "tokens": moments.tokens}, os.path.join(out, f"scoring-case{i}-rank{rank}.pt"))
+        torch.save(
+            {
+                "scores": scores,
+                "rows": moments.rows,
+                "keys": moments.keys,
+                "shapes": moments.shapes,
+                "sum_grad": moments.sum_grad,
+                "sum_grad_sq": moments.sum_grad_sq,
+                "count": moments.count,
+                "tokens": moments.tokens,
+            },
+            os.path.join(out, f"scoring-case{i}-rank{rank}.pt"),
+        )
 
 
 def worker(rank: int, store: str, jobs: dict) -> None:
@@ -234,8 +285,11 @@ def build_runs(tmp_path_factory, asset) -> dict:
     reader_model.init_weights(seed=3)
     save_model(reader_model, root / "reader-hf")
     write_meta_two_shards(reader_model, root / "reader-meta")
-    checkpoints = {"hf": str(root / "reader-hf"), "meta": str(root / "reader-meta"),
-                   "llama2c": str(asset("models/stories260K.bin"))}
+    checkpoints = {
+        "hf": str(root / "reader-hf"),
+        "meta": str(root / "reader-meta"),
+        "llama2c": str(asset("models/stories260K.bin")),
+    }
     if importlib.util.find_spec("gguf"):  # test-only dependency: without it the rest still runs
         gguf_model = Transformer(ModelArgs(**READER_ARGS, qkv_bias=True, tie_embeddings=True))
         gguf_model.init_weights(seed=4)
@@ -259,6 +313,7 @@ def build_runs(tmp_path_factory, asset) -> dict:
     find = lambda _: tokenizer  # noqa: E731  (test_sft.run's asset lookup)
     masked = ["--masks", str(root / "masks.safetensors")]
     argv, _ = run_sft(setup, find, root / "sft-one", *SFT_COMMON, *masked)
+
     def fsdp_argv(out: str, *extra: str) -> list[str]:
         return [str(root / out) if a == str(root / "sft-one") else a for a in argv] + ["--fsdp", *extra]
 
@@ -272,15 +327,24 @@ def build_runs(tmp_path_factory, asset) -> dict:
 
     # Importance scoring: 3 rows per system over 2 ranks, one at a time, so rank 1 runs a stand-in batch
     (root / "score").mkdir()
-    score_inputs = dict(ckpt=write_checkpoint(root / "score" / "base", 32000), tokenizer=tokenizer,
-                        data=write_labelled(root / "score" / "labelled.jsonl"))
+    score_inputs = dict(
+        ckpt=write_checkpoint(root / "score" / "base", 32000),
+        tokenizer=tokenizer,
+        data=write_labelled(root / "score" / "labelled.jsonl"),
+    )
     score.main(score_argv(score_inputs, root / "score-one", "--device", "cpu"))
     score_jobs = [score_argv(score_inputs, root / "score-fsdp", "--device", "cpu", "--fsdp", "--batch-size", "1")]
     (root / "sharded-scoring").mkdir()
 
-    jobs = {"checkpoints": checkpoints, "generations": generations, "sft": sft_jobs, "rl": rl_jobs,
-            "score": score_jobs, "scoring_rows": random_rows(3, vocab=READER_ARGS["vocab_size"]),
-            "scoring_out": str(root / "sharded-scoring")}
+    jobs = {
+        "checkpoints": checkpoints,
+        "generations": generations,
+        "sft": sft_jobs,
+        "rl": rl_jobs,
+        "score": score_jobs,
+        "scoring_rows": random_rows(3, vocab=READER_ARGS["vocab_size"]),
+        "scoring_out": str(root / "sharded-scoring"),
+    }
     mp.spawn(worker, args=(str(root / "store"), jobs), nprocs=2, join=True)
     return {"root": root, "start": start, "masks": masks, "rl": rl}
 
@@ -323,8 +387,10 @@ def test_fsdp_grpo_equals_one_process(fsdp_runs):
     for key in one:
         torch.testing.assert_close(sharded[key], one[key], rtol=0, atol=1e-5)
         assert not torch.equal(one[key], start[key]), key
-    records = lambda out: [m for m in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines())  # noqa: E731
-                           if "reward_mean" in m]
+
+    def records(out):
+        return [m for m in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "reward_mean" in m]
+
     for a, b in zip(records(root / "rl-one"), records(root / "rl-fsdp"), strict=True):
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-6)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
@@ -356,8 +422,9 @@ def test_fsdp_scoring_equals_one_process(fsdp_runs):
     report = json.loads((root / "score-fsdp" / "report.json").read_text())
     assert report["scoring"]["system1"]["scored"] == 3 and report["scoring"]["system2"]["scored"] == 3
     # adapter_init/ is the whole scored adapter, gathered from the shards: the one process's, bit for bit
-    init_one, init_sharded = (load_file(str(root / out / "adapter_init" / "adapter_model.safetensors"))
-                              for out in ("score-one", "score-fsdp"))
+    init_one, init_sharded = (
+        load_file(str(root / out / "adapter_init" / "adapter_model.safetensors")) for out in ("score-one", "score-fsdp")
+    )
     assert init_one.keys() == init_sharded.keys() and all(torch.equal(init_one[k], init_sharded[k]) for k in init_one)
 
 
@@ -374,14 +441,17 @@ def test_fsdp_scoring_keeps_each_ranks_rows_of_the_moments(fsdp_runs):
         apply_lora(model, scoring_lora(case))
         scores, moments = score_rows(model, rows, "second", batch_size=2)
         sizes = [shape.numel() for shape in moments.shapes]
-        whole = {key: (g.view(shape), g2.view(shape)) for key, shape, g, g2 in
-                 zip(moments.keys, moments.shapes, moments.sum_grad.split(sizes), moments.sum_grad_sq.split(sizes))}
+        whole = {
+            key: (g.view(shape), g2.view(shape))
+            for key, shape, g, g2 in zip(
+                moments.keys, moments.shapes, moments.sum_grad.split(sizes), moments.sum_grad_sq.split(sizes)
+            )
+        }
         held = [torch.load(root / "sharded-scoring" / f"scoring-case{i}-rank{rank}.pt") for rank in range(2)]
         for rank, got in enumerate(held):
             assert got["keys"] == moments.keys and (got["count"], got["tokens"]) == (3, moments.tokens)
             expected_numel = 0
-            for key, shape, (start, stop), local_shape in zip(moments.keys, moments.shapes, got["rows"],
-                                                              got["shapes"]):
+            for key, shape, (start, stop), local_shape in zip(moments.keys, moments.shapes, got["rows"], got["shapes"]):
                 per_rank = -(-shape[0] // 2)
                 assert (start, stop) == (min(rank * per_rank, shape[0]), min((rank + 1) * per_rank, shape[0])), key
                 assert tuple(local_shape) == (stop - start, *shape[1:]), key
@@ -390,12 +460,18 @@ def test_fsdp_scoring_keeps_each_ranks_rows_of_the_moments(fsdp_runs):
             offset = 0
             for key, (start, stop), local_shape in zip(moments.keys, got["rows"], got["shapes"]):
                 n = local_shape.numel()
-                for name, flat, ref in (("sum g", got["sum_grad"], whole[key][0]),
-                                        ("sum g^2", got["sum_grad_sq"], whole[key][1])):
+                for name, flat, ref in (
+                    ("sum g", got["sum_grad"], whole[key][0]),
+                    ("sum g^2", got["sum_grad_sq"], whole[key][1]),
+                ):
                     # a sum over examples cancels: an element far below the tensor's scale keeps fewer digits
-                    torch.testing.assert_close(flat[offset : offset + n].view(local_shape), ref[start:stop],
-                                               rtol=1e-5, atol=1e-6 * float(ref.abs().max()),
-                                               msg=lambda m: f"{key} {name}: {m}")
+                    torch.testing.assert_close(
+                        flat[offset : offset + n].view(local_shape),
+                        ref[start:stop],
+                        rtol=1e-5,
+                        atol=1e-6 * float(ref.abs().max()),
+                        msg=lambda m: f"{key} {name}: {m}",
+                    )
                 offset += n
         assert held[0]["sum_grad"].numel() + held[1]["sum_grad"].numel() == moments.sum_grad.numel()
         assert held[0]["sum_grad"].numel() < moments.sum_grad.numel()
@@ -403,8 +479,13 @@ def test_fsdp_scoring_keeps_each_ranks_rows_of_the_moments(fsdp_runs):
             assert all(stop == start for key, (start, stop) in zip(moments.keys, held[1]["rows"]) if "lora_A" in key)
         assert held[1]["scores"] is None and held[0]["scores"].keys() == scores.keys()
         for key in scores:
-            torch.testing.assert_close(held[0]["scores"][key], scores[key], rtol=1e-5,
-                                       atol=1e-6 * float(scores[key].abs().max()), msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(
+                held[0]["scores"][key],
+                scores[key],
+                rtol=1e-5,
+                atol=1e-6 * float(scores[key].abs().max()),
+                msg=lambda m: f"{key}: {m}",
+            )
 
 
 def test_shard_reader_rows_and_shapes_match_the_full_loader(tmp_path):

@@ -28,7 +28,9 @@ def test_batched_mixed_lengths_equal_one_at_a_time(tiny_model):
     for row, prompt in enumerate(PROMPTS):
         alone = generate(tiny_model, [prompt], max_new_tokens=12)
         assert batched.tokens[row] == alone.tokens[0]
-        torch.testing.assert_close(torch.tensor(batched.logprobs[row]), torch.tensor(alone.logprobs[0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(batched.logprobs[row]), torch.tensor(alone.logprobs[0]), atol=1e-5, rtol=0
+        )
     assert batched.finished == [False] * len(PROMPTS)
 
 
@@ -38,7 +40,9 @@ def test_greedy_tokens_and_logprobs_match_a_full_forward(tiny_model):
         with torch.no_grad():
             seq = torch.tensor([prompt + new])
             assert tiny_model(seq)[0, len(prompt) - 1 : -1].argmax(-1).tolist() == new
-        torch.testing.assert_close(torch.tensor(logprobs), _full_forward_logprobs(tiny_model, prompt, new), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(logprobs), _full_forward_logprobs(tiny_model, prompt, new), atol=1e-5, rtol=0
+        )
 
 
 def test_rows_stop_at_their_own_stop_ids(tiny_model):
@@ -92,7 +96,10 @@ def test_sample_respects_top_k_and_top_p():
     assert set(sample(logits, 1.0, 2, 1.0, gen)[0].tolist()) == {0, 1}
     assert set(sample(logits, 1.0, 0, 0.6, gen)[0].tolist()) == {0, 1}  # 0.5 < 0.6: the second token is needed
     assert set(sample(logits, 1.0, 0, 0.5, gen)[0].tolist()) == {0}
-    assert set(sample(logits, 1.0, 3, 0.82, gen)[0].tolist()) == {0, 1}  # renormalised over the top 3: 0.8 / 0.95 >= 0.82
+    assert set(sample(logits, 1.0, 3, 0.82, gen)[0].tolist()) == {
+        0,
+        1,
+    }  # renormalised over the top 3: 0.8 / 0.95 >= 0.82
     assert set(sample(logits, 1.0, 0, 1.0, gen)[0].tolist()) == {0, 1, 2, 3}
     token, logprob = sample(logits[:1], 0.0, 0, 1.0, None)
     assert token.tolist() == [0] and logprob.item() == pytest.approx(torch.log(torch.tensor(0.5)).item(), abs=1e-6)

@@ -13,23 +13,33 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import require
+
 from lorapar.checkpoint import load_model
 from lorapar.checkpoint.names import meta_to_hf_state_dict
 from lorapar.config import ModelArgs
-from lorapar.gguf import GGUFError, SUPPORTED_TYPES
+from lorapar.gguf import SUPPORTED_TYPES, GGUFError
 from lorapar.model import Transformer
 
-META_TO_GGUF = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                "output.weight": "output.weight"}
-LAYER_TO_GGUF = {"attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
-                 "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
-                 "attention.wq_bias": "attn_q.bias", "attention.wk_bias": "attn_k.bias",
-                 "attention.wv_bias": "attn_v.bias",
-                 "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
-                 "feed_forward.w3.weight": "ffn_up.weight", "attention_norm.weight": "attn_norm.weight",
-                 "ffn_norm.weight": "ffn_norm.weight"}
+META_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+LAYER_TO_GGUF = {
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "attention.wq_bias": "attn_q.bias",
+    "attention.wk_bias": "attn_k.bias",
+    "attention.wv_bias": "attn_v.bias",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
 
 
 def gguf_name(meta: str) -> str:
@@ -81,8 +91,18 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 2, 7, 60, 17, 40, 3]])
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_f32_gguf_in_llama_cpp_layout_gives_the_original_logits(tmp_path, arch):
-    args = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=64, hidden_dim=96, norm_eps=1e-6,
-                     rope_theta=1e6, tie_embeddings=arch == "qwen2", qkv_bias=arch == "qwen2")
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=64,
+        hidden_dim=96,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_embeddings=arch == "qwen2",
+        qkv_bias=arch == "qwen2",
+    )
     model = random_model(args)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if args.tie_embeddings:  # llama.cpp stores a tied head once, as token_embd
@@ -106,7 +126,7 @@ def _random_k_blocks(rows: int, cols: int, qtype, gen: np.random.Generator) -> n
     if qtype == gguf.GGMLQuantizationType.Q4_K:
         data[..., 0:2], data[..., 2:4] = scale, scale  # d, dmin lead the block
     else:
-        data[..., size - 2:] = scale  # Q6_K: d ends the block
+        data[..., size - 2 :] = scale  # Q6_K: d ends the block
     return data.reshape(rows, -1)
 
 
@@ -115,9 +135,17 @@ def test_every_supported_tensor_type_is_dequantized_with_ggufs_own_rule(tmp_path
     Q = gguf.GGMLQuantizationType
     args = ModelArgs(dim=256, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=256)
     model = random_model(args)
-    kinds = {"token_embd.weight": Q.Q8_0, "blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn_k.weight": Q.Q4_1,
-             "blk.0.attn_v.weight": Q.Q4_K, "blk.0.attn_output.weight": Q.Q6_K, "blk.0.ffn_gate.weight": Q.F16,
-             "blk.0.ffn_up.weight": Q.BF16, "blk.0.ffn_down.weight": Q.F32, "output.weight": Q.Q8_0}
+    kinds = {
+        "token_embd.weight": Q.Q8_0,
+        "blk.0.attn_q.weight": Q.Q4_0,
+        "blk.0.attn_k.weight": Q.Q4_1,
+        "blk.0.attn_v.weight": Q.Q4_K,
+        "blk.0.attn_output.weight": Q.Q6_K,
+        "blk.0.ffn_gate.weight": Q.F16,
+        "blk.0.ffn_up.weight": Q.BF16,
+        "blk.0.ffn_down.weight": Q.F32,
+        "output.weight": Q.Q8_0,
+    }
     assert sorted(k.name for k in set(kinds.values())) == sorted(SUPPORTED_TYPES)
     gen = np.random.default_rng(0)
     tensors, expected = {}, {}
@@ -199,10 +227,18 @@ def test_real_smollm2_config_and_logits_equal_transformers(smol, hf_smol, smol_t
 
 
 HARD_STRINGS = [
-    "Hello world", "  two leading, three   inner   runs\n\n\n\ttabs\t\t and trailing   ", "a\r\nb\n \n",
-    "12345 + 67890 = 80235; 3.14159, 1,000,000", "emoji 🤖🎉👍🏽 and ZWJ 👩‍👩‍👧",
+    "Hello world",
+    "  two leading, three   inner   runs\n\n\n\ttabs\t\t and trailing   ",
+    "a\r\nb\n \n",
+    "12345 + 67890 = 80235; 3.14159, 1,000,000",
+    "emoji 🤖🎉👍🏽 and ZWJ 👩‍👩‍👧",
     "中文混合English日本語テキスト한국어",
-    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "don't I'll WE'VE", "#### 72", "x" * 80, "  ", "",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "don't I'll WE'VE",
+    "#### 72",
+    "x" * 80,
+    "  ",
+    "",
 ]
 
 
@@ -243,7 +279,7 @@ def test_real_smollm2_generates_trains_a_lora_and_its_adapter_reloads_in_lorapar
     model.train()
     losses = []
     for _ in range(2):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0, len(prompt) - 1:], ids[0, len(prompt):])
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0, len(prompt) - 1 :], ids[0, len(prompt) :])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

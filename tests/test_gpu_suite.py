@@ -14,8 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_dry_run_writes_every_part_with_real_measurements(tmp_path):
     out = tmp_path / "suite"
     env = {k: v for k, v in os.environ.items() if k not in ("LORAPAR_FORCE_TRITON", "TRITON_INTERPRET")}
-    child = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--out", str(out), "--dry-run"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_suite", "--out", str(out), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-2000:]
     result = json.loads((out / "gpu_suite.json").read_text())
     assert result["dry_run"] is True

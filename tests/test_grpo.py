@@ -38,9 +38,13 @@ def hand_token_losses(eps_high: float, beta: float) -> list[list[float]]:
 
 
 def tensors():
-    return (torch.tensor(LOGP, dtype=torch.float64), torch.tensor(OLD, dtype=torch.float64),
-            torch.tensor(REF, dtype=torch.float64), torch.tensor(MASK, dtype=torch.bool),
-            torch.tensor(ADV, dtype=torch.float64))
+    return (
+        torch.tensor(LOGP, dtype=torch.float64),
+        torch.tensor(OLD, dtype=torch.float64),
+        torch.tensor(REF, dtype=torch.float64),
+        torch.tensor(MASK, dtype=torch.bool),
+        torch.tensor(ADV, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("beta", [0.0, BETA])
@@ -56,14 +60,26 @@ def test_loss_matches_hand_computation(loss_type, eps_high, beta):
     }[loss_type]
     logp, old, ref, mask, adv = tensors()
     loss, stats = grpo.grpo_loss(
-        logp, old, adv, mask, epsilon=EPS, epsilon_high=eps_high, beta=beta, ref_logp=ref,
-        loss_type=loss_type, max_completion_len=MAX_LEN,
+        logp,
+        old,
+        adv,
+        mask,
+        epsilon=EPS,
+        epsilon_high=eps_high,
+        beta=beta,
+        ref_logp=ref,
+        loss_type=loss_type,
+        max_completion_len=MAX_LEN,
     )
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert stats["tokens"].item() == 5
     if beta:
-        kl = sum(math.exp(REF[i][t] - LOGP[i][t]) - (REF[i][t] - LOGP[i][t]) - 1
-                 for i in range(2) for t in range(3) if MASK[i][t])
+        kl = sum(
+            math.exp(REF[i][t] - LOGP[i][t]) - (REF[i][t] - LOGP[i][t]) - 1
+            for i in range(2)
+            for t in range(3)
+            if MASK[i][t]
+        )
         assert stats["kl_sum"].item() == pytest.approx(kl, rel=1e-12)
 
 
@@ -80,8 +96,20 @@ def test_bnpo_is_the_mean_of_the_micro_batches_token_means():
     the micro-batches are averaged; unlike dapo, a split into micro-batches changes the loss."""
     rows = hand_token_losses(EPS, BETA)
     logp, old, ref, mask, adv = tensors()
-    total = sum(grpo.grpo_loss(logp[r], old[r], adv[r], mask[r], epsilon=EPS, beta=BETA, ref_logp=ref[r],
-                               loss_type="bnpo", num_micro_batches=2)[0].item() for r in (slice(0, 1), slice(1, 2)))
+    total = sum(
+        grpo.grpo_loss(
+            logp[r],
+            old[r],
+            adv[r],
+            mask[r],
+            epsilon=EPS,
+            beta=BETA,
+            ref_logp=ref[r],
+            loss_type="bnpo",
+            num_micro_batches=2,
+        )[0].item()
+        for r in (slice(0, 1), slice(1, 2))
+    )
     assert total == pytest.approx((sum(rows[0]) / 3 + sum(rows[1]) / 2) / 2, rel=1e-12)
     assert total != pytest.approx(sum(map(sum, rows)) / 5, rel=1e-6)
 
@@ -90,13 +118,24 @@ def test_split_into_micro_batches_gives_the_same_gradient():
     logp, old, ref, mask, adv = tensors()
     for loss_type in ("grpo", "dr_grpo", "dapo"):  # bnpo depends on the split by definition (test above)
         whole = logp.clone().requires_grad_()
-        grpo.grpo_loss(whole, old, adv, mask, epsilon=EPS, beta=BETA, ref_logp=ref, loss_type=loss_type,
-                       max_completion_len=MAX_LEN)[0].backward()
+        grpo.grpo_loss(
+            whole, old, adv, mask, epsilon=EPS, beta=BETA, ref_logp=ref, loss_type=loss_type, max_completion_len=MAX_LEN
+        )[0].backward()
         parts = logp.clone().requires_grad_()
         for rows in (slice(0, 1), slice(1, 2)):
-            grpo.grpo_loss(parts[rows], old[rows], adv[rows], mask[rows], epsilon=EPS, beta=BETA, ref_logp=ref[rows],
-                           loss_type=loss_type, max_completion_len=MAX_LEN, num_sequences=2,
-                           num_tokens=5.0)[0].backward()
+            grpo.grpo_loss(
+                parts[rows],
+                old[rows],
+                adv[rows],
+                mask[rows],
+                epsilon=EPS,
+                beta=BETA,
+                ref_logp=ref[rows],
+                loss_type=loss_type,
+                max_completion_len=MAX_LEN,
+                num_sequences=2,
+                num_tokens=5.0,
+            )[0].backward()
         torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -126,8 +165,10 @@ def test_rollouts_do_not_depend_on_which_prompts_share_the_batch(tiny_model):
 
     common = dict(eos_id=20, pad_id=0)
     both = grpo.make_rollouts(tiny_model, prompts, score, torch.ones(1), args, seeds=seeds, **common)
-    alone = [grpo.make_rollouts(tiny_model, [p], score, torch.ones(1), args, seeds=[s], **common)
-             for p, s in zip(prompts, seeds)]
+    alone = [
+        grpo.make_rollouts(tiny_model, [p], score, torch.ones(1), args, seeds=[s], **common)
+        for p, s in zip(prompts, seeds)
+    ]
     tokens = lambda r: [row[row != 0].tolist() for row in r.input_ids]  # noqa: E731
     assert tokens(both) == tokens(alone[0]) + tokens(alone[1])
     assert torch.equal(both.advantages, torch.cat([a.advantages for a in alone]))
@@ -141,8 +182,17 @@ def test_rollouts_stop_at_every_stop_id_not_only_eos(tiny_model):
     vocab = tiny_model.args.vocab_size
 
     def lengths(**kwargs):
-        rollouts = grpo.make_rollouts(tiny_model, [[1, 5, 9]], lambda _, c: torch.zeros(len(c), 1), torch.ones(1),
-                                      args, seeds=[7], eos_id=None, pad_id=0, **kwargs)
+        rollouts = grpo.make_rollouts(
+            tiny_model,
+            [[1, 5, 9]],
+            lambda _, c: torch.zeros(len(c), 1),
+            torch.ones(1),
+            args,
+            seeds=[7],
+            eos_id=None,
+            pad_id=0,
+            **kwargs,
+        )
         return rollouts.completion_lengths
 
     assert lengths() == [6, 6]  # no stop: full length
@@ -253,7 +303,7 @@ def test_lenient_variants_keep_their_own_names():
 
 def test_lenient_correct_reward_reads_the_answer_that_lenient_evaluation_scores():
     """correct_lenient and --extraction lenient are one rule: with two answers, the first counts for both."""
-    from lorapar.evaluate import score_gsm8k
+    from lorapar.eval_tasks import score_gsm8k
 
     text = "<reasoning>\n6*2=12\n</reasoning>\n<answer>\n12\n</answer>\n<answer>\n13\n</answer>\n"
     for final, right in (("12", 1.0), ("13", 0.0)):
@@ -298,7 +348,9 @@ def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
     history = []
     for step in range(20):
         seeds = [grpo.derive_seed(step, i) for i in range(len(prompts))]
-        rollouts = grpo.make_rollouts(tiny_model, prompts, score, torch.ones(1), args, seeds=seeds, eos_id=None, pad_id=0)
+        rollouts = grpo.make_rollouts(
+            tiny_model, prompts, score, torch.ones(1), args, seeds=seeds, eos_id=None, pad_id=0
+        )
         history.append(rollouts.total_reward.mean().item())
         grpo.grpo_update(tiny_model, optimizer, rollouts, args, dist.DistInfo(), lrs=[3e-2])
     assert history[0] < 0.1 and sum(history[-5:]) / 5 > 0.6, history
@@ -312,8 +364,16 @@ def test_old_and_reference_logprobs_are_those_of_the_sampling_policy_without_dro
     apply_lora(tiny_model, LoraArgs(r=4, dropout=0.5, init="gaussian", init_std=0.5))
     tiny_model.train()
     args = grpo.GRPOArgs(num_generations=2, max_completion_len=3, beta=0.1, mu=2, micro_batch=4)
-    rollouts = grpo.make_rollouts(tiny_model, [[1, 5, 9], [1, 11]], lambda _, c: torch.rand(len(c), 1),
-                                  torch.ones(1), args, seeds=[1, 2], eos_id=None, pad_id=0)
+    rollouts = grpo.make_rollouts(
+        tiny_model,
+        [[1, 5, 9], [1, 11]],
+        lambda _, c: torch.rand(len(c), 1),
+        torch.ones(1),
+        args,
+        seeds=[1, 2],
+        eos_id=None,
+        pad_id=0,
+    )
     with torch.no_grad():
         tiny_model.eval()
         expected_old = target_logprobs(tiny_model, rollouts.input_ids, rollouts.labels)[0]
@@ -321,8 +381,15 @@ def test_old_and_reference_logprobs_are_those_of_the_sampling_policy_without_dro
             expected_ref = target_logprobs(tiny_model, rollouts.input_ids, rollouts.labels)[0]
         tiny_model.train()
     optimizer = MaskedAdamW.for_model(tiny_model, lr=1e-3)
-    grpo.grpo_update(tiny_model, optimizer, rollouts, args, dist.DistInfo(), lrs=[1e-3, 1e-3],
-                     reference=lambda: disable_adapter(tiny_model))
+    grpo.grpo_update(
+        tiny_model,
+        optimizer,
+        rollouts,
+        args,
+        dist.DistInfo(),
+        lrs=[1e-3, 1e-3],
+        reference=lambda: disable_adapter(tiny_model),
+    )
     assert torch.equal(rollouts.old_logp, expected_old) and torch.equal(rollouts.ref_logp, expected_ref)
     assert tiny_model.training
 

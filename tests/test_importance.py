@@ -160,9 +160,9 @@ def _free_port() -> int:
 def _rank_main(rank, world_size, port, out_dir):
     import torch.distributed as dist
 
-    from tests.conftest import TINY_ARGS
     from lorapar.config import ModelArgs
     from lorapar.model import Transformer
+    from tests.conftest import TINY_ARGS
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -171,7 +171,9 @@ def _rank_main(rank, world_size, port, out_dir):
         model = Transformer(ModelArgs(**TINY_ARGS))
         model.init_weights(seed=0)
         model = scoring_model(model.eval())
-        scores, moments = score_rows(model, random_rows(5), info=DistInfo(rank=rank, world_size=world_size), batch_size=2)
+        scores, moments = score_rows(
+            model, random_rows(5), info=DistInfo(rank=rank, world_size=world_size), batch_size=2
+        )
         torch.save((scores, moments.count, moments.tokens), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -30,8 +30,14 @@ def make(rank, dtype=torch.float32, mask="random", seed=0, n=N, n_in=IN, n_out=O
     lora_A, lora_B = torch.randn(rank, n_in, generator=gen), torch.randn(n_out, rank, generator=gen)
     masks = [None, None]
     if mask is not None:
-        masks = [{"random": torch.rand(shape, generator=gen) < 0.4, "none": torch.zeros(shape, dtype=torch.bool),
-                  "all": torch.ones(shape, dtype=torch.bool)}[mask] for shape in ((rank, n_in), (n_out, rank))]
+        masks = [
+            {
+                "random": torch.rand(shape, generator=gen) < 0.4,
+                "none": torch.zeros(shape, dtype=torch.bool),
+                "all": torch.ones(shape, dtype=torch.bool),
+            }[mask]
+            for shape in ((rank, n_in), (n_out, rank))
+        ]
     tensors = [t.to(DEVICE, dtype) for t in (x, weight, lora_A, lora_B)]
     return (*tensors, *[None if m is None else m.to(DEVICE) for m in masks])
 
@@ -69,8 +75,9 @@ def test_reference_matches_plain_autograd(p):
     dy = torch.randn(N, OUT, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     y, xa = reference.forward(x, weight, lora_A, lora_B, SCALE, keep, p)
     grads = reference.backward(dy, x, xa, weight, lora_A, lora_B, SCALE, mask_A, mask_B, keep, p)
-    for name, got, want in zip(("y", "dx", "dA", "dB"), (y, *grads), naive(x, weight, lora_A, lora_B,
-                                                                          mask_A, mask_B, dy, keep, p)):
+    for name, got, want in zip(
+        ("y", "dx", "dA", "dB"), (y, *grads), naive(x, weight, lora_A, lora_B, mask_A, mask_B, dy, keep, p)
+    ):
         assert_close(got, want, torch.float32, name)
 
 
@@ -135,8 +142,7 @@ def run_triton_kernels(rank, dtype, mask, keep_seed=None, p=0.0, needs=(True, Tr
     grads = TRITON.backward(dy, x, xa, weight, lora_A, lora_B, SCALE, mask_A, mask_B, p, seed, needs)
     keep = triton_keep_mask(x, p, seed) if p else None
     want_y, want_xa = reference.forward(*wide(x, weight, lora_A, lora_B), SCALE, keep, p)
-    want = reference.backward(*wide(dy, x, want_xa, weight, lora_A, lora_B), SCALE, mask_A, mask_B, keep, p,
-                              needs)
+    want = reference.backward(*wide(dy, x, want_xa, weight, lora_A, lora_B), SCALE, mask_A, mask_B, keep, p, needs)
     for name, got, expected in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, *grads), (want_y, want_xa, *want)):
         assert (got is None) == (expected is None), name
         if got is not None:

@@ -29,13 +29,33 @@ from lorapar.optim import MaskedAdamW, learning_rate, optimizer_step
 from lorapar.partition import PartitionArgs
 from lorapar.pipeline import PipelineConfig
 from lorapar.script_args import (
-    RL_PRESETS, SFT_PRESETS, ClassifyArgs, RLArgs, ScoreArgs, SFTArgs, TrainArgs, over_preset,
+    RL_PRESETS,
+    SFT_PRESETS,
+    ClassifyArgs,
+    RLArgs,
+    ScoreArgs,
+    SFTArgs,
+    TrainArgs,
+    over_preset,
 )
 from lorapar.stages import StageFailed, Stages
 from lorapar.teachers import TeacherArgs
 
-SCRIPT_DATACLASSES = [SFTArgs, RLArgs, TrainArgs, ScoreArgs, ClassifyArgs, LoraSettings, ImportanceArgs, PartitionArgs,
-                      GRPOArgs, DualArgs, TeacherArgs, EvalArgs, PipelineConfig]
+SCRIPT_DATACLASSES = [
+    SFTArgs,
+    RLArgs,
+    TrainArgs,
+    ScoreArgs,
+    ClassifyArgs,
+    LoraSettings,
+    ImportanceArgs,
+    PartitionArgs,
+    GRPOArgs,
+    DualArgs,
+    TeacherArgs,
+    EvalArgs,
+    PipelineConfig,
+]
 
 
 def _candidates(f: dataclasses.Field, value, hint) -> list:
@@ -112,24 +132,63 @@ def test_to_argv_writes_floats_exactly_and_refuses_what_no_flag_can_say():
 def test_the_pipelines_commands_give_the_scripts_the_settings_it_built():
     """What Pipeline.sft / .grpo build, over their presets, is what train_sft.py / train_rl.py parse."""
     preset = SFT_PRESETS["lorapar-sft"]
-    sft = over_preset(SFTArgs, preset, ckpt="base", tokenizer="tok", data="l.jsonl", format="labelled",
-                      template="plain", max_len=192, system=1, masks="m.safetensors", stage=1)
-    train = over_preset(TrainArgs, preset, out="o", seed=3, max_steps=4, lr=2e-3, batch_size=8, global_batch=8,
-                        save_every=2, resume=True)
+    sft = over_preset(
+        SFTArgs,
+        preset,
+        ckpt="base",
+        tokenizer="tok",
+        data="l.jsonl",
+        format="labelled",
+        template="plain",
+        max_len=192,
+        system=1,
+        masks="m.safetensors",
+        stage=1,
+    )
+    train = over_preset(
+        TrainArgs,
+        preset,
+        out="o",
+        seed=3,
+        max_steps=4,
+        lr=2e-3,
+        batch_size=8,
+        global_batch=8,
+        save_every=2,
+        resume=True,
+    )
     lora = LoraSettings(rank=4, lora_alpha=16.0, targets=("q", "v"))
-    argv = ["--preset", "lorapar-sft", *to_argv(sft, over_preset(SFTArgs, preset)),
-            *to_argv(train, over_preset(TrainArgs, preset)), *to_argv(lora)]
+    argv = [
+        "--preset",
+        "lorapar-sft",
+        *to_argv(sft, over_preset(SFTArgs, preset)),
+        *to_argv(train, over_preset(TrainArgs, preset)),
+        *to_argv(lora),
+    ]
     got_sft, got_train, got_lora = train_sft.parse_config(argv)
     assert (got_sft, got_train) == (sft, train)
     assert (got_lora.r, got_lora.alpha, got_lora.targets, got_lora.seed) == (4, 16.0, ("q", "v"), 3)
 
     preset = RL_PRESETS["lorapar-grpo"]
-    rl = over_preset(RLArgs, preset, ckpt="base", tokenizer="tok", data="l.jsonl", adapter="sft", system=2,
-                     rewards="correct_lenient=2.0")
+    rl = over_preset(
+        RLArgs,
+        preset,
+        ckpt="base",
+        tokenizer="tok",
+        data="l.jsonl",
+        adapter="sft",
+        system=2,
+        rewards="correct_lenient=2.0",
+    )
     grpo = over_preset(GRPOArgs, preset, num_generations=4, max_completion_len=24, beta=0.04, temperature=0.7)
     train = over_preset(TrainArgs, preset, out="o", max_steps=2, lr=1e-4, overwrite=True)
-    argv = ["--preset", "lorapar-grpo", *to_argv(rl, over_preset(RLArgs, preset)),
-            *to_argv(grpo, over_preset(GRPOArgs, preset)), *to_argv(train, over_preset(TrainArgs, preset))]
+    argv = [
+        "--preset",
+        "lorapar-grpo",
+        *to_argv(rl, over_preset(RLArgs, preset)),
+        *to_argv(grpo, over_preset(GRPOArgs, preset)),
+        *to_argv(train, over_preset(TrainArgs, preset)),
+    ]
     assert train_rl.parse_config(argv) == (rl, grpo, train, None)
 
 
@@ -182,9 +241,12 @@ def test_a_launched_script_gets_the_threads_and_its_command_is_recorded(tmp_path
 
 def test_one_schedule_for_training_and_pretraining():
     # pretrain.py's cosine with an absolute floor, written as it was before the schedules were one
-    old = [3e-3 * (s + 1) / 30 if s < 30 else
-           3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * min(1.0, (s - 30) / max(1, 700 - 30))))
-           for s in range(700)]
+    old = [
+        3e-3 * (s + 1) / 30
+        if s < 30
+        else 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * min(1.0, (s - 30) / max(1, 700 - 30))))
+        for s in range(700)
+    ]
     assert [learning_rate(s, 700, 3e-3, 30, "cosine", 3e-4) for s in range(700)] == old  # bit for bit
     assert [learning_rate(s, 10, 1.0, 0, "linear") for s in (0, 5)] == [1.0, 0.5]
     assert learning_rate(9, 10, 1.0, 2, "constant") == 1.0

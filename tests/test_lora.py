@@ -12,8 +12,17 @@ from safetensors.torch import load_file, save_file
 from lorapar import lora
 from lorapar.adapter import load_adapter, save_adapter
 from lorapar.lora import (
-    LoraArgs, LoRALinear, adapter_state_dict, apply_lora, disable_adapter, get_masks, lora_modules,
-    merge, named_lora_parameters, set_masks, unmerge,
+    LoraArgs,
+    LoRALinear,
+    adapter_state_dict,
+    apply_lora,
+    disable_adapter,
+    get_masks,
+    lora_modules,
+    merge,
+    named_lora_parameters,
+    set_masks,
+    unmerge,
 )
 from lorapar.lora_names import module_name_of, peft_key, resolve_targets
 from lorapar.model import Transformer
@@ -126,7 +135,11 @@ def test_olora_is_the_qr_part_as_in_peft(tiny_args):
 
 def test_target_spellings_map_to_the_same_modules(tiny_args):
     names = []
-    for targets in (("q", "gate", "up", "down"), ("wq", "w1", "w3", "w2"), ("q_proj", "gate_proj", "up_proj", "down_proj")):
+    for targets in (
+        ("q", "gate", "up", "down"),
+        ("wq", "w1", "w3", "w2"),
+        ("q_proj", "gate_proj", "up_proj", "down_proj"),
+    ):
         model = fresh_model(tiny_args)
         names.append(sorted(apply_lora(model, targets=targets, r=2, alpha=4.0)))
     assert names[0] == names[1] == names[2]
@@ -154,8 +167,13 @@ def test_apply_lora_freezes_the_base_and_keeps_state_dict_keys(tiny_args):
 
 def test_peft_keys_are_exact_and_invertible():
     expected = {
-        "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-        "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj",
+        "wq": "self_attn.q_proj",
+        "wk": "self_attn.k_proj",
+        "wv": "self_attn.v_proj",
+        "wo": "self_attn.o_proj",
+        "w1": "mlp.gate_proj",
+        "w3": "mlp.up_proj",
+        "w2": "mlp.down_proj",
     }
     for leaf, hf in expected.items():
         block = "attention" if leaf.startswith("wq") or leaf in ("wk", "wv", "wo") else "feed_forward"
@@ -163,7 +181,10 @@ def test_peft_keys_are_exact_and_invertible():
         key = peft_key(name, "B")
         assert key == f"base_model.model.model.layers.12.{hf}.lora_B.weight"
         assert module_name_of(key) == (name, "B")
-    assert peft_key("module.layers.0.attention.wq", "A") == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert (
+        peft_key("module.layers.0.attention.wq", "A")
+        == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    )
     with pytest.raises(ValueError):
         peft_key("layers.0.attention.wq", "C")
     with pytest.raises(ValueError, match="not a peft LoRA key"):
@@ -294,7 +315,9 @@ def test_q_and_k_lora_b_rows_are_stored_in_hf_order(tiny_args, tmp_path):
     weights = load_file(tmp_path / "adapter_model.safetensors")
     B = lora_modules(model)["layers.0.attention.wq"].lora_B.detach()
     hf = meta_to_hf_state_dict({"layers.0.attention.wq.weight": B}, tiny_args)["model.layers.0.self_attn.q_proj.weight"]
-    assert not torch.equal(hf, B) and torch.equal(weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], hf)
+    assert not torch.equal(hf, B) and torch.equal(
+        weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], hf
+    )
     v_key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
     assert torch.equal(weights[v_key], lora_modules(model)["layers.0.attention.wv"].lora_B)
 

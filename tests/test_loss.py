@@ -21,8 +21,11 @@ def test_gradcheck_in_float64(temperature, weight_trains):
     weight = torch.randn(7, 4, dtype=torch.float64, generator=gen, requires_grad=weight_trains)
     targets = torch.tensor([0, 6, 3, 3, 1])
     inputs = (hidden, weight) if weight_trains else (hidden,)
-    fn = (lambda h, w: LinearLogSoftmaxGather.apply(h, w, targets, temperature, True)) if weight_trains else (
-        lambda h: LinearLogSoftmaxGather.apply(h, weight, targets, temperature, True))
+    fn = (
+        (lambda h, w: LinearLogSoftmaxGather.apply(h, w, targets, temperature, True))
+        if weight_trains
+        else (lambda h: LinearLogSoftmaxGather.apply(h, weight, targets, temperature, True))
+    )
     assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -132,8 +135,9 @@ def test_a_batch_without_labelled_tokens_still_backpropagates(tiny_model):
 
 def test_double_backward_is_a_clear_error():
     hidden = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    logp = selected_logprobs(torch.nn.Linear(4, 6, bias=False).double().requires_grad_(False), hidden,
-                             torch.tensor([0, 1, 2]))
+    logp = selected_logprobs(
+        torch.nn.Linear(4, 6, bias=False).double().requires_grad_(False), hidden, torch.tensor([0, 1, 2])
+    )
     (grad,) = torch.autograd.grad(logp.sum(), hidden, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grad.sum().backward()

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from lorapar.lora import LoraArgs, apply_lora, named_lora_parameters, set_masks
 from lorapar.masks import load_masks, param_masks, save_masks
-from lorapar.optim import MaskedAdamW
 from lorapar.model import Transformer
+from lorapar.optim import MaskedAdamW
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 7, 100, 64], [3, 3, 8, 120, 0, 11, 42, 17]])
 
@@ -164,8 +164,15 @@ def test_resume_from_state_dict_equals_an_uninterrupted_run(tiny_args, tmp_path)
 
     straight, _, _ = run(10)
     model, optimizer, scheduler = run(4)
-    torch.save({"params": [p.detach() for _, p in named_lora_parameters(model)], "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": 4}, tmp_path / "ckpt.pt")
+    torch.save(
+        {
+            "params": [p.detach() for _, p in named_lora_parameters(model)],
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": 4,
+        },
+        tmp_path / "ckpt.pt",
+    )
     resumed, optimizer, _ = run(10, resume_from=tmp_path / "ckpt.pt")
     for (key, a), (_, b) in zip(named_lora_parameters(straight), named_lora_parameters(resumed)):
         assert torch.equal(a, b), key
@@ -274,7 +281,10 @@ def _ddp_rank(rank, world_size, port, out_dir):
             torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
             optimizer.clip_grad_norm_(0.1)
             optimizer.step()
-        torch.save(([p.detach() for _, p in named_lora_parameters(model)], before, masks), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            ([p.detach() for _, p in named_lora_parameters(model)], before, masks),
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -17,7 +17,9 @@ def test_rotary_matches_meta_complex_multiply():
     ours = apply_rotary(x, rope_tables(T, rope_frequencies(ModelArgs(dim=D * H, n_heads=H)))[None, :, None])
     freqs = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
     rotation = torch.polar(torch.ones(T, D // 2), torch.outer(torch.arange(T).float(), freqs))
-    reference = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation[None, :, None]).flatten(-2)
+    reference = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation[None, :, None]).flatten(
+        -2
+    )
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
 
 
@@ -46,7 +48,9 @@ def test_kv_cache_decoding_equals_full_forward_at_every_step(tiny_model):
 def test_left_padded_rows_match_unpadded_rows(tiny_model):
     torch.manual_seed(2)
     short, long = torch.randint(0, 128, (1, 3)), torch.randint(0, 128, (1, 7))
-    batch = torch.cat([torch.cat([torch.full((1, 4), 5), short], dim=1), long])  # pad with a real id: it must not matter
+    batch = torch.cat(
+        [torch.cat([torch.full((1, 4), 5), short], dim=1), long]
+    )  # pad with a real id: it must not matter
     pad = torch.tensor([4, 0])
     cache = tiny_model.new_cache(2, 9)
     prefill = tiny_model(batch, pad=pad, cache=cache)
@@ -65,7 +69,9 @@ def test_grouped_query_attention_equals_repeated_kv_heads(tiny_model, tiny_args)
     state = tiny_model.state_dict()
     D = tiny_args.head_dim
     for name in [n for n in state if n.endswith(("wk.weight", "wv.weight"))]:
-        state[name] = state[name].view(tiny_args.n_kv_heads, D, -1).repeat_interleave(2, dim=0).reshape(-1, tiny_args.dim)
+        state[name] = (
+            state[name].view(tiny_args.n_kv_heads, D, -1).repeat_interleave(2, dim=0).reshape(-1, tiny_args.dim)
+        )
     full.load_state_dict(state)
     tokens = torch.randint(0, 128, (2, 10))
     torch.testing.assert_close(full(tokens), tiny_model(tokens), atol=1e-5, rtol=0)

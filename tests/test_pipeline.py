@@ -76,11 +76,15 @@ def test_seeds_change_the_adapter_init_and_the_data_order(smoke):
     out, _ = smoke
     from safetensors.torch import load_file
 
-    inits = [load_file(os.path.join(out, f"seed{s}", "score", "adapter_init", "adapter_model.safetensors")) for s in (0, 1)]
+    inits = [
+        load_file(os.path.join(out, f"seed{s}", "score", "adapter_init", "adapter_model.safetensors")) for s in (0, 1)
+    ]
     assert inits[0].keys() == inits[1].keys()
     assert all(not torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
     for method in ("lora", "lorapar"):
-        seeds = [_read(os.path.join(out, f"seed{s}", method, "sft", "config.json"))["TrainArgs"]["seed"] for s in (0, 1)]
+        seeds = [
+            _read(os.path.join(out, f"seed{s}", method, "sft", "config.json"))["TrainArgs"]["seed"] for s in (0, 1)
+        ]
         assert seeds == [0, 1]
     # the training seed sets the order of the SFT batches (as train_sft.py builds its sampler)
     from lorapar.batching import LengthGroupedSampler
@@ -97,11 +101,22 @@ def test_records_keep_the_exact_prompts_and_the_report_rebuilds_from_the_files(s
     out, results = smoke
     records = _read(os.path.join(out, "seed0", "lorapar", "eval_rl.json"))["records"]
     test_rows = [json.loads(line) for line in open(os.path.join(out, "assets", "test.jsonl"), encoding="utf-8")]
-    assert [r["prompt"] for r in records] == [f"Question: {row['question']}\nAnswer:" for row in test_rows[: len(records)]]
+    assert [r["prompt"] for r in records] == [
+        f"Question: {row['question']}\nAnswer:" for row in test_rows[: len(records)]
+    ]
     with open(os.path.join(out, "results.md"), encoding="utf-8") as handle:
         table = handle.read()
-    for label in ("LoRA+RL", "LoRA-PAR (theta 0.9)", "random masks", "PiSSA", "DM-LoRA", "Base model", "theta curve",
-                  "Paired differences", "This run cannot resolve"):
+    for label in (
+        "LoRA+RL",
+        "LoRA-PAR (theta 0.9)",
+        "random masks",
+        "PiSSA",
+        "DM-LoRA",
+        "Base model",
+        "theta curve",
+        "Paired differences",
+        "This run cannot resolve",
+    ):
         assert label in table
     os.remove(os.path.join(out, "results.md"))
     os.remove(os.path.join(out, "results.json"))
@@ -132,8 +147,14 @@ def test_a_second_run_skips_every_completed_stage(smoke, capsys):
     before = _stage_files(out)
     again = pipeline.main(["--smoke", "--threads", "1", "--out", out])
     after = _stage_files(out)
-    rebuilt = ("results.json", "results.md", "config.json", "inputs.json", "theta.png",
-               ".lorapar.lock")  # the run lock holds the PID of the run that took it
+    rebuilt = (
+        "results.json",
+        "results.md",
+        "config.json",
+        "inputs.json",
+        "theta.png",
+        ".lorapar.lock",
+    )  # the run lock holds the PID of the run that took it
     assert sorted(p for p in before if after.get(p) != before[p] and p not in rebuilt) == []
     assert again["rows"] == json.loads(json.dumps(results["rows"]))
     assert "skipped" in capsys.readouterr().out
@@ -166,7 +187,8 @@ def test_masked_rows_wait_for_their_seeds_score_job_and_other_jobs_wait_for_none
     assert len(order) == len(set(order))
     rows = [job for job in order if job[0] == "row"]
     assert sorted((seed, what[0]) for _, seed, what in rows) == sorted(
-        (seed, method) for seed in (0, 1, 2) for method in pipeline.METHODS)
+        (seed, method) for seed in (0, 1, 2) for method in pipeline.METHODS
+    )
     assert [job for job in order if job[0] == "sweep"] == [("sweep", 0, (0.3,))]  # 0.9 is the LoRA-PAR/random rows
     for job, after in jobs:
         if job[0] == "row" and job[2][0] in ("lorapar", "random", "pissa"):

@@ -8,21 +8,30 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_sft import (
+    REPO,
+    setup,  # noqa: F401  (the tiny base model + arithmetic data fixture)
+)
+from test_sft import run as run_sft
 
 import score
 from lorapar import runlock
 from lorapar.data import DataError
-from test_sft import REPO
-from test_sft import run as run_sft
-from test_sft import setup  # noqa: F401  (the tiny base model + arithmetic data fixture)
 
 
 def hold_lock(target: Path, is_dir: bool = True) -> subprocess.Popen:
     """Another live process holding `target`'s lock, as a running script would."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lorapar import runlock; "
-         f"runlock.acquire(sys.argv[1], is_dir={is_dir}); print('held', flush=True); time.sleep(60)", str(target)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from lorapar import runlock; "
+            f"runlock.acquire(sys.argv[1], is_dir={is_dir}); print('held', flush=True); time.sleep(60)",
+            str(target),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "held"
     return holder

@@ -15,13 +15,13 @@ import time
 import uuid
 
 import pytest
+from test_evaluate import processes_with
 
 from lorapar import sandbox
 from lorapar.evaluate import EvalArgs
 from lorapar.humaneval_exec import program_text, run_many, run_program
-from test_evaluate import processes_with
 
-PROMPT = "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n"
+PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 
 
@@ -43,14 +43,17 @@ def test_a_correct_program_passes_and_a_wrong_one_fails():
     assert run_program(program("    return a - b\n")).status == "failed"
 
 
-@pytest.mark.parametrize("escape", [
-    "raise SystemExit(0)",
-    "import os\nos._exit(0)",
-    "import sys\nsys.exit()",
-    "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)",
-    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
-    "import os\nos.write(1, b'passed\\n')\nos.write(3, b'0' * 32)\nos._exit(0)",  # forged output, guessed marker
-])
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "raise SystemExit(0)",
+        "import os\nos._exit(0)",
+        "import sys\nsys.exit()",
+        "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+        "import os\nos.write(1, b'passed\\n')\nos.write(3, b'0' * 32)\nos._exit(0)",  # forged output, guessed marker
+    ],
+)
 def test_a_program_that_exits_before_its_tests_is_not_passed(escape):
     # A wrong body, then a top-level exit after the function (truncate_completion keeps such lines).
     result = run_program(program("    return a - b\n\n" + escape + "\n"))
@@ -64,10 +67,12 @@ def test_killing_the_parent_or_every_visible_process_leaves_the_evaluator_runnin
     needs_namespaces()
     killers = [
         program("    return a + b\n\nimport os\nos.kill(os.getppid(), 9)\n"),
-        program("    return a + b\n\nimport os, signal\n"
-                "for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:\n"
-                "    if pid != os.getpid():\n        try:\n            os.kill(pid, signal.SIGKILL)\n"
-                "        except OSError:\n            pass\n"),
+        program(
+            "    return a + b\n\nimport os, signal\n"
+            "for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:\n"
+            "    if pid != os.getpid():\n        try:\n            os.kill(pid, signal.SIGKILL)\n"
+            "        except OSError:\n            pass\n"
+        ),
         program("    return a + b\n"),
     ]
     path = tmp_path / "results.jsonl"
@@ -187,8 +192,17 @@ def test_the_program_cannot_read_the_evaluators_environment(monkeypatch):
 # ----------------------------------------------------------------------------- 5. limits
 
 
-@pytest.mark.parametrize("limits", [dict(timeout=0), dict(timeout=-1), dict(timeout=float("nan")),
-                                    dict(memory_mb=0), dict(memory_mb=-1), dict(max_processes=0)])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        dict(timeout=0),
+        dict(timeout=-1),
+        dict(timeout=float("nan")),
+        dict(memory_mb=0),
+        dict(memory_mb=-1),
+        dict(max_processes=0),
+    ],
+)
 def test_limits_that_are_not_positive_are_refused(limits):
     with pytest.raises(ValueError, match=next(iter(limits))):
         run_program("pass\n", **limits)

@@ -7,15 +7,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import score
+from lorapar.adapter import adapter_fingerprint, load_adapter
 from lorapar.checkpoint import load_model, save_model
 from lorapar.config import ModelArgs
-from lorapar.importance import ImportanceArgs
+from lorapar.data import load_examples
+from lorapar.importance import ImportanceArgs, encode_for_scoring, score_rows, select_examples
 from lorapar.lora import adapter_state_dict, apply_lora
 from lorapar.masks import load_masks
 from lorapar.model import Transformer
-from lorapar.adapter import adapter_fingerprint, load_adapter
-from lorapar.data import load_examples
-from lorapar.importance import encode_for_scoring, score_rows, select_examples
 from lorapar.partition import PartitionArgs, partition, stage_overlap
 
 SMALL_LLAMA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=128)
@@ -42,18 +41,49 @@ def write_labelled(path, systems=(1, 2)):
 @pytest.fixture
 def inputs(tmp_path, asset):
     tokenizer = str(asset("models/llama2-tokenizer.model"))
-    return dict(ckpt=write_checkpoint(tmp_path / "base", 32000), tokenizer=tokenizer, data=write_labelled(tmp_path / "labelled.jsonl"))
+    return dict(
+        ckpt=write_checkpoint(tmp_path / "base", 32000),
+        tokenizer=tokenizer,
+        data=write_labelled(tmp_path / "labelled.jsonl"),
+    )
 
 
 def argv(inputs, out, *extra):
-    return ["--ckpt", inputs["ckpt"], "--tokenizer", inputs["tokenizer"], "--data", inputs["data"], "--out", str(out),
-            "--samples", "3", "--max-len", "48", "--template", "plain", "--rank", "2", "--lora-alpha", "4", "--targets", "q,v,down", *extra]  # fmt: skip
+    return [
+        "--ckpt",
+        inputs["ckpt"],
+        "--tokenizer",
+        inputs["tokenizer"],
+        "--data",
+        inputs["data"],
+        "--out",
+        str(out),
+        "--samples",
+        "3",
+        "--max-len",
+        "48",
+        "--template",
+        "plain",
+        "--rank",
+        "2",
+        "--lora-alpha",
+        "4",
+        "--targets",
+        "q,v,down",
+        *extra,
+    ]
 
 
 def test_score_writes_consistent_outputs(inputs, tmp_path):
     out = tmp_path / "score"
     result = score.main(argv(inputs, out, "--theta", "0.8", "--alpha", "0.5", "--random-baseline", "--seed", "3"))
-    for name in ("config.json", "importance.safetensors", "masks.safetensors", "random_masks.safetensors", "report.json"):
+    for name in (
+        "config.json",
+        "importance.safetensors",
+        "masks.safetensors",
+        "random_masks.safetensors",
+        "report.json",
+    ):
         assert (out / name).is_file(), name
 
     # masks are keyed exactly like the adapter the training scripts build
@@ -84,8 +114,12 @@ def test_score_writes_consistent_outputs(inputs, tmp_path):
     baseline = report["random_baseline"]
     assert baseline["counts"] == baseline["importance_counts"] == stage_overlap(stages)
     assert report["seed"] == 3 and report["adapter_init"] == {
-        "dir": "adapter_init", "init": "gaussian", "seed": 3, "base_dtype": "float32",
-        "sha256": adapter_fingerprint(str(out / "adapter_init"))}
+        "dir": "adapter_init",
+        "init": "gaussian",
+        "seed": 3,
+        "base_dtype": "float32",
+        "sha256": adapter_fingerprint(str(out / "adapter_init")),
+    }
     for name in ("masks.safetensors", "random_masks.safetensors"):  # the adapter whose elements the masks rank
         assert safe_open(str(out / name), "pt").metadata()["adapter_init_sha256"] == report["adapter_init"]["sha256"]
     total = report["partition"]["total"]
@@ -128,8 +162,10 @@ def test_tokenizer_that_does_not_fit_the_checkpoint(inputs, tmp_path):
         score.main(argv(inputs, tmp_path / "out"))
 
 
-@pytest.mark.parametrize("flag,value,message", [("--theta", "0", "theta must be in"), ("--alpha", "1.5", "alpha must be in"),
-                                                ("--beta", "-1", "beta must be in")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [("--theta", "0", "theta must be in"), ("--alpha", "1.5", "alpha must be in"), ("--beta", "-1", "beta must be in")],
+)
 def test_bad_fractions_on_the_command_line(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         score.parse_config(["--ckpt", "c", "--tokenizer", "t", "--data", "d", "--out", "o", flag, value])
@@ -165,8 +201,9 @@ def test_adapter_init_is_the_scored_adapter_and_report_names_the_sampled_lines(i
     for system in (1, 2):
         chosen, _ = select_examples(examples, system, 2, 4)
         assert [e.line for e in chosen] == report["scoring"][f"system{system}"]["lines"]
-        scores, _ = score_rows(model, encode_for_scoring(chosen, tokenizer_of(inputs), importance).rows,
-                               batch_size=importance.batch_size)  # fmt: skip
+        scores, _ = score_rows(
+            model, encode_for_scoring(chosen, tokenizer_of(inputs), importance).rows, batch_size=importance.batch_size
+        )
         assert all(torch.equal(scores[k], raw[f"system{system}.{k}"]) for k in scores)
 
     # --random-scope per_tensor: each tensor's count, recorded as such

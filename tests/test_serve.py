@@ -42,9 +42,26 @@ def serve():
 
     def start(ckpt_dir, tokenizer, *extra) -> str:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lorapar.serve", "--ckpt", str(ckpt_dir), "--tokenizer", str(tokenizer),
-             "--host", "127.0.0.1", "--port", "0", "--model-name", "tiny", *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "lorapar.serve",
+                "--ckpt",
+                str(ckpt_dir),
+                "--tokenizer",
+                str(tokenizer),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--model-name",
+                "tiny",
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         procs.append(proc)
         line = proc.stdout.readline()  # "serving tiny on http://127.0.0.1:PORT", or "" if it died
@@ -84,19 +101,30 @@ def test_endpoints_completions_and_errors(ckpt, serve):
     assert call(url + "/v1/models")[2]["data"][0]["id"] == "tiny"
 
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    status, _, reply = call(url + "/v1/chat/completions", "POST", {"messages": messages, "max_tokens": 6, "temperature": 0})
+    status, _, reply = call(
+        url + "/v1/chat/completions", "POST", {"messages": messages, "max_tokens": 6, "temperature": 0}
+    )
     assert status == 200 and reply["object"] == "chat.completion" and reply["model"] == "tiny"
     prompt = tokenizer.encode_chat("What is 2 + 3?")
-    assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected_greedy(model, tokenizer, prompt, 6)}
+    assert reply["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": expected_greedy(model, tokenizer, prompt, 6),
+    }
     assert reply["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 6, "total_tokens": len(prompt) + 6}
     assert reply["choices"][0]["finish_reason"] == "length"
 
     # Multi-turn: Meta's layout, "<s>[INST] <<SYS>>...<</SYS>>\n\nu1 [/INST] a1 </s><s>[INST] u2 [/INST]".
-    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sum 1 and 1"}]
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Sum 1 and 1"},
+    ]
     first = tokenizer.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello ", bos=True, eos=True)
     second = tokenizer.encode("[INST] Sum 1 and 1 [/INST]", bos=True)
-    status, _, reply = call(url + "/v1/chat/completions", "POST", {"messages": turns, "max_tokens": 2, "temperature": 0})
+    status, _, reply = call(
+        url + "/v1/chat/completions", "POST", {"messages": turns, "max_tokens": 2, "temperature": 0}
+    )
     assert status == 200 and reply["usage"]["prompt_tokens"] == len(first + second)
     assert reply["choices"][0]["message"]["content"] == expected_greedy(model, tokenizer, first + second, 2)
 
@@ -162,8 +190,24 @@ def test_classify_over_http_and_local_teacher(ckpt, serve, asset, tmp_path):
     url = serve(ckpt_dir, tokenizer_path)
     data = asset("gsm8k/test.jsonl")
     out = tmp_path / "http.jsonl"
-    summary = classify.main(["--data", str(data), "--format", "gsm8k", "--out", str(out), "--limit", "3",
-                             "--teacher", f"http:{url}#tiny", "--max-tokens", "3", "--concurrency", "2"])
+    summary = classify.main(
+        [
+            "--data",
+            str(data),
+            "--format",
+            "gsm8k",
+            "--out",
+            str(out),
+            "--limit",
+            "3",
+            "--teacher",
+            f"http:{url}#tiny",
+            "--max-tokens",
+            "3",
+            "--concurrency",
+            "2",
+        ]
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     tokenizer, model = Tokenizer(tokenizer_path), load_model(ckpt_dir)
     from lorapar.data import load_examples
@@ -204,8 +248,11 @@ def test_serve_with_adapter_matches_in_process(ckpt, serve, tmp_path):
     url = serve(ckpt_dir, tokenizer_path, "--adapter", str(tmp_path / "adapter"))
     tokenizer = Tokenizer(tokenizer_path)
     prompt = tokenizer.encode_chat("Name a colour.")
-    status, _, reply = call(url + "/v1/chat/completions", "POST",
-                            {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 5, "temperature": 0})
+    status, _, reply = call(
+        url + "/v1/chat/completions",
+        "POST",
+        {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 5, "temperature": 0},
+    )
     assert status == 200
     assert reply["choices"][0]["message"]["content"] == expected_greedy(model.eval(), tokenizer, prompt, 5)
     assert reply["choices"][0]["message"]["content"] != expected_greedy(load_model(ckpt_dir), tokenizer, prompt, 5)

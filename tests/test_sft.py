@@ -56,10 +56,37 @@ def setup(tmp_path_factory):
 
 def run(setup, asset, out, *extra, lora=LORA):
     root, base, data = setup
-    argv = ["--ckpt", base, "--tokenizer", str(asset("models/llama2-tokenizer.model")), "--data", data,
-            "--out", str(out), "--template", "plain", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2",
-            "--warmup-ratio", "0", "--rank", str(lora["r"]), "--lora-alpha", str(lora["alpha"]),
-            "--targets", ",".join(lora["targets"]), "--init", lora["init"], "--init-std", str(lora["init_std"]), *extra]
+    argv = [
+        "--ckpt",
+        base,
+        "--tokenizer",
+        str(asset("models/llama2-tokenizer.model")),
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--template",
+        "plain",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--rank",
+        str(lora["r"]),
+        "--lora-alpha",
+        str(lora["alpha"]),
+        "--targets",
+        ",".join(lora["targets"]),
+        "--init",
+        lora["init"],
+        "--init-std",
+        str(lora["init_std"]),
+        *extra,
+    ]
     return argv, train_sft.main(argv)
 
 
@@ -97,8 +124,19 @@ def test_frozen_elements_bit_identical_with_weight_decay(setup, asset, tmp_path)
     gen = torch.Generator().manual_seed(1)
     masks = {k: torch.rand(v.shape, generator=gen) < 0.4 for k, v in start.items()}
     save_masks(str(tmp_path / "masks.safetensors"), {"stage1": masks, "stage2": {k: ~m for k, m in masks.items()}})
-    run(setup, asset, tmp_path / "run", "--max-steps", "3", "--weight-decay", "0.1",
-        "--masks", str(tmp_path / "masks.safetensors"), "--stage", "1")
+    run(
+        setup,
+        asset,
+        tmp_path / "run",
+        "--max-steps",
+        "3",
+        "--weight-decay",
+        "0.1",
+        "--masks",
+        str(tmp_path / "masks.safetensors"),
+        "--stage",
+        "1",
+    )
     end = adapter(tmp_path / "run")
     for key, mask in masks.items():
         assert torch.equal(end[key][~mask], start[key][~mask]), key
@@ -124,9 +162,21 @@ def test_two_ranks_match_one_process(setup, asset, tmp_path):
     two = [a if a != str(tmp_path / "one") else str(tmp_path / "two") for a in argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "train_sft.py"), *two, "--device", "cpu"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train_sft.py"),
+            *two,
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
@@ -160,7 +210,10 @@ def test_bad_inputs_give_clear_errors(setup, asset, tmp_path):
     save_masks(str(tmp_path / "shapes.safetensors"), other_shapes)
     with pytest.raises(ValueError, match="shapes.safetensors: the masks do not match the adapter.*shape"):
         run(setup, asset, tmp_path / "d", "--masks", str(tmp_path / "shapes.safetensors"))
-    save_masks(str(tmp_path / "staged.safetensors"), {"stage1": {k: torch.ones_like(v, dtype=torch.bool) for k, v in start.items()}})
+    save_masks(
+        str(tmp_path / "staged.safetensors"),
+        {"stage1": {k: torch.ones_like(v, dtype=torch.bool) for k, v in start.items()}},
+    )
     with pytest.raises(ValueError, match="several stages.*--stage"):
         run(setup, asset, tmp_path / "e", "--masks", str(tmp_path / "staged.safetensors"))
 
@@ -172,10 +225,22 @@ def test_presets_and_schedule():
 
     paths = ["--ckpt", "c", "--tokenizer", "t", "--data", "d", "--out", "o"]
     sft, train, lora = train_sft.parse_config([*paths, "--preset", "lorapar-sft", "--lr", "1e-4", "--rank", "16"])
-    assert (train.lr, train.global_batch, train.warmup_ratio, train.schedule, train.epochs) == (1e-4, 32, 0.03, "cosine", 1)
+    assert (train.lr, train.global_batch, train.warmup_ratio, train.schedule, train.epochs) == (
+        1e-4,
+        32,
+        0.03,
+        "cosine",
+        1,
+    )
     assert (sft.max_len, lora.r, lora.alpha, lora.targets) == (512, 16, 64.0, ("q", "k", "v", "gate", "up", "down"))
     _, grpo, train, _ = train_rl.parse_config([*paths, "--preset", "lorapar-grpo"])
-    assert (train.lr, train.betas, train.weight_decay, train.warmup_ratio, train.max_grad_norm) == (5e-6, (0.9, 0.99), 0.1, 0.1, 0.1)
+    assert (train.lr, train.betas, train.weight_decay, train.warmup_ratio, train.max_grad_norm) == (
+        5e-6,
+        (0.9, 0.99),
+        0.1,
+        0.1,
+        0.1,
+    )
     assert (grpo.num_generations, grpo.max_prompt_len, grpo.max_completion_len) == (8, 128, 256)
 
     lrs = [lr_at(step, 20, TrainArgs(lr=1.0, warmup_ratio=0.1)) for step in range(20)]

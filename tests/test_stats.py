@@ -71,7 +71,7 @@ def test_only_the_all_items_comparison_is_a_verdict_on_a_claim():
     """A per-system difference explains an overall one; reading it as the paper's claim would let a run
     'support' and 'contradict' one claim at once (as a first version of the report did). A comparison
     made on System 2 alone (GRPO vs SFT) is read there."""
-    from lorapar.report import claim_reading
+    from lorapar.results import claim_reading
 
     every = ("overall", "system1", "system2")
     assert claim_reading("higher", "overall", every, "higher") == "supports"

@@ -50,8 +50,13 @@ def adapted(tiny_model):
 def test_rebuilt_down_input_gives_autograds_gradients(adapted, policy, monkeypatch):
     """Alone, and under an outer saved-tensor policy (which then keeps its say over h)."""
     model, tokens = adapted
-    ours = lora_grads(model, tokens, monkeypatch, checkpointing=policy == "checkpointing",
-                      wrap=torch.autograd.graph.save_on_cpu if policy == "save_on_cpu" else None)
+    ours = lora_grads(
+        model,
+        tokens,
+        monkeypatch,
+        checkpointing=policy == "checkpointing",
+        wrap=torch.autograd.graph.save_on_cpu if policy == "save_on_cpu" else None,
+    )
     plain = lora_grads(model, tokens, monkeypatch, plain=True)
     assert ours.keys() == plain.keys() and len(ours) == 8
     for name in ours:

@@ -5,7 +5,6 @@ that learns, and resumable asset building."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import pytest
@@ -14,7 +13,15 @@ import torch
 from lorapar.data import load_examples
 from lorapar.pretrain import SCALES, PretrainArgs, build_default_assets, pretrain, token_stream
 from lorapar.synthetic import (
-    MAX_COUNT, ORDINALS, SyntheticArgs, apply_step, count_steps, make_corpus, make_splits, read_corpus, single_steps, train_tokenizer,
+    MAX_COUNT,
+    ORDINALS,
+    SyntheticArgs,
+    apply_step,
+    count_steps,
+    make_corpus,
+    make_splits,
+    single_steps,
+    train_tokenizer,
     write_task,
 )
 from lorapar.tokenizer import Tokenizer
@@ -115,8 +122,19 @@ def test_a_short_pretraining_run_lowers_the_loss(tmp_path):
     docs = make_corpus(SMALL, set())
     train_tokenizer(docs, str(tmp_path / "t.model"), vocab_size=384)
     stream = token_stream(docs, Tokenizer(tmp_path / "t.model"))
-    args = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=384, seq_len=32,
-                        batch_size=8, steps=30, warmup_steps=5, lr=1e-2)
+    args = PretrainArgs(
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=64,
+        vocab_size=384,
+        seq_len=32,
+        batch_size=8,
+        steps=30,
+        warmup_steps=5,
+        lr=1e-2,
+    )
     model, losses = pretrain(stream, args, progress=False)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # from ln(384) = 5.95 to about 3.2
     short = dataclasses.replace(args, steps=3)
@@ -129,8 +147,20 @@ def test_data_parallel_pretraining_takes_the_one_process_steps(tmp_path):
     docs = make_corpus(SMALL, set())
     train_tokenizer(docs, str(tmp_path / "t.model"), vocab_size=384)
     stream = token_stream(docs, Tokenizer(tmp_path / "t.model"))
-    args = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=384, seq_len=32,
-                        batch_size=8, steps=6, warmup_steps=2, lr=1e-2, ranks=1)
+    args = PretrainArgs(
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=64,
+        vocab_size=384,
+        seq_len=32,
+        batch_size=8,
+        steps=6,
+        warmup_steps=2,
+        lr=1e-2,
+        ranks=1,
+    )
     one, one_losses = pretrain(stream, args, progress=False)
     two, two_losses = pretrain(stream, dataclasses.replace(args, ranks=2), progress=False)
     # each rank takes half of the same windows and the gradients are averaged: the same steps up to rounding
@@ -143,8 +173,18 @@ def test_data_parallel_pretraining_takes_the_one_process_steps(tmp_path):
 
 def test_build_default_assets_is_resumable(tmp_path, monkeypatch):
     task, train = SCALES["smoke"]
-    tiny = PretrainArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=train.vocab_size,
-                        seq_len=32, batch_size=4, steps=3, warmup_steps=1)
+    tiny = PretrainArgs(
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=64,
+        vocab_size=train.vocab_size,
+        seq_len=32,
+        batch_size=4,
+        steps=3,
+        warmup_steps=1,
+    )
     monkeypatch.setitem(SCALES, "smoke", (task, tiny))
     out = tmp_path / "assets"
     first = build_default_assets(str(out), "smoke", progress=False)

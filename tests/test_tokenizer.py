@@ -21,8 +21,13 @@ def test_known_ids(tokenizer):
 
 @pytest.mark.parametrize(
     "text",
-    ["Hello world", "  two leading spaces and trailing  ", "line one\nline two\n\n\tindented",
-     "naïve café, Grüße, 東京, Привет, emoji 🦙", "#### 42\n$1,234.50"],
+    [
+        "Hello world",
+        "  two leading spaces and trailing  ",
+        "line one\nline two\n\n\tindented",
+        "naïve café, Grüße, 東京, Привет, emoji 🦙",
+        "#### 42\n$1,234.50",
+    ],
 )
 def test_decode_inverts_encode(tokenizer, text):
     ids = tokenizer.encode(text)
@@ -57,17 +62,29 @@ def test_out_of_range_ids_are_named(tokenizer):
 # ----------------------------------------------------------------------------- byte-level BPE (tokenizer.json)
 
 from conftest import require  # noqa: E402
+
 from lorapar.tokenizer import BPETokenizer, SentencePieceTokenizer, chat_prompt  # noqa: E402
 
-CORPUS = ["The quick brown fox jumps over the lazy dog. 12345 apples cost $6.78!",
-          "naïve café 東京 中文 🤖🎉",
-          "    def f(x):\n        return x * 2\n\n",
-          "Natalia sold 48 clips in April, and half as many in May. #### 72"] * 20
-HARD = ["Hello world", "  two leading, three   inner   runs\n\n\n\ttabs\t\t end  ", "a\r\nb\n \n",
-        "1234567 + 89 = 1234656",
-        "emoji 🤖🎉👍🏽", "中文混合English日本語", "don't I'll WE'VE", "" ]
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 12345 apples cost $6.78!",
+    "naïve café 東京 中文 🤖🎉",
+    "    def f(x):\n        return x * 2\n\n",
+    "Natalia sold 48 clips in April, and half as many in May. #### 72",
+] * 20
+HARD = [
+    "Hello world",
+    "  two leading, three   inner   runs\n\n\n\ttabs\t\t end  ",
+    "a\r\nb\n \n",
+    "1234567 + 89 = 1234656",
+    "emoji 🤖🎉👍🏽",
+    "中文混合English日本語",
+    "don't I'll WE'VE",
+    "",
+]
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def write_bpe(directory, family: str) -> None:
@@ -79,23 +96,40 @@ def write_bpe(directory, family: str) -> None:
 
     tk = tokenizers.Tokenizer(models.BPE())
     split = LLAMA3_SPLIT if family == "llama3" else LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    specials = (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-                if family == "llama3" else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    specials = (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        if family == "llama3"
+        else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator(CORPUS, trainer)
     if family == "llama3":  # LLaMA-3's post-processor adds <|begin_of_text|>
         bos = tk.token_to_id("<|begin_of_text|>")
-        tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
-            ("<|begin_of_text|>", bos)])
-        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-                  "tokenizer_class": "PreTrainedTokenizerFast"}
+        tk.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+        )
+        config = {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
     else:  # Qwen2.5-Instruct: no BOS, EOS <|im_end|>, pad <|endoftext|>
-        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
-                  "tokenizer_class": "PreTrainedTokenizerFast"}
+        config = {
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "add_bos_token": False,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
     directory.mkdir(parents=True, exist_ok=True)
     tk.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
@@ -127,11 +161,13 @@ def test_bpe_ids_equal_transformers_on_hard_strings(tmp_path, family):
 
 def test_chat_templates_are_the_families_own():
     assert chat_prompt("chatml", "Hi", "Be brief.") == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert chat_prompt("chatml", "Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert chat_prompt("llama3", "Hi", "Be brief.") == (
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert chat_prompt("llama2", "Hi") == Tokenizer.chat_prompt("Hi") == "[INST] Hi [/INST]"
     with pytest.raises(ValueError, match="unknown chat template 'mistral'"):
         chat_prompt("mistral", "Hi")

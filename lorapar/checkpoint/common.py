@@ -51,8 +51,10 @@ def load_torch_file(path: str, expected: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{path}: not readable as {expected} ({type(error).__name__}: {str(error)[:200]}); "
-                              "is it truncated or another kind of file?") from None
+        raise CheckpointError(
+            f"{path}: not readable as {expected} ({type(error).__name__}: {str(error)[:200]}); "
+            "is it truncated or another kind of file?"
+        ) from None
 
 
 def param_shapes(args: ModelArgs) -> dict[str, torch.Size]:

@@ -28,10 +28,14 @@ def _hf_rope(cfg: dict, path: str) -> dict:
             missing = [k for k in ("factor", "original_max_position_embeddings") if k not in rope]
             if missing:
                 raise CheckpointError(f"{path}: {key} of type llama3 misses {missing}")
-            scaled.append(dict(rope_scaling_factor=float(rope["factor"]),
-                               rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                               rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                               rope_original_max_seq_len=int(rope["original_max_position_embeddings"])))
+            scaled.append(
+                dict(
+                    rope_scaling_factor=float(rope["factor"]),
+                    rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                    rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                    rope_original_max_seq_len=int(rope["original_max_position_embeddings"]),
+                )
+            )
     if len(scaled) == 2 and scaled[0] != scaled[1]:
         raise CheckpointError(f"{path}: rope_parameters and rope_scaling disagree ({scaled[0]} vs {scaled[1]})")
     return dict(rope_theta=10000.0 if theta is None else float(theta), **(scaled[0] if scaled else {}))
@@ -43,7 +47,8 @@ def hf_args(cfg: dict, path: str) -> ModelArgs:
         raise CheckpointError(f"{path}: model_type={model_type!r} is not supported (expected one of {HF_MODEL_TYPES})")
     unsupported = {  # key: (value, what lorapar implements); Qwen2's q/k/v biases are implied by its model_type
         "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (cfg.get("attention_bias", False), False), "mlp_bias": (cfg.get("mlp_bias", False), False),
+        "attention_bias": (cfg.get("attention_bias", False), False),
+        "mlp_bias": (cfg.get("mlp_bias", False), False),
         "use_sliding_window": (cfg.get("use_sliding_window", False), False),
     }
     for key, (value, expected) in unsupported.items():
@@ -54,10 +59,18 @@ def hf_args(cfg: dict, path: str) -> ModelArgs:
     if missing:
         raise CheckpointError(f"{path}: missing key(s) {missing}")
     args = model_args_from(
-        path, dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), max_seq_len=cfg.get("max_position_embeddings", 4096),
-        tie_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2", **_hf_rope(cfg, path),
+        path,
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads"),
+        vocab_size=cfg["vocab_size"],
+        hidden_dim=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2",
+        **_hf_rope(cfg, path),
     )
     if cfg.get("head_dim", args.head_dim) != args.head_dim:
         raise CheckpointError(
@@ -83,8 +96,10 @@ class WeightFile:
 
 def hf_weight_map(directory: str) -> dict[str, str]:
     """HF key -> the file holding it, from the single weight file or from the shard index."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         single_path, index_path = os.path.join(directory, single), os.path.join(directory, index)
         if os.path.isfile(single_path):
             return {key: single_path for key in WeightFile(single_path).keys}
@@ -131,18 +146,36 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     """
     rope_scaling = None
     if args.rope_scaling_factor is not None:
-        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
-                        "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
-                        "original_max_position_embeddings": args.rope_original_max_seq_len}
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": args.rope_scaling_factor,
+            "low_freq_factor": args.rope_low_freq_factor,
+            "high_freq_factor": args.rope_high_freq_factor,
+            "original_max_position_embeddings": args.rope_original_max_seq_len,
+        }
     rope_parameters = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta}
-    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} if (
-        args.qkv_bias) else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False}
+    family = (
+        {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
+        if (args.qkv_bias)
+        else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False}
+    )
     return {
-        **family, "hidden_act": "silu",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_embeddings, "rope_scaling": rope_scaling, "rope_parameters": rope_parameters,
-        "head_dim": args.head_dim, "bos_token_id": 1, "eos_token_id": 2,
+        **family,
+        "hidden_act": "silu",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "rope_scaling": rope_scaling,
+        "rope_parameters": rope_parameters,
+        "head_dim": args.head_dim,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }

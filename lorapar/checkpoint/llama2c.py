@@ -27,12 +27,28 @@ def open_llama2c(path: str) -> tuple[ModelArgs, dict[str, TensorEntry]]:
     if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, seq_len) <= 0 or vocab_size == 0:
         raise CheckpointError(f"{path}: not a llama2.c legacy checkpoint (header {header} has non-positive sizes)")
     args = model_args_from(
-        path, dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        vocab_size=abs(vocab_size), max_seq_len=seq_len, tie_embeddings=vocab_size > 0,  # negative: own classifier
+        path,
+        dim=dim,
+        hidden_dim=hidden_dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=abs(vocab_size),
+        max_seq_len=seq_len,
+        tie_embeddings=vocab_size > 0,  # negative: own classifier
     )
     shapes = param_shapes(args)
-    layer_kinds = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    layer_kinds = [
+        "attention_norm",
+        "attention.wq",
+        "attention.wk",
+        "attention.wv",
+        "attention.wo",
+        "ffn_norm",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    ]
     order: list[tuple[str | None, int]] = [("tok_embeddings.weight", 0)]
     order += [(f"layers.{i}.{kind}.weight", 0) for kind in layer_kinds for i in range(n_layers)]
     order += [("norm.weight", 0), (None, seq_len * args.head_dim)]  # None: the two legacy RoPE tables, skipped

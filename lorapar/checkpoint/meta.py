@@ -15,8 +15,9 @@ from lorapar.config import ModelArgs
 META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 META_IGNORED_KEYS = {"rope.freqs"}  # Meta's precomputed rotary table; recomputed from rope_theta
 # Meta's llama3 reference (apply_scaling) hard-codes these; params.json says only "use_scaled_rope": true.
-META_LLAMA3_ROPE = dict(rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                        rope_original_max_seq_len=8192)
+META_LLAMA3_ROPE = dict(
+    rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_seq_len=8192
+)
 
 
 def open_meta(directory: str) -> tuple[ModelArgs, dict[str, TensorEntry]]:
@@ -76,9 +77,13 @@ def meta_params(args: ModelArgs) -> dict:
     if args.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     implied = ModelArgs(**{**params, "hidden_dim": None})
-    extras = {"hidden_dim": (args.ffn_hidden_dim, implied.ffn_hidden_dim), "rope_theta": (args.rope_theta, 10000.0),
-              "max_seq_len": (args.max_seq_len, 4096), "tie_embeddings": (args.tie_embeddings, False),
-              "qkv_bias": (args.qkv_bias, False)}
+    extras = {
+        "hidden_dim": (args.ffn_hidden_dim, implied.ffn_hidden_dim),
+        "rope_theta": (args.rope_theta, 10000.0),
+        "max_seq_len": (args.max_seq_len, 4096),
+        "tie_embeddings": (args.tie_embeddings, False),
+        "qkv_bias": (args.qkv_bias, False),
+    }
     params.update({k: value for k, (value, meta_value) in extras.items() if value != meta_value})
     if args.rope_scaling_factor is not None:
         scaling = {k: getattr(args, k) for k in META_LLAMA3_ROPE}

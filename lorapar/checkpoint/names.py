@@ -16,15 +16,27 @@ from lorapar.config import ModelArgs
 
 HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # older HF exports store the rotary frequencies; recomputed too
 
-HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                "lm_head.weight": "output.weight"}
-HF_LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+HF_TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
 }
-HF_BIAS_NAMES = {"self_attn.q_proj": "attention.wq_bias", "self_attn.k_proj": "attention.wk_bias",
-                 "self_attn.v_proj": "attention.wv_bias"}  # Qwen2's frozen biases
+HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+HF_BIAS_NAMES = {
+    "self_attn.q_proj": "attention.wq_bias",
+    "self_attn.k_proj": "attention.wk_bias",
+    "self_attn.v_proj": "attention.wv_bias",
+}  # Qwen2's frozen biases
 META_TOP_NAMES = {v: k for k, v in HF_TOP_NAMES.items()}
 META_BIAS_NAMES = {v: k for k, v in HF_BIAS_NAMES.items()}
 META_LAYER_NAMES = {v: k for k, v in HF_LAYER_NAMES.items()}

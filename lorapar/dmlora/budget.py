@@ -23,12 +23,14 @@ def schedule_steps(value: float, total_steps: int, flag: str) -> int:
     return round(value * total_steps) if value < 1 else int(value)
 
 
-def budget_at(step: int, total_steps: int, initial: int, target: int, t_init: int, t_final: int, power: float = 2.0) -> int:
+def budget_at(
+    step: int, total_steps: int, initial: int, target: int, t_init: int, t_final: int, power: float = 2.0
+) -> int:
     """The global number of live expert components after optimizer step `step` (1-based).
 
-        step <= t_init                    initial                        (warm-up: nothing pruned)
-        t_init < step < T - t_final       target + (initial - target) * (1 - (step - t_init) / (T - t_final - t_init))^power
-        step >= T - t_final               target                         (final phase: masks fixed)
+        step <= t_init              initial                       (warm-up: nothing pruned)
+        t_init < step < T - t_final target + (initial - target) * (1 - (step - t_init) / (T - t_final - t_init))^power
+        step >= T - t_final         target                        (final phase: masks fixed)
 
     power 2 is the DM-LoRA paper's quadratic schedule; AdaLoRA uses 3. The value is rounded down
     (AdaLoRA's `int`), so the budget reaches `target` exactly at step T - t_final.

@@ -11,11 +11,22 @@ import torch
 import torch.nn as nn
 
 from lorapar.adapter import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_type, check_tensors, hf_output_rows, read_safetensors,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_type,
+    check_tensors,
+    hf_output_rows,
+    read_safetensors,
 )
 from lorapar.dmlora.args import DualArgs
 from lorapar.dmlora.modules import (
-    PARAMS, adapter_key, apply_dual, dual_modules, get_dual_masks, require_dual, set_dual_masks,
+    PARAMS,
+    adapter_key,
+    apply_dual,
+    dual_modules,
+    get_dual_masks,
+    require_dual,
+    set_dual_masks,
 )
 from lorapar.io import atomic_save_safetensors, atomic_write_json, named_errors
 from lorapar.lora import unwrap_model
@@ -35,7 +46,9 @@ def dual_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in require_dual(model, "dual_state_dict").items():
         for p in (*PARAMS, "init_A", "init_B") if m.init_A is not None else PARAMS:
             tensor = getattr(m, p).detach().float().cpu()
-            out[adapter_key(name, p)] = hf_output_rows(name, tensor, model_args, to_hf=True) if p in B_TENSORS else tensor
+            out[adapter_key(name, p)] = (
+                hf_output_rows(name, tensor, model_args, to_hf=True) if p in B_TENSORS else tensor
+            )
     return out
 
 
@@ -60,7 +73,7 @@ def save_dual_adapter(model: nn.Module, out_dir: str, args: DualArgs) -> None:
 
 
 def is_dual_adapter(adapter_dir: str) -> bool:
-    """Whether `adapter_dir` holds a dual-LoRA adapter (load_dual_adapter) rather than a LoRA one (adapter.load_adapter)."""
+    """Whether `adapter_dir` holds a dual-LoRA adapter (load_dual_adapter), not a LoRA one (adapter.load_adapter)."""
     return adapter_type(adapter_dir) == "dual_lora"
 
 
@@ -68,9 +81,12 @@ def read_dual_config(adapter_dir: str) -> DualArgs:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     with named_errors(path, "an adapter_config.json (a JSON object)"), open(path, encoding="utf-8") as handle:
         config = json.load(handle)
-    if not isinstance(config, dict) or config.get("adapter") != "dual_lora" \
-            or not isinstance(config.get("dual_args"), dict):
-        raise ValueError(f"{path}: not a dual-LoRA adapter (expected \"adapter\": \"dual_lora\" and a \"dual_args\" object)")
+    if (
+        not isinstance(config, dict)
+        or config.get("adapter") != "dual_lora"
+        or not isinstance(config.get("dual_args"), dict)
+    ):
+        raise ValueError(f'{path}: not a dual-LoRA adapter (expected "adapter": "dual_lora" and a "dual_args" object)')
     known = {f.name for f in dataclasses.fields(DualArgs)}
     unknown = sorted(set(config["dual_args"]) - known)
     if unknown:
@@ -89,7 +105,8 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
     residual = args.dual_shared_init == "pissa"  # "released" leaves W0 in the base: no init factors
     shapes = {  # init_A / init_B have the shared factors' shapes
         adapter_key(n, p): getattr(m, {"init_A": "lora_A", "init_B": "lora_B"}.get(p, p)).shape
-        for n, m in modules.items() for p in ((*PARAMS, "init_A", "init_B") if residual else PARAMS)
+        for n, m in modules.items()
+        for p in ((*PARAMS, "init_A", "init_B") if residual else PARAMS)
     }
     check_tensors(tensors, shapes, path)
     model_args = unwrap_model(model).args
@@ -103,9 +120,13 @@ def load_dual_adapter(model: nn.Module, adapter_dir: str) -> DualArgs:
         elif m.init_A is None:
             m.set_residual_base(tensors[adapter_key(name, "init_A")], tensors[adapter_key(name, "init_B")])
             m.init = "pissa"
-        elif not (torch.equal(m.init_A.cpu(), tensors[adapter_key(name, "init_A")])
-                  and torch.equal(m.init_B.cpu(), tensors[adapter_key(name, "init_B")])):
-            raise ValueError(f"{path}: {name} was initialised from other principal factors; load onto the original base model")
+        elif not (
+            torch.equal(m.init_A.cpu(), tensors[adapter_key(name, "init_A")])
+            and torch.equal(m.init_B.cpu(), tensors[adapter_key(name, "init_B")])
+        ):
+            raise ValueError(
+                f"{path}: {name} was initialised from other principal factors; load onto the original base model"
+            )
         for p in PARAMS:
             getattr(m, p).copy_(tensors[adapter_key(name, p)])
     masks_path = os.path.join(adapter_dir, MASKS_FILE)

@@ -34,7 +34,8 @@ import torch.nn as nn
 
 from kernels import masked_lora_linear
 from lorapar.dmlora.args import EXPERT_INITS, SHARED_INITS
-from lorapar.lora import LoRALinear, principal_factors
+from lorapar.lora import LoRALinear
+from lorapar.lora_init import principal_factors
 
 
 class DualLoRALinear(LoRALinear):
@@ -47,8 +48,13 @@ class DualLoRALinear(LoRALinear):
     """
 
     # parameter -> the buffer holding its element mask (read by masks.param_masks / MaskedAdamW.for_model)
-    MASK_OF = {"lora_A": "mask_A", "lora_B": "mask_B", "expert_A": "mask_expert_A", "expert_B": "mask_expert_B",
-               "expert_E": "mask_expert_E"}
+    MASK_OF = {
+        "lora_A": "mask_A",
+        "lora_B": "mask_B",
+        "expert_A": "mask_expert_A",
+        "expert_B": "mask_expert_B",
+        "expert_E": "mask_expert_E",
+    }
 
     def __init__(self, weight: torch.Tensor, shared_rank: int, expert_rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(weight, shared_rank, alpha, dropout)
@@ -62,8 +68,14 @@ class DualLoRALinear(LoRALinear):
             self.register_buffer(self.MASK_OF[part], None, persistent=False)  # saved in the masks file
 
     @torch.no_grad()
-    def reset_dual(self, generator: torch.Generator, init_std: float, svd_niter: int = 0,
-                   expert_init: str = "gaussian", shared_init: str = "pissa") -> None:
+    def reset_dual(
+        self,
+        generator: torch.Generator,
+        init_std: float,
+        svd_niter: int = 0,
+        expert_init: str = "gaussian",
+        shared_init: str = "pissa",
+    ) -> None:
         """Shared module, `shared_init` "pissa": PiSSA from the current weight (W0), residual in the
         base; "released": the supplement's code, which runs its PiSSA init on the layer's own random
         kaiming-uniform weight before the pretrained W0 is assigned, so A_s, B_s are the principal
@@ -143,8 +155,10 @@ class DualLoRALinear(LoRALinear):
         """Zero and freeze the gates, A_e rows and B_e columns of the components not `alive` (r_e,).
         Pruned components stay pruned: `alive` is intersected with the live set."""
         if alive.shape != self.expert_E.shape or alive.dtype != torch.bool:
-            raise ValueError(f"prune_experts: expected a bool mask of shape {tuple(self.expert_E.shape)}, got "
-                             f"{alive.dtype} {tuple(alive.shape)}")
+            raise ValueError(
+                f"prune_experts: expected a bool mask of shape {tuple(self.expert_E.shape)}, got "
+                f"{alive.dtype} {tuple(alive.shape)}"
+            )
         if self.merged:
             raise RuntimeError("prune_experts: unmerge the adapter first")
         alive = alive.to(self.expert_E.device) & self.expert_alive
@@ -158,12 +172,15 @@ class DualLoRALinear(LoRALinear):
         """Set the gates E_i of the components not `kept` (r_e,) to 0 and nothing else: they keep
         training, and regrow if they get gradient (AdaLoRA's masking between screenings)."""
         if kept.shape != self.expert_E.shape or kept.dtype != torch.bool:
-            raise ValueError(f"gate_experts: expected a bool mask of shape {tuple(self.expert_E.shape)}, got "
-                             f"{kept.dtype} {tuple(kept.shape)}")
+            raise ValueError(
+                f"gate_experts: expected a bool mask of shape {tuple(self.expert_E.shape)}, got "
+                f"{kept.dtype} {tuple(kept.shape)}"
+            )
         if self.merged:
             raise RuntimeError("gate_experts: unmerge the adapter first")
         self.expert_E.masked_fill_(~kept.to(self.expert_E.device), 0.0)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, expert_rank={self.expert_E.shape[0]}, "
-                f"live_experts={int(self.expert_alive.sum())}")
+        return (
+            f"{super().extra_repr()}, expert_rank={self.expert_E.shape[0]}, live_experts={int(self.expert_alive.sum())}"
+        )

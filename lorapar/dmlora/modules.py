@@ -50,8 +50,12 @@ def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dic
         if not isinstance(module, nn.Linear) or module.bias is not None:
             raise TypeError(f"apply_dual: {name} is {type(module).__name__}; expected nn.Linear without bias")
         if args.dual_rank > min(module.weight.shape):
-            raise ValueError(f"apply_dual: dual_rank {args.dual_rank} exceeds min(out, in) of {name} {tuple(module.weight.shape)}")
-        dual = DualLoRALinear(module.weight, args.dual_shared_rank, args.expert_rank, args.dual_alpha, args.dual_dropout)
+            raise ValueError(
+                f"apply_dual: dual_rank {args.dual_rank} exceeds min(out, in) of {name} {tuple(module.weight.shape)}"
+            )
+        dual = DualLoRALinear(
+            module.weight, args.dual_shared_rank, args.expert_rank, args.dual_alpha, args.dual_dropout
+        )
         setattr(root.get_submodule(parent_name), leaf, dual)
         found[name] = dual
     if not found:
@@ -63,8 +67,9 @@ def apply_dual(model: nn.Module, args: DualArgs, initialise: bool = True) -> dic
         for param in PARAMS:
             getattr(m, param).requires_grad_(True)
         if initialise:
-            m.reset_dual(generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init,
-                         args.dual_shared_init)
+            m.reset_dual(
+                generator, args.dual_init_std, args.dual_svd_niter, args.dual_expert_init, args.dual_shared_init
+            )
     return found
 
 
@@ -76,7 +81,9 @@ def named_dual_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def get_dual_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{adapter key: bool mask} for every trainable tensor (all-true where no mask is set)."""
     return {
-        adapter_key(name, p): m._mask_or_ones(p) for name, m in require_dual(model, "get_dual_masks").items() for p in PARAMS
+        adapter_key(name, p): m._mask_or_ones(p)
+        for name, m in require_dual(model, "get_dual_masks").items()
+        for p in PARAMS
     }
 
 
@@ -86,11 +93,16 @@ def set_dual_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(named_dual_parameters(model))
     missing, extra = sorted(set(params) - set(masks)), sorted(set(masks) - set(params))
     if missing or extra:
-        raise KeyError(f"set_dual_masks: mask keys do not match the dual-LoRA parameters; missing {missing[:3]} "
-                       f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")
+        raise KeyError(
+            f"set_dual_masks: mask keys do not match the dual-LoRA parameters; missing {missing[:3]} "
+            f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})"
+        )
     for key, mask in masks.items():
         if mask.dtype != torch.bool or mask.shape != params[key].shape:
-            raise ValueError(f"set_dual_masks: mask {key} must be bool {tuple(params[key].shape)}, got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"set_dual_masks: mask {key} must be bool {tuple(params[key].shape)}, got {mask.dtype} "
+                f"{tuple(mask.shape)}"
+            )
     for name, m in modules.items():
         for p in PARAMS:
             mask = masks[adapter_key(name, p)]

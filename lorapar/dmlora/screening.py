@@ -69,7 +69,9 @@ class SensitivityEMA:
         for key, value in state.items():
             kind, _, name = key.partition(".")
             if kind not in ("sensitivity", "uncertainty") or not name:
-                raise KeyError(f"screener state: unexpected key {key!r}; expected 'sensitivity.<name>' or 'uncertainty.<name>'")
+                raise KeyError(
+                    f"screener state: unexpected key {key!r}; expected 'sensitivity.<name>' or 'uncertainty.<name>'"
+                )
             getattr(self, kind)[name] = value.clone()
 
 
@@ -141,7 +143,13 @@ class ExpertScreener:
         if mode not in PRUNING_MODES:
             raise ValueError(f"importance screening: unknown pruning mode {mode!r}; expected one of {PRUNING_MODES}")
         self.modules, self.mode = modules, mode
-        self.total_steps, self.t_init, self.t_final, self.delta_t, self.power = total_steps, t_init, t_final, delta_t, power
+        self.total_steps, self.t_init, self.t_final, self.delta_t, self.power = (
+            total_steps,
+            t_init,
+            t_final,
+            delta_t,
+            power,
+        )
         self.initial_budget = sum(m.expert_E.numel() for m in modules.values())
         self.target_budget = int(round(target_rank * len(modules)))
         check_schedule(total_steps, self.initial_budget, self.target_budget, t_init, t_final)
@@ -162,7 +170,9 @@ class ExpertScreener:
         return self.last_step >= self.prune_end
 
     def budget(self, step: int) -> int:
-        return budget_at(step, self.total_steps, self.initial_budget, self.target_budget, self.t_init, self.t_final, self.power)
+        return budget_at(
+            step, self.total_steps, self.initial_budget, self.target_budget, self.t_init, self.t_final, self.power
+        )
 
     def live_components(self) -> int:
         """Components kept by the last screening (all of them before the first)."""
@@ -174,7 +184,9 @@ class ExpertScreener:
         if global_step > self.prune_end:
             return None
         if global_step > 1 and not self.ema.sensitivity:
-            raise RuntimeError(f"importance screening at step {global_step}: the EMAs are missing (resumed without them?)")
+            raise RuntimeError(
+                f"importance screening at step {global_step}: the EMAs are missing (resumed without them?)"
+            )
         # As peft's AdaLoRA (which the supplement adapts): the final screening at T - t_final ranks the
         # EMAs of the steps before it, unless there were none (a run with T - t_final = 1).
         if global_step < self.prune_end or not self.ema.sensitivity:
@@ -197,7 +209,8 @@ class ExpertScreener:
         zero their gates ("regrow"). Returns the names of the modules whose masks changed."""
         names = list(self.modules)
         scores = [
-            component_scores(self.ema.score(f"{n}.A"), self.ema.score(f"{n}.B"), self.ema.score(f"{n}.E")) for n in names
+            component_scores(self.ema.score(f"{n}.A"), self.ema.score(f"{n}.B"), self.ema.score(f"{n}.E"))
+            for n in names
         ]
         alive = [self.modules[n].expert_alive for n in names]  # "regrow": all True until the final mask
         survivors = select_survivors(scores, alive, budget)

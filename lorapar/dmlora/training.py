@@ -53,7 +53,6 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
     return total / (2 * len(modules))
 
 
-
 class DualTraining:
     def __init__(self, model: nn.Module, args: DualArgs):
         self.model, self.args = model, args
@@ -66,8 +65,17 @@ class DualTraining:
         a = self.args
         t_init, t_final = a.schedule(total_steps)
         self.screener = ExpertScreener(
-            self.modules, total_steps, a.dual_target_rank, t_init, t_final, a.dual_delta_t, a.dual_beta1, a.dual_beta2,
-            a.dual_budget_power, on_prune=lambda _names: optimizer.sync_masks(self.model), mode=a.dual_pruning,
+            self.modules,
+            total_steps,
+            a.dual_target_rank,
+            t_init,
+            t_final,
+            a.dual_delta_t,
+            a.dual_beta1,
+            a.dual_beta2,
+            a.dual_budget_power,
+            on_prune=lambda _names: optimizer.sync_masks(self.model),
+            mode=a.dual_pruning,
         )
 
     def regulariser(self) -> torch.Tensor:
