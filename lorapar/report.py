@@ -33,7 +33,7 @@ def _pct(value: Optional[float]) -> str:
 
 
 def _ms(entry: Optional[dict], key: str) -> str:
-    if not entry:
+    if not entry or key not in entry:  # no test item of that system
         return "-"
     value = entry[key]
     return (
@@ -64,9 +64,14 @@ def accuracy_lines(results: dict) -> list[str]:
     """The table of every method's accuracy, active share, pass@G and time, with its notes."""
     cfg, seeds = results["config"], results["seeds"]
     n, by_system = results["test_items"], results["test_items_by_system"]
+    split = (
+        f"{by_system.get('1', 0)} System 1 / {by_system.get('2', 0)} System 2 by ground truth"
+        if by_system.get("1") or by_system.get("2")
+        else "no `system` field: no S1 / S2 split"
+    )
     lines = [
-        f"Accuracy in % (greedy, final number) on {n} test items ({by_system.get('1', 0)} System 1 / "
-        f"{by_system.get('2', 0)} System 2 by ground truth), mean ± std over {len(seeds)} seed(s) {seeds}.",
+        f"Accuracy in % (greedy, final number) on {n} test items ({split}), "
+        f"mean ± std over {len(seeds)} seed(s) {seeds}.",
         "",
         "| Method | Active % (SFT / RL) | S1 SFT | S2 SFT | All SFT | S1 RL | S2 RL | All RL | pass@G | SFT time | "
         "RL time |",
@@ -146,8 +151,8 @@ def theta_lines(results: dict) -> list[str]:
             imp, rnd = p["importance"], p["random"]
             lines.append(
                 f"| {p['theta']:g} | {_pct(p['active_stage1'])} | "
-                f"{_pct(imp['overall'])} / {_pct(imp['system1'])} / {_pct(imp['system2'])} | "
-                f"{_pct(rnd['overall'])} / {_pct(rnd['system1'])} / {_pct(rnd['system2'])} | "
+                f"{_pct(imp['overall'])} / {_pct(imp.get('system1'))} / {_pct(imp.get('system2'))} | "
+                f"{_pct(rnd['overall'])} / {_pct(rnd.get('system1'))} / {_pct(rnd.get('system2'))} | "
                 f"{_interval(p['difference'])} |"
             )
         if results.get("theta_figure"):
@@ -202,7 +207,7 @@ def check_lines(results: dict) -> list[str]:
             f"- Base model: {_ms(base, 'overall')}% overall ({_ms(base, 'system1')} S1 / {_ms(base, 'system2')} S2)."
         )
     lora = rows.get("lora")
-    if lora and lora["after_sft"]:
+    if lora and lora["after_sft"] and "system2" in lora["after_sft"]:
         s2 = lora["after_sft"]["system2"]["mean"]
         ok = "within" if 0.15 <= s2 <= 0.70 else "OUTSIDE"
         lines.append(f"- Full LoRA's System-2 accuracy after SFT: {_pct(s2)}% ({ok} the 15-70% the task is built for).")

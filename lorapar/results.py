@@ -144,6 +144,10 @@ class Outcomes:
             return values
         return values[..., self.systems == int(subset[-1])]
 
+    def has(self, subset: str) -> bool:
+        """Whether the test items hold any of `subset` (test rows without a `system` field hold no S1 / S2)."""
+        return subset == "overall" or (self.systems is not None and bool((self.systems == int(subset[-1])).any()))
+
     def matrix(self, stages: list[str]) -> Optional[np.ndarray]:
         """(seeds, items) correctness, or None when any stage is missing."""
         rows = [self.get(s) for s in stages]
@@ -163,7 +167,11 @@ def accuracy_summary(outcomes: Outcomes, stages: list[str]) -> Optional[dict]:
     matrix = outcomes.matrix(stages)
     if matrix is None:
         return None
-    return {key: summary([float(v) for v in outcomes.subset(matrix, key).mean(axis=1)]) for key, _ in SUBSETS}
+    return {
+        key: summary([float(v) for v in outcomes.subset(matrix, key).mean(axis=1)])
+        for key, _ in SUBSETS
+        if outcomes.has(key)
+    }
 
 
 def build_results(run_dir: str) -> dict:
@@ -209,7 +217,7 @@ def build_results(run_dir: str) -> dict:
         ma, mb = outcomes.matrix(arm_stages(seeds, *a)), outcomes.matrix(arm_stages(seeds, *b))
         if ma is None or mb is None:
             continue
-        for subset in subsets:
+        for subset in filter(outcomes.has, subsets):
             ci = paired_bootstrap(outcomes.subset(ma, subset), outcomes.subset(mb, subset), cfg["bootstrap"], seed=k)
             found = verdict(ci)
             comparisons.append(
@@ -280,7 +288,7 @@ def theta_curve(cfg: dict, records: dict, outcomes: Outcomes, seed: int) -> list
             continue
         point = {"theta": theta, "active_stage1": score["active_fraction"]["stage1"]}
         for kind, values in (("importance", imp), ("random", rnd)):
-            point[kind] = {key: float(outcomes.subset(values, key).mean()) for key, _ in SUBSETS}
+            point[kind] = {key: float(outcomes.subset(values, key).mean()) for key, _ in SUBSETS if outcomes.has(key)}
         point["difference"] = paired_bootstrap(imp, rnd, cfg["bootstrap"], seed=100 + len(points))
         points.append(point)
     return sorted(points, key=lambda p: p["theta"])

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -140,6 +142,33 @@ def test_records_keep_the_exact_prompts_and_the_report_rebuilds_from_the_files(s
             json.dump(saved, handle)
     with pytest.raises(FileNotFoundError, match="config.json"):
         report.main([os.path.join(out, "seed0")])
+
+
+def test_a_test_split_without_system_labels_reports_the_overall_column_only(smoke, tmp_path):
+    """GSM8K's own test rows carry no `system` field: the report keeps every overall number and interval and
+    leaves the per-system cells empty (their empty subsets once made the paired bootstrap raise)."""
+    out, results = smoke
+    run = str(tmp_path / "run")
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns(".lorapar.lock"))
+    for name in os.listdir(os.path.join(run, "stages")):
+        file = _read(os.path.join(run, "stages", name))["result"].get("file")
+        if file:
+            evaluation = _read(os.path.join(run, file))
+            for record in evaluation["records"]:
+                record.pop("system")
+            with open(os.path.join(run, file), "w", encoding="utf-8") as handle:
+                json.dump(evaluation, handle)
+    unlabelled = report.build_results(run)
+    assert unlabelled["test_items_by_system"] == {"1": 0, "2": 0}
+    for row, full in zip(unlabelled["rows"], results["rows"]):
+        for phase in ("after_sft", "after_rl"):
+            if full[phase]:
+                assert row[phase] == {"overall": full[phase]["overall"]}
+    overall = [c for c in results["comparisons"] if c["subset"] == "overall"]
+    assert json.loads(json.dumps(unlabelled["comparisons"])) == json.loads(json.dumps(overall)) and overall
+    markdown = report.format_report(unlabelled)
+    assert "no `system` field" in markdown and re.search(r"\bnan\b", markdown) is None
+    assert "| LoRA-PAR vs LoRA+RL, after RL | all |" in markdown and "| S2 |" not in markdown
 
 
 def test_a_second_run_skips_every_completed_stage(smoke, capsys):
