@@ -36,11 +36,11 @@ def _ms(entry: Optional[dict], key: str) -> str:
     if not entry or key not in entry:  # no test item of that system
         return "-"
     value = entry[key]
-    return (
-        f"{100 * value['mean']:.1f}"
-        if len(value["per_seed"]) == 1
-        else f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
-    )
+    if len(value["per_seed"]) > 1:
+        return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+    if "low" not in value:  # a results.json written before the intervals
+        return f"{100 * value['mean']:.1f}"
+    return f"{100 * value['mean']:.1f} [{100 * value['low']:.1f}, {100 * value['high']:.1f}]"  # one seed: over items
 
 
 def _secs(value: Optional[float]) -> str:
@@ -71,7 +71,11 @@ def accuracy_lines(results: dict) -> list[str]:
     )
     lines = [
         f"Accuracy in % (greedy, final number) on {n} test items ({split}), "
-        f"mean ± std over {len(seeds)} seed(s) {seeds}.",
+        + (
+            f"mean ± std over {len(seeds)} seed(s) {seeds}."
+            if len(seeds) > 1
+            else f"one seed {seeds}, [low, high]: 95% bootstrap interval over the test items."
+        ),
         "",
         "| Method | Active % (SFT / RL) | S1 SFT | S2 SFT | All SFT | S1 RL | S2 RL | All RL | pass@G | SFT time | "
         "RL time |",

@@ -163,15 +163,22 @@ def summary(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "per_seed": values}
 
 
-def accuracy_summary(outcomes: Outcomes, stages: list[str]) -> Optional[dict]:
+def accuracy_summary(outcomes: Outcomes, stages: list[str], n_boot: int) -> Optional[dict]:
+    """Per subset: mean and std over seeds, and the accuracy's 95% bootstrap interval over test items and
+    seeds (low, high; the paired bootstrap of the arm against an arm that is never right)."""
     matrix = outcomes.matrix(stages)
     if matrix is None:
         return None
-    return {
-        key: summary([float(v) for v in outcomes.subset(matrix, key).mean(axis=1)])
-        for key, _ in SUBSETS
-        if outcomes.has(key)
-    }
+    found = {}
+    for key, _ in filter(lambda entry: outcomes.has(entry[0]), SUBSETS):
+        values = outcomes.subset(matrix, key)
+        interval = paired_bootstrap(values, np.zeros_like(values), n_boot)
+        found[key] = {
+            **summary([float(v) for v in values.mean(axis=1)]),
+            "low": interval["low"],
+            "high": interval["high"],
+        }
+    return found
 
 
 def build_results(run_dir: str) -> dict:
@@ -187,7 +194,7 @@ def build_results(run_dir: str) -> dict:
         {
             "method": "base",
             "label": LABELS["base"],
-            "after_sft": accuracy_summary(outcomes, ["base.eval"]),
+            "after_sft": accuracy_summary(outcomes, ["base.eval"], cfg["bootstrap"]),
             "after_rl": None,
         }
     ]
@@ -198,8 +205,8 @@ def build_results(run_dir: str) -> dict:
                 "label": LABELS[method].format(theta=cfg["theta"]),
                 "active_sft": mean_of(lambda s: f"seed{s}.{method}.sft", "active_fraction"),
                 "active_rl": mean_of(lambda s: f"seed{s}.{method}.rl", "active_fraction"),
-                "after_sft": accuracy_summary(outcomes, arm_stages(seeds, method, "sft")),
-                "after_rl": accuracy_summary(outcomes, arm_stages(seeds, method, "rl")),
+                "after_sft": accuracy_summary(outcomes, arm_stages(seeds, method, "sft"), cfg["bootstrap"]),
+                "after_rl": accuracy_summary(outcomes, arm_stages(seeds, method, "rl"), cfg["bootstrap"]),
                 "sft_loss": mean_of(lambda s: f"seed{s}.{method}.sft", "loss"),
                 "pass_at_g": mean_of(lambda s: f"seed{s}.{method}.rl", "pass_at_g"),
                 "pass_at_g_first": mean_of(lambda s: f"seed{s}.{method}.rl", "pass_at_g_first"),

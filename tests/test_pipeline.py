@@ -226,3 +226,24 @@ def test_masked_rows_wait_for_their_seeds_score_job_and_other_jobs_wait_for_none
             assert after is None, job
     only_lora = pipeline.Pipeline(pipeline.parse_config(["--methods", "lora,dmlora"])).jobs()
     assert not [job for job, _ in only_lora if job[0] == "score"]  # nothing to score for rows without masks
+
+
+def test_a_one_seed_report_gives_each_accuracy_its_interval_over_the_test_items(smoke, tmp_path):
+    out, results = smoke
+    run = str(tmp_path / "run")
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns(".lorapar.lock"))
+    config = _read(os.path.join(run, "config.json"))
+    config["PipelineConfig"]["seeds"] = 1
+    with open(os.path.join(run, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    one = report.build_results(run)
+    for row in one["rows"]:
+        for phase in ("after_sft", "after_rl"):
+            for key, value in (row[phase] or {}).items():
+                assert len(value["per_seed"]) == 1 and value["low"] <= value["mean"] <= value["high"], (row, key)
+                if 0 < value["mean"] < 1:  # items disagree: the interval has a width
+                    assert value["low"] < value["high"]
+    markdown = report.format_report(one)
+    assert "95% bootstrap interval over the test items" in markdown
+    assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|", markdown)  # a cell "mean [low, high]"
+    assert "mean ± std" in report.format_report(results)  # two seeds keep mean ± std
