@@ -118,23 +118,17 @@ def test_tokenizer_training_is_deterministic_and_round_trips(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # its work directory is gone
 
 
-def test_a_short_pretraining_run_lowers_the_loss(tmp_path):
+def small_pretraining(tmp_path, **overrides) -> tuple[torch.Tensor, PretrainArgs]:
+    """A token stream of the small corpus and a one-layer model's pretraining settings."""
     docs = make_corpus(SMALL, set())
     train_tokenizer(docs, str(tmp_path / "t.model"), vocab_size=384)
     stream = token_stream(docs, Tokenizer(tmp_path / "t.model"))
-    args = PretrainArgs(
-        dim=32,
-        n_layers=1,
-        n_heads=2,
-        n_kv_heads=1,
-        hidden_dim=64,
-        vocab_size=384,
-        seq_len=32,
-        batch_size=8,
-        steps=30,
-        warmup_steps=5,
-        lr=1e-2,
-    )
+    shape = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=384, seq_len=32)
+    return stream, PretrainArgs(**shape, batch_size=8, lr=1e-2, **overrides)
+
+
+def test_a_short_pretraining_run_lowers_the_loss(tmp_path):
+    stream, args = small_pretraining(tmp_path, steps=30, warmup_steps=5)
     model, losses = pretrain(stream, args, progress=False)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # from ln(384) = 5.95 to about 3.2
     short = dataclasses.replace(args, steps=3)
@@ -144,23 +138,7 @@ def test_a_short_pretraining_run_lowers_the_loss(tmp_path):
 
 
 def test_data_parallel_pretraining_takes_the_one_process_steps(tmp_path):
-    docs = make_corpus(SMALL, set())
-    train_tokenizer(docs, str(tmp_path / "t.model"), vocab_size=384)
-    stream = token_stream(docs, Tokenizer(tmp_path / "t.model"))
-    args = PretrainArgs(
-        dim=32,
-        n_layers=1,
-        n_heads=2,
-        n_kv_heads=1,
-        hidden_dim=64,
-        vocab_size=384,
-        seq_len=32,
-        batch_size=8,
-        steps=6,
-        warmup_steps=2,
-        lr=1e-2,
-        ranks=1,
-    )
+    stream, args = small_pretraining(tmp_path, steps=6, warmup_steps=2, ranks=1)
     one, one_losses = pretrain(stream, args, progress=False)
     two, two_losses = pretrain(stream, dataclasses.replace(args, ranks=2), progress=False)
     # each rank takes half of the same windows and the gradients are averaged: the same steps up to rounding
