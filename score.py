@@ -2,7 +2,7 @@
 
     python score.py --ckpt BASE --tokenizer tokenizer.model --data labelled.jsonl --out runs/score \
         [--theta 0.9 --alpha 1 --beta 1 --rank 8 --lora-alpha 64 --targets q,k,v,gate,up,down \
-         --init gaussian --seed 0 --samples 100 --random-baseline]
+         --init gaussian --seed 0 --samples 100 --random-baseline]   (--init pissa [--pissa-niter N]: PiSSA)
     torchrun --nproc_per_node=N score.py ...        (each rank scores a share; the sums are all-reduced)
     torchrun --nproc_per_node=N score.py --fsdp ... (the base sharded; each rank keeps its rows of the sums,
                                                      the whole scores are gathered to rank 0 once)

@@ -92,9 +92,9 @@ def parse_config(argv=None) -> tuple[SFTArgs, TrainArgs, Union[LoraArgs, DualArg
     return sft, train, lora
 
 
-# The LoraArgs that decide the adapter's values (its shape and how it was drawn); the dropout is a
-# training setting and may be given.
-INIT_FIELDS = ("r", "alpha", "targets", "init", "init_std", "use_rslora", "pissa_niter")
+# The LoraArgs that decide the adapter's values (its shape and how it was drawn): all but the dropout, a
+# training setting that may be given, and the seed, the adapter's own (--seed seeds the data here).
+INIT_FIELDS = tuple(f.name for f in dataclasses.fields(LoraArgs) if f.name not in ("dropout", "seed"))
 
 
 def init_adapter_args(ns: argparse.Namespace, adapter_dir: str) -> LoraArgs:

@@ -181,6 +181,18 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         group.add_argument(_flag(f.name), **kwargs)
 
 
+def field_of(cls: type, name: str, default: Any) -> Any:
+    """The field `name` of the dataclass `cls` (its help, choices and whatever else its metadata says) with
+    another default, for a subclass whose command needs one: the setting keeps one definition, and
+    add_dataclass_args shows the new default in --help. Checks stay in cls.__post_init__."""
+    declared = cls.__dataclass_fields__[name]
+    if not declared.init:
+        raise ValueError(f"field_of: {cls.__name__}.{name} is not an __init__ field, so it has no flag to re-default")
+    redefaulted = field(default=default)
+    redefaulted.metadata = declared.metadata  # the very object, not a copy (tests/test_flags.py checks it is)
+    return redefaulted
+
+
 def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
     """Fields the user set on the command line override `base` (a preset) or the defaults."""
     obj = base if base is not None else cls()
@@ -244,6 +256,7 @@ __all__ = [
     "MODEL_PRESETS",
     "add_dataclass_args",
     "dataclass_from_args",
+    "field_of",
     "to_argv",
     "config_to_dict",
     "save_config",

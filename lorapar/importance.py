@@ -22,7 +22,7 @@ so the scoring adapter draws both A and B from N(0, init_std^2) (the authors use
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -30,10 +30,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from lorapar.batching import collate, encode_example
+from lorapar.config import field_of
 from lorapar.data import Example
 from lorapar.dist import DistInfo, all_reduce_sum
 from lorapar.errors import check_fields
-from lorapar.lora import INITS, LoraArgs, LoRALinear, lora_modules, named_lora_parameters
+from lorapar.lora import LoraArgs, LoRALinear, lora_modules, named_lora_parameters
+from lorapar.lora_init import LoraInit
 from lorapar.lora_names import peft_key
 from lorapar.lora_settings import LoraSettings
 from lorapar.loss import IGNORE_INDEX, answer_nll, target_logprobs
@@ -44,8 +46,9 @@ ORDERS = ("second", "first")
 
 
 @dataclass
-class ImportanceArgs(LoraSettings):
-    """How score.py scores: the scored adapter's shape (LoraSettings: --rank, --lora-alpha, --targets) and init."""
+class ImportanceArgs(LoraInit, LoraSettings):
+    """How score.py scores: the scored adapter's shape (LoraSettings: --rank, --lora-alpha, --targets) and how it
+    is drawn (LoraInit: --init, --init-std, --pissa-niter; the bases' order puts the shape's flags first)."""
 
     samples: int = field(
         default=100, metadata={"help": "examples scored per system (the paper: 100); fewer if fewer exist"}
@@ -62,14 +65,8 @@ class ImportanceArgs(LoraSettings):
         },
     )
     max_len: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut from the right"})
-    init: str = field(
-        default="gaussian",
-        metadata={
-            "help": "init of the scored adapter; gaussian draws A and B (B = 0: zero A-scores)",
-            "choices": INITS,
-        },
-    )
-    init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (the authors: 0.01)"})
+    # LoraInit's init drawn as the authors score: with lora's B = 0 every A-score would be zero.
+    init: str = field_of(LoraInit, "init", default="gaussian")
     seed: int = field(default=0, metadata={"help": "seed of the example sampling and of the adapter init"})
     batch_size: int = field(
         default=4,
@@ -79,7 +76,8 @@ class ImportanceArgs(LoraSettings):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        LoraSettings.__post_init__(self)
+        LoraInit.__post_init__(self)
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.order not in ORDERS:
@@ -88,10 +86,12 @@ class ImportanceArgs(LoraSettings):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
-        check_fields(self, non_negative=("init_std", "seed"))
+        check_fields(self, non_negative=("seed",))
 
     def lora_args(self) -> LoraArgs:
-        return self.to_lora_args(init=self.init, init_std=self.init_std, seed=self.seed)
+        """The scored adapter's LoraArgs: these settings, every LoraInit field and the seed."""
+        drawn = {f.name: getattr(self, f.name) for f in fields(LoraInit)}
+        return self.to_lora_args(**drawn, seed=self.seed)
 
 
 @dataclass

@@ -30,12 +30,15 @@ import torch.nn.functional as F
 
 from kernels import masked_lora_linear
 from lorapar.errors import check_fields
-from lorapar.lora_init import INITS, initial_factors
+from lorapar.lora_init import INITS, LoraInit, initial_factors
 from lorapar.lora_names import MODULE_NAME_RE, peft_key, resolve_targets
 
 
 @dataclass
-class LoraArgs:
+class LoraArgs(LoraInit):
+    """A LoRA adapter's description: config.json's "LoraArgs" and the adapter's lorapar_args metadata hold
+    these fields (init, init_std and pissa_niter are LoraInit's, declared in lorapar/lora_init.py)."""
+
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=64.0, metadata={"help": "lora_alpha; the update is scaled by alpha/r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path's input"})
@@ -43,12 +46,7 @@ class LoraArgs:
         default=("q", "k", "v", "gate", "up", "down"),
         metadata={"help": "projections to adapt: q,k,v,o,gate,up,down (or wq..w3, or q_proj..down_proj)"},
     )
-    init: str = field(default="lora", metadata={"help": "lora | gaussian | pissa | olora", "choices": INITS})
-    init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (LoRA-PAR: 0.01)"})
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) instead of alpha/r"})
-    pissa_niter: int = field(
-        default=0, metadata={"help": "pissa: 0 = exact SVD, N > 0 = randomized SVD with N iterations"}
-    )
     seed: int = field(default=0, metadata={"help": "seed of the random inits (lora, gaussian, randomized pissa)"})
 
     def __post_init__(self) -> None:
@@ -59,9 +57,8 @@ class LoraArgs:
             raise ValueError(f"LoraArgs.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraArgs.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in INITS:
-            raise ValueError(f"LoraArgs.init must be one of {INITS}, got {self.init!r}")
-        check_fields(self, positive_float=("alpha",), non_negative=("init_std", "pissa_niter", "seed"))
+        super().__post_init__()  # init, init_std, pissa_niter
+        check_fields(self, positive_float=("alpha",), non_negative=("seed",))
         resolve_targets(self.targets)
 
     @property

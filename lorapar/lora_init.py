@@ -1,6 +1,7 @@
-"""The initial LoRA factors A, B of each init (LoraArgs.init); LoRALinear.reset_lora applies them.
+"""How a LoRA adapter's A and B are drawn: the settings (LoraInit, declared once; LoraArgs and score.py's
+ImportanceArgs inherit them) and the initial factors of each init, which LoRALinear.reset_lora applies.
 
-Inits (LoraArgs.init):
+Inits (LoraInit.init):
   lora      A ~ Kaiming-uniform(a=sqrt(5)) as peft does, B = 0: the model is unchanged at start.
   gaussian  A, B ~ N(0, init_std^2): LoRA-PAR scores importance on this (with B = 0 every A-score is 0).
   pissa     top-r SVD W0 ~ U S V^T: A = sqrt(S) V^T / sqrt(s), B = U sqrt(S) / sqrt(s), so s B A is the
@@ -15,11 +16,41 @@ onto the original base: the residual is rebuilt as W0 - s B0 A0 by the same code
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from lorapar.errors import check_fields
+
 INITS = ("lora", "gaussian", "pissa", "olora")
+
+
+@dataclass
+class LoraInit:
+    """How A and B are drawn: the flags --init, --init-std and --pissa-niter of every command that draws an adapter.
+
+    A command that needs another default (score.py's gaussian) declares the field with
+    lorapar.config.field_of(LoraInit, name, default=...), which keeps this help and these choices."""
+
+    init: str = field(
+        default="lora",
+        metadata={
+            "help": "how A and B are drawn: lora, B = 0 (peft's default); gaussian, A and B ~ N(0, init_std^2) "
+            "(importance scoring needs it: with B = 0 every A-score is 0); pissa / olora, principal factors "
+            "of W0, the base keeps the residual (lorapar/lora_init.py)",
+            "choices": INITS,
+        },
+    )
+    init_std: float = field(default=0.01, metadata={"help": "std of A and B for init=gaussian (LoRA-PAR: 0.01)"})
+    pissa_niter: int = field(
+        default=0, metadata={"help": "pissa: 0 = exact SVD, N > 0 = randomized SVD with N iterations"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"{type(self).__name__}.init must be one of {INITS}, got {self.init!r}")
+        check_fields(self, non_negative=("init_std", "pissa_niter"))
 
 
 def initial_factors(

@@ -14,9 +14,10 @@ import score
 import train_rl
 import train_sft
 from lorapar import launch
+from lorapar.adapter import read_adapter_args
 from lorapar.checkpoint import load_model, save_model
 from lorapar.config import ModelArgs
-from lorapar.lora import lora_modules
+from lorapar.lora import LoraArgs, apply_lora, lora_modules
 from lorapar.masks import load_masks
 from lorapar.model import Transformer
 
@@ -236,6 +237,34 @@ def test_the_residual_base_is_the_scored_one_through_sft_and_grpo(inputs, asset,
             trained_modules[name].init_B, m.init_B
         )
     assert json.loads((tmp_path / "sft" / "config.json").read_text())["LoraArgs"]["init"] == init
+
+
+def test_score_draws_and_records_pissa_niter_and_train_sft_refuses_another(
+    inputs, asset, tmp_path, monkeypatch, capsys
+):
+    """score.py --pissa-niter reaches the init (the randomized SVD's factors, not the exact ones), adapter_init/
+    records it, and train_sft.py --init-adapter takes it from there: a different --pissa-niter is refused."""
+    scored = capture_models(monkeypatch, score, "apply_lora")
+    run_score(inputs, asset, tmp_path / "score", "--init", "pissa", "--pissa-niter", "2")
+    init_dir = tmp_path / "score" / "adapter_init"
+    stored = read_adapter_args(str(init_dir))
+    assert (stored.init, stored.pissa_niter, stored.seed) == ("pissa", 2, 5)
+    assert json.loads((tmp_path / "score" / "config.json").read_text())["ImportanceArgs"]["pissa_niter"] == 2
+    shape = dict(r=2, alpha=4.0, targets=tuple(TARGETS.split(",")), init="pissa", seed=5)
+    randomized, exact = load_model(inputs["base"]), load_model(inputs["base"])
+    apply_lora(randomized, LoraArgs(**shape, pissa_niter=2))
+    apply_lora(exact, LoraArgs(**shape, pissa_niter=0))
+    (model,) = scored
+    for name, m in lora_modules(model).items():
+        assert torch.equal(m.init_A, lora_modules(randomized)[name].init_A), name
+    assert any(not torch.equal(m.init_A, lora_modules(exact)[name].init_A) for name, m in lora_modules(model).items())
+    with pytest.raises(SystemExit):
+        train_sft.parse_config(sft_argv(inputs, asset, init_dir, tmp_path / "sft", "--pissa-niter", "0"))
+    err = capsys.readouterr().err
+    assert f"--pissa-niter 0 conflicts with the adapter in --init-adapter {init_dir}" in err, err
+    assert "pissa_niter=2" in err, err
+    _, _, lora = train_sft.parse_config(sft_argv(inputs, asset, init_dir, tmp_path / "sft", "--pissa-niter", "2"))
+    assert (lora.init, lora.pissa_niter) == ("pissa", 2)
 
 
 def test_resume_from_an_init_adapter_is_bit_identical(inputs, asset, tmp_path):

@@ -6,21 +6,29 @@ all get them; the scripts print one line and exit 2 for them (tests/test_errors.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
+import pkgutil
 from pathlib import Path
 
 import pytest
 from test_sft import run as run_sft
 from test_sft import setup  # noqa: F401  (the tiny base model + arithmetic data fixture)
 
+import classify
+import lorapar
+import score
 import train_rl
 import train_sft
 from lorapar.errors import FlagError
 from lorapar.evaluate import EvalArgs
 from lorapar.evaluate import run as evaluate_run
 from lorapar.grpo import GRPOArgs
+from lorapar.importance import ImportanceArgs
 from lorapar.lora import LoraArgs
+from lorapar.lora_init import LoraInit
 from lorapar.pipeline import PipelineConfig
 from lorapar.run import DivergedError
 from lorapar.script_args import TrainArgs
@@ -59,6 +67,8 @@ NAN, INF = float("nan"), float("inf")
         (EvalArgs, "memory_mb", -1, "> 0"),
         (EvalArgs, "k", (0,), ">= 1"),
         (LoraArgs, "alpha", NAN, "finite"),
+        (LoraArgs, "pissa_niter", -1, ">= 0"),
+        (ImportanceArgs, "init_std", -0.1, ">= 0"),
         (TeacherArgs, "timeout", NAN, "finite"),
         (ServeArgs, "port", 70000, "65535"),
         (ServeArgs, "max_connections", 0, "> 0"),
@@ -81,6 +91,65 @@ def test_defaults_and_presets_pass_their_own_checks():
     for preset in train_rl.PRESETS.values():
         TrainArgs(**preset.get("TrainArgs", {}))
         GRPOArgs(**preset.get("GRPOArgs", {}))
+
+
+def config_classes() -> list[type]:
+    """Every dataclass of the library and the scripts."""
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(lorapar.__path__, "lorapar.")]
+    modules += [score, train_sft, train_rl, classify]
+    return [
+        value
+        for module in modules
+        for value in vars(module).values()
+        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__
+    ]
+
+
+def test_the_lora_init_settings_have_one_definition():
+    """--init, --init-std and --pissa-niter are LoraInit's fields in every config that has them: inherited as
+    they are, or (score.py's init) re-defaulted by config.field_of, which keeps LoraInit's very metadata. A
+    config that declares one again with its own help, or outside LoraInit, fails here."""
+    declared = {f.name: f for f in dataclasses.fields(LoraInit)}
+    having = set()
+    for cls in config_classes():
+        for f in dataclasses.fields(cls):
+            if cls is LoraInit or f.name not in declared:
+                continue
+            having.add((cls.__name__, f.name))
+            where = f"{cls.__module__}.{cls.__name__}.{f.name}"
+            assert issubclass(cls, LoraInit), f"{where} is declared outside LoraInit"
+            assert f.metadata is declared[f.name].metadata, f"{where} has its own help/choices, not LoraInit's"
+            assert f.type == declared[f.name].type, where
+            if f is not declared[f.name]:  # re-declared: only for another default, only through field_of
+                assert (cls, f.name, f.default) == (ImportanceArgs, "init", "gaussian"), where
+    assert {(c, n) for c in ("LoraArgs", "ImportanceArgs") for n in declared} <= having
+
+
+def option_help(script, flag: str, capsys) -> str:
+    """The --help entry of `flag` of a script, on one line."""
+    with pytest.raises(SystemExit):
+        script.parse_config(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(flag + " "))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" " * 10))
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+def test_score_draws_gaussian_by_default_and_the_training_scripts_lora(capsys):
+    """One --init with two defaults: score.py's gaussian (with B = 0 every A-score is zero), the training
+    scripts' lora; the same help text around them, and --init-std / --pissa-niter the same in all three."""
+    paths = ["--ckpt", "c", "--tokenizer", "t", "--data", "d", "--out", "o"]
+    _, importance, _ = score.parse_config(paths)
+    assert (importance.init, importance.init_std, importance.pissa_niter) == ("gaussian", 0.01, 0)
+    assert importance.lora_args().init == "gaussian"
+    _, _, lora = train_sft.parse_config(paths)
+    assert (lora.init, lora.init_std, lora.pissa_niter) == ("lora", 0.01, 0)
+    helps = {s: option_help(s, "--init", capsys) for s in (score, train_sft, train_rl)}
+    assert helps[score].endswith("(default: 'gaussian')"), helps[score]
+    for script in (train_sft, train_rl):
+        assert helps[script] == helps[score].replace("'gaussian')", "'lora')"), helps[script]
+    for flag in ("--init-std", "--pissa-niter"):
+        assert len({option_help(s, flag, capsys) for s in (score, train_sft, train_rl)}) == 1, flag
 
 
 @pytest.mark.parametrize(
