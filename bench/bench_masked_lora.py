@@ -1,6 +1,7 @@
 """CPU cost of a masked LoRA linear (forward + backward) over the frozen base linear alone.
 
     fused   kernels.masked_lora_linear: y = x W^T + s (x A^T) B^T, dX, masked dA and dB
+    layer   lorapar.lora.LoRALinear as it runs off CUDA: the equation in PyTorch, autograd's backward
     naive   plain autograd over the unfused expression; masks applied by multiplying the finished
             gradients (what hook-based implementations do)
     base    F.linear(x, W) with W frozen: forward + dX, the floor every LoRA layer pays
@@ -29,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import masked_lora_linear  # noqa: E402
 from lorapar.config import add_dataclass_args, dataclass_from_args  # noqa: E402
+from lorapar.lora import LoRALinear  # noqa: E402
 
 
 @dataclass
@@ -47,8 +49,9 @@ def make_problem(args: BenchArgs):
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.tokens, args.in_features, generator=gen).requires_grad_()
     weight = torch.randn(args.out_features, args.in_features, generator=gen) / args.in_features**0.5
-    lora_A = (torch.randn(args.rank, args.in_features, generator=gen) * 0.01).requires_grad_()
-    lora_B = (torch.randn(args.out_features, args.rank, generator=gen) * 0.01).requires_grad_()
+    # Parameters, so that the layer variant can hold these very tensors (and the loop resets one .grad)
+    lora_A = torch.nn.Parameter(torch.randn(args.rank, args.in_features, generator=gen) * 0.01)
+    lora_B = torch.nn.Parameter(torch.randn(args.out_features, args.rank, generator=gen) * 0.01)
     mask_A = torch.rand(lora_A.shape, generator=gen) < args.active
     mask_B = torch.rand(lora_B.shape, generator=gen) < args.active
     dy = torch.randn(args.tokens, args.out_features, generator=gen)
@@ -62,12 +65,19 @@ def variants(args: BenchArgs, x, weight, lora_A, lora_B, mask_A, mask_B, dy):
     def fused():
         masked_lora_linear(x, weight, lora_A, lora_B, args.scale, mask_A, mask_B).backward(dy)
 
+    layer_module = LoRALinear(weight, args.rank, args.scale * args.rank)  # alpha = s r
+    layer_module.lora_A, layer_module.lora_B = lora_A, lora_B
+    layer_module.set_masks(mask_A, mask_B)
+
+    def layer():
+        layer_module(x).backward(dy)
+
     def naive():
         (F.linear(x, weight) + args.scale * F.linear(F.linear(x, lora_A), lora_B)).backward(dy)
         lora_A.grad.mul_(mask_A)
         lora_B.grad.mul_(mask_B)
 
-    return {"base": base, "fused": fused, "naive": naive}
+    return {"base": base, "fused": fused, "layer": layer, "naive": naive}
 
 
 def main() -> None:
@@ -98,7 +108,10 @@ def main() -> None:
             f"  {name:6s} {median * 1e3:8.1f} ms  (range {spread} ms)  ratio of medians "
             f"{median / medians['base']:.3f}  median per-round ratio {paired[name]:.3f}"
         )
-    print(f"fused / base = {paired['fused']:.3f} (goal <= 1.15); naive / base = {paired['naive']:.3f}")
+    print(
+        f"fused / base = {paired['fused']:.3f} (goal <= 1.15); layer / base = {paired['layer']:.3f}; "
+        f"naive / base = {paired['naive']:.3f}"
+    )
 
 
 if __name__ == "__main__":

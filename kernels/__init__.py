@@ -1,8 +1,9 @@
 """Fused masked-LoRA linear: y = x W^T + scale * dropout(x) A^T B^T with element-masked dA, dB.
 
-`masked_lora_linear` is the one public entry point (LoRALinear calls it). It dispatches to the
-Triton kernels (kernels/triton_masked_lora.py) for CUDA tensors and to the PyTorch reference
-(kernels/reference.py) elsewhere; LORAPAR_FORCE_TRITON=1 forces Triton (the tests use it with
+`masked_lora_linear` is the one public entry point; LoRALinear.forward calls it where `use_triton` holds
+(CUDA tensors) and writes the same equation out in PyTorch elsewhere. It dispatches to the Triton kernels
+(kernels/triton_masked_lora.py) for CUDA tensors and to the PyTorch reference (kernels/reference.py, the
+kernels' ground truth) elsewhere; LORAPAR_FORCE_TRITON=1 forces Triton (the tests use it with
 TRITON_INTERPRET=1). Formulas and what is saved for backward: reference.py and function.py.
 """
 

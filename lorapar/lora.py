@@ -4,7 +4,7 @@
 
 W0 stays frozen at `<module>.weight`, so the model's state-dict keys for base weights never change.
 Element masks (`mask_A`, `mask_B`, bool buffers, None = every element trains) say which elements of
-A and B may train; the kernel zeroes their masked-out gradients and `lorapar.masks.MaskedAdamW`
+A and B may train; LoRALinear.forward gives masked-out elements exactly-zero gradients and `lorapar.optim.MaskedAdamW`
 updates and keeps state for active elements only, so a frozen element never moves. Change masks
 with set_masks (then `optimizer.sync_masks(model)`), never in place: the optimizer's packed state
 is laid out by them.
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import masked_lora_linear
+from kernels import masked_lora_linear, use_triton
 from lorapar.errors import check_fields
 from lorapar.lora_init import INITS, LoraInit, initial_factors
 from lorapar.lora_names import MODULE_NAME_RE, peft_key, resolve_targets
@@ -116,17 +116,26 @@ class LoRALinear(nn.Module):
             )
         if not self.adapter_enabled:
             return self.base_forward(x)
-        A, B = self.lora_A, self.lora_B
-        if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            A, B = A.to(x.dtype), B.to(x.dtype)  # e.g. a bf16 base on the CPU; the grads flow back to fp32
-        #   y = x W0^T + s * (dropout(x) A^T) B^T,   dA = 0 where not mask_A,   dB = 0 where not mask_B
-        # in one autograd Function (kernels/): the fused Triton kernels on CUDA, elsewhere the PyTorch
-        # reference (kernels/reference.py, whose docstring writes the backward out once). Not autograd over
-        # these ops: it would keep dropout(x) in fp32 rather than a bool mask for backward and apply s before
-        # the dX and dA products, which rounds differently unless s is a power of two.
-        return masked_lora_linear(
-            x, self.weight, A, B, self.scale, self.mask_A, self.mask_B, dropout_p=self.dropout, training=self.training
-        )
+        A, B, mask_A, mask_B = self.factors()
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        A, B = A.to(dtype), B.to(dtype)  # e.g. a bf16 base; the grads flow back to the fp32 adapter through the cast
+        if use_triton(x):
+            # The same equation in fused Triton kernels (kernels/; kernels/reference.py writes out their backward).
+            return masked_lora_linear(
+                x, self.weight, A, B, self.scale, mask_A, mask_B, dropout_p=self.dropout, training=self.training
+            )
+        #   y = x W0^T + s * dropout(x) A^T B^T,   dA = 0 where not mask_A,   dB = 0 where not mask_B
+        A, B = frozen_where_masked(A, mask_A), frozen_where_masked(B, mask_B)
+        x_2d = x.reshape(-1, x.shape[-1])
+        xa = F.linear(lora_dropout(x_2d, self.dropout, self.training), A)  # dropout(x) A^T, (N, r)
+        # += s xa B^T in place: the CPU then allocates no second (N, out) tensor in forward or backward
+        y = F.linear(x_2d, self.weight).addmm_(xa, B.t(), alpha=self.scale)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(A, B, mask_A, mask_B) of the equation; DM-LoRA's two modules are one such LoRA (lorapar/dmlora)."""
+        return self.lora_A, self.lora_B, self.mask_A, self.mask_B
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The original model's projection, x W0^T, with the adapter switched off."""
@@ -190,6 +199,21 @@ class LoRALinear(nn.Module):
         # Own copies: a caller editing its dict afterwards must not change the masks under the optimizer.
         self.mask_A = None if mask_A is None else mask_A.to(self.lora_A.device, copy=True)
         self.mask_B = None if mask_B is None else mask_B.to(self.lora_B.device, copy=True)
+
+
+def frozen_where_masked(factor: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """`factor`, with its gradient set to exactly 0 where `mask` is False (where's backward writes zeros, so
+    a masked-out element stays 0.0 even when its neighbours' gradients overflow to inf or nan)."""
+    return factor if mask is None else torch.where(mask, factor, factor.detach())
+
+
+def lora_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """dropout(x) on the LoRA path only, as in peft. One Bernoulli draw per element of x, the kernels'
+    reference draw (kernels/function.py), so both paths consume the random stream alike."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
 
 
 # ---------------------------------------------------------------------- model-level functions

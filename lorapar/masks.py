@@ -2,7 +2,7 @@
 
 A mask is a bool tensor per LoRA parameter, keyed by its peft key (lorapar.lora.peft_key); True means
 the element trains. On the model the masks are buffers of the LoRA modules (the single truth): the
-kernel zeroes masked-out gradients, and lorapar.optim.MaskedAdamW reads the same tensors (it keeps
+forward zeroes masked-out gradients, and lorapar.optim.MaskedAdamW reads the same tensors (it keeps
 state for, and updates, only the active elements).
 """
 

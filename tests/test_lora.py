@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernels import masked_lora_linear
 from lorapar import lora
 from lorapar.adapter import load_adapter, save_adapter
 from lorapar.lora import (
@@ -59,6 +60,55 @@ def test_lora_linear_matches_its_equation_and_rslora_scale():
     assert LoraArgs(r=16, alpha=64.0, use_rslora=True).scale == 16.0
     with pytest.raises(ValueError, match="exceeds"):
         LoRALinear(W, r=11, alpha=1.0)
+
+
+@pytest.mark.parametrize("alpha, dropout, exact", [(64.0, 0.0, True), (20.0, 0.0, False), (64.0, 0.25, False)])
+def test_the_layers_pytorch_path_gives_what_the_kernels_reference_gives(alpha, dropout, exact):
+    """Off CUDA LoRALinear.forward writes the equation out and autograd forms the backward. It must give
+    what masked_lora_linear's PyTorch reference gives (kernels/reference.py): bit for bit at a power-of-two
+    scale without dropout (the same products, rounded alike), to rounding otherwise (s multiplies before
+    or after a product; dropout's dX is formed in another order), from the same dropout draw."""
+    torch.manual_seed(0)
+    W, x, dy = torch.randn(24, 16), torch.randn(3, 7, 16), torch.randn(3, 7, 24)
+    layer = LoRALinear(W, r=4, alpha=alpha, dropout=dropout).train()
+    torch.nn.init.normal_(layer.lora_A), torch.nn.init.normal_(layer.lora_B)
+    layer.set_masks(torch.rand(4, 16) < 0.5, torch.rand(24, 4) < 0.5)
+
+    def outputs_and_grads(forward):
+        x_in = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # one dropout draw for both
+        y = forward(x_in)
+        y.backward(dy)
+        return y, x_in.grad, layer.lora_A.grad, layer.lora_B.grad
+
+    ours = outputs_and_grads(layer)
+    reference = outputs_and_grads(
+        lambda x_in: masked_lora_linear(
+            x_in, layer.weight, layer.lora_A, layer.lora_B, layer.scale, layer.mask_A, layer.mask_B, dropout, True
+        )
+    )
+    for name, got, want in zip(("y", "dX", "dA", "dB"), ours, reference):
+        if exact:
+            assert torch.equal(got, want), name
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    assert all((g == 0).any() for g in ours[2:])  # the masks did zero some entries
+
+
+def test_masked_out_gradients_stay_zero_next_to_an_overflowing_one():
+    """A masked-out element's gradient is set to 0.0, not multiplied by 0: where a neighbour's gradient
+    overflows to inf, 0 * inf would be nan and the frozen element would move."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.randn(8, 6), r=2, alpha=16.0)
+    torch.nn.init.normal_(layer.lora_A), torch.nn.init.normal_(layer.lora_B)
+    mask_A = torch.tensor([[True] * 6, [False] * 6])
+    layer.set_masks(mask_A, torch.ones(8, 2, dtype=torch.bool))
+    x = torch.randn(5, 6)
+    x[0, 0] = 3e38  # dA[:, 0] = s (dY B)^T x[:, 0] overflows
+    layer(x).sum().backward()
+    grad = layer.lora_A.grad
+    assert torch.isinf(grad[0, 0]) and torch.equal(grad[1], torch.zeros(6))
 
 
 @pytest.mark.parametrize("init", ["lora", "pissa", "olora"])

@@ -20,8 +20,8 @@ E_i is set to 0 and masked, and so are A_e[i, :] and B_e[:, i], which stay bit-i
 differs from the paper (docs/fidelity.md): a shared module from a random matrix over an unmodified W0,
 and an expert module that no gradient reaches.
 
-The forward concatenates both modules into one rank-(r_s + r_e) LoRA, A = [A_s; A_e] and
-B = [B_s, B_e diag(E)], and calls the fused masked kernel once: one dropout mask, one base matmul.
+LoRALinear.forward runs both modules as one rank-(r_s + r_e) LoRA (`factors`), A = [A_s; A_e] and
+B = [B_s, B_e diag(E)]: one dropout mask, one base matmul, one fused kernel call on the GPU.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from kernels import masked_lora_linear
 from lorapar.dmlora.args import EXPERT_INITS, SHARED_INITS
 from lorapar.lora import LoRALinear
 from lorapar.lora_init import principal_factors
@@ -112,17 +111,13 @@ class DualLoRALinear(LoRALinear):
         shared = self.lora_B.float() @ self.lora_A.float()
         return self.scale * (shared + (self.expert_B.float() * self.expert_E.float()) @ self.expert_A.float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.adapter_enabled:
-            return super().forward(x)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Both modules as one rank-(r_s + r_e) LoRA for LoRALinear.forward: A = [A_s; A_e], B = [B_s, B_e diag(E)]."""
         A = torch.cat((self.lora_A, self.expert_A))
         B = torch.cat((self.lora_B, self.expert_B * self.expert_E), dim=1)
-        mask_A, mask_B = self._kernel_masks()
-        return masked_lora_linear(
-            x, self.weight, A, B, self.scale, mask_A, mask_B, dropout_p=self.dropout, training=self.training
-        )
+        return (A, B, *self._joint_masks())
 
-    def _kernel_masks(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _joint_masks(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Masks of the concatenated A and B. A pruned gate E_i needs none of its own here: column i
         of B_e diag(E) is masked, which gives E_i and B_e[:, i] exactly-zero gradients."""
         if all(getattr(self, self.MASK_OF[n]) is None for n in ("lora_A", "lora_B", "expert_A", "expert_B")):
