@@ -184,7 +184,12 @@ def save_adapter(model: nn.Module, out_dir: str, args: LoraArgs, metadata: Optio
     """
     modules = require_lora(model, "save_adapter")
     _check_matches(modules, args, "save_adapter")
-    metadata = {**(metadata or {}), "format": "pt", "lorapar_args": json.dumps(dataclasses.asdict(args))}
+    metadata = {
+        **(metadata or {}),
+        "format": "pt",
+        # sorted: the file's bytes (and the sha256 score.py stamps its masks with) do not follow field order
+        "lorapar_args": json.dumps(dataclasses.asdict(args), sort_keys=True),
+    }
     weights = _peft_layout({k: v.float().cpu() for k, v in adapter_state_dict(model).items()}, model, to_hf=True)
     atomic_save_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), weights, metadata=metadata)
     if args.init in ("pissa", "olora"):
