@@ -49,7 +49,7 @@ from lorapar.io import atomic_write_json
 from lorapar.pipeline_config import EMBEDDED, METHODS, SMOKE, PipelineConfig  # noqa: F401 (the command's settings)
 from lorapar.pipeline_stages import PipelineStages
 from lorapar.report import build_report
-from lorapar.stages import Stages, check_same_config
+from lorapar.stages import Stages, check_same_config, exit_on_sigterm
 
 
 class Pipeline(PipelineStages):
@@ -224,7 +224,7 @@ def run_in_workers(jobs: list[tuple[tuple, Optional[tuple]]], cfg: PipelineConfi
     job depends on no process state (every stage seeds itself), and each new process would import torch again."""
     finished: queue.SimpleQueue = queue.SimpleQueue()
     pending, running, done = list(jobs), 0, set()
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=exit_on_sigterm) as pool:
         while pending or running:
             ready = [entry for entry in pending if entry[1] is None or entry[1] in done]
             for entry in ready[: workers - running]:
@@ -238,7 +238,7 @@ def run_in_workers(jobs: list[tuple[tuple, Optional[tuple]]], cfg: PipelineConfi
             outcome = finished.get()
             running -= 1
             if isinstance(outcome, BaseException):
-                raise outcome  # the pool's exit terminates the other workers
+                raise outcome  # the pool's exit terminates the other workers (and their scripts)
             done.add(outcome)
             print(f"==== {outcome[0]} {outcome[1]} {','.join(map(str, outcome[2]))}: done", flush=True)
 
@@ -264,4 +264,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # the command's; main() called in-process leaves the caller's signal handling alone
     run_main(main)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -94,15 +95,28 @@ class Stages:
         ]
         for pump in pumps:
             pump.start()
-        code = process.wait()
-        for pump in pumps:
-            pump.join()
+        try:
+            code = process.wait()
+        except BaseException:  # SIGTERM (SystemExit, see exit_on_sigterm) or Ctrl-C: the stage goes down with us
+            process.terminate()
+            process.wait()
+            raise
+        finally:
+            for pump in pumps:
+                pump.join()
         if code != 0:
             text = "".join(tail)[-STDERR_TAIL:]
             raise StageFailed(
                 f"stage {self.current}: {script} exited with code {code}\n"
                 f"command: {shlex.join(command)}\nstderr (end):\n{text}"
             )
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM exits through SystemExit rather than at once, so that `finally` and `with` blocks run: the
+    pipeline's pool terminates its workers, and Stages.launch terminates the script each one is running
+    (by default SIGTERM would leave both running, writing into a run directory no one holds)."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def _pump(source, sink, tail: Optional[collections.deque]) -> None:

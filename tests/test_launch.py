@@ -8,7 +8,11 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import subprocess
+import sys
+import time
 import typing
 
 import pytest
@@ -237,6 +241,38 @@ def test_a_launched_script_gets_the_threads_and_its_command_is_recorded(tmp_path
     assert record["commands"][0].endswith("classify.py " + " ".join(argv))
     assert record["cpu_seconds"] > 0.5  # the script's own CPU time, not only this process's
     assert len((tmp_path / "labelled.jsonl").read_text().splitlines()) == 3
+
+
+def test_sigterm_takes_down_the_script_a_stage_is_running(tmp_path):
+    """A script that writes nothing (so no broken pipe would end it once its parent is gone) must go down
+    with the process running its stage when that process gets SIGTERM (stages.exit_on_sigterm)."""
+    sleeper, pid_file = tmp_path / "sleeper.py", tmp_path / "sleeper.pid"
+    sleeper.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)\n")
+    program = (
+        "from lorapar.stages import Stages, exit_on_sigterm\n"
+        "exit_on_sigterm()\n"
+        f"stages = Stages({str(tmp_path)!r}, overwrite=False, total=1)\n"
+        f"stages.run('sleep', 'sleep', lambda redo: stages.launch({str(sleeper)!r}, [{str(pid_file)!r}]) or {{}})\n"
+    )
+    runner = subprocess.Popen([sys.executable, "-c", program], cwd=stages_module.ROOT)
+    sleeper_pid = None
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        sleeper_pid = int(pid_file.read_text())
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # terminated and reaped before the runner exited
+            os.kill(sleeper_pid, 0)
+    finally:
+        runner.kill()
+        runner.wait()
+        if sleeper_pid is not None:
+            try:
+                os.kill(sleeper_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_one_schedule_for_training_and_pretraining():

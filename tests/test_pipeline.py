@@ -9,6 +9,10 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -247,3 +251,56 @@ def test_a_one_seed_report_gives_each_accuracy_its_interval_over_the_test_items(
     assert "95% bootstrap interval over the test items" in markdown
     assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|", markdown)  # a cell "mean [low, high]"
     assert "mean ± std" in report.format_report(results)  # two seeds keep mean ± std
+
+
+def _live_processes() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, command line)} of every process that is not a zombie (Linux /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0] != "Z":
+            found[int(entry)] = (int(fields[1]), command)
+    return found
+
+
+def _descendants(pid: int, processes: dict[int, tuple[int, str]]) -> set[int]:
+    children = {child for child, (parent, _) in processes.items() if parent == pid}
+    return children.union(*(_descendants(child, processes) for child in children))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_sigterm_takes_the_pool_workers_and_the_scripts_they_run_down(tmp_path):
+    """By default SIGTERM ends the pipeline at once and leaves its pool workers and the stage scripts they
+    launched running, writing into a run directory that no one holds. It must take every one of them down."""
+    out = str(tmp_path / "run")
+    command = [sys.executable, "-m", "lorapar.pipeline", "--smoke", "--threads", "1", "--workers", "2", "--out", out]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, family = time.time() + 300, set()
+        while time.time() < deadline and run.poll() is None:
+            processes = _live_processes()
+            family = _descendants(run.pid, processes)
+            if any("score.py" in processes[pid][1] and processes[pid][0] != run.pid for pid in family):
+                break  # a worker is running a script
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no worker launched score.py (pipeline exit code {run.poll()})")
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 30
+        while family & set(_live_processes()) and time.time() < deadline:
+            time.sleep(0.2)
+        left = {pid: command for pid, (_, command) in _live_processes().items() if pid in family}
+        assert not left, f"still running after the pipeline exited: {left}"
+    finally:
+        run.kill()
+        run.wait()
