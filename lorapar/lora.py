@@ -4,12 +4,15 @@
 
 W0 stays frozen at `<module>.weight`, so the model's state-dict keys for base weights never change.
 Element masks (`mask_A`, `mask_B`, bool buffers, None = every element trains) say which elements of
-A and B may train; LoRALinear.forward gives masked-out elements exactly-zero gradients and `lorapar.optim.MaskedAdamW`
-updates and keeps state for active elements only, so a frozen element never moves. Change masks
-with set_masks (then `optimizer.sync_masks(model)`), never in place: the optimizer's packed state
-is laid out by them.
+A and B may train; LoRALinear.forward gives masked-out elements exactly-zero gradients and
+`lorapar.optim.MaskedAdamW` updates and keeps state for active elements only, so a frozen element never
+moves. Change masks with set_masks (then `optimizer.sync_masks(model)`), never in place: the optimizer's
+packed state is laid out by them.
 
-Inits (LoraArgs.init): lorapar/lora_init.py.
+The forward is the equation in PyTorch (autograd forms its backward); on CUDA the same equation runs as
+fused Triton kernels (kernels/, whose reference.py writes that backward out once).
+
+Inits (LoraInit.init): lorapar/lora_init.py.
 
 Names: modules are keyed by Meta names ("layers.0.attention.wq"); parameters and masks by peft keys
 ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), both in lorapar/lora_names.py. In
