@@ -40,15 +40,14 @@ from lorapar.lora_names import MODULE_NAME_RE, peft_key, resolve_targets
 @dataclass
 class LoraArgs(LoraInit):
     """A LoRA adapter's description: config.json's "LoraArgs" and the adapter's lorapar_args metadata hold
-    these fields (init, init_std and pissa_niter are LoraInit's, declared in lorapar/lora_init.py)."""
+    these fields (init, init_std and pissa_niter are LoraInit's, declared in lorapar/lora_init.py). r, alpha
+    and targets keep these names, the files' keys; their flags are LoraSettings' --rank, --lora-alpha and
+    --targets (lorapar/lora_settings.py), which take their defaults from here."""
 
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=64.0, metadata={"help": "lora_alpha; the update is scaled by alpha/r"})
+    r: int = 8
+    alpha: float = 64.0  # the update is scaled by alpha / r
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path's input"})
-    targets: tuple[str, ...] = field(
-        default=("q", "k", "v", "gate", "up", "down"),
-        metadata={"help": "projections to adapt: q,k,v,o,gate,up,down (or wq..w3, or q_proj..down_proj)"},
-    )
+    targets: tuple[str, ...] = ("q", "k", "v", "gate", "up", "down")
     use_rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(r) instead of alpha/r"})
     seed: int = field(default=0, metadata={"help": "seed of the random inits (lora, gaussian, randomized pissa)"})
 

@@ -25,10 +25,12 @@ SHARED_LORA_FIELDS = ("r", "alpha", "targets", "seed")
 class LoraSettings:
     """The shape of a LoRA adapter: its rank, its scale's numerator and the projections it adapts."""
 
-    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=64.0, metadata={"help": "lora_alpha; the update is scaled by lora_alpha / rank"})
+    rank: int = field(default=LoraArgs.r, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(
+        default=LoraArgs.alpha, metadata={"help": "lora_alpha; the update is scaled by lora_alpha / rank"}
+    )
     targets: tuple[str, ...] = field(
-        default=("q", "k", "v", "gate", "up", "down"),
+        default=LoraArgs.targets,
         metadata={"help": "projections to adapt: q,k,v,o,gate,up,down (or wq..w3, or q_proj..down_proj)"},
     )
 
