@@ -111,7 +111,8 @@ def accuracy_lines(results: dict) -> list[str]:
         "samples, mean over steps and seeds. Times: mean seconds per seed.",
     ]
     scopes = sorted({str(s.get("random_scope")) for s in results["score"].values()})
-    if scopes:
+    uses_random_masks = any(r["method"] == "random" for r in results["rows"]) or results["theta_curve"]
+    if scopes and uses_random_masks:
         lines.append(
             f"Random masks: score.py's random baseline, scope {', '.join(scopes)} (global: a random subset of "
             "the whole adapter with each stage's size and the importance stages' overlap)."
@@ -195,8 +196,9 @@ def reading_lines(results: dict) -> list[str]:
     ):
         items = groups[key]
         lines.append(f"- **{title}** ({len(items)}): " + ("; ".join(items) if items else "none") + ".")
+    what = "this base model, test split and budget" if results["config"].get("ckpt") else "this tiny model and task"
     lines.append(
-        "- A verdict holds for this tiny model and task only: the intervals cover test-item and seed "
+        f"- A verdict holds for {what} only: the intervals cover test-item and seed "
         "variation, not a change of model, task or budget."
     )
     return lines

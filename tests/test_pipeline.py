@@ -253,6 +253,19 @@ def test_a_one_seed_report_gives_each_accuracy_its_interval_over_the_test_items(
     assert "mean ± std" in report.format_report(results)  # two seeds keep mean ± std
 
 
+def test_the_report_names_random_masks_only_beside_their_rows_and_says_what_its_verdicts_hold_for(smoke):
+    _, results = smoke
+    markdown = report.format_report(results)
+    assert "Random masks: score.py's random baseline" in markdown and "holds for this tiny model and task" in markdown
+    real = json.loads(json.dumps(results))  # a real-input run with no random-mask row and no theta curve
+    real["config"]["ckpt"] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    real["rows"] = [row for row in real["rows"] if row["method"] != "random"]
+    real["theta_curve"] = []
+    markdown = report.format_report(real)
+    assert "Random masks:" not in markdown and "tiny model" not in markdown
+    assert "holds for this base model, test split and budget only" in markdown
+
+
 def _live_processes() -> dict[int, tuple[int, str]]:
     """{pid: (parent pid, command line)} of every process that is not a zombie (Linux /proc)."""
     found = {}
