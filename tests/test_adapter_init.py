@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sft import TINY, adapter, write_jsonl
+from test_sft import TINY, TINY_RECIPE, adapter, write_jsonl
 
 import score
 import train_rl
@@ -93,16 +93,7 @@ def sft_argv(inputs, asset, init_adapter, out, *extra) -> list[str]:
         "1",
         "--out",
         str(out),
-        "--template",
-        "plain",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-        "--lr",
-        "1e-2",
-        "--warmup-ratio",
-        "0",
+        *TINY_RECIPE,
         "--weight-decay",
         "0.1",
         "--init-adapter",

@@ -424,7 +424,7 @@ def test_screener_state_roundtrip_resumes_exactly(tiny_model, tiny_args, tmp_pat
 
 # ----------------------------------------------------------------------------- train_sft.py --adapter dual
 
-from test_sft import setup  # noqa: E402,F401  (the tiny base model + arithmetic data fixture)
+from test_sft import TINY_RECIPE, setup  # noqa: E402,F401  (setup: the tiny base model + arithmetic data fixture)
 
 
 def _sft(setup, asset, out, *extra):
@@ -443,16 +443,7 @@ def _sft(setup, asset, out, *extra):
         data,
         "--out",
         str(out),
-        "--template",
-        "plain",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-        "--lr",
-        "1e-2",
-        "--warmup-ratio",
-        "0",
+        *TINY_RECIPE,
         "--weight-decay",
         "0.1",
         "--max-steps",

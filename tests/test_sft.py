@@ -54,6 +54,10 @@ def setup(tmp_path_factory):
     return root, str(root / "base"), data
 
 
+# The tiny runs' training recipe, shared by the SFT tests of every adapter (test_dual, test_adapter_init).
+TINY_RECIPE = ["--template", "plain", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-ratio", "0"]
+
+
 def run(setup, asset, out, *extra, lora=LORA):
     root, base, data = setup
     argv = [
@@ -65,16 +69,7 @@ def run(setup, asset, out, *extra, lora=LORA):
         data,
         "--out",
         str(out),
-        "--template",
-        "plain",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "2",
-        "--lr",
-        "1e-2",
-        "--warmup-ratio",
-        "0",
+        *TINY_RECIPE,
         "--rank",
         str(lora["r"]),
         "--lora-alpha",
